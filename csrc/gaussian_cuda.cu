@@ -1,0 +1,201 @@
+// CUDA kernels of the fused Gaussian ops. One CTA handles kBlock elements of
+// one row; row sums are reduced in the CTA (cub) into one partial per CTA and
+// summed afterwards, so reductions are deterministic. The elementwise math and
+// the Philox noise come from gaussian_math.h, shared with the CPU loops.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include "gaussian_math.h"
+#include "gaussian_ops.h"
+
+namespace fasthvae {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kBlock = 4096;  // elements per CTA (one partial sum)
+
+template <typename T>
+__device__ __forceinline__ float ld(const T* p, int64_t i) {
+  return static_cast<float>(p[i]);
+}
+
+template <typename T, bool kSample, bool kKL, bool kPrior>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const T* __restrict__ mu, const T* __restrict__ lv, const T* __restrict__ mu_p,
+                   const T* __restrict__ lv_p, T* __restrict__ z, T* __restrict__ kl_elem,
+                   float* __restrict__ partials, uint64_t seed, int64_t inner,
+                   int64_t blocks_per_row, bool row_sums) {
+  const int64_t block = blockIdx.x;
+  const int64_t row = block / blocks_per_row;
+  const int64_t begin = row * inner + (block % blocks_per_row) * kBlock;
+  const int64_t end = row * inner + min((block % blocks_per_row + 1) * kBlock, inner);
+  float acc = 0.0f;
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+    const float m = ld(mu, i), l = ld(lv, i);
+    if constexpr (kSample) {
+      z[i] = static_cast<T>(reparameterize(m, l, philox_randn(seed, static_cast<uint64_t>(i))));
+    }
+    if constexpr (kKL) {
+      float k;
+      if constexpr (kPrior) {
+        k = kl_gaussians(m, l, ld(mu_p, i), ld(lv_p, i));
+      } else {
+        k = kl_std_normal(m, l);
+      }
+      if (row_sums) {
+        acc += k;
+      } else {
+        kl_elem[i] = static_cast<T>(k);
+      }
+    }
+  }
+  if constexpr (kKL) {
+    if (row_sums) {
+      using Reduce = cub::BlockReduce<float, kThreads>;
+      __shared__ typename Reduce::TempStorage storage;
+      const float total = Reduce(storage).Sum(acc);
+      if (threadIdx.x == 0) partials[block] = total;
+    }
+  }
+}
+
+template <typename T, bool kSample, bool kKL, bool kPrior, bool kRowGrad>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const T* __restrict__ mu, const T* __restrict__ lv, const T* __restrict__ mu_p,
+                    const T* __restrict__ lv_p, const T* __restrict__ grad_z,
+                    const T* __restrict__ grad_kl, const float* __restrict__ grad_kl_rows,
+                    T* __restrict__ dmu, T* __restrict__ dlv, T* __restrict__ dmu_p,
+                    T* __restrict__ dlv_p, uint64_t seed, int64_t inner, int64_t blocks_per_row) {
+  const int64_t block = blockIdx.x;
+  const int64_t row = block / blocks_per_row;
+  const int64_t begin = row * inner + (block % blocks_per_row) * kBlock;
+  const int64_t end = row * inner + min((block % blocks_per_row + 1) * kBlock, inner);
+  const float g_row = kRowGrad ? grad_kl_rows[row] : 0.0f;
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+    const float l = ld(lv, i);
+    float gmu = 0.0f, glv = 0.0f;
+    if constexpr (kKL) {
+      const float g = kRowGrad ? g_row : ld(grad_kl, i);
+      if constexpr (kPrior) {
+        float gmp, glp;
+        kl_gaussians_grad(ld(mu, i), l, ld(mu_p, i), ld(lv_p, i), g, gmu, glv, gmp, glp);
+        dmu_p[i] = static_cast<T>(gmp);
+        dlv_p[i] = static_cast<T>(glp);
+      } else {
+        kl_std_normal_grad(ld(mu, i), l, g, gmu, glv);
+      }
+    }
+    if constexpr (kSample) {
+      const float gz = ld(grad_z, i);
+      gmu += gz;
+      glv += reparameterize_grad_logvar(l, philox_randn(seed, static_cast<uint64_t>(i)), gz);
+    }
+    dmu[i] = static_cast<T>(gmu);
+    dlv[i] = static_cast<T>(glv);
+  }
+}
+
+template <typename T>
+const T* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* out_ptr(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+template <typename Fn>
+void with_flag(bool flag, Fn&& fn) {
+  if (flag) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> forward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
+                                     const std::optional<at::Tensor>& mu_p,
+                                     const std::optional<at::Tensor>& logvar_p, uint64_t seed,
+                                     bool sample, int64_t kl_mode) {
+  const c10::cuda::CUDAGuard guard(mu.device());
+  const bool has_kl = kl_mode != kNoKL;
+  const bool row_sums = kl_mode == kRowSumKL;
+  const int64_t rows = num_rows(mu);
+  const int64_t inner = rows == 0 ? 0 : mu.numel() / rows;
+  const int64_t blocks_per_row = (inner + kBlock - 1) / kBlock;
+  at::Tensor z = sample ? at::empty_like(mu) : at::Tensor();
+  at::Tensor kl_elem = (has_kl && !row_sums) ? at::empty_like(mu) : at::Tensor();
+  at::Tensor partials =
+      row_sums ? at::zeros({rows, std::max<int64_t>(blocks_per_row, 1)}, mu.options().dtype(at::kFloat))
+               : at::Tensor();
+  if (mu.numel() > 0) {
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fasthvae_forward_cuda", [&] {
+      with_flag(sample, [&](auto s) {
+        with_flag(has_kl, [&](auto k) {
+          with_flag(mu_p.has_value(), [&](auto p) {
+            forward_kernel<scalar_t, decltype(s)::value, decltype(k)::value, decltype(p)::value>
+                <<<rows * blocks_per_row, kThreads, 0, stream>>>(
+                    mu.const_data_ptr<scalar_t>(), logvar.const_data_ptr<scalar_t>(),
+                    opt_ptr<scalar_t>(mu_p), opt_ptr<scalar_t>(logvar_p), out_ptr<scalar_t>(z),
+                    out_ptr<scalar_t>(kl_elem), out_ptr<float>(partials), seed, inner, blocks_per_row,
+                    row_sums);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        });
+      });
+    });
+  }
+  return {z, row_sums ? partials.sum(1) : kl_elem};
+}
+
+std::vector<at::Tensor> backward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
+                                      const std::optional<at::Tensor>& mu_p,
+                                      const std::optional<at::Tensor>& logvar_p, uint64_t seed,
+                                      const std::optional<at::Tensor>& grad_z,
+                                      const std::optional<at::Tensor>& grad_kl,
+                                      bool grad_kl_rows) {
+  const c10::cuda::CUDAGuard guard(mu.device());
+  const bool prior = mu_p.has_value();
+  const int64_t rows = num_rows(mu);
+  const int64_t inner = rows == 0 ? 0 : mu.numel() / rows;
+  const int64_t blocks_per_row = (inner + kBlock - 1) / kBlock;
+  at::Tensor dmu = at::empty_like(mu);
+  at::Tensor dlv = at::empty_like(logvar);
+  at::Tensor dmu_p = prior ? at::empty_like(mu) : at::Tensor();
+  at::Tensor dlv_p = prior ? at::empty_like(mu) : at::Tensor();
+  if (mu.numel() > 0) {
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fasthvae_backward_cuda", [&] {
+      with_flag(grad_z.has_value(), [&](auto s) {
+        with_flag(grad_kl.has_value(), [&](auto k) {
+          with_flag(prior, [&](auto p) {
+            with_flag(grad_kl_rows, [&](auto r) {
+              constexpr bool kRows = decltype(r)::value;
+              backward_kernel<scalar_t, decltype(s)::value, decltype(k)::value, decltype(p)::value, kRows>
+                  <<<rows * blocks_per_row, kThreads, 0, stream>>>(
+                      mu.const_data_ptr<scalar_t>(), logvar.const_data_ptr<scalar_t>(),
+                      opt_ptr<scalar_t>(mu_p), opt_ptr<scalar_t>(logvar_p), opt_ptr<scalar_t>(grad_z),
+                      kRows ? nullptr : opt_ptr<scalar_t>(grad_kl),
+                      kRows ? opt_ptr<float>(grad_kl) : nullptr, out_ptr<scalar_t>(dmu),
+                      out_ptr<scalar_t>(dlv), out_ptr<scalar_t>(dmu_p), out_ptr<scalar_t>(dlv_p), seed,
+                      inner, blocks_per_row);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
+          });
+        });
+      });
+    });
+  }
+  return {dmu, dlv, dmu_p, dlv_p};
+}
+
+}  // namespace fasthvae

@@ -1,0 +1,51 @@
+// Host-side entry points of the fused Gaussian ops (CPU and CUDA).
+//
+// forward: z = mu + exp(logvar / 2) * eps (if `sample`) and the KL of
+//   N(mu, exp(logvar)) to N(mu_p, exp(logvar_p)) (or to N(0, I) without a prior):
+//   kl_mode 0: no KL, 1: elementwise KL in the input dtype, 2: float32 sums
+//   over every dim but the first (shape [rows]).
+// backward: gradients of sum(grad_z * z) + sum(grad_kl * kl) with respect to
+//   mu, logvar, mu_p, logvar_p; grad_kl is elementwise (input dtype) or, when
+//   grad_kl_rows, one float32 value per row. eps is regenerated from the seed.
+// All tensors are contiguous, of one shape, dtype and device (checked in
+// bindings.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+namespace fasthvae {
+
+enum KLMode : int64_t { kNoKL = 0, kElementwiseKL = 1, kRowSumKL = 2 };
+
+std::vector<at::Tensor> forward_cpu(const at::Tensor& mu, const at::Tensor& logvar,
+                                    const std::optional<at::Tensor>& mu_p,
+                                    const std::optional<at::Tensor>& logvar_p, uint64_t seed,
+                                    bool sample, int64_t kl_mode);
+
+std::vector<at::Tensor> backward_cpu(const at::Tensor& mu, const at::Tensor& logvar,
+                                     const std::optional<at::Tensor>& mu_p,
+                                     const std::optional<at::Tensor>& logvar_p, uint64_t seed,
+                                     const std::optional<at::Tensor>& grad_z,
+                                     const std::optional<at::Tensor>& grad_kl, bool grad_kl_rows);
+
+#ifdef FASTHVAE_WITH_CUDA
+std::vector<at::Tensor> forward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
+                                     const std::optional<at::Tensor>& mu_p,
+                                     const std::optional<at::Tensor>& logvar_p, uint64_t seed,
+                                     bool sample, int64_t kl_mode);
+
+std::vector<at::Tensor> backward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
+                                      const std::optional<at::Tensor>& mu_p,
+                                      const std::optional<at::Tensor>& logvar_p, uint64_t seed,
+                                      const std::optional<at::Tensor>& grad_z,
+                                      const std::optional<at::Tensor>& grad_kl,
+                                      bool grad_kl_rows);
+#endif
+
+// Rows are the first dim (1 for a 0-dim tensor); every row has numel / rows elements.
+inline int64_t num_rows(const at::Tensor& t) { return t.dim() == 0 ? 1 : t.size(0); }
+
+}  // namespace fasthvae

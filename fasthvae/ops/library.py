@@ -1,0 +1,213 @@
+"""The fused ops as ``torch.library`` custom ops: real kernels, fake kernels and autograd.
+
+Registered ops (namespace ``fasthvae``): ``gaussian_kl``, ``reparameterize``, ``sample_and_kl``
+and their shared ``gaussian_backward``. ``torch.compile(fullgraph=True)`` traces them as single
+nodes. Noise comes from a per-call int64 seed tensor and is regenerated in the backward pass, so
+no eps is ever saved. Double backward is not supported.
+"""
+
+import torch
+from torch import Tensor
+
+from fasthvae.ops import backend, reference
+from fasthvae.ops.philox import philox_randn
+
+KL_NONE, KL_ELEMENTWISE, KL_ROWS = 0, 1, 2
+
+
+def _rows(t: Tensor) -> int:
+    return t.shape[0] if t.dim() > 0 else 1
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _seed_value(seed: Tensor | None) -> int:
+    return 0 if seed is None else int(seed.item())
+
+
+def _kl_mode(reduction: str) -> int:
+    return KL_ELEMENTWISE if reduction == "none" else KL_ROWS
+
+
+def _finish_kl(kl: Tensor, reduction: str, like: Tensor) -> Tensor:
+    """Turn the kernels' row sums into the requested reduction (elementwise KL passes through)."""
+    if reduction in ("none", "sample"):
+        return kl
+    total = kl.sum()
+    if reduction == "mean":
+        return total / max(like.numel(), 1)
+    if reduction == "batchmean":
+        return total / max(_rows(like), 1)
+    return total
+
+
+def _reference_forward(mu, logvar, mu_p, logvar_p, seed, sample, kl_mode):
+    z = kl = None
+    if sample:
+        eps = philox_randn(seed, mu.numel(), mu.device).view(mu.shape)
+        z = reference.reparameterize(mu, logvar, eps)
+    if kl_mode != KL_NONE:
+        kl = reference.kl_elementwise(mu, logvar, mu_p, logvar_p)
+        kl = kl.to(mu.dtype) if kl_mode == KL_ELEMENTWISE else kl.reshape(_rows(mu), -1).sum(1)
+    return z, kl
+
+
+def _forward(mu, logvar, mu_p, logvar_p, seed: Tensor | None, sample: bool, kl_mode: int):
+    """Run the selected backend's forward kernel: (z or None, elementwise KL / row sums or None)."""
+    mu, logvar, mu_p, logvar_p = map(_contiguous, (mu, logvar, mu_p, logvar_p))
+    name = backend.resolve(mu.device, mu.dtype)
+    seed_value = _seed_value(seed)
+    if name in ("cpu", "cuda"):
+        z, kl = backend.extension().forward(mu, logvar, mu_p, logvar_p, seed_value, sample, kl_mode)
+        return z, kl
+    if name == "triton":
+        return backend.triton_kernels().forward(mu, logvar, mu_p, logvar_p, seed_value, sample, kl_mode)
+    return _reference_forward(mu, logvar, mu_p, logvar_p, seed_value, sample, kl_mode)
+
+
+def _kl_like(mu: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return mu.new_empty(mu.shape)
+    ct = reference.compute_dtype(mu.dtype)
+    return mu.new_empty((_rows(mu),) if reduction == "sample" else (), dtype=ct)
+
+
+# ---- gaussian_kl ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fasthvae::gaussian_kl", mutates_args=())
+def gaussian_kl(
+    mu: Tensor, logvar: Tensor, mu_p: Tensor | None, logvar_p: Tensor | None, reduction: str
+) -> Tensor:
+    _, kl = _forward(mu, logvar, mu_p, logvar_p, None, False, _kl_mode(reduction))
+    return _finish_kl(kl, reduction, mu)
+
+
+@gaussian_kl.register_fake
+def _(mu, logvar, mu_p, logvar_p, reduction):
+    return _kl_like(mu, reduction)
+
+
+# ---- reparameterize -------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fasthvae::reparameterize", mutates_args=())
+def reparameterize(mu: Tensor, logvar: Tensor, seed: Tensor) -> Tensor:
+    z, _ = _forward(mu, logvar, None, None, seed, True, KL_NONE)
+    return z
+
+
+@reparameterize.register_fake
+def _(mu, logvar, seed):
+    return mu.new_empty(mu.shape)
+
+
+# ---- sample_and_kl --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fasthvae::sample_and_kl", mutates_args=())
+def sample_and_kl(
+    mu: Tensor, logvar: Tensor, mu_p: Tensor | None, logvar_p: Tensor | None, seed: Tensor, reduction: str
+) -> tuple[Tensor, Tensor]:
+    z, kl = _forward(mu, logvar, mu_p, logvar_p, seed, True, _kl_mode(reduction))
+    return z, _finish_kl(kl, reduction, mu)
+
+
+@sample_and_kl.register_fake
+def _(mu, logvar, mu_p, logvar_p, seed, reduction):
+    return mu.new_empty(mu.shape), _kl_like(mu, reduction)
+
+
+# ---- the shared backward --------------------------------------------------------------------
+
+
+@torch.library.custom_op("fasthvae::gaussian_backward", mutates_args=())
+def gaussian_backward(
+    mu: Tensor | None,
+    logvar: Tensor,
+    mu_p: Tensor | None,
+    logvar_p: Tensor | None,
+    seed: Tensor | None,
+    grad_z: Tensor | None,
+    grad_kl: Tensor | None,
+    grad_kl_rows: bool,
+) -> list[Tensor]:
+    """[dmu, dlogvar(, dmu_p, dlogvar_p)] of sum(grad_z * z) + sum(grad_kl * kl)."""
+    mu, logvar, mu_p, logvar_p, grad_z = map(_contiguous, (mu, logvar, mu_p, logvar_p, grad_z))
+    grad_kl = _contiguous(grad_kl if grad_kl_rows or grad_kl is None else grad_kl.to(logvar.dtype))
+    name = backend.resolve(logvar.device, logvar.dtype)
+    seed_value = _seed_value(seed)
+    if name in ("cpu", "cuda"):
+        grads = backend.extension().backward(
+            mu if mu is not None else logvar, logvar, mu_p, logvar_p, seed_value, grad_z, grad_kl, grad_kl_rows
+        )
+        return [g for g in grads if g is not None]
+    if name == "triton":
+        return backend.triton_kernels().backward(
+            mu, logvar, mu_p, logvar_p, seed_value, grad_z, grad_kl, grad_kl_rows
+        )
+    eps = None
+    if grad_z is not None:
+        eps = philox_randn(seed_value, logvar.numel(), logvar.device).view(logvar.shape)
+    return reference.gaussian_backward(mu, logvar, mu_p, logvar_p, eps, grad_z, grad_kl, grad_kl_rows)
+
+
+@gaussian_backward.register_fake
+def _(mu, logvar, mu_p, logvar_p, seed, grad_z, grad_kl, grad_kl_rows):
+    n = 4 if mu_p is not None else 2
+    return [logvar.new_empty(logvar.shape) for _ in range(n)]
+
+
+def _kl_grad(grad: Tensor | None, reduction: str, like: Tensor) -> tuple[Tensor | None, bool]:
+    """The KL's upstream gradient as the kernels take it, and whether it is per row."""
+    if grad is None or reduction == "none":
+        return grad, False
+    return reference.kl_grad_rows(grad, reduction, _rows(like), like.numel()), True
+
+
+def _with_prior_grads(grads: list[Tensor], has_prior: bool) -> tuple:
+    return (grads[0], grads[1], grads[2], grads[3]) if has_prior else (grads[0], grads[1], None, None)
+
+
+def _kl_setup(ctx, inputs, output):
+    mu, logvar, mu_p, logvar_p, reduction = inputs
+    ctx.save_for_backward(mu, logvar, mu_p, logvar_p)
+    ctx.reduction = reduction
+
+
+def _kl_backward(ctx, grad):
+    mu, logvar, mu_p, logvar_p = ctx.saved_tensors
+    grad_kl, rows = _kl_grad(grad, ctx.reduction, mu)
+    grads = gaussian_backward(mu, logvar, mu_p, logvar_p, None, None, grad_kl, rows)
+    return (*_with_prior_grads(grads, mu_p is not None), None)
+
+
+def _reparameterize_setup(ctx, inputs, output):
+    _, logvar, seed = inputs
+    ctx.save_for_backward(logvar, seed)
+
+
+def _reparameterize_backward(ctx, grad):
+    logvar, seed = ctx.saved_tensors
+    _, dlogvar = gaussian_backward(None, logvar, None, None, seed, grad, None, False)
+    return grad, dlogvar, None
+
+
+def _sample_and_kl_setup(ctx, inputs, output):
+    mu, logvar, mu_p, logvar_p, seed, reduction = inputs
+    ctx.save_for_backward(mu, logvar, mu_p, logvar_p, seed)
+    ctx.reduction = reduction
+
+
+def _sample_and_kl_backward(ctx, grad_z, grad_kl):
+    mu, logvar, mu_p, logvar_p, seed = ctx.saved_tensors
+    grad_kl, rows = _kl_grad(grad_kl, ctx.reduction, mu)
+    grads = gaussian_backward(mu, logvar, mu_p, logvar_p, seed, grad_z, grad_kl, rows)
+    return (*_with_prior_grads(grads, mu_p is not None), None, None)
+
+
+gaussian_kl.register_autograd(_kl_backward, setup_context=_kl_setup)
+reparameterize.register_autograd(_reparameterize_backward, setup_context=_reparameterize_setup)
+sample_and_kl.register_autograd(_sample_and_kl_backward, setup_context=_sample_and_kl_setup)

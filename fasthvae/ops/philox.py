@@ -1,0 +1,59 @@
+"""Philox-4x32-10 normal noise in plain PyTorch, bit-compatible with Triton's ``tl.randn``.
+
+The fused kernels (Triton, CUDA C++, CPU C++) all draw element ``i`` of a sampling call as
+``randn(seed, i)``; this module computes the same numbers with int64 tensor arithmetic, so the
+reference path and the tests can reproduce any kernel's noise exactly (up to the last ulp of
+log/cos).
+"""
+
+import torch
+
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of the 64-bit product of a uint32 constant and uint32 values (int64)."""
+    b_lo = b & 0xFFFF
+    b_hi = b >> 16
+    p_lo = a * b_lo  # < 2**48
+    p_hi = a * b_hi  # < 2**48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = ((p_hi << 16) + p_lo) & _MASK32
+    return hi, lo
+
+
+def philox_uint32(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First two Philox outputs for counters (offset_lo, offset_hi, 0, 0) and key seed (int64 tensors)."""
+    seed &= (1 << 64) - 1
+    k0, k1 = seed & _MASK32, seed >> 32
+    offsets = offsets.to(torch.int64)
+    c0 = offsets & _MASK32
+    c1 = (offsets >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0, c1
+
+
+def _uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
+    signed = torch.where(x >= 2**31, x - 2**32, x)
+    signed = torch.where(signed < 0, -signed - 1, signed)
+    return signed.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def philox_randn(seed: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard normal float32 noise ``randn(seed, i)`` for ``i in range(numel)``."""
+    offsets = torch.arange(numel, device=device, dtype=torch.int64)
+    c0, c1 = philox_uint32(seed, offsets)
+    u1 = torch.clamp_min(_uint_to_uniform(c0), 1.0e-7)
+    theta = torch.tensor(6.283185307179586, dtype=torch.float32) * _uint_to_uniform(c1)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)

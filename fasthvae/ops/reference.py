@@ -1,0 +1,139 @@
+"""Plain-PyTorch reference implementations of every fused op.
+
+They are the ground truth of the tests, the eager baseline of the benchmarks, and the kernels the
+custom ops fall back to (float64 inputs, devices without a fused backend). Arithmetic runs in
+float32 (float64 for float64 inputs); elementwise results come back in the input dtype and
+reductions in float32 (float64 for float64 inputs).
+
+``*_backward`` functions are the hand-written gradients the fused kernels implement, in PyTorch.
+"""
+
+import torch
+
+REDUCTIONS = ("none", "sample", "sum", "mean", "batchmean")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype arithmetic runs in: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def reduce(kl: torch.Tensor, reduction: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """Reduce an elementwise KL (compute dtype) as ``reduction`` says."""
+    check_reduction(reduction)
+    if reduction == "none":
+        return kl.to(out_dtype)
+    rows = kl.shape[0] if kl.dim() > 0 else 1
+    if reduction == "sample":
+        return kl.reshape(rows, -1).sum(1)
+    total = kl.sum()
+    if reduction == "mean":
+        return total / max(kl.numel(), 1)
+    if reduction == "batchmean":
+        return total / max(rows, 1)
+    return total
+
+
+def kl_elementwise(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    mu_p: torch.Tensor | None = None,
+    logvar_p: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Elementwise KL(N(mu, e^logvar) || N(mu_p, e^logvar_p)), or to N(0, 1) without a prior."""
+    ct = compute_dtype(mu.dtype)
+    mu, logvar = mu.to(ct), logvar.to(ct)
+    if mu_p is None:
+        return 0.5 * (mu * mu + (torch.expm1(logvar) - logvar))
+    mu_p, logvar_p = mu_p.to(ct), logvar_p.to(ct)
+    d = mu - mu_p
+    dl = logvar - logvar_p
+    return 0.5 * ((torch.expm1(dl) - dl) + d * d * torch.exp(-logvar_p))
+
+
+def gaussian_kl(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    mu_p: torch.Tensor | None = None,
+    logvar_p: torch.Tensor | None = None,
+    reduction: str = "sample",
+) -> torch.Tensor:
+    """KL divergence of diagonal Gaussians, reduced."""
+    return reduce(kl_elementwise(mu, logvar, mu_p, logvar_p), reduction, mu.dtype)
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """z = mu + exp(logvar / 2) * eps, in the compute dtype, returned in mu's dtype."""
+    ct = compute_dtype(mu.dtype)
+    z = mu.to(ct) + torch.exp(0.5 * logvar.to(ct)) * eps.to(ct)
+    return z.to(mu.dtype)
+
+
+def sample_and_kl(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    eps: torch.Tensor,
+    mu_p: torch.Tensor | None = None,
+    logvar_p: torch.Tensor | None = None,
+    reduction: str = "sample",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return reparameterize(mu, logvar, eps), gaussian_kl(mu, logvar, mu_p, logvar_p, reduction)
+
+
+def kl_grad_rows(grad: torch.Tensor, reduction: str, rows: int, numel: int) -> torch.Tensor:
+    """The upstream gradient of a reduced KL as one float32 value per row."""
+    grad = grad.to(torch.float32)
+    if reduction == "sample":
+        return grad.reshape(rows).contiguous()
+    scale = {"sum": 1.0, "mean": 1.0 / max(numel, 1), "batchmean": 1.0 / max(rows, 1)}[reduction]
+    return (grad * scale).reshape(1).expand(rows).contiguous()
+
+
+def gaussian_backward(
+    mu: torch.Tensor | None,
+    logvar: torch.Tensor,
+    mu_p: torch.Tensor | None,
+    logvar_p: torch.Tensor | None,
+    eps: torch.Tensor | None,
+    grad_z: torch.Tensor | None,
+    grad_kl: torch.Tensor | None,
+    grad_kl_rows: bool,
+) -> list[torch.Tensor]:
+    """Hand-written gradients of sum(grad_z * z) + sum(grad_kl * kl): [dmu, dlogvar(, dmu_p, dlogvar_p)].
+
+    ``grad_kl`` is elementwise, or one value per row when ``grad_kl_rows``.
+    """
+    ct = compute_dtype(logvar.dtype)
+    shape = logvar.shape
+    lv = logvar.to(ct)
+    dmu = torch.zeros(shape, dtype=ct, device=logvar.device)
+    dlv = torch.zeros_like(dmu)
+    grads = []
+    if grad_kl is not None:
+        g = grad_kl.to(ct)
+        if grad_kl_rows:
+            g = g.reshape((-1,) + (1,) * (len(shape) - 1)) if shape else g.reshape(())
+        m = mu.to(ct)
+        if mu_p is None:
+            dmu = dmu + g * m
+            dlv = dlv + 0.5 * g * torch.expm1(lv)
+        else:
+            d = m - mu_p.to(ct)
+            inv_var_p = torch.exp(-logvar_p.to(ct))
+            ratio_m1 = torch.expm1(lv - logvar_p.to(ct))
+            dmu = dmu + g * d * inv_var_p
+            dlv = dlv + 0.5 * g * ratio_m1
+            grads = [-(g * d * inv_var_p), -0.5 * g * (ratio_m1 + d * d * inv_var_p)]
+    if grad_z is not None:
+        gz = grad_z.to(ct)
+        dmu = dmu + gz
+        dlv = dlv + 0.5 * gz * torch.exp(0.5 * lv) * eps.to(ct)
+    out = [dmu, dlv, *grads]
+    if mu_p is not None and not grads:
+        out += [torch.zeros_like(dmu), torch.zeros_like(dmu)]
+    return [t.expand(shape).to(logvar.dtype).contiguous() for t in out]
