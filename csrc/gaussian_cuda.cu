@@ -3,10 +3,11 @@
 // summed afterwards, so reductions are deterministic. The elementwise math and
 // the Philox noise come from gaussian_math.h, shared with the CPU loops.
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <cub/block/block_reduce.cuh>
 
@@ -137,7 +138,7 @@ std::vector<at::Tensor> forward_cuda(const at::Tensor& mu, const at::Tensor& log
       row_sums ? at::zeros({rows, std::max<int64_t>(blocks_per_row, 1)}, mu.options().dtype(at::kFloat))
                : at::Tensor();
   if (mu.numel() > 0) {
-    const auto stream = at::cuda::getCurrentCUDAStream();
+    const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fasthvae_forward_cuda", [&] {
       with_flag(sample, [&](auto s) {
         with_flag(has_kl, [&](auto k) {
@@ -173,7 +174,7 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& mu, const at::Tensor& lo
   at::Tensor dmu_p = prior ? at::empty_like(mu) : at::Tensor();
   at::Tensor dlv_p = prior ? at::empty_like(mu) : at::Tensor();
   if (mu.numel() > 0) {
-    const auto stream = at::cuda::getCurrentCUDAStream();
+    const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fasthvae_backward_cuda", [&] {
       with_flag(grad_z.has_value(), [&](auto s) {
         with_flag(grad_kl.has_value(), [&](auto k) {

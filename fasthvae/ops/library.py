@@ -15,10 +15,6 @@ from fasthvae.ops.philox import philox_randn
 KL_NONE, KL_ELEMENTWISE, KL_ROWS = 0, 1, 2
 
 
-def _rows(t: Tensor) -> int:
-    return t.shape[0] if t.dim() > 0 else 1
-
-
 def _contiguous(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
@@ -39,7 +35,7 @@ def _finish_kl(kl: Tensor, reduction: str, like: Tensor) -> Tensor:
     if reduction == "mean":
         return total / max(like.numel(), 1)
     if reduction == "batchmean":
-        return total / max(_rows(like), 1)
+        return total / max(reference.num_rows(like), 1)
     return total
 
 
@@ -50,7 +46,7 @@ def _reference_forward(mu, logvar, mu_p, logvar_p, seed, sample, kl_mode):
         z = reference.reparameterize(mu, logvar, eps)
     if kl_mode != KL_NONE:
         kl = reference.kl_elementwise(mu, logvar, mu_p, logvar_p)
-        kl = kl.to(mu.dtype) if kl_mode == KL_ELEMENTWISE else kl.reshape(_rows(mu), -1).sum(1)
+        kl = kl.to(mu.dtype) if kl_mode == KL_ELEMENTWISE else reference.row_sums(kl)
     return z, kl
 
 
@@ -71,7 +67,7 @@ def _kl_like(mu: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return mu.new_empty(mu.shape)
     ct = reference.compute_dtype(mu.dtype)
-    return mu.new_empty((_rows(mu),) if reduction == "sample" else (), dtype=ct)
+    return mu.new_empty((reference.num_rows(mu),) if reduction == "sample" else (), dtype=ct)
 
 
 # ---- gaussian_kl ----------------------------------------------------------------------------
@@ -164,7 +160,7 @@ def _kl_grad(grad: Tensor | None, reduction: str, like: Tensor) -> tuple[Tensor 
     """The KL's upstream gradient as the kernels take it, and whether it is per row."""
     if grad is None or reduction == "none":
         return grad, False
-    return reference.kl_grad_rows(grad, reduction, _rows(like), like.numel()), True
+    return reference.kl_grad_rows(grad, reduction, reference.num_rows(like), like.numel()), True
 
 
 def _with_prior_grads(grads: list[Tensor], has_prior: bool) -> tuple:

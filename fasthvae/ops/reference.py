@@ -23,14 +23,25 @@ def check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+def num_rows(t: torch.Tensor) -> int:
+    """Rows are the first dim (1 for a 0-dim tensor); reductions to "sample" sum within rows."""
+    return t.shape[0] if t.dim() > 0 else 1
+
+
+def row_sums(t: torch.Tensor) -> torch.Tensor:
+    """Sum over every dim but the first: shape [rows]."""
+    rows = num_rows(t)
+    return t.reshape(rows, t.numel() // rows if rows else 0).sum(1)
+
+
 def reduce(kl: torch.Tensor, reduction: str, out_dtype: torch.dtype) -> torch.Tensor:
     """Reduce an elementwise KL (compute dtype) as ``reduction`` says."""
     check_reduction(reduction)
     if reduction == "none":
         return kl.to(out_dtype)
-    rows = kl.shape[0] if kl.dim() > 0 else 1
+    rows = num_rows(kl)
     if reduction == "sample":
-        return kl.reshape(rows, -1).sum(1)
+        return row_sums(kl)
     total = kl.sum()
     if reduction == "mean":
         return total / max(kl.numel(), 1)

@@ -1,0 +1,165 @@
+"""Every kernel backend (CPU C++, Triton, reference kernels) against the float64 ground truth."""
+
+import pytest
+import torch
+
+from fasthvae.ops import backend, library
+from fasthvae.ops.philox import philox_randn
+from fasthvae.ops.reference import REDUCTIONS
+from tests.helpers import DTYPES, assert_close, exact
+
+KERNELS = ("cpu", "triton", "reference")
+SEED = 0x1234_5678_9ABC
+
+
+def make_inputs(shape, dtype, prior, scale=1.0, gen_seed=0):
+    g = torch.Generator().manual_seed(gen_seed)
+    mu = (torch.randn(shape, generator=g) * scale).to(dtype)
+    logvar = torch.randn(shape, generator=g).to(dtype)
+    if not prior:
+        return mu, logvar, None, None
+    return mu, logvar, (torch.randn(shape, generator=g) * scale).to(dtype), torch.randn(shape, generator=g).to(dtype)
+
+
+def upstream(shape, dtype, reduction, rows):
+    g = torch.Generator().manual_seed(99)
+    grad_z = torch.randn(shape, generator=g).to(dtype)
+    if reduction == "none":
+        grad_kl = torch.randn(shape, generator=g).to(dtype)
+    elif reduction == "sample":
+        grad_kl = torch.randn(rows, generator=g)
+    else:
+        grad_kl = torch.randn((), generator=g)
+    return grad_z, grad_kl
+
+
+def run_op(op, mu, lv, mu_p, lv_p, reduction, grad_z, grad_kl, transform=None):
+    """Run a registered op with autograd on ``transform`` views of the inputs (e.g. non-contiguous).
+
+    Returns (z, kl, grads with respect to the op's arguments).
+    """
+    transform = transform or (lambda t: t)
+    args = [transform(t.detach().clone().requires_grad_()) for t in (mu, lv, mu_p, lv_p) if t is not None]
+    m, l = args[0], args[1]
+    mp, lp = (args[2], args[3]) if mu_p is not None else (None, None)
+    seed = torch.tensor(SEED)
+    z = kl = None
+    if op == "gaussian_kl":
+        kl = library.gaussian_kl(m, l, mp, lp, reduction)
+    elif op == "reparameterize":
+        z = library.reparameterize(m, l, seed)
+    else:
+        z, kl = library.sample_and_kl(m, l, mp, lp, seed, reduction)
+    loss = torch.zeros(())
+    if z is not None:
+        loss = loss + (z * grad_z).float().sum()
+    if kl is not None:
+        loss = loss + (kl * grad_kl.to(kl.dtype)).float().sum()
+    grads = torch.autograd.grad(loss, args)
+    return z, kl, grads
+
+
+def check(kernel, op, shape, dtype, reduction, prior, scale=1.0, transform=None):
+    base = make_inputs(shape, dtype, prior, scale)
+    view = transform or (lambda t: t)
+    mu, lv, mu_p, lv_p = (None if t is None else view(t).contiguous() for t in base)
+    rows = mu.shape[0] if mu.dim() else 1
+    grad_z, grad_kl = upstream(mu.shape, dtype, reduction, rows)
+    with backend.use_backend(kernel):
+        z, kl, grads = run_op(op, *base, reduction, grad_z, grad_kl, transform)
+    eps = philox_randn(SEED, mu.numel()).view(mu.shape) if z is not None else None
+    z_ref, kl_ref, grads_ref = exact(
+        mu, lv, mu_p, lv_p, reduction, eps, grad_z if z is not None else None, grad_kl if kl is not None else None
+    )
+    if z is not None:
+        assert z.dtype == dtype and z.shape == mu.shape and z.is_contiguous()
+        assert_close(z, z_ref, dtype, "z")
+    if kl is not None:
+        assert kl.dtype == (dtype if reduction == "none" else torch.float32)
+        assert kl.shape == kl_ref.shape
+        assert_close(kl, kl_ref, dtype, "kl")
+    names = ("dmu", "dlogvar", "dmu_p", "dlogvar_p")
+    assert len(grads) == len(grads_ref)
+    for name, got, want in zip(names, grads, grads_ref, strict=False):
+        assert got.dtype == dtype and got.shape == mu.shape
+        assert_close(got, want, dtype, name)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("prior", [False, True], ids=["std", "prior"])
+@pytest.mark.parametrize("op", ["gaussian_kl", "sample_and_kl"])
+def test_values_and_grads(kernel, op, dtype, reduction, prior):
+    check(kernel, op, (41, 401, 7), dtype, reduction, prior)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reparameterize(kernel, dtype):
+    check(kernel, "reparameterize", (41, 401, 7), dtype, "sample", False)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1), (5,), (3, 4097), (2, 3, 5, 7), (0, 4)], ids=str)
+def test_shapes(kernel, shape):
+    for reduction in ("none", "sample", "mean"):
+        check(kernel, "sample_and_kl", shape, torch.float32, reduction, True)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_large(kernel):
+    """More than 2**20 elements, rows spanning many blocks, in each dtype."""
+    dtypes = DTYPES if kernel != "triton" else (torch.float32,)  # the interpreter is slow
+    for dtype in dtypes:
+        check(kernel, "sample_and_kl", (8, 64, 48, 48), dtype, "sample", True)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize(
+    "transform",
+    [lambda t: t.transpose(0, 1), lambda t: t[:, ::2], lambda t: t[:1].expand(4, -1, -1)],
+    ids=["transposed", "strided", "expanded"],
+)
+def test_non_contiguous(kernel, transform):
+    for reduction in ("none", "batchmean"):
+        check(kernel, "sample_and_kl", (6, 10, 9), torch.float32, reduction, True, transform=transform)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_extreme_log_variances(kernel, dtype):
+    """logvar in [-30, 30], |mu| up to 1e4: finite wherever the exact answer fits the dtype."""
+    shape = (4, 2000)
+    g = torch.Generator().manual_seed(5)
+    mu = ((torch.rand(shape, generator=g) * 2 - 1) * 1e4).to(dtype)
+    lv = ((torch.rand(shape, generator=g) * 2 - 1) * 30).to(dtype)
+    mu_p = ((torch.rand(shape, generator=g) * 2 - 1) * 1e4).to(dtype)
+    lv_p = ((torch.rand(shape, generator=g) * 2 - 1) * 30).to(dtype)
+    lv[0, :4] = torch.tensor([-30.0, 30.0, -30.0, 30.0])
+    lv_p[0, :4] = torch.tensor([30.0, -30.0, -30.0, 30.0])
+    grad_z, grad_kl = torch.ones(shape, dtype=dtype), torch.ones(shape, dtype=dtype)
+    for prior in (False, True):
+        mp, lp = (mu_p, lv_p) if prior else (None, None)
+        with backend.use_backend(kernel):
+            z, kl, grads = run_op("sample_and_kl", mu, lv, mp, lp, "none", grad_z, grad_kl)
+        eps = philox_randn(SEED, mu.numel()).view(shape)
+        z_ref, kl_ref, grads_ref = exact(mu, lv, mp, lp, "none", eps, grad_z, grad_kl)
+        assert_close(z, z_ref, dtype, "z")
+        assert_close(kl, kl_ref, dtype, "kl")
+        for got, want in zip(grads, grads_ref, strict=True):
+            assert_close(got, want, dtype, "grad")
+
+
+def test_kernels_agree_bitwise_on_noise():
+    """CPU C++, Triton and the PyTorch Philox give the same noise for the same seed and offsets."""
+    mu = torch.zeros(3, 5000)
+    lv = torch.zeros(3, 5000)
+    seed = torch.tensor(2**40 + 12345)
+    noise = {}
+    for kernel in KERNELS:
+        with backend.use_backend(kernel):
+            noise[kernel] = library.reparameterize(mu, lv, seed)
+    expected = philox_randn(int(seed), mu.numel()).view(mu.shape)
+    for kernel, z in noise.items():
+        torch.testing.assert_close(z, expected, rtol=0, atol=2e-6, msg=lambda m, k=kernel: f"{k}: {m}")
