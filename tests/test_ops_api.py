@@ -1,0 +1,241 @@
+"""The public drop-in API: reproducibility, noise statistics, torch.library, torch.compile, errors."""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from scipy import stats
+
+from fasthvae import ops
+from fasthvae.nn import GaussianKL, Reparameterize, SampleAndKL
+from fasthvae.ops import backend, library, reference
+from fasthvae.ops.philox import philox_randn, philox_uint32
+
+
+def gaussians(shape=(8, 16), seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=dtype) for _ in range(4)]
+
+
+def test_extension_is_built():
+    ext = backend.extension()
+    assert ext is not None, "fasthvae._C is missing: install with `pip install --no-build-isolation -e .`"
+    assert backend.resolve(torch.device("cpu"), torch.float32) == "cpu"
+
+
+def test_philox_matches_triton_bitwise():
+    """The PyTorch Philox equals Triton's tl.randint4x / tl.randn, seeds and offsets past 2**32."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def draw(out_ptr, ints_ptr, offs_ptr, seed, n, BLOCK: tl.constexpr):
+        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < n
+        offs = tl.load(offs_ptr + idx, mask=mask)
+        c0, c1, _, _ = tl.randint4x(seed, offs)
+        tl.store(ints_ptr + 2 * idx, c0.to(tl.int64) & 0xFFFFFFFF, mask=mask)
+        tl.store(ints_ptr + 2 * idx + 1, c1.to(tl.int64) & 0xFFFFFFFF, mask=mask)
+        tl.store(out_ptr + idx, tl.randn(seed, offs), mask=mask)
+
+    offsets = torch.cat([torch.arange(300), torch.tensor([2**31 - 1, 2**32 - 1, 2**32, 2**40 + 7])])
+    for seed in (0, 1, 2**32 + 5, 2**63 - 25):
+        out = torch.empty(len(offsets))
+        ints = torch.empty(2 * len(offsets), dtype=torch.int64)
+        draw[(1,)](out, ints, offsets, seed, len(offsets), BLOCK=512)
+        c0, c1 = philox_uint32(seed, offsets)
+        assert torch.equal(ints.view(-1, 2)[:, 0], c0) and torch.equal(ints.view(-1, 2)[:, 1], c1)
+        c_noise = _randn_at(seed, offsets)
+        torch.testing.assert_close(out, c_noise, rtol=0, atol=2e-6)
+
+
+def _randn_at(seed, offsets):
+    from fasthvae.ops import philox
+
+    c0, c1 = philox_uint32(seed, offsets)
+    u1 = torch.clamp_min(philox._uint_to_uniform(c0), 1.0e-7)
+    theta = torch.tensor(6.283185307179586, dtype=torch.float32) * philox._uint_to_uniform(c1)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "reference"])
+def test_noise_is_standard_normal(kernel):
+    n = 1 << 20
+    with backend.use_backend(kernel):
+        eps = library.reparameterize(torch.zeros(n), torch.zeros(n), torch.tensor(2024)).double()
+    assert abs(eps.mean().item()) < 5 / n**0.5
+    assert abs(eps.var().item() - 1) < 5 * (2 / n) ** 0.5
+    assert abs(stats.skew(eps.numpy())) < 0.02 and abs(stats.kurtosis(eps.numpy())) < 0.04
+    ks = stats.kstest(eps[:200_000].numpy(), "norm")
+    assert ks.pvalue > 0.001, ks
+
+
+@pytest.mark.parametrize("name", ["auto", "reference"])
+def test_reproducible_with_manual_seed_and_generator(name):
+    mu, lv, _, _ = gaussians()
+    with backend.use_backend(name):
+        torch.manual_seed(7)
+        a = ops.reparameterize(mu, lv)
+        b = ops.reparameterize(mu, lv)
+        torch.manual_seed(7)
+        c = ops.reparameterize(mu, lv)
+        d = ops.reparameterize(mu, lv, generator=torch.Generator().manual_seed(3))
+        e = ops.reparameterize(mu, lv, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, c) and torch.equal(d, e)
+    assert not torch.equal(a, b) and not torch.equal(a, d)
+
+
+def test_public_api_matches_reference_and_broadcasts():
+    mu, lv, _, _ = gaussians((4, 3, 5))
+    mu_p = torch.randn(1, 3, 1, requires_grad=True)
+    lv_p = torch.randn(3, 5, requires_grad=True)
+    got = ops.gaussian_kl(mu, lv, mu_p, lv_p, reduction="batchmean")
+    want = reference.gaussian_kl(mu, lv, mu_p.expand(4, 3, 5), lv_p.expand(4, 3, 5), "batchmean")
+    torch.testing.assert_close(got, want)
+    g_got = torch.autograd.grad(got, (mu_p, lv_p))
+    g_want = torch.autograd.grad(want, (mu_p, lv_p))
+    for a, b in zip(g_got, g_want, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b)
+    # A prior given by its mean alone has unit variance.
+    torch.testing.assert_close(
+        ops.gaussian_kl(mu, lv, mu_p), reference.gaussian_kl(mu, lv, mu_p.expand(4, 3, 5), torch.zeros(4, 3, 5))
+    )
+
+
+def test_sample_and_kl_equals_separate_ops():
+    mu, lv, mu_p, lv_p = gaussians()
+    torch.manual_seed(1)
+    z, kl = ops.sample_and_kl(mu, lv, mu_p, lv_p, reduction="sum")
+    torch.manual_seed(1)
+    z2 = ops.reparameterize(mu, lv)
+    assert torch.equal(z, z2)
+    torch.testing.assert_close(kl, ops.gaussian_kl(mu, lv, mu_p, lv_p, reduction="sum"))
+
+
+def test_opcheck_registered_ops():
+    mu, lv, mu_p, lv_p = (t.requires_grad_() for t in gaussians((3, 4, 5)))
+    seed = torch.tensor(11)
+    for reduction in ("none", "sample", "mean"):
+        torch.library.opcheck(library.gaussian_kl, (mu, lv, mu_p, lv_p, reduction))
+        torch.library.opcheck(library.gaussian_kl, (mu, lv, None, None, reduction))
+        torch.library.opcheck(library.sample_and_kl, (mu, lv, mu_p, lv_p, seed, reduction))
+    torch.library.opcheck(library.reparameterize, (mu, lv, seed))
+    grad = torch.randn(3, 4, 5)
+    plain = [t.detach() for t in (mu, lv, mu_p, lv_p)]  # the backward op has no double backward
+    torch.library.opcheck(library.gaussian_backward, (*plain, seed, grad, grad, False))
+    torch.library.opcheck(library.gaussian_backward, (*plain, seed, None, torch.randn(3), True))
+
+
+def test_gradcheck_float64():
+    mu, lv, mu_p, lv_p = (t.requires_grad_() for t in gaussians((3, 4), dtype=torch.float64))
+    seed = torch.tensor(5)
+    for reduction in ("none", "sample", "sum", "mean", "batchmean"):
+        assert torch.autograd.gradcheck(lambda *a, r=reduction: library.gaussian_kl(*a, r), (mu, lv, mu_p, lv_p))
+        assert torch.autograd.gradcheck(lambda *a, r=reduction: library.gaussian_kl(*a, None, None, r), (mu, lv))
+        assert torch.autograd.gradcheck(
+            lambda *a, r=reduction: library.sample_and_kl(*a, seed, r), (mu, lv, mu_p, lv_p)
+        )
+    assert torch.autograd.gradcheck(lambda m, v: library.reparameterize(m, v, seed), (mu, lv))
+
+
+class TinyHVAE(torch.nn.Module):
+    """Two latent levels with a learned prior, using every op."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(12, 16)
+        self.enc2 = torch.nn.Linear(8, 8)
+        self.prior = torch.nn.Linear(4, 16)
+        self.kl = GaussianKL(reduction="batchmean")
+
+    def forward(self, x):
+        mu1, lv1 = self.enc(x).chunk(2, dim=1)
+        z1 = ops.reparameterize(mu1, lv1)
+        mu2, lv2 = self.enc2(z1).chunk(2, dim=1)
+        z2, kl2 = ops.sample_and_kl(mu2, lv2, reduction="batchmean")
+        mu_p, lv_p = self.prior(z2).chunk(2, dim=1)
+        return z1.square().mean() + self.kl(mu1, lv1, mu_p, lv_p) + kl2
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    model = TinyHVAE()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(5, 12)
+    loss = compiled(x)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    explain = torch._dynamo.explain(model)(x)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+    ops_in_graph = {str(n.target) for g in explain.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert {"fasthvae.reparameterize.default", "fasthvae.sample_and_kl.default"} <= ops_in_graph
+
+
+def test_nn_modules():
+    mu, lv, mu_p, lv_p = gaussians()
+    assert torch.allclose(GaussianKL("sum")(mu, lv, mu_p, lv_p), reference.gaussian_kl(mu, lv, mu_p, lv_p, "sum"))
+    module = Reparameterize(sample_in_eval=False).eval()
+    assert torch.equal(module(mu, lv), mu)
+    z, kl = SampleAndKL("mean")(mu, lv)
+    assert z.shape == mu.shape and kl.shape == ()
+    assert "sum" in repr(GaussianKL("sum"))
+
+
+def test_clear_errors():
+    mu, lv, _, _ = gaussians()
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        ops.gaussian_kl(mu, lv, reduction="avg")
+    with pytest.raises(ValueError, match="do not broadcast"):
+        ops.gaussian_kl(mu, lv[:, :3])
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.gaussian_kl(mu.long(), lv)
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        ops.reparameterize(mu, 1.0)
+    with pytest.raises(ValueError, match="one device"):
+        ops.gaussian_kl(mu, lv.to("meta"))
+    with pytest.raises(ValueError, match="must be one of"):
+        ops.set_backend("tpu")
+    with backend.use_backend("cuda"), pytest.raises(RuntimeError, match="not available for cpu"):
+        ops.gaussian_kl(mu, lv)
+    ext = backend.extension()
+    with pytest.raises(RuntimeError, match="logvar has shape"):
+        ext.forward(mu, lv[:, :3].contiguous(), None, None, 0, True, 0)
+
+
+def test_missing_extension_warns_once_and_falls_back():
+    code = (
+        "import sys, warnings, torch; sys.modules['fasthvae._C'] = None\n"
+        "warnings.simplefilter('always')\n"
+        "from fasthvae import ops\n"
+        "from fasthvae.ops import backend\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    kl = ops.gaussian_kl(torch.ones(2, 3), torch.zeros(2, 3))\n"
+        "    ops.gaussian_kl(torch.ones(2, 3), torch.zeros(2, 3))\n"
+        "assert backend.resolve(torch.device('cpu'), torch.float32) == 'reference'\n"
+        "assert sum('could not be loaded' in str(x.message) for x in w) == 1, [str(x.message) for x in w]\n"
+        "assert torch.allclose(kl, torch.full((2,), 1.5))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "FASTHVAE_BACKEND": "auto"})
+
+
+def test_triton_compiles_ahead_of_time_for_sm80():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-m", "fasthvae.ops.triton_aot", "--arch", "80", "--dtype", "bf16"],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "compiled 18 kernels for sm_80" in out.stdout
+
+
+def test_reference_backend_is_plain_pytorch():
+    mu, lv, mu_p, lv_p = (t.requires_grad_() for t in gaussians())
+    with backend.use_backend("reference"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kl = ops.gaussian_kl(mu, lv, mu_p, lv_p)
+    assert "fasthvae" not in type(kl.grad_fn).__name__
