@@ -32,18 +32,20 @@ def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/gaussian_cpu.cpp"]
-    cxx = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-std=c++20"]
+    # -fopenmp: at::parallel_for is OpenMP-based in the headers; without it the loops run serially.
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-std=c++20"]
     libraries = ["mvec"] if os.uname().machine == "x86_64" else []
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         return [
             CUDAExtension(
                 "fasthvae._C",
-                sources + [f"{CSRC}/gaussian_cuda.cu"],
+                [*sources, f"{CSRC}/gaussian_cuda.cu"],
                 include_dirs=[str(ROOT / CSRC)],
                 define_macros=[("FASTHVAE_WITH_CUDA", None)],
                 extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++20"]},
                 libraries=libraries,
+                extra_link_args=["-fopenmp"],
             )
         ]
     return [
@@ -53,6 +55,7 @@ def _extensions():
             include_dirs=[str(ROOT / CSRC)],
             extra_compile_args=cxx,
             libraries=libraries,
+            extra_link_args=["-fopenmp"],
         )
     ]
 

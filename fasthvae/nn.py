@@ -25,7 +25,7 @@ class GaussianKL(nn.Module):
 
 
 class Reparameterize(nn.Module):
-    """z = mu + exp(logvar / 2) * eps while training; the mean ``mu`` in eval mode if ``sample_in_eval`` is off."""
+    """z = mu + exp(logvar / 2) * eps; in eval mode the mean ``mu`` when ``sample_in_eval`` is off."""
 
     def __init__(self, sample_in_eval: bool = True) -> None:
         super().__init__()

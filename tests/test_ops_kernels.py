@@ -18,7 +18,12 @@ def make_inputs(shape, dtype, prior, scale=1.0, gen_seed=0):
     logvar = torch.randn(shape, generator=g).to(dtype)
     if not prior:
         return mu, logvar, None, None
-    return mu, logvar, (torch.randn(shape, generator=g) * scale).to(dtype), torch.randn(shape, generator=g).to(dtype)
+    return (
+        mu,
+        logvar,
+        (torch.randn(shape, generator=g) * scale).to(dtype),
+        torch.randn(shape, generator=g).to(dtype),
+    )
 
 
 def upstream(shape, dtype, reduction, rows):
@@ -40,16 +45,16 @@ def run_op(op, mu, lv, mu_p, lv_p, reduction, grad_z, grad_kl, transform=None):
     """
     transform = transform or (lambda t: t)
     args = [transform(t.detach().clone().requires_grad_()) for t in (mu, lv, mu_p, lv_p) if t is not None]
-    m, l = args[0], args[1]
+    m, lv = args[0], args[1]
     mp, lp = (args[2], args[3]) if mu_p is not None else (None, None)
     seed = torch.tensor(SEED)
     z = kl = None
     if op == "gaussian_kl":
-        kl = library.gaussian_kl(m, l, mp, lp, reduction)
+        kl = library.gaussian_kl(m, lv, mp, lp, reduction)
     elif op == "reparameterize":
-        z = library.reparameterize(m, l, seed)
+        z = library.reparameterize(m, lv, seed)
     else:
-        z, kl = library.sample_and_kl(m, l, mp, lp, seed, reduction)
+        z, kl = library.sample_and_kl(m, lv, mp, lp, seed, reduction)
     loss = torch.zeros(())
     if z is not None:
         loss = loss + (z * grad_z).float().sum()
@@ -69,7 +74,14 @@ def check(kernel, op, shape, dtype, reduction, prior, scale=1.0, transform=None)
         z, kl, grads = run_op(op, *base, reduction, grad_z, grad_kl, transform)
     eps = philox_randn(SEED, mu.numel()).view(mu.shape) if z is not None else None
     z_ref, kl_ref, grads_ref = exact(
-        mu, lv, mu_p, lv_p, reduction, eps, grad_z if z is not None else None, grad_kl if kl is not None else None
+        mu,
+        lv,
+        mu_p,
+        lv_p,
+        reduction,
+        eps,
+        grad_z if z is not None else None,
+        grad_kl if kl is not None else None,
     )
     if z is not None:
         assert z.dtype == dtype and z.shape == mu.shape and z.is_contiguous()

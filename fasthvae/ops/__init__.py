@@ -80,7 +80,9 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, generator: torch.Generator | N
     """Sample z = mu + exp(logvar / 2) * eps, eps ~ N(0, I), differentiable in mu and logvar."""
     mu, logvar, _, _ = _prepare(mu, logvar, None, None)
     if _plain_reference():
-        return reference.reparameterize(mu, logvar, torch.randn(mu.shape, generator=generator, device=mu.device))
+        return reference.reparameterize(
+            mu, logvar, torch.randn(mu.shape, generator=generator, device=mu.device)
+        )
     return library.reparameterize(mu, logvar, _seed(generator))
 
 

@@ -137,7 +137,14 @@ def gaussian_backward(
     seed_value = _seed_value(seed)
     if name in ("cpu", "cuda"):
         grads = backend.extension().backward(
-            mu if mu is not None else logvar, logvar, mu_p, logvar_p, seed_value, grad_z, grad_kl, grad_kl_rows
+            mu if mu is not None else logvar,
+            logvar,
+            mu_p,
+            logvar_p,
+            seed_value,
+            grad_z,
+            grad_kl,
+            grad_kl_rows,
         )
         return [g for g in grads if g is not None]
     if name == "triton":

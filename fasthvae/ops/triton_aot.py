@@ -20,7 +20,7 @@ def _forward_specs(dtype: str) -> Iterator[tuple[str, dict, dict]]:
     from fasthvae.ops import triton_kernels as tk
 
     for sample, kl_mode, prior in itertools.product((False, True), (0, 1, 2), (False, True)):
-        if not sample and kl_mode == 0 or prior and kl_mode == 0:
+        if (not sample and kl_mode == 0) or (prior and kl_mode == 0):
             continue
         ptr = f"*{dtype}"
         sig = {
@@ -40,7 +40,7 @@ def _backward_specs(dtype: str) -> Iterator[tuple[str, dict, dict]]:
     from fasthvae.ops import triton_kernels as tk
 
     for sample, kl, prior, rows in itertools.product((False, True), repeat=4):
-        if not (sample or kl) or (prior or rows) and not kl:
+        if not (sample or kl) or ((prior or rows) and not kl):
             continue
         ptr = f"*{dtype}"
         sig = {

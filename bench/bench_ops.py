@@ -1,0 +1,191 @@
+"""Benchmark the fused Gaussian ops against eager and torch.compile'd PyTorch, in one process.
+
+For each op, shape and pass (forward, backward, forward+backward) it times eager PyTorch (the
+reference), the torch.compile'd reference and every fused backend available on the device, and
+reports medians, speed-ups over eager and memory. Memory: on CUDA the peak allocated during the
+pass; on CPU the activation memory the op keeps for backward (its outputs plus saved tensors),
+which is what a training step holds. Writes CSV and a Markdown table.
+
+    python bench/bench_ops.py [--device cpu|cuda] [--repeats 20] [--out bench/results]
+"""
+
+import argparse
+import csv
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fasthvae import ops
+from fasthvae.ops import backend, reference
+
+SHAPES = {"vae-latent": (256, 128), "hvae-conv": (256, 32, 16, 16), "large": (256, 64, 32, 32)}
+OPS = ("kl-std", "kl-prior", "reparameterize", "sample_and_kl-prior")
+PASSES = ("forward", "backward", "forward+backward")
+
+
+def reference_fn(op: str) -> Callable:
+    """Plain PyTorch: what a user writes without fasthvae (eager noise from torch.randn)."""
+
+    def fn(mu, lv, mu_p, lv_p):
+        if op == "kl-std":
+            return (reference.gaussian_kl(mu, lv, reduction="sample"),)
+        if op == "kl-prior":
+            return (reference.gaussian_kl(mu, lv, mu_p, lv_p, reduction="sample"),)
+        eps = torch.randn_like(mu)
+        if op == "reparameterize":
+            return (reference.reparameterize(mu, lv, eps),)
+        return reference.sample_and_kl(mu, lv, eps, mu_p, lv_p, reduction="sample")
+
+    return fn
+
+
+def fused_fn(op: str) -> Callable:
+    def fn(mu, lv, mu_p, lv_p):
+        if op == "kl-std":
+            return (ops.gaussian_kl(mu, lv),)
+        if op == "kl-prior":
+            return (ops.gaussian_kl(mu, lv, mu_p, lv_p),)
+        if op == "reparameterize":
+            return (ops.reparameterize(mu, lv),)
+        return ops.sample_and_kl(mu, lv, mu_p, lv_p)
+
+    return fn
+
+
+def inputs(op: str, shape: tuple[int, ...], device: str, dtype: torch.dtype) -> list[torch.Tensor | None]:
+    ts = [torch.randn(shape, device=device, dtype=dtype).requires_grad_() for _ in range(4)]
+    return ts if "prior" in op else [ts[0], ts[1], None, None]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_pass(fn: Callable, args: list, which: str, device: str, repeats: int, warmup: int = 3) -> float:
+    """Median seconds of one pass."""
+    leaves = [a for a in args if a is not None]
+
+    def forward():
+        return fn(*args)
+
+    def backward(outs):
+        grads = [torch.ones_like(o) for o in outs]
+        torch.autograd.grad(outs, leaves, grads)
+
+    times = []
+    for i in range(warmup + repeats):
+        outs = forward() if which == "backward" else None  # untimed forward for a backward-only pass
+        _sync(device)
+        start = time.perf_counter()
+        if which == "forward":
+            with torch.no_grad():
+                forward()
+        elif which == "backward":
+            backward(outs)
+        else:
+            backward(forward())
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def memory_bytes(fn: Callable, args: list, device: str) -> int:
+    """CUDA: peak bytes allocated in forward+backward. CPU: bytes the op keeps for backward."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        outs = fn(*args)
+        torch.autograd.grad(outs, [a for a in args if a is not None], [torch.ones_like(o) for o in outs])
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    leaves = {a.untyped_storage().data_ptr() for a in args if a is not None}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in leaves:  # inputs are the caller's memory, not the op's
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outs = fn(*args)
+    for o in outs:
+        kept[o.untyped_storage().data_ptr()] = o.untyped_storage().nbytes()
+    return sum(kept.values())
+
+
+def with_backend(name: str, fn: Callable) -> Callable:
+    def run(*args):
+        with backend.use_backend(name):
+            return fn(*args)
+
+    return run
+
+
+def implementations(op: str, device: str) -> dict[str, Callable]:
+    impls: dict[str, Callable] = {"eager": reference_fn(op), "compiled": torch.compile(reference_fn(op))}
+    for name in ("cpu", "triton", "cuda"):
+        if backend.available(name, torch.device(device)):
+            impls[f"fasthvae-{name}"] = with_backend(name, fused_fn(op))
+    return impls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for op in args.ops:
+        impls = implementations(op, args.device)
+        for shape_name in args.shapes:
+            shape = SHAPES[shape_name]
+            x = inputs(op, shape, args.device, dtype)
+            eager_ms: dict[str, float] = {}
+            eager_mem = memory_bytes(impls["eager"], x, args.device)
+            for impl_name, fn in impls.items():
+                mem = memory_bytes(fn, x, args.device)
+                for which in PASSES:
+                    ms = time_pass(fn, x, which, args.device, args.repeats) * 1e3
+                    eager_ms.setdefault(which, ms)
+                    row = {
+                        "op": op, "shape": shape_name, "pass": which, "impl": impl_name,
+                        "median_ms": round(ms, 3), "speedup_vs_eager": round(eager_ms[which] / ms, 2),
+                        "memory_MiB": round(mem / 2**20, 2),
+                        "memory_vs_eager": round(mem / max(eager_mem, 1), 2),
+                    }  # fmt: skip
+                    rows.append(row)
+                    print(" | ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    tag = f"ops_{args.device}_{args.dtype}"
+    with open(args.out / f"{tag}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    header = (
+        "| op | shape | pass | impl | median ms | x eager | memory MiB | memory / eager |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [f"| {' | '.join(str(v) for v in r.values())} |" for r in rows]
+    device_name = (
+        torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    )
+    (args.out / f"{tag}.md").write_text(
+        f"# bench_ops ({device_name}, {args.dtype})\n\n" + header + "\n".join(lines) + "\n"
+    )
+    print(f"wrote {args.out / tag}.csv and .md")
+
+
+if __name__ == "__main__":
+    main()
