@@ -15,6 +15,6 @@ start=$(date +%s)
 "$PY" setup.py -q build_ext --build-temp build/cuda-check/tmp --build-lib build/cuda-check/lib
 so=$(find build/cuda-check/lib -name '_C*.so' | head -n 1)
 test -n "$so"
-nm -DC "$so" | grep -q "fasthvae::forward_cuda" || { echo "no CUDA kernels in $so"; exit 1; }
+nm -DC "$so" | grep "fasthvae::forward_cuda" >/dev/null || { echo "no CUDA kernels in $so"; exit 1; }
 if command -v cuobjdump >/dev/null 2>&1; then cuobjdump --list-elf "$so" | grep -E "sm_(80|90)"; fi
 echo "check_cuda_build: OK ($so, $(( $(date +%s) - start ))s, archs $TORCH_CUDA_ARCH_LIST)"
