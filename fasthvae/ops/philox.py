@@ -50,10 +50,14 @@ def _uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
-def philox_randn(seed: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard normal float32 noise ``randn(seed, i)`` for ``i in range(numel)``."""
-    offsets = torch.arange(numel, device=device, dtype=torch.int64)
+def philox_randn_at(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Standard normal float32 noise ``randn(seed, i)`` at the given int64 offsets."""
     c0, c1 = philox_uint32(seed, offsets)
     u1 = torch.clamp_min(_uint_to_uniform(c0), 1.0e-7)
     theta = torch.tensor(6.283185307179586, dtype=torch.float32) * _uint_to_uniform(c1)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+
+
+def philox_randn(seed: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard normal float32 noise ``randn(seed, i)`` for ``i in range(numel)``."""
+    return philox_randn_at(seed, torch.arange(numel, device=device, dtype=torch.int64))
