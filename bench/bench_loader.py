@@ -35,8 +35,12 @@ def time_epochs(loader, epochs: int, device: torch.device) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=None, help="CIFAR-10 .npz or folder (default: $FASTHVAE_DATA or ./data)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data", default=None, help="CIFAR-10 .npz or folder (default: $FASTHVAE_DATA or ./data)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=3)
@@ -55,8 +59,16 @@ def main() -> None:
         loader = make_loader(name, images, options, device, num_workers=args.workers)
         times = time_epochs(loader, args.epochs, device)
         median = statistics.median(times)
-        rows.append({"loader": name, "device": device.type, "images": len(images), "batch_size": args.batch_size,
-                     "epoch_s_median": round(median, 4), "images_per_s": round(len(images) / median)})
+        rows.append(
+            {
+                "loader": name,
+                "device": device.type,
+                "images": len(images),
+                "batch_size": args.batch_size,
+                "epoch_s_median": round(median, 4),
+                "images_per_s": round(len(images) / median),
+            }
+        )
         print(rows[-1])
         del loader
     base = rows[0]["images_per_s"]
@@ -69,9 +81,15 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| loader | device | epoch s (median) | images/s | vs torch DataLoader |", "|---|---|---|---|---|"]
-    lines += [f"| {r['loader']} | {r['device']} | {r['epoch_s_median']} | {r['images_per_s']:,} | "
-              f"{r['speedup_vs_torch']}x |" for r in rows]
+    lines = [
+        "| loader | device | epoch s (median) | images/s | vs torch DataLoader |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['loader']} | {r['device']} | {r['epoch_s_median']} | {r['images_per_s']:,} | "
+        f"{r['speedup_vs_torch']}x |"
+        for r in rows
+    ]
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -64,8 +64,12 @@ def test_pad_crop_is_a_shifted_window(name, images):
     padded = torch.nn.functional.pad(as_float(images), (pad,) * 4)
     offsets = set()
     for img, i in zip(x, idx, strict=True):
-        hit = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
-               if torch.allclose(img, padded[i, :, dy : dy + H, dx : dx + W], atol=1e-6)]
+        hit = [
+            (dy, dx)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            if torch.allclose(img, padded[i, :, dy : dy + H, dx : dx + W], atol=1e-6)
+        ]
         assert hit, f"image {int(i)} is not a crop of its padded self"
         offsets.add(hit[0])
     assert len(offsets) > 10, f"crops barely move: offsets {sorted(offsets)}"
@@ -87,10 +91,14 @@ def test_seed_fixes_the_order_and_epochs_reshuffle(name, images):
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ddp_shards_are_disjoint_and_cover(name, images, world_size):
-    shards = [epoch(loader(name, images, rank=r, world_size=world_size, seed=5))[1] for r in range(world_size)]
+    shards = [
+        epoch(loader(name, images, rank=r, world_size=world_size, seed=5))[1] for r in range(world_size)
+    ]
     joined = torch.cat(shards)
     assert len(joined) == N and joined.unique().numel() == N
-    dropped = [len(loader(name, images, rank=r, world_size=world_size, drop_last=True)) for r in range(world_size)]
+    dropped = [
+        len(loader(name, images, rank=r, world_size=world_size, drop_last=True)) for r in range(world_size)
+    ]
     assert len(set(dropped)) == 1, "with drop_last every rank must run the same number of steps"
 
 
@@ -119,8 +127,13 @@ def test_unknown_loader_and_bad_options(images):
 
 
 def write_npz(path, images, **override):
-    arrays = {"x_train": images, "y_train": np.arange(len(images)) % 10,
-              "x_test": images[:7], "y_test": np.zeros(7, np.int64), **override}
+    arrays = {
+        "x_train": images,
+        "y_train": np.arange(len(images)) % 10,
+        "x_test": images[:7],
+        "y_test": np.zeros(7, np.int64),
+        **override,
+    }
     np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
     return path
 
