@@ -1,0 +1,1 @@
+"""Evaluation: test-set reconstruction, KLs, ELBO / importance-weighted bounds, bits/dim and FID."""

@@ -1,0 +1,65 @@
+"""What the VAE and the HVAE share: the loss, sampling helpers, Gaussian log-densities."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fasthvae import likelihoods
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class Output:
+    """A forward pass: decoder output (likelihood parameters) and KL terms per image, float32 [B]."""
+
+    decoded: Tensor
+    kls: dict[str, Tensor]
+
+
+def gaussian_log_prob(z: Tensor, mu: Tensor | None = None, logvar: Tensor | None = None) -> Tensor:
+    """log N(z; mu, e^logvar) summed per sample (N(0, I) when mu, logvar are None), float32 [B]."""
+    z = z.float()
+    if mu is None or logvar is None:
+        per = -0.5 * (z.square() + LOG_2PI)
+    else:
+        mu, logvar = mu.float(), logvar.float()
+        per = -0.5 * ((z - mu).square() * torch.exp(-logvar) + logvar + LOG_2PI)
+    return per.flatten(1).sum(1)
+
+
+def sample_gaussian(mu: Tensor, logvar: Tensor) -> Tensor:
+    """Plain PyTorch sample (for evaluation bounds, which need the sample's log-densities)."""
+    return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+
+class LatentVariableModel(nn.Module):
+    """Base of the models: ``forward`` gives an :class:`Output`; ``kl_terms`` names its KLs and the
+    schedule weight of each (``alpha`` or ``beta``)."""
+
+    kl_terms: dict[str, str]
+
+    def __init__(self, likelihood: str) -> None:
+        super().__init__()
+        likelihoods.check_likelihood(likelihood)
+        self.likelihood = likelihood
+
+    def loss(self, x: Tensor, alpha: Tensor | float, beta: Tensor | float) -> dict[str, Tensor]:
+        """Mean over the batch of recon + weighted KLs, with each term's batch mean (float32)."""
+        out = self(x)
+        recon = likelihoods.nll(self.likelihood, out.decoded, x)
+        weights = {"alpha": alpha, "beta": beta}
+        total = recon + sum(weights[self.kl_terms[k]] * kl for k, kl in out.kls.items())
+        terms = {"loss": total.mean(), "recon": recon.mean()}
+        terms.update({k: kl.mean() for k, kl in out.kls.items()})
+        return terms
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Mean images [B, 3, H, W] in [0, 1] decoded from a posterior sample."""
+        return likelihoods.mean_image(self.likelihood, self(x).decoded)
+
+    def decode_mean(self, decoded: Tensor) -> Tensor:
+        return likelihoods.mean_image(self.likelihood, decoded)

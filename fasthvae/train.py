@@ -1,0 +1,542 @@
+"""Train the study's VAE or two-level HVAE on CIFAR-10.
+
+    python -m fasthvae.train --amp                       # HVAE, alpha-beta schedule, 100 epochs
+    python -m fasthvae.train --model vae --schedule beta --epochs 30 --data cifar10.npz
+    torchrun --nproc_per_node 2 -m fasthvae.train ...    # DDP: each rank its shard, rank 0 writes
+
+Leaves in --out: config.json, metrics.csv, checkpoint.pt (atomic, every epoch; --resume continues
+from it), samples.png, reconstructions.png, loss_curves.png and summary.json.
+"""
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from fasthvae.data import LOADERS, DataError, LoaderOptions, default_loader, load_dataset, make_loader
+from fasthvae.eval.metrics import evaluate_model
+from fasthvae.likelihoods import LIKELIHOODS
+from fasthvae.models import MODELS, build_model
+from fasthvae.schedules import REFERENCE_EPOCHS, SCHEDULES, Schedule
+from fasthvae.training import plots
+from fasthvae.training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    restore_rng_states,
+    rng_states,
+    save_atomic,
+    write_text_atomic,
+)
+from fasthvae.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from fasthvae.training.precision import autocast, choose_amp_dtype, grad_scaler
+
+# Fields that define what is trained; a resumed run must not change them.
+IDENTITY = (
+    "model",
+    "schedule",
+    "likelihood",
+    "channels",
+    "latent",
+    "z1_channels",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "seed",
+    "data",
+    "limit_train",
+    "flip",
+    "amp",
+    "amp_dtype",
+    "grad_clip",
+)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (bad arguments, diverged, no data); the message says why."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = "hvae"
+    schedule: str = "alpha-beta"
+    likelihood: str = "bernoulli"
+    channels: int = 32
+    latent: int = 128
+    z1_channels: int = 16
+    epochs: int = REFERENCE_EPOCHS
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 100.0
+    amp: bool = False
+    amp_dtype: str = "bf16"
+    compile: bool | None = None  # None: on for CUDA, off for CPU (measured: see README)
+    fused_optimizer: bool | None = None  # None: on for CUDA
+    channels_last: bool | None = None  # None: on for CUDA
+    loader: str | None = None
+    workers: int = 2
+    flip: bool = True
+    data: str | None = None
+    data_root: str = "data"
+    limit_train: int | None = None
+    limit_test: int | None = None
+    out: str = "runs/latest"
+    resume: bool = False
+    overwrite: bool = False
+    seed: int = 0
+    device: str | None = None
+    max_skips: int = 20
+    iw_samples: int = 0
+    fid_samples: int = 0
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    p = argparse.ArgumentParser(
+        prog="python -m fasthvae.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", choices=list(MODELS), default="hvae")
+    p.add_argument("--schedule", choices=SCHEDULES, default="alpha-beta")
+    p.add_argument(
+        "--likelihood",
+        choices=LIKELIHOODS,
+        default="bernoulli",
+        help="bernoulli (BCE, the study's), gaussian (MSE) or logistic (discretized; bits/dim)",
+    )
+    p.add_argument("--channels", type=int, default=32, help="width of the first conv layer")
+    p.add_argument("--latent", type=int, default=128, help="dim of z (VAE) or z2 (HVAE)")
+    p.add_argument("--z1-channels", type=int, default=16, help="HVAE: channels of the 8x8 latent z1")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=REFERENCE_EPOCHS,
+        help="epochs; the schedule is stretched to fit (its anchors are for 100)",
+    )
+    p.add_argument("--batch-size", type=int, default=128, help="per process")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=100.0, help="max gradient norm (0: no clipping)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
+    p.add_argument("--amp-dtype", choices=["bf16", "fp16"], default="bf16", help="fp16 uses a GradScaler")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model and loss (default: on for CUDA, off for CPU)",
+    )
+    p.add_argument(
+        "--fused-optimizer",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fused AdamW (default: on for CUDA)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels_last memory format (default: on for CUDA)",
+    )
+    p.add_argument("--loader", choices=LOADERS, default=None, help="default: resident")
+    p.add_argument("--workers", type=int, default=2, help="torch DataLoader workers / DALI threads")
+    p.add_argument(
+        "--flip", action=argparse.BooleanOptionalAction, default=True, help="random horizontal flips"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="an .npz (x_train/y_train/x_test/y_test), a cifar-10-batches-py folder or an image "
+        "folder; default $FASTHVAE_DATA or CIFAR-10 downloaded into --data-root",
+    )
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--limit-train", type=int, default=None, help="train on the first N images")
+    p.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N test images")
+    p.add_argument("--out", default="runs/latest")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if OUT holds a checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
+    p.add_argument(
+        "--max-skips",
+        type=int,
+        default=20,
+        help="stop after this many consecutive steps with non-finite loss or gradients",
+    )
+    p.add_argument(
+        "--iw-samples", type=int, default=0, help="importance samples for the final bound (0: skip)"
+    )
+    p.add_argument("--fid-samples", type=int, default=0, help="FID of N samples at the end (0: skip)")
+    args = p.parse_args(argv)
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+
+
+def merge_resumed(config: TrainConfig, saved: dict) -> TrainConfig:
+    """A resumed run trains what the checkpoint trained: identity fields come from it, and asking
+    for a different value of one (anything but its default) is an error. Runtime fields (device,
+    loader, compile, ...) come from the command line."""
+    defaults = TrainConfig()
+    merged = asdict(config)
+    for name in IDENTITY:
+        given, before = getattr(config, name), saved.get(name)
+        if given != getattr(defaults, name) and given != before:
+            raise TrainingError(
+                f"--{name.replace('_', '-')} {given} differs from the checkpoint's {before}; "
+                "a resumed run keeps what it trained with (use a new --out to change it)"
+            )
+        merged[name] = before
+    return TrainConfig(**merged)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Per-device choices resolved from the config (the defaults were picked by measurement)."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    compile: bool
+    fused_optimizer: bool
+    channels_last: bool
+    loader: str
+
+
+def resolve_runtime(config: TrainConfig, dist: DistInfo) -> Runtime:
+    name = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for but torch sees no GPU")
+    device = torch.device("cuda", dist.local_rank) if name == "cuda" else torch.device("cpu")
+    on_gpu = device.type == "cuda"
+
+    def pick(value: bool | None) -> bool:
+        return on_gpu if value is None else value
+
+    return Runtime(
+        device=device,
+        amp_dtype=choose_amp_dtype(config.amp, config.amp_dtype, device),
+        compile=pick(config.compile),
+        fused_optimizer=pick(config.fused_optimizer),
+        channels_last=pick(config.channels_last),
+        loader=config.loader or default_loader(device),
+    )
+
+
+def validate(config: TrainConfig) -> None:
+    positive = ("epochs", "batch_size", "channels", "latent", "z1_channels", "max_skips")
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise TrainingError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    for name in ("lr", "weight_decay", "grad_clip", "workers", "iw_samples", "fid_samples"):
+        if getattr(config, name) < 0 or not math.isfinite(getattr(config, name)):
+            raise TrainingError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+    if config.lr == 0:
+        raise TrainingError("--lr must be positive")
+
+
+class Objective(nn.Module):
+    """``model.loss`` as a module, so DDP sees the forward pass and torch.compile takes it whole."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.loss(x, alpha, beta)
+
+
+class Trainer:
+    """Holds the run's state; ``run()`` trains to ``config.epochs`` and returns the summary."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        validate(config)
+        self.out = Path(config.out)
+        self.checkpoint_path = self.out / "checkpoint.pt"
+        saved = None
+        if config.resume:
+            saved = load_checkpoint(self.checkpoint_path)
+            config = merge_resumed(config, saved["config"])
+        elif self.checkpoint_path.exists() and not config.overwrite:
+            raise TrainingError(
+                f"{self.out} already holds a checkpoint: pass --resume to continue it, "
+                "--overwrite to start afresh, or another --out"
+            )
+        self.config = config
+        self.dist = init_distributed("cuda" if (config.device or "cpu") == "cuda" else "cpu")
+        self.rt = resolve_runtime(config, self.dist)
+        torch.manual_seed(config.seed + self.dist.rank)
+        if self.rt.device.type == "cuda":
+            torch.cuda.set_device(self.rt.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+
+        data = load_dataset(config.data, root=config.data_root)
+        self.train_split = data.train.limit(config.limit_train)
+        self.test_split = data.test.limit(config.limit_test)
+        self.data_source = data.source
+        options = LoaderOptions(
+            batch_size=config.batch_size,
+            flip=config.flip,
+            seed=config.seed,
+            drop_last=self.dist.enabled,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            channels_last=self.rt.channels_last,
+        )
+        self.loader = make_loader(
+            self.rt.loader, self.train_split.images, options, self.rt.device, num_workers=config.workers
+        )
+        if len(self.loader) == 0:
+            raise TrainingError(
+                f"{len(self.train_split)} training images give no batch of {config.batch_size}"
+                f" on {self.dist.world_size} process(es)"
+            )
+
+        kwargs = {"channels": config.channels, "latent": config.latent, "likelihood": config.likelihood}
+        if config.model == "hvae":
+            kwargs["z1_channels"] = config.z1_channels
+        self.model = build_model(config.model, **kwargs).to(self.rt.device)
+        if self.rt.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            fused=self.rt.fused_optimizer,
+        )
+        self.scaler = grad_scaler(self.rt.device, self.rt.amp_dtype)
+        self.schedule = Schedule(config.schedule, config.epochs)
+        self.epoch, self.step, self.history = 0, 0, []
+        if saved is not None:
+            self._restore(saved)
+
+        objective: nn.Module = Objective(self.model)
+        if self.dist.enabled:
+            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+        self.objective = torch.compile(objective) if self.rt.compile else objective
+        self.fixed_batch = self._fixed_test_batch()
+
+    # ---- state
+
+    def _restore(self, saved: dict) -> None:
+        try:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{self.checkpoint_path}: does not fit this model ({err})") from err
+        self.scaler.load_state_dict(saved["scaler"])
+        self.epoch, self.step, self.history = saved["epoch"], saved["step"], saved["history"]
+        restore_rng_states(
+            saved["rng"][self.dist.rank] if self.dist.rank < len(saved["rng"]) else saved["rng"][0]
+        )
+
+    def _save(self) -> None:
+        rng = [rng_states()]
+        if self.dist.enabled:  # every rank's RNG, so a resumed DDP run draws the same noise
+            rng = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(rng, rng_states())
+        if not self.dist.is_main:
+            return
+        save_atomic(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "epoch": self.epoch,
+                "step": self.step,
+                "history": self.history,
+                "config": asdict(self.config),
+                "rng": rng,
+            },
+            self.checkpoint_path,
+        )
+
+    # ---- training
+
+    def _train_step(self, x: torch.Tensor, alpha: float, beta: float) -> dict[str, torch.Tensor] | None:
+        """One optimizer step; None when the loss or gradients were not finite (step skipped)."""
+        dev = self.rt.device
+        with autocast(dev.type, self.rt.amp_dtype):
+            terms = self.objective(x, torch.tensor(alpha, device=dev), torch.tensor(beta, device=dev))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(terms["loss"]).backward()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.config.grad_clip or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        finite = bool(torch.isfinite(norm))  # gradients are all-reduced: every rank agrees
+        if finite:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {k: v.detach().float() for k, v in terms.items()} if finite else None
+
+    def _run_epoch(self) -> dict[str, float]:
+        self.model.train()
+        self.loader.set_epoch(self.epoch)
+        n_batches = len(self.loader)
+        names = ["loss", "recon", *self.model.kl_terms]
+        sums = torch.zeros(len(names) + 2, dtype=torch.float64, device=self.rt.device)  # + images, skips
+        consecutive_skips = 0
+        start = time.perf_counter()
+        bar = tqdm(
+            total=n_batches,
+            desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+            disable=not self.dist.is_main,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for i, (x, _) in enumerate(self.loader):
+            alpha, beta = self.schedule.weights(self.epoch + i / n_batches)
+            terms = self._train_step(x, alpha, beta)
+            self.step += 1
+            if terms is None:
+                consecutive_skips += 1
+                sums[-1] += 1
+                if consecutive_skips >= self.config.max_skips:
+                    raise TrainingError(
+                        f"{consecutive_skips} consecutive steps with non-finite loss or gradients at epoch "
+                        f"{self.epoch + 1}, step {self.step}: training stopped. The last good checkpoint "
+                        f"({self.checkpoint_path}, epoch {self.epoch}) is intact; try a lower --lr, "
+                        "--grad-clip or --amp-dtype bf16."
+                    )
+                continue
+            consecutive_skips = 0
+            sums[: len(names)] += torch.stack([terms[k] for k in names]).double() * len(x)
+            sums[-2] += len(x)
+            if self.dist.is_main and (i % 10 == 0 or i == n_batches - 1):
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(
+                    loss=f"{float(terms['loss']):.1f}",
+                    img_s=f"{(i + 1) * len(x) * self.dist.world_size / elapsed:.0f}",
+                )
+            bar.update(1)
+        bar.close()
+        if self.rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        all_reduce_sum(sums, self.dist)
+        images, skipped = float(sums[-2]), int(sums[-1])
+        row = {"epoch": self.epoch + 1}
+        row.update({k: float(sums[j]) / max(images, 1) for j, k in enumerate(names)})
+        alpha, beta = self.schedule.weights(self.epoch + 1)
+        row.update(
+            {
+                "alpha": alpha,
+                "beta": beta,
+                "images_per_s": images / seconds,
+                "seconds": seconds,
+                "skipped_steps": skipped,
+            }
+        )
+        return row
+
+    def _fixed_test_batch(self, n: int = 32) -> torch.Tensor:
+        x = torch.from_numpy(self.test_split.images[:n]).permute(0, 3, 1, 2).float().div(255)
+        return x.to(self.rt.device)
+
+    def _write_outputs(self) -> None:
+        """metrics.csv, sample and reconstruction grids, loss curves (rank 0)."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(self.history[0]))
+        writer.writeheader()
+        writer.writerows(self.history)
+        write_text_atomic(buf.getvalue(), self.out / "metrics.csv")
+        self.model.eval()
+        with torch.no_grad(), autocast(self.rt.device.type, self.rt.amp_dtype):
+            plots.save_grid(self.model.sample(64), self.out / "samples.png")
+            recons = self.model.reconstruct(self.fixed_batch)
+        plots.save_reconstructions(self.fixed_batch, recons, self.out / "reconstructions.png")
+        self.model.train()
+        plots.save_loss_curves(self.history, self.out / "loss_curves.png")
+
+    def _test_batches(self, batch_size: int = 500):
+        for i in range(0, len(self.test_split), batch_size):
+            x = torch.from_numpy(self.test_split.images[i : i + batch_size]).permute(0, 3, 1, 2)
+            yield x.to(self.rt.device).float().div(255)
+
+    def summarize(self) -> dict:
+        """Test-set measures of the final model, training speed, and FID when asked (rank 0)."""
+        metrics = evaluate_model(
+            self.model,
+            self._test_batches(),
+            iw_samples=self.config.iw_samples,
+            autocast_dtype=self.rt.amp_dtype,
+        )
+        summary = {
+            "test": metrics,
+            "epochs": self.epoch,
+            "steps": self.step,
+            "train_images": len(self.train_split),
+            "data": self.data_source,
+            "images_per_s_last_epoch": self.history[-1]["images_per_s"] if self.history else None,
+            "skipped_steps": sum(r["skipped_steps"] for r in self.history),
+            "runtime": {
+                "device": str(self.rt.device),
+                "compile": self.rt.compile,
+                "amp_dtype": str(self.rt.amp_dtype),
+                "loader": self.rt.loader,
+                "world_size": self.dist.world_size,
+            },
+        }
+        if self.config.fid_samples:
+            from fasthvae.eval.fid import model_fid
+
+            summary["fid"] = model_fid(
+                self.model,
+                self.config.fid_samples,
+                device=self.rt.device,
+                data=self.config.data,
+                data_root=self.config.data_root,
+            )
+        return summary
+
+    def run(self) -> dict:
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(json.dumps(asdict(self.config), indent=2) + "\n", self.out / "config.json")
+        while self.epoch < self.config.epochs:
+            row = self._run_epoch()
+            self.epoch += 1
+            self.history.append(row)
+            if self.dist.is_main:
+                print(
+                    " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                    flush=True,
+                )
+                self._write_outputs()
+            self._save()
+            barrier(self.dist)
+        summary = {}
+        if self.dist.is_main:
+            summary = self.summarize()
+            write_text_atomic(json.dumps(summary, indent=2) + "\n", self.out / "summary.json")
+        barrier(self.dist)
+        return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    trainer = None
+    try:
+        trainer = Trainer(config)
+        summary = trainer.run()
+    except (TrainingError, CheckpointError, DataError) as err:
+        print(f"fasthvae.train: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            shutdown(trainer.dist)
+    if summary:
+        print(json.dumps(summary["test"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

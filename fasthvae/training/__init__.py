@@ -1,0 +1,1 @@
+"""Pieces of the trainer: precision, checkpoints, distributed set-up, plots."""
