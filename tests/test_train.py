@@ -51,6 +51,11 @@ def run(data: str, out: Path, *extra: str) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+def read_metrics(out: Path) -> list[dict]:
+    with open(out / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
 @pytest.mark.parametrize("model", ["vae", "hvae"])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_smoke_run_leaves_every_output(data, tmp_path, model, compiled):
@@ -66,7 +71,7 @@ def test_smoke_run_leaves_every_output(data, tmp_path, model, compiled):
         "summary.json",
     ):
         assert (tmp_path / name).is_file(), name
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    rows = read_metrics(tmp_path)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     kls = {"vae": {"kl_z"}, "hvae": {"kl_z1", "kl_z2"}}[model]
     assert kls <= set(rows[0]) and {"loss", "recon", "alpha", "beta", "images_per_s", "seconds"} <= set(
@@ -241,7 +246,7 @@ def test_ddp_two_gloo_processes(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    rows = read_metrics(out)
     assert len(rows) == 1
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["step"] == 2, "128 images, 2 ranks, batch 32: 2 steps per rank"
