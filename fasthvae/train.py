@@ -13,9 +13,10 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fasthvae.data import LOADERS, DataError, LoaderOptions, default_loader, load_dataset, make_loader
+from fasthvae.data.sources import DATA_ENV
 from fasthvae.eval.metrics import evaluate_model
 from fasthvae.likelihoods import LIKELIHOODS
 from fasthvae.models import MODELS, build_model
@@ -256,6 +258,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         validate(config)
+        if config.data is None and os.environ.get(DATA_ENV):  # record where the data came from
+            config = replace(config, data=os.environ[DATA_ENV])
         self.out = Path(config.out)
         self.checkpoint_path = self.out / "checkpoint.pt"
         saved = None

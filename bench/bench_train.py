@@ -1,0 +1,137 @@
+"""Training images/s: the study's plain PyTorch loop against fasthvae's path, and each speed feature
+switched on alone, same model and batch, in one process.
+
+Variants (all through the trainer's own step):
+- ``plain``: eager, unfused KL and sampling (plain PyTorch ops), torch DataLoader with workers
+- ``+fused-ops``, ``+compile``, ``+amp``, ``+loader``, ``+channels-last``, ``+fused-adamw``: plain plus
+  one feature
+- ``fasthvae``: the trainer's defaults for this device
+Each variant runs ``--warmup`` steps (compilation included), then ``--steps`` timed steps; the median
+of ``--repeats`` timed windows gives images/s. Writes ``train_<device>.{csv,md}``.
+
+    python bench/bench_train.py [--model hvae] [--batch-size 128] [--device cpu|cuda]
+"""
+
+import argparse
+import csv
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fasthvae.ops import use_backend
+from fasthvae.train import TrainConfig, Trainer
+
+PLAIN = {"compile": False, "amp": False, "loader": "torch", "channels_last": False, "fused_optimizer": False}
+FEATURES = {
+    "+fused-ops": {},
+    "+compile": {"compile": True},
+    "+amp": {"amp": True},
+    "+loader": {"loader": "resident"},
+    "+channels-last": {"channels_last": True},
+    "+fused-adamw": {"fused_optimizer": True},
+}
+
+
+def variants(device: str) -> dict[str, tuple[dict, bool]]:
+    """name -> (config overrides, fused ops on)."""
+    table = {"plain": (PLAIN, False)}
+    for name, change in FEATURES.items():
+        table[name] = ({**PLAIN, **change}, name == "+fused-ops")
+    defaults = {k: None for k in ("compile", "channels_last", "fused_optimizer", "loader")}
+    table["fasthvae"] = ({**defaults, "amp": device == "cuda"}, True)
+    return table
+
+
+def time_variant(config: TrainConfig, fused_ops: bool, warmup: int, steps: int, repeats: int) -> list[float]:
+    """Seconds per window of ``steps`` training steps (data loading included)."""
+    with use_backend("auto" if fused_ops else "reference"):
+        trainer = Trainer(config)
+
+        def batches():
+            epoch = 0
+            while True:
+                trainer.loader.set_epoch(epoch)
+                yield from (x for x, _ in trainer.loader)
+                epoch += 1
+
+        stream = batches()
+        sync = torch.cuda.synchronize if trainer.rt.device.type == "cuda" else (lambda: None)
+        for _ in range(warmup):
+            trainer._train_step(next(stream), 1.0, 1.0)
+        sync()
+        windows = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(steps):
+                trainer._train_step(next(stream), 1.0, 1.0)
+            sync()
+            windows.append(time.perf_counter() - start)
+    return windows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="hvae", choices=["vae", "hvae"])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data", default=None, help="CIFAR-10 .npz or folder (default: $FASTHVAE_DATA)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="*", help="run only these variants")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+
+    rows = []
+    for name, (overrides, fused_ops) in variants(args.device).items():
+        if args.only and name not in args.only:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            config = TrainConfig(
+                model=args.model,
+                batch_size=args.batch_size,
+                device=args.device,
+                data=args.data,
+                limit_train=20 * args.batch_size,
+                out=tmp,
+                **overrides,
+            )
+            windows = time_variant(config, fused_ops, args.warmup, args.steps, args.repeats)
+        median = statistics.median(windows)
+        rows.append(
+            {
+                "variant": name,
+                "model": args.model,
+                "device": args.device,
+                "batch_size": args.batch_size,
+                "step_ms_median": round(1000 * median / args.steps, 2),
+                "images_per_s": round(args.steps * args.batch_size / median, 1),
+            }
+        )
+        print(rows[-1], flush=True)
+    base = next((r["images_per_s"] for r in rows if r["variant"] == "plain"), rows[0]["images_per_s"])
+    for row in rows:
+        row["speedup_vs_plain"] = round(row["images_per_s"] / base, 3)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"train_{args.device}_{args.model}"
+    with open(f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| variant | step ms (median) | images/s | vs plain |", "|---|---|---|---|"]
+    lines += [
+        f"| {r['variant']} | {r['step_ms_median']} | {r['images_per_s']} | {r['speedup_vs_plain']}x |"
+        for r in rows
+    ]
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Evaluation: Frechet distance, the FID path (tiny extractor), the Inception weight converter,
+bits/dim and the importance-weighted bound, and the eval command."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+from fasthvae import likelihoods, train
+from fasthvae.eval import __main__ as eval_cli
+from fasthvae.eval.fid import TINY, FidError, fid_against, resolve_weights
+from fasthvae.eval.metrics import evaluate_model, iw_bound
+from fasthvae.models import build_model
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10/cifar10.npz"
+needs_cifar = pytest.mark.skipif(not SHARED.is_file(), reason="shared CIFAR-10 file not present")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTHVAE_CACHE", str(tmp_path / "cache"))
+
+
+def scipy_fid(mu1, s1, mu2, s2) -> float:
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_frechet_distance_matches_scipy_and_the_closed_form():
+    rng = np.random.default_rng(0)
+    d = 16
+    a, b = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+    s1, s2 = a @ a.T + np.eye(d), b @ b.T + np.eye(d)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    ours = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, False)
+    assert ours["frechet_inception_distance"] == pytest.approx(scipy_fid(mu1, s1, mu2, s2), rel=1e-8)
+    v1, v2 = rng.uniform(0.5, 2, d), rng.uniform(0.5, 2, d)  # diagonal: sum (sqrt v1 - sqrt v2)^2
+    closed = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    diag = fid_statistics_to_metric(
+        {"mu": mu1, "sigma": np.diag(v1)}, {"mu": mu2, "sigma": np.diag(v2)}, False
+    )
+    assert diag["frechet_inception_distance"] == pytest.approx(closed, rel=1e-8)
+
+
+def smooth_images(n: int, seed: int) -> torch.Tensor:
+    """Natural-ish images: blurred noise, so the tiny extractor's features vary smoothly."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.avg_pool2d(torch.rand(n, 3, 32, 32, generator=g), 5, 1, 2)
+    return (x * 255).round().to(torch.uint8)
+
+
+def test_fid_path_end_to_end_with_the_tiny_extractor(tmp_path):
+    ref = smooth_images(300, 0)
+    same = fid_against(smooth_images(300, 1), ref, "ref", extractor=TINY, verbose=False)
+    noise = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8)
+    far = fid_against(noise, ref, "ref", extractor=TINY, verbose=False)
+    assert 0 <= same["fid"] < far["fid"] / 10
+    assert {"kid_mean", "precision", "recall"} <= set(same)
+    cached = list((tmp_path / "cache" / "fidelity").iterdir())
+    assert any("ref-fasthvae-tiny" in p.name for p in cached), "reference statistics must be cached on disk"
+    assert fid_against(smooth_images(300, 1), ref, "ref", extractor=TINY, verbose=False)["fid"] == same["fid"]
+    with pytest.raises(FidError, match="uint8"):
+        fid_against(ref.float(), ref, "ref", extractor=TINY)
+
+
+def test_missing_weights_name_the_converter(tmp_path, monkeypatch):
+    with pytest.raises(FidError, match="convert_inception"):
+        resolve_weights(tmp_path / "nope.pth")
+    monkeypatch.setenv("FASTHVAE_FID_WEIGHTS", str(tmp_path / "also-nope.pth"))
+    with pytest.raises(FidError, match="not found"):
+        resolve_weights(None)
+
+
+def test_bits_per_dim_unit():
+    assert likelihoods.bits_per_dim(3072 * math.log(2)) == pytest.approx(1.0)
+    assert likelihoods.bits_per_dim(torch.tensor(2 * 3072 * math.log(2))).item() == pytest.approx(2.0)
+
+
+def test_discretized_logistic_is_a_distribution():
+    """Summed over the 256 values of a sub-pixel, P(x) is 1 whatever the mean and scale."""
+    x = torch.arange(256).float().div(255).view(256, 1)
+    for mean, log_scale in [(-0.3, -2.0), (0.9, -5.0), (0.0, 1.0)]:
+        nll = likelihoods.discretized_logistic_nll(x, torch.full_like(x, mean), torch.full_like(x, log_scale))
+        assert torch.exp(-nll.double()).sum().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_iw_bound_is_below_the_elbo_and_tightens():
+    torch.manual_seed(0)
+    model = build_model("hvae", channels=8, latent=8, z1_channels=4, likelihood="logistic").eval()
+    x = torch.randint(0, 256, (16, 3, 32, 32)).float() / 255
+    torch.manual_seed(1)
+    k1 = iw_bound(model, x, 1).mean().item()
+    torch.manual_seed(1)
+    k64 = iw_bound(model, x, 64).mean().item()
+    elbo = evaluate_model(model, [x])["neg_elbo"]
+    assert k64 < k1, "more importance samples must tighten the bound"
+    assert k64 <= elbo
+    assert k1 == pytest.approx(elbo, rel=0.02), "one importance sample is an ELBO estimate"
+
+
+@needs_cifar
+def test_eval_command(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = [
+        "--data",
+        str(SHARED),
+        "--out",
+        str(run),
+        "--epochs",
+        "1",
+        "--channels",
+        "8",
+        "--latent",
+        "8",
+        "--z1-channels",
+        "4",
+        "--limit-train",
+        "64",
+        "--limit-test",
+        "32",
+        "--batch-size",
+        "32",
+        "--likelihood",
+        "logistic",
+    ]
+    assert train.main(argv) == 0
+    code = eval_cli.main(
+        [
+            str(run),
+            "--fid-samples",
+            "50",
+            "--fid-extractor",
+            TINY,
+            "--temperature",
+            "0.7",
+            "1",
+            "--iw-samples",
+            "2",
+            "--limit-test",
+            "40",
+            "--batch-size",
+            "20",
+        ]
+    )
+    assert code == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert result["test"]["images"] == 40 and "neg_iw_bound_k2_bits_per_dim" in result["test"]
+    assert [f["temperature"] for f in result["fid"]] == [0.7, 1.0]
+    assert "fid (T=0.7, n=50)" in capsys.readouterr().out
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    assert eval_cli.main([str(tmp_path / "bad.pt"), "--fid-samples", "0"]) == 2
