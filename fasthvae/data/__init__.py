@@ -32,8 +32,9 @@ def default_loader(device: str | torch.device) -> str:
     return "resident" if torch.device(device).type == "cuda" else "torch"
 
 
-def make_loader(name: str, images, options: LoaderOptions, device: str | torch.device = "cpu",
-                num_workers: int = 2) -> BatchLoader:
+def make_loader(
+    name: str, images, options: LoaderOptions, device: str | torch.device = "cpu", num_workers: int = 2
+) -> BatchLoader:
     """A loader by name over uint8 images [N, H, W, 3]."""
     if name == "resident":
         from fasthvae.data.resident import ResidentLoader

@@ -47,7 +47,9 @@ class BatchLoader(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
 
 
-def epoch_generator(seed: int, epoch: int, rank: int = 0, device: str | torch.device = "cpu") -> torch.Generator:
+def epoch_generator(
+    seed: int, epoch: int, rank: int = 0, device: str | torch.device = "cpu"
+) -> torch.Generator:
     """A generator for one (seed, epoch, rank): orders and augmentations are reproducible."""
     return torch.Generator(device).manual_seed((seed * 1_000_003 + epoch) * 4099 + rank)
 

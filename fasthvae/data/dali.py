@@ -66,14 +66,32 @@ def _augment(images, options: LoaderOptions, size: tuple[int, int], device: str)
     crop = {}
     if options.pad_crop:
         p = options.pad_crop
-        images = fn.crop(images, crop=(h + 2 * p, w + 2 * p), crop_pos_x=0.5, crop_pos_y=0.5,
-                         out_of_bounds_policy="pad", fill_values=0, device=device)
+        images = fn.crop(
+            images,
+            crop=(h + 2 * p, w + 2 * p),
+            crop_pos_x=0.5,
+            crop_pos_y=0.5,
+            out_of_bounds_policy="pad",
+            fill_values=0,
+            device=device,
+        )
         offsets = [k / (2 * p) for k in range(2 * p + 1)]  # every integer offset equally likely
-        crop = {"crop": (h, w), "crop_pos_x": fn.random.uniform(values=offsets),
-                "crop_pos_y": fn.random.uniform(values=offsets)}
+        crop = {
+            "crop": (h, w),
+            "crop_pos_x": fn.random.uniform(values=offsets),
+            "crop_pos_y": fn.random.uniform(values=offsets),
+        }
     mirror = fn.random.coin_flip(probability=0.5) if options.flip else 0
-    return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
-                                    mean=[0.0], std=[255.0], device=device, **crop)
+    return fn.crop_mirror_normalize(
+        images,
+        mirror=mirror,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mean=[0.0],
+        std=[255.0],
+        device=device,
+        **crop,
+    )
 
 
 def _device_id(device: torch.device) -> int | None:
@@ -98,8 +116,14 @@ class _DaliBase:
 class DaliLoader(_DaliBase):
     """DALI over an in-memory uint8 [N, H, W, 3] array, in fasthvae's epoch order."""
 
-    def __init__(self, images: np.ndarray, options: LoaderOptions, device: str | torch.device = "cpu",
-                 num_threads: int = 2, prefetch: int = 2) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        options: LoaderOptions,
+        device: str | torch.device = "cpu",
+        num_threads: int = 2,
+        prefetch: int = 2,
+    ) -> None:
         fn, pipeline_def, types, iterator_cls, last_batch = _dali()
         self.images = check_images(images, "DaliLoader")
         self.options, self.device, self.epoch = options, torch.device(device), 0
@@ -108,16 +132,25 @@ class DaliLoader(_DaliBase):
 
         @pipeline_def
         def pipeline():
-            images, indices = fn.external_source(source=self.feeder, num_outputs=2, batch=True,
-                                                 batch_info=True, layout=["HWC", ""],
-                                                 dtype=[types.UINT8, types.INT64])
+            images, indices = fn.external_source(
+                source=self.feeder,
+                num_outputs=2,
+                batch=True,
+                batch_info=True,
+                layout=["HWC", ""],
+                dtype=[types.UINT8, types.INT64],
+            )
             if op_device == "gpu":
                 images = images.gpu()
             return _augment(images, options, self.images.shape[1:3], op_device), indices
 
-        self._pipe = pipeline(batch_size=options.batch_size, num_threads=num_threads,
-                              device_id=_device_id(self.device), seed=options.seed + 7919 * options.rank,
-                              prefetch_queue_depth=prefetch)
+        self._pipe = pipeline(
+            batch_size=options.batch_size,
+            num_threads=num_threads,
+            device_id=_device_id(self.device),
+            seed=options.seed + 7919 * options.rank,
+            prefetch_queue_depth=prefetch,
+        )
         self._iterator_args = (iterator_cls, last_batch)
         self._iterator = None
 
@@ -131,8 +164,9 @@ class DaliLoader(_DaliBase):
         self.feeder.order = shard_order(len(self.images), self.options, self.epoch).numpy()
         if self._iterator is None:  # built here: building starts prefetching from the feeder
             iterator_cls, last_batch = self._iterator_args
-            self._iterator = iterator_cls(self._pipe, ["images", "indices"], auto_reset=False,
-                                          last_batch_policy=last_batch.PARTIAL)
+            self._iterator = iterator_cls(
+                self._pipe, ["images", "indices"], auto_reset=False, last_batch_policy=last_batch.PARTIAL
+            )
         else:
             self._iterator.reset()
         for batch in self._iterator:
@@ -147,8 +181,14 @@ class DaliFolderLoader(_DaliBase):
     rank's shard exactly once.
     """
 
-    def __init__(self, files: Sequence[Path], options: LoaderOptions, size: int = 32,
-                 device: str | torch.device = "cpu", num_threads: int = 2) -> None:
+    def __init__(
+        self,
+        files: Sequence[Path],
+        options: LoaderOptions,
+        size: int = 32,
+        device: str | torch.device = "cpu",
+        num_threads: int = 2,
+    ) -> None:
         fn, pipeline_def, types, iterator_cls, last_batch = _dali()
         if not files:
             raise ValueError("DaliFolderLoader: no image files given")
@@ -160,18 +200,30 @@ class DaliFolderLoader(_DaliBase):
         @pipeline_def
         def pipeline():
             encoded, indices = fn.readers.file(
-                files=self.files, labels=list(range(len(self.files))), random_shuffle=options.shuffle,
-                initial_fill=len(self.files), shard_id=options.rank, num_shards=options.world_size,
-                stick_to_shard=True, pad_last_batch=True, name="Reader")
+                files=self.files,
+                labels=list(range(len(self.files))),
+                random_shuffle=options.shuffle,
+                initial_fill=len(self.files),
+                shard_id=options.rank,
+                num_shards=options.world_size,
+                stick_to_shard=True,
+                pad_last_batch=True,
+                name="Reader",
+            )
             images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
             images = fn.resize(images, size=(size, size), device=op_device)
             return _augment(images, options, (size, size), op_device), fn.cast(indices, dtype=types.INT64)
 
-        pipe = pipeline(batch_size=options.batch_size, num_threads=num_threads,
-                        device_id=_device_id(self.device), seed=options.seed + 7919 * options.rank)
+        pipe = pipeline(
+            batch_size=options.batch_size,
+            num_threads=num_threads,
+            device_id=_device_id(self.device),
+            seed=options.seed + 7919 * options.rank,
+        )
         policy = last_batch.DROP if options.drop_last else last_batch.PARTIAL
-        self._iterator = iterator_cls(pipe, ["images", "indices"], reader_name="Reader",
-                                      auto_reset=True, last_batch_policy=policy)
+        self._iterator = iterator_cls(
+            pipe, ["images", "indices"], reader_name="Reader", auto_reset=True, last_batch_policy=policy
+        )
 
     def __len__(self) -> int:
         return len(self._iterator)

@@ -38,7 +38,9 @@ class ResidentLoader:
     CIFAR-10), so a flipped batch is one gather: image ``i`` or its mirror at ``i + N``.
     """
 
-    def __init__(self, images: np.ndarray, options: LoaderOptions, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, images: np.ndarray, options: LoaderOptions, device: str | torch.device = "cpu"
+    ) -> None:
         check_images(images, "ResidentLoader")
         self.options = options
         self.device = torch.device(device)

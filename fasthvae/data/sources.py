@@ -96,7 +96,11 @@ def _read_cifar_batches(folder: Path, names: list[str]) -> ImageSplit:
             labels.append(np.asarray(entry["labels"]))
         except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
             raise DataError(f"{path}: corrupt CIFAR-10 batch ({err!r})") from err
-    return _split(np.ascontiguousarray(np.concatenate(images).transpose(0, 2, 3, 1)), np.concatenate(labels), str(folder))
+    return _split(
+        np.ascontiguousarray(np.concatenate(images).transpose(0, 2, 3, 1)),
+        np.concatenate(labels),
+        str(folder),
+    )
 
 
 def load_cifar_folder(folder: Path) -> Dataset:
@@ -151,8 +155,12 @@ def load_image_folder(folder: Path, size: int = 32, test_fraction: float = 0.1) 
     return Dataset(ImageSplit(images[:cut], labels[:cut]), test, f"image-folder:{folder}", tuple(files[:cut]))
 
 
-def load_dataset(data: str | os.PathLike | None = None, root: str | os.PathLike = DEFAULT_ROOT,
-                 download: bool = True, image_size: int = 32) -> Dataset:
+def load_dataset(
+    data: str | os.PathLike | None = None,
+    root: str | os.PathLike = DEFAULT_ROOT,
+    download: bool = True,
+    image_size: int = 32,
+) -> Dataset:
     """Resolve ``data`` (or ``$FASTHVAE_DATA``, or CIFAR-10 under ``root``) into a :class:`Dataset`.
 
     ``data`` may be an ``.npz`` file, a ``cifar-10-batches-py`` folder (or a folder holding one),
@@ -168,7 +176,9 @@ def load_dataset(data: str | os.PathLike | None = None, root: str | os.PathLike 
         return load_cifar_folder(folder)
     path = Path(data)
     if not path.exists():
-        raise DataError(f"{path}: no such file or folder (expected an .npz, a {CIFAR_FOLDER} folder or images)")
+        raise DataError(
+            f"{path}: no such file or folder (expected an .npz, a {CIFAR_FOLDER} folder or images)"
+        )
     if path.is_file():
         if path.suffix != ".npz":
             raise DataError(f"{path}: expected an .npz file with x_train/y_train/x_test/y_test")

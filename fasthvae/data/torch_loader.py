@@ -54,16 +54,27 @@ def torchvision_transform(options: LoaderOptions, size: tuple[int, int]) -> tran
 class TorchLoader:
     """``DataLoader`` batches moved to ``device`` (non-blocking from pinned memory on CUDA)."""
 
-    def __init__(self, images: np.ndarray, options: LoaderOptions, device: str | torch.device = "cpu",
-                 num_workers: int = 2) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        options: LoaderOptions,
+        device: str | torch.device = "cpu",
+        num_workers: int = 2,
+    ) -> None:
         self.options, self.device = options, torch.device(device)
         dataset = ArrayImageDataset(images, torchvision_transform(options, tuple(images.shape[1:3])))
         self.sampler = EpochSampler(len(dataset), options)
         self.generator = torch.Generator()
         self.loader = DataLoader(
-            dataset, batch_size=options.batch_size, sampler=self.sampler, drop_last=options.drop_last,
-            num_workers=num_workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=False, generator=self.generator)
+            dataset,
+            batch_size=options.batch_size,
+            sampler=self.sampler,
+            drop_last=options.drop_last,
+            num_workers=num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            generator=self.generator,
+        )
         # Workers restart every epoch, seeded from (seed, epoch): augmentations are reproducible per
         # epoch, so a resumed run flips the same images as an uninterrupted one.
         self.set_epoch(0)
