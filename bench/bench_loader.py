@@ -8,7 +8,6 @@ the median epoch gives images/s. Writes ``loader_<device>.{csv,md}``.
 """
 
 import argparse
-import csv
 import statistics
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 from fasthvae.data import LOADERS, LoaderOptions, load_dataset, make_loader
 from fasthvae.data.dali import dali_available
+from report import write_report
 
 
 def time_epochs(loader, epochs: int, device: torch.device) -> list[float]:
@@ -75,23 +75,21 @@ def main() -> None:
     for row in rows:
         row["speedup_vs_torch"] = round(row["images_per_s"] / base, 2)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"loader_{device.type}"
-    with open(f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = [
-        "| loader | device | epoch s (median) | images/s | vs torch DataLoader |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['loader']} | {r['device']} | {r['epoch_s_median']} | {r['images_per_s']:,} | "
-        f"{r['speedup_vs_torch']}x |"
-        for r in rows
-    ]
-    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    header = ["loader", "device", "epoch s (median)", "images/s", "vs torch DataLoader"]
+    print(
+        write_report(
+            rows,
+            args.out / f"loader_{device.type}",
+            header,
+            lambda r: [
+                r["loader"],
+                r["device"],
+                str(r["epoch_s_median"]),
+                f"{r['images_per_s']:,}",
+                f"{r['speedup_vs_torch']}x",
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

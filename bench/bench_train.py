@@ -13,7 +13,6 @@ of ``--repeats`` timed windows gives images/s. Writes ``train_<device>.{csv,md}`
 """
 
 import argparse
-import csv
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ import torch
 
 from fasthvae.ops import use_backend
 from fasthvae.train import TrainConfig, Trainer
+from report import write_report
 
 PLAIN = {"compile": False, "amp": False, "loader": "torch", "channels_last": False, "fused_optimizer": False}
 FEATURES = {
@@ -118,19 +118,20 @@ def main() -> None:
     for row in rows:
         row["speedup_vs_plain"] = round(row["images_per_s"] / base, 3)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"train_{args.device}_{args.model}"
-    with open(f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| variant | step ms (median) | images/s | vs plain |", "|---|---|---|---|"]
-    lines += [
-        f"| {r['variant']} | {r['step_ms_median']} | {r['images_per_s']} | {r['speedup_vs_plain']}x |"
-        for r in rows
-    ]
-    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    header = ["variant", "step ms (median)", "images/s", "vs plain"]
+    print(
+        write_report(
+            rows,
+            args.out / f"train_{args.device}_{args.model}",
+            header,
+            lambda r: [
+                r["variant"],
+                str(r["step_ms_median"]),
+                str(r["images_per_s"]),
+                f"{r['speedup_vs_plain']}x",
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,19 @@
+"""Writes a benchmark's rows as CSV and as a Markdown table (``<stem>.csv``, ``<stem>.md``)."""
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_report(rows: list[dict], stem: Path, header: list[str], cells: Callable[[dict], list[str]]) -> str:
+    """CSV of every field, Markdown of ``header`` with ``cells(row)`` per row; returns the Markdown."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells(row)) + " |" for row in rows]
+    markdown = "\n".join(lines) + "\n"
+    Path(f"{stem}.md").write_text(markdown)
+    return markdown
