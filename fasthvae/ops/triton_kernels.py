@@ -1,9 +1,8 @@
 """Triton kernels of the fused Gaussian ops: one forward and one backward kernel.
 
 Each program handles BLOCK elements of one row (the first dim); row sums are written as one
-partial per program and summed afterwards, so reductions are deterministic. Noise of element
-``i`` (flat index) is output ``i % 4`` of ``tl.randn4x(seed, i // 4)``, the stream every backend
-shares. Arithmetic is float32.
+partial per program and summed afterwards, so reductions are deterministic. Noise is
+``tl.randn(seed, flat_index)``, the stream every backend shares. Arithmetic is float32.
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
@@ -36,14 +35,6 @@ def _expm1(x):
 
 
 @triton.jit
-def _noise(seed, offs):
-    """Element noise: output offs % 4 of tl.randn4x(seed, offs // 4)."""
-    n0, n1, n2, n3 = tl.randn4x(seed, offs // 4)
-    lane = offs % 4
-    return tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
-
-
-@triton.jit
 def _row_block(pid, inner, blocks_per_row, BLOCK: tl.constexpr):
     row = pid // blocks_per_row
     cols = (pid % blocks_per_row) * BLOCK + tl.arange(0, BLOCK)
@@ -61,7 +52,7 @@ def gaussian_forward_kernel(
     mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lv = tl.load(lv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if SAMPLE:
-        eps = _noise(seed, offs)
+        eps = tl.randn(seed, offs)
         z = mu + tl.exp(0.5 * lv) * eps
         tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
     if KL_MODE != 0:
@@ -113,7 +104,7 @@ def gaussian_backward_kernel(
             dlv = 0.5 * g * _expm1(lv)
     if SAMPLE:
         gz = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        eps = _noise(seed, offs)
+        eps = tl.randn(seed, offs)
         dmu += gz
         dlv += 0.5 * gz * tl.exp(0.5 * lv) * eps
     tl.store(dmu_ptr + offs, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
