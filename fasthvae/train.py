@@ -23,11 +23,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fasthvae.data import LOADERS, DataError, LoaderOptions, default_loader, load_dataset, make_loader
+from fasthvae.data import (
+    LOADERS,
+    DataError,
+    LoaderOptions,
+    default_loader,
+    image_batches,
+    load_dataset,
+    make_loader,
+)
 from fasthvae.data.sources import DATA_ENV
 from fasthvae.eval.metrics import evaluate_model
 from fasthvae.likelihoods import LIKELIHOODS
-from fasthvae.models import MODELS, build_model
+from fasthvae.models import MODELS, build_model_from_config
 from fasthvae.schedules import REFERENCE_EPOCHS, SCHEDULES, Schedule
 from fasthvae.training import plots
 from fasthvae.training.checkpoint import (
@@ -305,10 +313,7 @@ class Trainer:
                 f" on {self.dist.world_size} process(es)"
             )
 
-        kwargs = {"channels": config.channels, "latent": config.latent, "likelihood": config.likelihood}
-        if config.model == "hvae":
-            kwargs["z1_channels"] = config.z1_channels
-        self.model = build_model(config.model, **kwargs).to(self.rt.device)
+        self.model = build_model_from_config(asdict(config)).to(self.rt.device)
         if self.rt.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.AdamW(
@@ -328,7 +333,7 @@ class Trainer:
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
         self.objective = torch.compile(objective) if self.rt.compile else objective
-        self.fixed_batch = self._fixed_test_batch()
+        self.fixed_batch = next(image_batches(self.test_split.images[:32], self.rt.device, 32))
 
     # ---- state
 
@@ -443,10 +448,6 @@ class Trainer:
         )
         return row
 
-    def _fixed_test_batch(self, n: int = 32) -> torch.Tensor:
-        x = torch.from_numpy(self.test_split.images[:n]).permute(0, 3, 1, 2).float().div(255)
-        return x.to(self.rt.device)
-
     def _write_outputs(self) -> None:
         """metrics.csv, sample and reconstruction grids, loss curves (rank 0)."""
         buf = io.StringIO()
@@ -462,16 +463,11 @@ class Trainer:
         self.model.train()
         plots.save_loss_curves(self.history, self.out / "loss_curves.png")
 
-    def _test_batches(self, batch_size: int = 500):
-        for i in range(0, len(self.test_split), batch_size):
-            x = torch.from_numpy(self.test_split.images[i : i + batch_size]).permute(0, 3, 1, 2)
-            yield x.to(self.rt.device).float().div(255)
-
     def summarize(self) -> dict:
         """Test-set measures of the final model, training speed, and FID when asked (rank 0)."""
         metrics = evaluate_model(
             self.model,
-            self._test_batches(),
+            image_batches(self.test_split.images, self.rt.device, 500),
             iw_samples=self.config.iw_samples,
             autocast_dtype=self.rt.amp_dtype,
         )

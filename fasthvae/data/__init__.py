@@ -8,7 +8,7 @@ interface, yielding ``(images, indices)`` with float images [B, 3, H, W] in [0, 
 
 import torch
 
-from fasthvae.data.common import BatchLoader, LoaderOptions
+from fasthvae.data.common import BatchLoader, LoaderOptions, image_batches
 from fasthvae.data.sources import DataError, Dataset, ImageSplit, load_dataset
 
 LOADERS = ("dali", "resident", "torch")
@@ -21,6 +21,7 @@ __all__ = [
     "ImageSplit",
     "LoaderOptions",
     "default_loader",
+    "image_batches",
     "load_dataset",
     "make_loader",
 ]

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 
@@ -80,3 +81,10 @@ def batch_slices(order: torch.Tensor, n: int, options: LoaderOptions) -> Iterato
     bs = options.batch_size
     for i in range(batches_per_epoch(n, options)):
         yield order[i * bs : (i + 1) * bs]
+
+
+def image_batches(images: np.ndarray, device: str | torch.device, batch_size: int) -> Iterator[torch.Tensor]:
+    """uint8 images [N, H, W, 3] as float [B, 3, H, W] batches in [0, 1] on ``device``, in order."""
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i : i + batch_size]).to(device).permute(0, 3, 1, 2)
+        yield x.float().div(255)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from fasthvae.data import DataError, load_dataset
+from fasthvae.data import DataError, image_batches, load_dataset
 from fasthvae.eval.fid import INCEPTION, TINY, FidError, fid_against, generate, reference_images
 from fasthvae.eval.metrics import evaluate_model
-from fasthvae.models import build_model
+from fasthvae.models import build_model_from_config
 from fasthvae.training.checkpoint import CheckpointError, load_checkpoint, write_text_atomic
 from fasthvae.training.precision import choose_amp_dtype
 
@@ -28,10 +28,7 @@ def load_run(path: Path, device: torch.device):
     checkpoint = path / "checkpoint.pt" if path.is_dir() else path
     state = load_checkpoint(checkpoint)
     config = state["config"]
-    kwargs = {"channels": config["channels"], "latent": config["latent"], "likelihood": config["likelihood"]}
-    if config["model"] == "hvae":
-        kwargs["z1_channels"] = config["z1_channels"]
-    model = build_model(config["model"], **kwargs)
+    model = build_model_from_config(config)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
@@ -39,12 +36,6 @@ def load_run(path: Path, device: torch.device):
             f"{checkpoint}: weights do not fit the model its config describes ({err})"
         ) from err
     return model.to(device).eval(), config, checkpoint
-
-
-def test_batches(images, device: torch.device, batch_size: int):
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2)
-        yield x.to(device).float().div(255)
 
 
 def print_table(result: dict) -> None:
@@ -90,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         amp_dtype = choose_amp_dtype(args.amp, "bf16", device)
         metrics = evaluate_model(
             model,
-            test_batches(test.images, device, args.batch_size),
+            image_batches(test.images, device, args.batch_size),
             iw_samples=args.iw_samples,
             autocast_dtype=amp_dtype,
         )
