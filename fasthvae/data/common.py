@@ -48,11 +48,16 @@ class BatchLoader(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
 
 
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The RNG seed of one (seed, epoch, rank): orders and augmentations are reproducible."""
+    return (seed * 1_000_003 + epoch) * 4099 + rank
+
+
 def epoch_generator(
     seed: int, epoch: int, rank: int = 0, device: str | torch.device = "cpu"
 ) -> torch.Generator:
-    """A generator for one (seed, epoch, rank): orders and augmentations are reproducible."""
-    return torch.Generator(device).manual_seed((seed * 1_000_003 + epoch) * 4099 + rank)
+    """A generator seeded with :func:`epoch_seed`."""
+    return torch.Generator(device).manual_seed(epoch_seed(seed, epoch, rank))
 
 
 def shard_order(n: int, options: LoaderOptions, epoch: int) -> torch.Tensor:
@@ -68,12 +73,16 @@ def shard_order(n: int, options: LoaderOptions, epoch: int) -> torch.Tensor:
     return order[options.rank :: options.world_size]
 
 
+def shard_size(n: int, options: LoaderOptions) -> int:
+    """Images in this rank's shard of :func:`shard_order`."""
+    return len(range(options.rank, n, options.world_size))
+
+
 def batches_per_epoch(n: int, options: LoaderOptions) -> int:
     """Batches this rank yields per epoch."""
     if options.drop_last:
         return (n // options.world_size) // options.batch_size
-    shard = len(range(options.rank, n, options.world_size))
-    return math.ceil(shard / options.batch_size)
+    return math.ceil(shard_size(n, options) / options.batch_size)
 
 
 def batch_slices(order: torch.Tensor, n: int, options: LoaderOptions) -> Iterator[torch.Tensor]:

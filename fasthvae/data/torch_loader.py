@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms
 
-from fasthvae.data.common import LoaderOptions, batches_per_epoch, shard_order
+from fasthvae.data.common import LoaderOptions, batches_per_epoch, epoch_seed, shard_order, shard_size
 from fasthvae.data.sources import check_images
 
 
@@ -38,7 +38,7 @@ class EpochSampler(Sampler[int]):
         return iter(shard_order(self.n, self.options, self.epoch).tolist())
 
     def __len__(self) -> int:
-        return len(range(self.options.rank, self.n, self.options.world_size))
+        return shard_size(self.n, self.options)
 
 
 def torchvision_transform(options: LoaderOptions, size: tuple[int, int]) -> transforms.Compose:
@@ -84,7 +84,8 @@ class TorchLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = epoch
-        self.generator.manual_seed(self.options.seed * 1_000_003 + epoch * 4099 + self.options.rank)
+        # augmentations from seed + 1, as the resident loader's (the order uses seed itself)
+        self.generator.manual_seed(epoch_seed(self.options.seed + 1, epoch, self.options.rank))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         fmt = torch.channels_last if self.options.channels_last else torch.contiguous_format
