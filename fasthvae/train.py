@@ -218,10 +218,16 @@ class Runtime:
     loader: str
 
 
-def resolve_runtime(config: TrainConfig, dist: DistInfo) -> Runtime:
+def device_type(config: TrainConfig) -> str:
+    """``cuda`` or ``cpu``: --device, else CUDA when torch sees a GPU."""
     name = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainingError("--device cuda was asked for but torch sees no GPU")
+    return name
+
+
+def resolve_runtime(config: TrainConfig, dist: DistInfo) -> Runtime:
+    name = device_type(config)
     device = torch.device("cuda", dist.local_rank) if name == "cuda" else torch.device("cpu")
     on_gpu = device.type == "cuda"
 
@@ -282,7 +288,7 @@ class Trainer:
                 "--overwrite to start afresh, or another --out"
             )
         self.config = config
-        self.dist = init_distributed("cuda" if (config.device or "cpu") == "cuda" else "cpu")
+        self.dist = init_distributed(device_type(config))  # NCCL on GPUs, gloo on CPU
         self.rt = resolve_runtime(config, self.dist)
         torch.manual_seed(config.seed + self.dist.rank)
         if self.rt.device.type == "cuda":
@@ -408,6 +414,7 @@ class Trainer:
             terms = self._train_step(x, alpha, beta)
             self.step += 1
             if terms is None:
+                bar.update(1)
                 consecutive_skips += 1
                 sums[-1] += 1
                 if consecutive_skips >= self.config.max_skips:
