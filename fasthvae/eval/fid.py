@@ -143,7 +143,7 @@ def fid_against(
         input1=UInt8Images(generated),
         input2=UInt8Images(reference),
         fid=True,
-        kid=kid and n >= 2,
+        kid=kid,
         prc=prc and n > 3,
         feature_extractor=extractor,
         batch_size=batch_size,
