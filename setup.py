@@ -33,7 +33,9 @@ def _extensions():
 
     sources = [f"{CSRC}/bindings.cpp", f"{CSRC}/gaussian_cpu.cpp"]
     # -fopenmp: at::parallel_for is OpenMP-based in the headers; without it the loops run serially.
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-std=c++20"]
+    # -fno-builtin-sinf: else GCC fuses sinf and cosf of one angle into sincosf, which has no vector
+    # variant, and the noise loop is left scalar.
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-builtin-sinf", "-std=c++20"]
     libraries = ["mvec"] if os.uname().machine == "x86_64" else []
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

@@ -24,6 +24,8 @@ float expm1f(float);
 float logf(float);
 #pragma omp declare simd notinbranch
 float cosf(float);
+#pragma omp declare simd notinbranch
+float sinf(float);
 }
 #define FHV_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -38,19 +40,42 @@ namespace {
 
 constexpr int64_t kBlock = 4096;  // elements per reduction block (one partial sum)
 constexpr int64_t kChunk = 256;   // elements per SIMD chunk (float staging buffers)
+constexpr int64_t kGroups = kChunk / 4 + 2;  // noise groups of 4 covering any chunk
+static_assert(kBlock % kChunk == 0 && kChunk % 4 == 0);
 constexpr int64_t kMinElemsPerTask = 16384;
 
 // ---- SIMD chunks: float arrays of n <= kChunk elements -------------------
 
+// Noise of elements [first, first + n) into buf (4 * kGroups floats); returns
+// the pointer to element `first`. One Philox call per group of four elements.
+FHV_SIMD_CLONES const float* noise_chunk(uint64_t seed, uint64_t first, int64_t n,
+                                         float* __restrict buf) {
+  alignas(64) float n0[kGroups], n1[kGroups], n2[kGroups], n3[kGroups];
+  const uint64_t group0 = first >> 2;
+  const int64_t lead = static_cast<int64_t>(first & 3u);
+  const int64_t groups = (lead + n + 3) >> 2;
+#pragma omp simd
+  for (int64_t j = 0; j < groups; ++j) {
+    philox_randn4(seed, group0 + static_cast<uint64_t>(j), n0[j], n1[j], n2[j], n3[j]);
+  }
+  for (int64_t j = 0; j < groups; ++j) {
+    buf[4 * j] = n0[j];
+    buf[4 * j + 1] = n1[j];
+    buf[4 * j + 2] = n2[j];
+    buf[4 * j + 3] = n3[j];
+  }
+  return buf + lead;
+}
+
 template <bool kSample, bool kKL, bool kPrior>
 FHV_SIMD_CLONES void forward_chunk(const float* __restrict mu, const float* __restrict lv,
                                    const float* __restrict mu_p, const float* __restrict lv_p,
-                                   uint64_t seed, uint64_t offset, int64_t n,
-                                   float* __restrict z, float* __restrict kl) {
+                                   const float* __restrict eps, int64_t n, float* __restrict z,
+                                   float* __restrict kl) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     if constexpr (kSample) {
-      z[i] = reparameterize(mu[i], lv[i], philox_randn(seed, offset + static_cast<uint64_t>(i)));
+      z[i] = reparameterize(mu[i], lv[i], eps[i]);
     }
     if constexpr (kKL) {
       if constexpr (kPrior) {
@@ -65,7 +90,7 @@ FHV_SIMD_CLONES void forward_chunk(const float* __restrict mu, const float* __re
 template <bool kSample, bool kKL, bool kPrior, bool kRowGrad>
 FHV_SIMD_CLONES void backward_chunk(const float* __restrict mu, const float* __restrict lv,
                                     const float* __restrict mu_p, const float* __restrict lv_p,
-                                    uint64_t seed, uint64_t offset, int64_t n,
+                                    const float* __restrict eps, int64_t n,
                                     const float* __restrict gz, const float* __restrict gk,
                                     float gk_row, float* __restrict dmu, float* __restrict dlv,
                                     float* __restrict dmu_p, float* __restrict dlv_p) {
@@ -85,8 +110,7 @@ FHV_SIMD_CLONES void backward_chunk(const float* __restrict mu, const float* __r
     }
     if constexpr (kSample) {
       gmu += gz[i];
-      glv += reparameterize_grad_logvar(
-          lv[i], philox_randn(seed, offset + static_cast<uint64_t>(i)), gz[i]);
+      glv += reparameterize_grad_logvar(lv[i], eps[i], gz[i]);
     }
     dmu[i] = gmu;
     dlv[i] = glv;
@@ -165,7 +189,8 @@ void forward_typed(const at::Tensor& mu, const at::Tensor& lv, const std::option
   float* part_d = mut_ptr_or_null<float>(partials);
   const int64_t rows = num_rows(mu);
   for_each_block(rows, mu.numel() / rows, [&](int64_t block, int64_t begin, int64_t end) {
-    alignas(64) float buf[7][kChunk];
+    alignas(64) float buf[6][kChunk];
+    alignas(64) float noise[4 * kGroups];
     float acc = 0.0f;
     for (int64_t c = begin; c < end; c += kChunk) {
       const int64_t n = std::min(kChunk, end - c);
@@ -175,7 +200,8 @@ void forward_typed(const at::Tensor& mu, const at::Tensor& lv, const std::option
       const float* lp = kPrior ? load_float(lvp_d + c, n, buf[3]) : nullptr;
       float* zf = kSample ? out_float(z_d + c, buf[4]) : nullptr;
       float* klf = kKL ? (row_sums ? buf[5] : out_float(kl_d + c, buf[5])) : nullptr;
-      forward_chunk<kSample, kKL, kPrior>(m, l, mp, lp, seed, static_cast<uint64_t>(c), n, zf, klf);
+      const float* eps = kSample ? noise_chunk(seed, static_cast<uint64_t>(c), n, noise) : nullptr;
+      forward_chunk<kSample, kKL, kPrior>(m, l, mp, lp, eps, n, zf, klf);
       if constexpr (kSample) store_float(z_d + c, zf, n);
       if constexpr (kKL) {
         if (row_sums) {
@@ -210,6 +236,7 @@ void backward_typed(const at::Tensor& mu, const at::Tensor& lv,
   const int64_t inner = mu.numel() / rows;
   for_each_block(rows, inner, [&](int64_t /*block*/, int64_t begin, int64_t end) {
     alignas(64) float buf[10][kChunk];
+    alignas(64) float noise[4 * kGroups];
     const float g_row = kRowGrad ? gk_rows[begin / inner] : 0.0f;
     for (int64_t c = begin; c < end; c += kChunk) {
       const int64_t n = std::min(kChunk, end - c);
@@ -223,8 +250,8 @@ void backward_typed(const at::Tensor& mu, const at::Tensor& lv,
       float* b = out_float(dlv_d + c, buf[7]);
       float* ap = kPrior ? out_float(dmup_d + c, buf[8]) : nullptr;
       float* bp = kPrior ? out_float(dlvp_d + c, buf[9]) : nullptr;
-      backward_chunk<kSample, kKL, kPrior, kRowGrad>(m, l, mp, lp, seed, static_cast<uint64_t>(c),
-                                                      n, gz, gk, g_row, a, b, ap, bp);
+      const float* eps = kSample ? noise_chunk(seed, static_cast<uint64_t>(c), n, noise) : nullptr;
+      backward_chunk<kSample, kKL, kPrior, kRowGrad>(m, l, mp, lp, eps, n, gz, gk, g_row, a, b, ap, bp);
       store_float(dmu_d + c, a, n);
       store_float(dlv_d + c, b, n);
       if constexpr (kPrior) {

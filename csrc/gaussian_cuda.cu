@@ -1,7 +1,8 @@
 // CUDA kernels of the fused Gaussian ops. One CTA handles kBlock elements of
 // one row; row sums are reduced in the CTA (cub) into one partial per CTA and
 // summed afterwards, so reductions are deterministic. The elementwise math and
-// the Philox noise come from gaussian_math.h, shared with the CPU loops.
+// the Philox noise come from gaussian_math.h, shared with the CPU loops; a
+// thread draws the noise of four consecutive elements with one Philox call.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
@@ -25,6 +26,25 @@ __device__ __forceinline__ float ld(const T* p, int64_t i) {
   return static_cast<float>(p[i]);
 }
 
+// Calls fn(i, eps_i) for every element i in [begin, end) of this CTA. With kSample each thread
+// takes whole noise groups (four consecutive elements share one Philox call); eps is 0 otherwise.
+template <bool kSample, typename Fn>
+__device__ __forceinline__ void for_each_element(uint64_t seed, int64_t begin, int64_t end, Fn&& fn) {
+  if constexpr (kSample) {
+    for (int64_t g = (begin >> 2) + threadIdx.x; 4 * g < end; g += kThreads) {
+      float eps[4];
+      philox_randn4(seed, static_cast<uint64_t>(g), eps[0], eps[1], eps[2], eps[3]);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int64_t i = 4 * g + k;
+        if (i >= begin && i < end) fn(i, eps[k]);
+      }
+    }
+  } else {
+    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) fn(i, 0.0f);
+  }
+}
+
 template <typename T, bool kSample, bool kKL, bool kPrior>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const T* __restrict__ mu, const T* __restrict__ lv, const T* __restrict__ mu_p,
@@ -36,10 +56,10 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t begin = row * inner + (block % blocks_per_row) * kBlock;
   const int64_t end = row * inner + min((block % blocks_per_row + 1) * kBlock, inner);
   float acc = 0.0f;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+  for_each_element<kSample>(seed, begin, end, [&](int64_t i, float eps) {
     const float m = ld(mu, i), l = ld(lv, i);
     if constexpr (kSample) {
-      z[i] = static_cast<T>(reparameterize(m, l, philox_randn(seed, static_cast<uint64_t>(i))));
+      z[i] = static_cast<T>(reparameterize(m, l, eps));
     }
     if constexpr (kKL) {
       float k;
@@ -54,7 +74,7 @@ __global__ void __launch_bounds__(kThreads)
         kl_elem[i] = static_cast<T>(k);
       }
     }
-  }
+  });
   if constexpr (kKL) {
     if (row_sums) {
       using Reduce = cub::BlockReduce<float, kThreads>;
@@ -77,7 +97,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t begin = row * inner + (block % blocks_per_row) * kBlock;
   const int64_t end = row * inner + min((block % blocks_per_row + 1) * kBlock, inner);
   const float g_row = kRowGrad ? grad_kl_rows[row] : 0.0f;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+  for_each_element<kSample>(seed, begin, end, [&](int64_t i, float eps) {
     const float l = ld(lv, i);
     float gmu = 0.0f, glv = 0.0f;
     if constexpr (kKL) {
@@ -94,11 +114,11 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (kSample) {
       const float gz = ld(grad_z, i);
       gmu += gz;
-      glv += reparameterize_grad_logvar(l, philox_randn(seed, static_cast<uint64_t>(i)), gz);
+      glv += reparameterize_grad_logvar(l, eps, gz);
     }
     dmu[i] = static_cast<T>(gmu);
     dlv[i] = static_cast<T>(glv);
-  }
+  });
 }
 
 template <typename T>

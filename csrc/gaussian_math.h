@@ -3,9 +3,11 @@
 // and their gradients. Everything is computed in float32.
 //
 // The RNG is Philox-4x32-10 with the exact conventions of Triton's
-// `tl.randn(seed, offset)`, so every backend draws the same noise for the
-// same (seed, element index). The Triton kernels and the pure-PyTorch
-// reference (fasthvae/ops/philox.py) follow the same recipe.
+// `tl.randn4x(seed, group)`: element i's noise is output i % 4 of group i / 4
+// (one Philox call and two Box-Muller pairs per four elements), so every
+// backend draws the same noise for the same (seed, element index). The Triton
+// kernels and the pure-PyTorch reference (fasthvae/ops/philox.py) follow the
+// same recipe.
 #pragma once
 
 #include <cmath>
@@ -56,12 +58,14 @@ FHV_HD float clamp_below(float x, float lo) {
 #endif
 }
 
-// Standard normal noise for element `offset` of the stream `seed`; equals
-// Triton's tl.randn(seed, offset) (10 Philox rounds, Box-Muller cosine branch).
-FHV_HD float philox_randn(uint64_t seed, uint64_t offset) {
-  uint32_t c0 = static_cast<uint32_t>(offset);
-  uint32_t c1 = static_cast<uint32_t>(offset >> 32);
-  uint32_t c2 = 0u, c3 = 0u;
+// Philox-4x32-10 of counter (counter_lo, counter_hi, 0, 0) under key `seed`:
+// Triton's tl.randint4x(seed, counter).
+FHV_HD void philox4(uint64_t seed, uint64_t counter, uint32_t& c0, uint32_t& c1, uint32_t& c2,
+                    uint32_t& c3) {
+  c0 = static_cast<uint32_t>(counter);
+  c1 = static_cast<uint32_t>(counter >> 32);
+  c2 = 0u;
+  c3 = 0u;
   uint32_t k0 = static_cast<uint32_t>(seed);
   uint32_t k1 = static_cast<uint32_t>(seed >> 32);
 #if defined(__CUDA_ARCH__)
@@ -78,9 +82,24 @@ FHV_HD float philox_randn(uint64_t seed, uint64_t offset) {
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  const float u1 = clamp_below(uint_to_uniform(c0), 1.0e-7f);
-  const float theta = 6.2831855f * uint_to_uniform(c1);
-  return sqrtf(-2.0f * logf(u1)) * cosf(theta);
+}
+
+// Box-Muller of two uniform draws, both branches: Triton's pair_uniform_to_normal.
+FHV_HD void pair_to_normal(uint32_t a, uint32_t b, float& n_cos, float& n_sin) {
+  const float u1 = clamp_below(uint_to_uniform(a), 1.0e-7f);
+  const float theta = 6.2831855f * uint_to_uniform(b);
+  const float r = sqrtf(-2.0f * logf(u1));
+  n_cos = r * cosf(theta);
+  n_sin = r * sinf(theta);
+}
+
+// The four normals of noise group `group`: Triton's tl.randn4x(seed, group).
+FHV_HD void philox_randn4(uint64_t seed, uint64_t group, float& n0, float& n1, float& n2,
+                          float& n3) {
+  uint32_t c0, c1, c2, c3;
+  philox4(seed, group, c0, c1, c2, c3);
+  pair_to_normal(c0, c1, n0, n1);
+  pair_to_normal(c2, c3, n2, n3);
 }
 
 // KL(N(mu, e^lv) || N(0, 1)) = 0.5 * (mu^2 + (e^lv - 1 - lv)); expm1 keeps the

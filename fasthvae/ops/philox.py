@@ -1,9 +1,10 @@
-"""Philox-4x32-10 normal noise in plain PyTorch, bit-compatible with Triton's ``tl.randn``.
+"""Philox-4x32-10 normal noise in plain PyTorch, bit-compatible with Triton's ``tl.randn4x``.
 
-The fused kernels (Triton, CUDA C++, CPU C++) all draw element ``i`` of a sampling call as
-``randn(seed, i)``; this module computes the same numbers with int64 tensor arithmetic, so the
-reference path and the tests can reproduce any kernel's noise exactly (up to the last ulp of
-log/cos).
+The fused kernels (Triton, CUDA C++, CPU C++) all draw element ``i`` of a sampling call as output
+``i % 4`` of ``tl.randn4x(seed, i // 4)``: one Philox call and two Box-Muller pairs (cosine and sine
+branches) per four elements. This module computes the same numbers with int64 tensor arithmetic,
+so the reference path and the tests can reproduce any kernel's noise exactly (up to the last ulp
+of log/cos/sin).
 """
 
 import torch
@@ -26,8 +27,9 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox_uint32(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """First two Philox outputs for counters (offset_lo, offset_hi, 0, 0) and key seed (int64 tensors)."""
+def philox_uint32(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four Philox outputs for counters (offset_lo, offset_hi, 0, 0) and key seed (int64 tensors):
+    Triton's ``tl.randint4x(seed, offsets)``."""
     seed &= (1 << 64) - 1
     k0, k1 = seed & _MASK32, seed >> 32
     offsets = offsets.to(torch.int64)
@@ -41,7 +43,7 @@ def philox_uint32(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
-    return c0, c1
+    return c0, c1, c2, c3
 
 
 def _uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
@@ -51,13 +53,30 @@ def _uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
 
 
 def philox_randn_at(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Standard normal float32 noise ``randn(seed, i)`` at the given int64 offsets."""
-    c0, c1 = philox_uint32(seed, offsets)
-    u1 = torch.clamp_min(_uint_to_uniform(c0), 1.0e-7)
-    theta = torch.tensor(6.283185307179586, dtype=torch.float32) * _uint_to_uniform(c1)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+    """Standard normal float32 noise of elements ``offsets``: output i % 4 of ``randn4x(seed, i // 4)``."""
+    offsets = offsets.to(torch.int64)
+    c0, c1, c2, c3 = philox_uint32(seed, offsets >> 2)
+    lane = offsets & 3
+    first_pair = lane < 2
+    u1 = torch.clamp_min(_uint_to_uniform(torch.where(first_pair, c0, c2)), 1.0e-7)
+    theta = torch.tensor(6.283185307179586, dtype=torch.float32) * _uint_to_uniform(
+        torch.where(first_pair, c1, c3)
+    )
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return r * torch.where(lane % 2 == 1, torch.sin(theta), torch.cos(theta))
 
 
 def philox_randn(seed: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard normal float32 noise ``randn(seed, i)`` for ``i in range(numel)``."""
-    return philox_randn_at(seed, torch.arange(numel, device=device, dtype=torch.int64))
+    """Standard normal float32 noise of elements ``0 .. numel - 1`` (see :func:`philox_randn_at`).
+
+    Draws whole groups: one Philox call and both Box-Muller branches per four elements.
+    """
+    groups = torch.arange((numel + 3) // 4, device=device, dtype=torch.int64)
+    c0, c1, c2, c3 = philox_uint32(seed, groups)
+    two_pi = torch.tensor(6.283185307179586, dtype=torch.float32)
+    normals = []
+    for a, b in ((c0, c1), (c2, c3)):
+        r = torch.sqrt(-2.0 * torch.log(torch.clamp_min(_uint_to_uniform(a), 1.0e-7)))
+        theta = two_pi * _uint_to_uniform(b)
+        normals += [r * torch.cos(theta), r * torch.sin(theta)]
+    return torch.stack(normals, dim=1).flatten()[:numel]

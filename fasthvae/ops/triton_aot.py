@@ -19,8 +19,10 @@ DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 def _forward_specs(dtype: str) -> Iterator[tuple[str, dict, dict]]:
     from fasthvae.ops import triton_kernels as tk
 
-    for sample, kl_mode, prior in itertools.product((False, True), (0, 1, 2), (False, True)):
-        if (not sample and kl_mode == 0) or (prior and kl_mode == 0):
+    for sample, kl_mode, prior, aligned in itertools.product(
+        (False, True), (0, 1, 2), (False, True), (False, True)
+    ):
+        if (not sample and kl_mode == 0) or (prior and kl_mode == 0) or (aligned and not sample):
             continue
         ptr = f"*{dtype}"
         sig = {
@@ -29,18 +31,19 @@ def _forward_specs(dtype: str) -> Iterator[tuple[str, dict, dict]]:
             "z_ptr": ptr if sample else "constexpr",
             "kl_ptr": {0: "constexpr", 1: ptr, 2: "*fp32"}[kl_mode],
             "seed": "i64", "inner": "i32", "blocks_per_row": "i32",
-            "SAMPLE": "constexpr", "KL_MODE": "constexpr", "PRIOR": "constexpr", "BLOCK": "constexpr",
+            "SAMPLE": "constexpr", "KL_MODE": "constexpr", "PRIOR": "constexpr", "ALIGNED": "constexpr",
+            "BLOCK": "constexpr",
         }  # fmt: skip
-        consts = {"SAMPLE": sample, "KL_MODE": kl_mode, "PRIOR": prior, "BLOCK": tk.BLOCK}
+        consts = {"SAMPLE": sample, "KL_MODE": kl_mode, "PRIOR": prior, "ALIGNED": aligned, "BLOCK": tk.BLOCK}
         consts.update({k: None for k, v in sig.items() if v == "constexpr" and k.endswith("_ptr")})
-        yield f"forward[sample={sample},kl={kl_mode},prior={prior}]", sig, consts
+        yield f"forward[sample={sample},kl={kl_mode},prior={prior},aligned={aligned}]", sig, consts
 
 
 def _backward_specs(dtype: str) -> Iterator[tuple[str, dict, dict]]:
     from fasthvae.ops import triton_kernels as tk
 
-    for sample, kl, prior, rows in itertools.product((False, True), repeat=4):
-        if not (sample or kl) or ((prior or rows) and not kl):
+    for sample, kl, prior, rows, aligned in itertools.product((False, True), repeat=5):
+        if not (sample or kl) or ((prior or rows) and not kl) or (aligned and not sample):
             continue
         ptr = f"*{dtype}"
         sig = {
@@ -52,11 +55,12 @@ def _backward_specs(dtype: str) -> Iterator[tuple[str, dict, dict]]:
             "dmup_ptr": ptr if prior else "constexpr", "dlvp_ptr": ptr if prior else "constexpr",
             "seed": "i64", "inner": "i32", "blocks_per_row": "i32",
             "SAMPLE": "constexpr", "KL": "constexpr", "PRIOR": "constexpr", "GRAD_ROWS": "constexpr",
-            "BLOCK": "constexpr",
+            "ALIGNED": "constexpr", "BLOCK": "constexpr",
         }  # fmt: skip
-        consts = {"SAMPLE": sample, "KL": kl, "PRIOR": prior, "GRAD_ROWS": rows, "BLOCK": tk.BLOCK}
+        flags = {"SAMPLE": sample, "KL": kl, "PRIOR": prior, "GRAD_ROWS": rows, "ALIGNED": aligned}
+        consts = {**flags, "BLOCK": tk.BLOCK}
         consts.update({k: None for k, v in sig.items() if v == "constexpr" and k.endswith("_ptr")})
-        yield f"backward[sample={sample},kl={kl},prior={prior},rows={rows}]", sig, consts
+        yield f"backward[sample={sample},kl={kl},prior={prior},rows={rows},aligned={aligned}]", sig, consts
 
 
 def compile_all(archs: list[int], dtypes: list[str], out_dir: Path | None = None) -> int:

@@ -1,8 +1,9 @@
 """Triton kernels of the fused Gaussian ops: one forward and one backward kernel.
 
 Each program handles BLOCK elements of one row (the first dim); row sums are written as one
-partial per program and summed afterwards, so reductions are deterministic. Noise is
-``tl.randn(seed, flat_index)``, the stream every backend shares. Arithmetic is float32.
+partial per program and summed afterwards, so reductions are deterministic. Noise of element
+``i`` (flat index) is output ``i % 4`` of ``tl.randn4x(seed, i // 4)``, the stream every backend
+shares. Arithmetic is float32.
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
@@ -35,24 +36,44 @@ def _expm1(x):
 
 
 @triton.jit
+def _noise(seed, start, offs, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Noise of the block's elements offs = start + arange: output offs % 4 of randn4x(seed, offs // 4).
+
+    ALIGNED (start is a multiple of 4): one randn4x call per four elements, interleaved.
+    Otherwise every element draws its own group and keeps its lane (same values, 4x the work).
+    """
+    if ALIGNED:
+        groups = start // 4 + tl.arange(0, BLOCK // 4)
+        n0, n1, n2, n3 = tl.randn4x(seed, groups)
+        return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
+    else:
+        n0, n1, n2, n3 = tl.randn4x(seed, offs // 4)
+        lane = offs % 4
+        return tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
+
+
+@triton.jit
 def _row_block(pid, inner, blocks_per_row, BLOCK: tl.constexpr):
+    """Program pid's row, first flat index, flat indices and mask."""
     row = pid // blocks_per_row
-    cols = (pid % blocks_per_row) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < inner
-    return row, row.to(tl.int64) * inner + cols, mask
+    first_col = (pid % blocks_per_row) * BLOCK
+    cols = first_col + tl.arange(0, BLOCK)
+    start = row.to(tl.int64) * inner + first_col
+    return row, start, start + tl.arange(0, BLOCK), cols < inner
 
 
 @triton.jit(do_not_specialize=["seed"])
 def gaussian_forward_kernel(
     mu_ptr, lv_ptr, mup_ptr, lvp_ptr, z_ptr, kl_ptr, seed, inner, blocks_per_row,
-    SAMPLE: tl.constexpr, KL_MODE: tl.constexpr, PRIOR: tl.constexpr, BLOCK: tl.constexpr,
+    SAMPLE: tl.constexpr, KL_MODE: tl.constexpr, PRIOR: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    _, offs, mask = _row_block(pid, inner, blocks_per_row, BLOCK)
+    _, start, offs, mask = _row_block(pid, inner, blocks_per_row, BLOCK)
     mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lv = tl.load(lv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if SAMPLE:
-        eps = tl.randn(seed, offs)
+        eps = _noise(seed, start, offs, ALIGNED, BLOCK)
         z = mu + tl.exp(0.5 * lv) * eps
         tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
     if KL_MODE != 0:
@@ -75,10 +96,10 @@ def gaussian_backward_kernel(
     mu_ptr, lv_ptr, mup_ptr, lvp_ptr, gz_ptr, gk_ptr, dmu_ptr, dlv_ptr, dmup_ptr, dlvp_ptr,
     seed, inner, blocks_per_row,
     SAMPLE: tl.constexpr, KL: tl.constexpr, PRIOR: tl.constexpr, GRAD_ROWS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    row, offs, mask = _row_block(pid, inner, blocks_per_row, BLOCK)
+    row, start, offs, mask = _row_block(pid, inner, blocks_per_row, BLOCK)
     lv = tl.load(lv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dmu = tl.zeros([BLOCK], dtype=tl.float32)
     dlv = tl.zeros([BLOCK], dtype=tl.float32)
@@ -104,7 +125,7 @@ def gaussian_backward_kernel(
             dlv = 0.5 * g * _expm1(lv)
     if SAMPLE:
         gz = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        eps = tl.randn(seed, offs)
+        eps = _noise(seed, start, offs, ALIGNED, BLOCK)
         dmu += gz
         dlv += 0.5 * gz * tl.exp(0.5 * lv) * eps
     tl.store(dmu_ptr + offs, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
@@ -137,7 +158,8 @@ def forward(
     if mu.numel():
         gaussian_forward_kernel[(rows * blocks,)](
             mu, logvar, mu_p, logvar_p, z, kl, seed, inner, blocks,
-            SAMPLE=sample, KL_MODE=kl_mode, PRIOR=mu_p is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            SAMPLE=sample, KL_MODE=kl_mode, PRIOR=mu_p is not None, ALIGNED=sample and inner % 4 == 0,
+            BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
     if kl_mode == KL_ROWS:
         kl = kl.sum(1)
@@ -164,6 +186,6 @@ def backward(
         gaussian_backward_kernel[(rows * blocks,)](
             mu, logvar, mu_p, logvar_p, grad_z, grad_kl, dmu, dlv, dmu_p, dlv_p, seed, inner, blocks,
             SAMPLE=grad_z is not None, KL=grad_kl is not None, PRIOR=prior, GRAD_ROWS=grad_kl_rows,
-            BLOCK=BLOCK, num_warps=NUM_WARPS,
+            ALIGNED=grad_z is not None and inner % 4 == 0, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
     return [dmu, dlv] + ([dmu_p, dlv_p] if prior else [])
