@@ -7,7 +7,7 @@ Variants (all through the trainer's own step):
   one feature
 - ``fasthvae``: the trainer's defaults for this device with ``--amp`` (the README's main command)
 Each variant runs ``--warmup`` steps (compilation included), then ``--steps`` timed steps; the median
-of ``--repeats`` timed windows gives images/s. Writes ``train_<device>.{csv,md}``.
+of ``--repeats`` timed windows gives images/s. Writes ``train_<device>_<model>.{csv,md}``.
 
     python bench/bench_train.py [--model hvae] [--batch-size 128] [--device cpu|cuda]
 """

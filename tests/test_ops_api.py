@@ -66,6 +66,11 @@ def test_noise_is_standard_normal(kernel):
     assert abs(stats.skew(eps.numpy())) < 0.02 and abs(stats.kurtosis(eps.numpy())) < 0.04
     ks = stats.kstest(eps[:200_000].numpy(), "norm")
     assert ks.pvalue > 0.001, ks
+    # Neighbours share a Philox call (and the cos/sin pairs a radius): still uncorrelated, also in square.
+    for lag in (1, 2, 3, 4):
+        for values in (eps, eps**2):
+            corr = torch.corrcoef(torch.stack([values[:-lag], values[lag:]]))[0, 1].item()
+            assert abs(corr) < 5 / n**0.5, (lag, corr)
 
 
 @pytest.mark.parametrize("name", ["auto", "reference"])

@@ -1,0 +1,61 @@
+"""The benchmark scripts run end to end (tiny sizes) and write the tables they promise.
+
+Only that they work and report every implementation; speed goals live in the benchmarks' output.
+"""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str) -> None:
+    """Run as a user would: no Triton interpreter (which tests/conftest.py turns on)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], check=True, cwd=ROOT, env=env)
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("bench-data") / "tiny.npz"
+    rng = np.random.default_rng(0)
+    x, xt = (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (512, 64))
+    np.savez(path, x_train=x, y_train=np.zeros(512, np.int64), x_test=xt, y_test=np.zeros(64, np.int64))
+    return str(path)
+
+
+def test_bench_ops(tmp_path):
+    run_bench("bench_ops.py", "--shapes", "vae-latent", "--ops", "sample_and_kl-prior", "--repeats", "2",
+              "--out", str(tmp_path))  # fmt: skip
+    rows = read_rows(tmp_path / "ops_cpu_float32.csv")
+    impls = {r["impl"] for r in rows}
+    assert impls == {"eager", "compiled", "fasthvae-cpu"}
+    assert len(rows) == 3 * len(impls)  # forward, backward, forward+backward each
+    fused = next(r for r in rows if r["impl"] == "fasthvae-cpu" and r["pass"] == "forward+backward")
+    assert float(fused["median_ms"]) > 0 and float(fused["speedup_vs_compiled"]) > 0
+    assert "| sample_and_kl-prior | vae-latent |" in (tmp_path / "ops_cpu_float32.md").read_text()
+
+
+def test_bench_loader(tmp_path, images):
+    run_bench("bench_loader.py", "--data", images, "--batch-size", "64", "--epochs", "1", "--workers", "1",
+              "--out", str(tmp_path))  # fmt: skip
+    rows = read_rows(next(tmp_path.glob("*.csv")))
+    assert {"torch", "dali", "resident"} <= {r["loader"] for r in rows}
+
+
+def test_bench_train(tmp_path, images):
+    run_bench("bench_train.py", "--data", images, "--batch-size", "8", "--warmup", "1", "--steps", "2",
+              "--repeats", "1", "--only", "plain", "+fused-ops", "--out", str(tmp_path))  # fmt: skip
+    rows = read_rows(tmp_path / "train_cpu_hvae.csv")
+    assert [r["variant"] for r in rows] == ["plain", "+fused-ops"]
