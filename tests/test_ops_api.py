@@ -26,6 +26,16 @@ def test_extension_is_built():
     assert backend.resolve(torch.device("cpu"), torch.float32) == "cpu"
 
 
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="glibc's libmvec is x86-64 only")
+def test_cpu_loops_call_vector_libm():
+    """The SIMD loops stay vectorized: the extension calls libmvec's AVX-512 variants of every math
+    function, sinf included (GCC fuses sinf/cosf into sincosf, which has none, unless told not to)."""
+    so = backend.extension().__file__
+    symbols = subprocess.run(["nm", "-D", so], capture_output=True, text=True, check=True).stdout
+    for fn in ("expf", "expm1f", "logf", "cosf", "sinf"):
+        assert f"_ZGVeN16v_{fn}" in symbols, fn
+
+
 def test_philox_matches_triton_bitwise():
     """The PyTorch Philox equals Triton's tl.randint4x, and its noise tl.randn4x (element i is output
     i % 4 of group i // 4), for seeds and offsets past 2**32."""
