@@ -12,6 +12,10 @@
 #include <algorithm>
 #include <type_traits>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 // Vector variants of libm from glibc's libmvec; <math.h> only declares them
 // under -ffast-math, which we do not want (it breaks inf handling).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -119,6 +123,38 @@ FHV_SIMD_CLONES void backward_chunk(const float* __restrict mu, const float* __r
 
 // ---- dtype staging ------------------------------------------------------
 
+// at::Half <-> float, 8 at a time with F16C where the CPU has it (round to nearest even, like
+// at::Half's own scalar conversion, which is bit manipulation and 3x slower for the whole op).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FHV_F16C 1
+__attribute__((target("avx2,f16c"))) void half_to_float_f16c(const at::Half* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+__attribute__((target("avx2,f16c"))) void float_to_half_f16c(const float* src, int64_t n, at::Half* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h =
+        _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<at::Half>(src[i]);
+}
+
+bool has_f16c() {
+  static const bool has =
+      (__builtin_cpu_init(), __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2"));
+  return has;
+}
+#else
+#define FHV_F16C 0
+#endif
+
 // A float view of src[0:n]: the pointer itself for float, else a converted copy.
 template <typename T>
 inline const float* load_float(const T* src, int64_t n, float* buf) {
@@ -126,6 +162,14 @@ inline const float* load_float(const T* src, int64_t n, float* buf) {
     return src;
   } else {
     if (src == nullptr) return nullptr;
+#if FHV_F16C
+    if constexpr (std::is_same_v<T, at::Half>) {
+      if (has_f16c()) {
+        half_to_float_f16c(src, n, buf);
+        return buf;
+      }
+    }
+#endif
     for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
     return buf;
   }
@@ -145,6 +189,14 @@ template <typename T>
 inline void store_float(T* dst, const float* src, int64_t n) {
   if constexpr (!std::is_same_v<T, float>) {
     if (dst == nullptr) return;
+#if FHV_F16C
+    if constexpr (std::is_same_v<T, at::Half>) {
+      if (has_f16c()) {
+        float_to_half_f16c(src, n, dst);
+        return;
+      }
+    }
+#endif
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
   }
 }
