@@ -52,18 +52,21 @@ def _uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
+def _pair_to_normal(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box-Muller of two uint32 draws, cosine and sine branches: Triton's ``pair_uniform_to_normal``."""
+    r = torch.sqrt(-2.0 * torch.log(torch.clamp_min(_uint_to_uniform(a), 1.0e-7)))
+    theta = torch.tensor(6.283185307179586, dtype=torch.float32) * _uint_to_uniform(b)
+    return r * torch.cos(theta), r * torch.sin(theta)
+
+
 def philox_randn_at(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     """Standard normal float32 noise of elements ``offsets``: output i % 4 of ``randn4x(seed, i // 4)``."""
     offsets = offsets.to(torch.int64)
     c0, c1, c2, c3 = philox_uint32(seed, offsets >> 2)
     lane = offsets & 3
     first_pair = lane < 2
-    u1 = torch.clamp_min(_uint_to_uniform(torch.where(first_pair, c0, c2)), 1.0e-7)
-    theta = torch.tensor(6.283185307179586, dtype=torch.float32) * _uint_to_uniform(
-        torch.where(first_pair, c1, c3)
-    )
-    r = torch.sqrt(-2.0 * torch.log(u1))
-    return r * torch.where(lane % 2 == 1, torch.sin(theta), torch.cos(theta))
+    n_cos, n_sin = _pair_to_normal(torch.where(first_pair, c0, c2), torch.where(first_pair, c1, c3))
+    return torch.where(lane % 2 == 1, n_sin, n_cos)
 
 
 def philox_randn(seed: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -73,10 +76,4 @@ def philox_randn(seed: int, numel: int, device: torch.device | str = "cpu") -> t
     """
     groups = torch.arange((numel + 3) // 4, device=device, dtype=torch.int64)
     c0, c1, c2, c3 = philox_uint32(seed, groups)
-    two_pi = torch.tensor(6.283185307179586, dtype=torch.float32)
-    normals = []
-    for a, b in ((c0, c1), (c2, c3)):
-        r = torch.sqrt(-2.0 * torch.log(torch.clamp_min(_uint_to_uniform(a), 1.0e-7)))
-        theta = two_pi * _uint_to_uniform(b)
-        normals += [r * torch.cos(theta), r * torch.sin(theta)]
-    return torch.stack(normals, dim=1).flatten()[:numel]
+    return torch.stack([*_pair_to_normal(c0, c1), *_pair_to_normal(c2, c3)], dim=1).flatten()[:numel]
