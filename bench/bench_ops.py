@@ -10,7 +10,6 @@ which is what a training step holds. Writes CSV and a Markdown table.
 """
 
 import argparse
-import csv
 import statistics
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import torch
 
 from fasthvae import ops
 from fasthvae.ops import backend, reference
+from report import write_report
 
 SHAPES = {"vae-latent": (256, 128), "hvae-conv": (256, 32, 16, 16), "large": (256, 64, 32, 32)}
 OPS = ("kl-std", "kl-prior", "reparameterize", "sample_and_kl-prior")
@@ -150,7 +150,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for op in args.ops:
         for shape_name in args.shapes:
@@ -176,23 +175,25 @@ def main() -> None:
                     }  # fmt: skip
                     rows.append(row)
                     print(" | ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    tag = f"ops_{args.device}_{args.dtype}"
-    with open(args.out / f"{tag}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    header = (
-        "| op | shape | pass | impl | median ms | x eager | x compiled | memory MiB | memory / eager |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
-    )
-    lines = [f"| {' | '.join(str(v) for v in r.values())} |" for r in rows]
     device_name = (
         torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     )
-    (args.out / f"{tag}.md").write_text(
-        f"# bench_ops ({device_name}, {args.dtype})\n\n" + header + "\n".join(lines) + "\n"
+    stem = args.out / f"ops_{args.device}_{args.dtype}"
+    header = [
+        "op",
+        "shape",
+        "pass",
+        "impl",
+        "median ms",
+        "x eager",
+        "x compiled",
+        "memory MiB",
+        "memory / eager",
+    ]
+    write_report(
+        rows, stem, header, lambda r: [str(v) for v in r.values()], f"bench_ops ({device_name}, {args.dtype})"
     )
-    print(f"wrote {args.out / tag}.csv and .md")
+    print(f"wrote {stem}.csv and .md")
 
 
 if __name__ == "__main__":

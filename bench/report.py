@@ -5,14 +5,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def write_report(rows: list[dict], stem: Path, header: list[str], cells: Callable[[dict], list[str]]) -> str:
-    """CSV of every field, Markdown of ``header`` with ``cells(row)`` per row; returns the Markdown."""
+def write_report(
+    rows: list[dict], stem: Path, header: list[str], cells: Callable[[dict], list[str]], title: str = ""
+) -> str:
+    """CSV of every field, Markdown of ``header`` with ``cells(row)`` per row (under ``# title`` when
+    given); returns the Markdown."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [f"# {title}", ""] if title else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells(row)) + " |" for row in rows]
     markdown = "\n".join(lines) + "\n"
     Path(f"{stem}.md").write_text(markdown)
