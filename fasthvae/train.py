@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from fasthvae.data import (
     make_loader,
 )
 from fasthvae.data.sources import DATA_ENV
+from fasthvae.eval.fid import INCEPTION, TINY, FidError, model_fid
 from fasthvae.eval.metrics import evaluate_model
 from fasthvae.likelihoods import LIKELIHOODS
 from fasthvae.models import MODELS, build_model_from_config
@@ -107,9 +109,12 @@ class TrainConfig:
     max_skips: int = 20
     iw_samples: int = 0
     fid_samples: int = 0
+    fid_extractor: str = INCEPTION
+    fid_weights: str | None = None
+    schedule_epochs: int | None = None  # the length the schedule is stretched to (None: epochs)
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fasthvae.train",
         description=__doc__,
@@ -185,24 +190,67 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         "--iw-samples", type=int, default=0, help="importance samples for the final bound (0: skip)"
     )
     p.add_argument("--fid-samples", type=int, default=0, help="FID of N samples at the end (0: skip)")
-    args = p.parse_args(argv)
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    p.add_argument(
+        "--fid-extractor",
+        choices=[INCEPTION, TINY],
+        default=INCEPTION,
+        help=f"FID features; {TINY} is a tiny fixed extractor for tests (numbers not comparable)",
+    )
+    p.add_argument("--fid-weights", default=None, help="Inception weights (default: see README, Evaluation)")
+    return p
 
 
-def merge_resumed(config: TrainConfig, saved: dict) -> TrainConfig:
-    """A resumed run trains what the checkpoint trained: identity fields come from it, and asking
-    for a different value of one (anything but its default) is an error. Runtime fields (device,
-    loader, compile, ...) come from the command line."""
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    return TrainConfig(**vars(_parser().parse_args(argv)))
+
+
+def given_options(argv: list[str] | None = None) -> set[str]:
+    """The config fields that ``argv`` sets explicitly (a resume tells them from defaults)."""
+    p = _parser()
+    for action in p._actions:  # argparse's documented way to leave unset options out of the namespace
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def changed_from_defaults(config: TrainConfig) -> set[str]:
+    """The fields of ``config`` that differ from the defaults (the explicit ones, in Python use)."""
     defaults = TrainConfig()
+    return {f.name for f in fields(TrainConfig) if getattr(config, f.name) != getattr(defaults, f.name)}
+
+
+def merge_resumed(config: TrainConfig, saved: dict, given: set[str]) -> TrainConfig:
+    """A resumed run trains what the checkpoint ``saved`` trained.
+
+    Identity fields come from the checkpoint, and ``given`` (explicitly set) values that differ
+    are an error. ``epochs`` stays the checkpoint's unless given: a different value (not below the
+    epochs done) extends or shortens the run while the schedule keeps the length it was stretched
+    to, so added epochs train at its final weights. Runtime fields (device, loader, compile, ...)
+    come from ``config``.
+    """
+    defaults, before = TrainConfig(), saved["config"]
     merged = asdict(config)
     for name in IDENTITY:
-        given, before = getattr(config, name), saved.get(name)
-        if given != getattr(defaults, name) and given != before:
+        value = before.get(name, getattr(defaults, name))  # older checkpoints lack newer fields
+        if name in given and getattr(config, name) != value:
             raise TrainingError(
-                f"--{name.replace('_', '-')} {given} differs from the checkpoint's {before}; "
-                "a resumed run keeps what it trained with (use a new --out to change it)"
+                f"--{name.replace('_', '-')} {getattr(config, name)} differs from the checkpoint's "
+                f"{value}; a resumed run keeps what it trained with (use a new --out to change it)"
             )
-        merged[name] = before
+        merged[name] = value
+    merged["schedule_epochs"] = before.get("schedule_epochs") or before["epochs"]
+    merged["epochs"] = before["epochs"]
+    if "epochs" in given and config.epochs != before["epochs"]:
+        if config.epochs < saved["epoch"]:
+            raise TrainingError(
+                f"--epochs {config.epochs} is below the {saved['epoch']} epochs the checkpoint has done"
+            )
+        merged["epochs"] = config.epochs
+        print(
+            f"fasthvae.train: the run goes on to {config.epochs} epochs (it was {before['epochs']}); "
+            f"the schedule keeps its {merged['schedule_epochs']}-epoch length and holds its final "
+            "weights after it",
+            flush=True,
+        )
     return TrainConfig(**merged)
 
 
@@ -212,6 +260,7 @@ class Runtime:
 
     device: torch.device
     amp_dtype: torch.dtype | None
+    amp_fallback: str | None  # why --amp trains in fp32 here (a CPU without native bf16/fp16)
     compile: bool
     fused_optimizer: bool
     channels_last: bool
@@ -234,11 +283,12 @@ def resolve_runtime(config: TrainConfig, dist: DistInfo) -> Runtime:
     def pick(value: bool | None, default: bool) -> bool:
         return default if value is None else value
 
-    # CPU defaults measured with bench/bench_train.py (HVAE, batch 128, 2 cores): compile 1.29x,
-    # channels_last 1.20x, fused AdamW 0.94x (so off on CPU); see the README.
+    # CPU defaults measured with bench/bench_train.py: see the README.
+    amp_dtype, amp_fallback = choose_amp_dtype(config.amp, config.amp_dtype, device)
     return Runtime(
         device=device,
-        amp_dtype=choose_amp_dtype(config.amp, config.amp_dtype, device),
+        amp_dtype=amp_dtype,
+        amp_fallback=amp_fallback,
         compile=pick(config.compile, True),
         fused_optimizer=pick(config.fused_optimizer, on_gpu),
         channels_last=pick(config.channels_last, True),
@@ -272,7 +322,8 @@ class Objective(nn.Module):
 class Trainer:
     """Holds the run's state; ``run()`` trains to ``config.epochs`` and returns the summary."""
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, given: set[str] | None = None) -> None:
+        """``given``: the fields set explicitly (default: those that differ from the defaults)."""
         validate(config)
         if config.data is None and os.environ.get(DATA_ENV):  # record where the data came from
             config = replace(config, data=os.environ[DATA_ENV])
@@ -281,7 +332,8 @@ class Trainer:
         saved = None
         if config.resume:
             saved = load_checkpoint(self.checkpoint_path)
-            config = merge_resumed(config, saved["config"])
+            given = changed_from_defaults(config) if given is None else given
+            config = merge_resumed(config, saved, given)
         elif self.checkpoint_path.exists() and not config.overwrite:
             raise TrainingError(
                 f"{self.out} already holds a checkpoint: pass --resume to continue it, "
@@ -329,7 +381,7 @@ class Trainer:
             fused=self.rt.fused_optimizer,
         )
         self.scaler = grad_scaler(self.rt.device, self.rt.amp_dtype)
-        self.schedule = Schedule(config.schedule, config.epochs)
+        self.schedule = Schedule(config.schedule, config.schedule_epochs or config.epochs)
         self.epoch, self.step, self.history = 0, 0, []
         if saved is not None:
             self._restore(saved)
@@ -430,9 +482,11 @@ class Trainer:
             sums[-2] += len(x)
             if self.dist.is_main and (i % 10 == 0 or i == n_batches - 1):
                 elapsed = time.perf_counter() - start
+                epochs_left = self.config.epochs - self.epoch - (i + 1) / n_batches
                 bar.set_postfix(
                     loss=f"{float(terms['loss']):.1f}",
                     img_s=f"{(i + 1) * len(x) * self.dist.world_size / elapsed:.0f}",
+                    run_eta=_minutes(epochs_left * elapsed / ((i + 1) / n_batches)),
                 )
             bar.update(1)
         bar.close()
@@ -472,12 +526,23 @@ class Trainer:
 
     def summarize(self) -> dict:
         """Test-set measures of the final model, training speed, and FID when asked (rank 0)."""
+        start = time.perf_counter()
         metrics = evaluate_model(
             self.model,
             image_batches(self.test_split.images, self.rt.device, 500),
             iw_samples=self.config.iw_samples,
             autocast_dtype=self.rt.amp_dtype,
         )
+        if self.config.fid_samples:
+            fid = model_fid(
+                self.model,
+                self.config.fid_samples,
+                device=self.rt.device,
+                data=self.config.data,
+                data_root=self.config.data_root,
+                weights=self.config.fid_weights,
+                extractor=self.config.fid_extractor,
+            )
         summary = {
             "test": metrics,
             "epochs": self.epoch,
@@ -485,31 +550,33 @@ class Trainer:
             "train_images": len(self.train_split),
             "data": self.data_source,
             "images_per_s_last_epoch": self.history[-1]["images_per_s"] if self.history else None,
+            "train_seconds": sum(r["seconds"] for r in self.history),
+            "eval_seconds": time.perf_counter() - start,
             "skipped_steps": sum(r["skipped_steps"] for r in self.history),
-            "runtime": {
-                "device": str(self.rt.device),
-                "compile": self.rt.compile,
-                "amp_dtype": str(self.rt.amp_dtype),
-                "loader": self.rt.loader,
-                "world_size": self.dist.world_size,
-            },
+            "runtime": self.runtime_record(),
         }
         if self.config.fid_samples:
-            from fasthvae.eval.fid import model_fid
-
-            summary["fid"] = model_fid(
-                self.model,
-                self.config.fid_samples,
-                device=self.rt.device,
-                data=self.config.data,
-                data_root=self.config.data_root,
-            )
+            summary["fid"] = fid
         return summary
 
-    def run(self) -> dict:
+    def runtime_record(self) -> dict:
+        """What this process resolved (device, precision, compile, loader), for config and summary."""
+        return {
+            "device": str(self.rt.device),
+            "compile": self.rt.compile,
+            "amp_dtype": str(self.rt.amp_dtype),
+            "amp_fallback": self.rt.amp_fallback,
+            "channels_last": self.rt.channels_last,
+            "loader": self.rt.loader,
+            "world_size": self.dist.world_size,
+        }
+
+    def run(self, on_epoch: Callable[[dict], None] | None = None) -> dict:
+        """Train to ``config.epochs``, then summarize; ``on_epoch(row)`` after each epoch (rank 0)."""
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(json.dumps(asdict(self.config), indent=2) + "\n", self.out / "config.json")
+            record = asdict(self.config) | {"runtime": self.runtime_record()}
+            write_text_atomic(json.dumps(record, indent=2) + "\n", self.out / "config.json")
         while self.epoch < self.config.epochs:
             row = self._run_epoch()
             self.epoch += 1
@@ -521,6 +588,8 @@ class Trainer:
                 )
                 self._write_outputs()
             self._save()
+            if on_epoch is not None and self.dist.is_main:
+                on_epoch(row)
             barrier(self.dist)
         summary = {}
         if self.dist.is_main:
@@ -530,13 +599,17 @@ class Trainer:
         return summary
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f}m" if seconds >= 60 else f"{seconds:.0f}s"
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     trainer = None
     try:
-        trainer = Trainer(config)
+        trainer = Trainer(config, given_options(argv))
         summary = trainer.run()
-    except (TrainingError, CheckpointError, DataError) as err:
+    except (TrainingError, CheckpointError, DataError, FidError) as err:
         print(f"fasthvae.train: error: {err}", file=sys.stderr)
         return 2
     finally:

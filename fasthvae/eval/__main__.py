@@ -18,24 +18,9 @@ import torch
 from fasthvae.data import DataError, image_batches, load_dataset
 from fasthvae.eval.fid import INCEPTION, TINY, FidError, fid_against, generate, reference_images
 from fasthvae.eval.metrics import evaluate_model
-from fasthvae.models import build_model_from_config
-from fasthvae.training.checkpoint import CheckpointError, load_checkpoint, write_text_atomic
+from fasthvae.eval.runs import load_run
+from fasthvae.training.checkpoint import CheckpointError, write_text_atomic
 from fasthvae.training.precision import choose_amp_dtype
-
-
-def load_run(path: Path, device: torch.device):
-    """(model in eval mode, its training config) from a run folder or a checkpoint file."""
-    checkpoint = path / "checkpoint.pt" if path.is_dir() else path
-    state = load_checkpoint(checkpoint)
-    config = state["config"]
-    model = build_model_from_config(config)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"{checkpoint}: weights do not fit the model its config describes ({err})"
-        ) from err
-    return model.to(device).eval(), config, checkpoint
 
 
 def print_table(result: dict) -> None:
@@ -78,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         model, config, checkpoint = load_run(args.run, device)
         data = args.data or config["data"]
         test = load_dataset(data, root=config["data_root"]).test.limit(args.limit_test)
-        amp_dtype = choose_amp_dtype(args.amp, "bf16", device)
+        amp_dtype, _ = choose_amp_dtype(args.amp, "bf16", device)
         metrics = evaluate_model(
             model,
             image_batches(test.images, device, args.batch_size),

@@ -1,0 +1,132 @@
+"""Reproduce the study's table in one command: every row trained and evaluated under one protocol.
+
+    python -m fasthvae.study --data cifar10.npz --epochs 30 --seeds 0 1 --fid-samples 5000 --amp
+    torchrun --nproc_per_node 2 -m fasthvae.study ...      # each run with DDP, rank 0 writes
+
+Rows (``--rows``, default the study's three): vae, hvae-beta, hvae-alpha-beta. Each (row, seed) is
+a trainer run in OUT/<row>/seed<k>/. Rerunning the command skips finished runs and resumes
+unfinished ones (mid-row too); a failing run is reported and the others still run. Writes, as it
+goes: OUT/study.md, study.csv, study.json, study.png and samples.png.
+"""
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from fasthvae.data import LOADERS, load_dataset
+from fasthvae.eval.fid import INCEPTION, TINY
+from fasthvae.study import plots
+from fasthvae.study.report import write_tables
+from fasthvae.study.rows import ROWS, STUDY_ROWS, select_rows
+from fasthvae.study.runner import PROTOCOL_FIELDS, RUNTIME_FIELDS, StudyError, check_protocol, plan, train_run
+from fasthvae.training.distributed import DistInfo, init_distributed, shutdown
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m fasthvae.study",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--rows", default=",".join(STUDY_ROWS), help=f"comma-separated, from: {', '.join(ROWS)}")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--epochs", type=int, default=100, help="per run; the schedules are stretched to it")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--likelihood", default="bernoulli", help="the study's: bernoulli (BCE)")
+    p.add_argument("--limit-train", type=int, default=None, help="train on the first N images")
+    p.add_argument("--limit-test", type=int, default=None, help="test metrics on the first N test images")
+    p.add_argument("--fid-samples", type=int, default=10000, help="0: no FID")
+    p.add_argument("--fid-extractor", choices=[INCEPTION, TINY], default=INCEPTION)
+    p.add_argument("--fid-weights", default=None)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (fp32 on CPUs without native bf16)")
+    p.add_argument("--data", default=None, help="as for python -m fasthvae.train")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--out", type=Path, default=Path("runs/study"))
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--loader", choices=LOADERS, default=None)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--workers", type=int, default=2)
+    return p.parse_args(argv)
+
+
+class Study:
+    """The runs of one invocation, the reports they feed, and the progress bar over all epochs."""
+
+    def __init__(self, args: argparse.Namespace, command: str, dist: DistInfo) -> None:
+        self.args, self.command, self.dist = args, command, dist
+        self.out: Path = args.out
+        self.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+        select_rows(self.rows)  # unknown names fail before anything runs
+        self.protocol = {k: getattr(args, k) for k in PROTOCOL_FIELDS}
+        self.shared = self.protocol | {k: getattr(args, k) for k in RUNTIME_FIELDS}
+        self.all_rows, self.all_seeds = self.rows, args.seeds
+        if dist.is_main:
+            record = check_protocol(self.out, self.protocol, self.rows, args.seeds, command)
+            self.all_rows, self.all_seeds = record["rows"], record["seeds"]
+
+    def report(self, pictures: bool = True) -> list:
+        """Rewrite the tables (and, when asked, the PNGs) from every run of the study in --out."""
+        if not self.dist.is_main:
+            return []
+        runs = plan(self.out, self.all_rows, self.all_seeds)
+        claims = write_tables(self.out, runs, self.protocol, self.command)
+        if pictures:
+            plots.save_curves(runs, self.out / "study.png")
+            test = load_dataset(self.args.data, root=self.args.data_root).test.images
+            plots.save_samples(runs, test, self.out / "samples.png")
+        return claims
+
+    def run(self) -> int:
+        runs = plan(self.out, self.rows, self.args.seeds)
+        todo = [r for r in runs if r.status != "done"]
+        epochs = self.args.epochs
+        bar = tqdm(
+            total=len(runs) * epochs,
+            initial=sum(epochs if r.status == "done" else len(r.history) for r in runs),
+            desc="study",
+            unit="epoch",
+            disable=not self.dist.is_main,
+            dynamic_ncols=True,
+        )
+        self.report()
+        failed = 0
+        for i, run in enumerate(todo):
+            bar.set_description(f"study [{i + 1}/{len(todo)}] {run.row.name} seed {run.seed}")
+
+            def on_epoch(_row: dict) -> None:
+                bar.update(1)
+                self.report(pictures=False)
+
+            done = train_run(self.out, run.row, run.seed, self.shared, on_epoch)
+            bar.update(epochs * (done.status == "done") - (len(done.history) - len(run.history)))
+            if done.status == "failed":
+                failed += 1
+                tqdm.write(f"fasthvae.study: {run.row.name} seed {run.seed} failed: {done.error}")
+            self.report()
+        bar.close()
+        if self.dist.is_main:
+            for claim in self.report(pictures=False):
+                print(f"claim {claim.name}: {claim.holds} — {claim.detail}")
+            print(f"fasthvae.study: wrote {self.out / 'study.md'}", flush=True)
+        return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python -m fasthvae.study " + shlex.join(sys.argv[1:] if argv is None else argv)
+    dist = init_distributed(args.device or "cpu")
+    try:
+        return Study(args, command, dist).run()
+    except (StudyError, ValueError) as err:
+        print(f"fasthvae.study: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown(dist)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The study's pictures: study.png (every row's curves on shared axes, the schedules underneath)
+and samples.png (per row a strip of samples and a strip of reconstructions of the same inputs)."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.utils import make_grid
+
+from fasthvae.data import image_batches
+from fasthvae.eval.runs import load_run
+from fasthvae.study.runner import Run
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_curves(runs: list[Run], path: Path) -> None:
+    """Reconstruction, each KL and the loss per epoch for every run; alpha and beta underneath."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(4, 1, figsize=(9, 13), sharex=True)
+    colors = {}
+    for run in [r for r in runs if r.history]:
+        color = colors.setdefault(run.row.name, f"C{len(colors)}")
+        epochs = [r["epoch"] for r in run.history]
+        label = f"{run.row.label}, seed {run.seed}"
+        axes[0].plot(epochs, [r["recon"] for r in run.history], color=color, label=label)
+        kls = [k for k in run.history[0] if k.startswith("kl_")]
+        for style, key in zip(("-", "--", ":"), kls, strict=False):
+            axes[1].plot(epochs, [r[key] for r in run.history], style, color=color, label=f"{label}: {key}")
+        axes[2].plot(epochs, [r["loss"] for r in run.history], color=color, label=label)
+        weights = ["beta", "alpha"] if run.row.config["schedule"] == "alpha-beta" else ["beta"]
+        for style, key in zip(("-", "--"), weights, strict=False):
+            axes[3].plot(
+                epochs, [r[key] for r in run.history], style, color=color, label=f"{run.row.label}: {key}"
+            )
+    titles = (
+        "training reconstruction (BCE, nats / image)",
+        "training KL terms (nats / image)",
+        "training loss (recon + weighted KLs)",
+        "schedule weights at each epoch's end",
+    )
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        if unique:
+            ax.legend(unique.values(), unique.keys(), fontsize=7)
+    axes[-1].set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def save_samples(runs: list[Run], test_images: np.ndarray, path: Path, n: int = 10, seed: int = 0) -> None:
+    """For each row (its first finished seed): ``n`` samples and ``n`` test inputs over their
+    reconstructions, the same inputs for every row."""
+    plt = _pyplot()
+    firsts: dict[str, Run] = {}
+    for run in runs:
+        if run.status == "done":
+            firsts.setdefault(run.row.name, run)
+    if not firsts:
+        return
+    inputs = next(image_batches(test_images[:n], "cpu", n))
+    fig, axes = plt.subplots(len(firsts), 2, figsize=(14, 1.9 * len(firsts)), squeeze=False)
+    for (ax_s, ax_r), run in zip(axes, firsts.values(), strict=True):
+        model, _, _ = load_run(run.folder, torch.device("cpu"))
+        torch.manual_seed(seed)
+        samples = model.sample(n).float().clamp(0, 1)
+        recons = model.reconstruct(inputs).float().clamp(0, 1)
+        for ax, images, nrow, title in (
+            (ax_s, samples, n, "samples"),
+            (ax_r, torch.cat([inputs, recons]), n, "test inputs (top), reconstructions (bottom)"),
+        ):
+            grid = make_grid(images, nrow=nrow, padding=1, pad_value=1.0)
+            ax.imshow(grid.permute(1, 2, 0).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{run.row.label} (seed {run.seed}): {title}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,227 @@
+"""The study's table: study.md, study.csv and study.json, from the runs' folders.
+
+Reconstruction is the test set's BCE in nats per image (the study's loss; its own unit is not
+stated) and squared error per image; every row is also given as a ratio to the VAE row, which
+cancels the study's unknown units.
+"""
+
+import csv
+import io
+import json
+import platform
+import statistics
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from fasthvae.study.claims import Claim, evaluate_claims
+from fasthvae.study.rows import BASELINE
+from fasthvae.study.runner import Run
+from fasthvae.training.checkpoint import write_text_atomic
+
+METRICS = ("recon_bce", "recon_mse", "neg_elbo", "neg_elbo_bits_per_dim", "fid")
+
+
+def run_metrics(run: Run) -> dict[str, float]:
+    """The measured numbers of a finished run (test metrics, FID, time, speed)."""
+    if run.summary is None:
+        return {}
+    test = run.summary["test"]
+    values = {k: test[k] for k in METRICS if k in test}
+    if "fid" in run.summary:
+        values["fid"] = run.summary["fid"]["fid"]
+    values["train_seconds"] = run.summary.get("train_seconds", sum(r["seconds"] for r in run.history))
+    values["eval_seconds"] = run.summary.get("eval_seconds")
+    if run.history:
+        values["images_per_s"] = statistics.median(r["images_per_s"] for r in run.history)
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    cores = torch.get_num_threads()
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu_name()} ({cores} threads){gpu}; torch {torch.__version__}"
+
+
+def aggregate(runs: list[Run]) -> dict[str, dict]:
+    """Per row: seeds done, status, and mean/sd/values of every metric over the finished seeds."""
+    rows: dict[str, dict] = {}
+    for run in runs:
+        entry = rows.setdefault(run.row.name, {"row": run.row, "runs": [], "metrics": {}})
+        entry["runs"].append(run)
+    for entry in rows.values():
+        done = [r for r in entry["runs"] if r.status == "done"]
+        per_seed = [run_metrics(r) for r in done]
+        for key in sorted({k for m in per_seed for k in m}):
+            values = [m[key] for m in per_seed if key in m]
+            entry["metrics"][key] = {
+                "mean": statistics.fmean(values),
+                "sd": statistics.stdev(values) if len(values) > 1 else None,
+                "values": values,
+            }
+    return rows
+
+
+def _status(runs: list[Run], epochs: int) -> str:
+    parts = []
+    for run in runs:
+        if run.status == "training":
+            parts.append(f"seed {run.seed}: epoch {len(run.history)}/{epochs}")
+        elif run.status == "failed":
+            parts.append(f"seed {run.seed}: failed ({run.error})")
+        elif run.status == "pending":
+            parts.append(f"seed {run.seed}: pending")
+    done = sum(r.status == "done" for r in runs)
+    return f"{done}/{len(runs)} done" + (f" ({'; '.join(parts)})" if parts else "")
+
+
+def _fmt(stat: dict | None, digits: int = 1) -> str:
+    if stat is None:
+        return "—"
+    text = f"{stat['mean']:,.{digits}f}"
+    return text + (f" ± {stat['sd']:,.{digits}f}" if stat["sd"] is not None else "")
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.3f}" if value is not None and base else "—"
+
+
+def _mean(entry: dict | None, key: str) -> float | None:
+    stat = entry["metrics"].get(key) if entry else None
+    return stat["mean"] if stat else None
+
+
+def claim_values(runs: list[Run]) -> dict[str, dict[int, dict]]:
+    values: dict[str, dict[int, dict]] = {}
+    for run in runs:
+        if run.status == "done":
+            values.setdefault(run.row.name, {})[run.seed] = run_metrics(run)
+    return values
+
+
+def markdown(runs: list[Run], protocol: dict, command: str, claims: list[Claim]) -> str:
+    rows = aggregate(runs)
+    base = rows.get(BASELINE)
+    fid = protocol["fid_samples"]
+    lines = [
+        "# The study, reproduced with fasthvae",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine()}  ",
+        f"Written: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"Protocol (every row): {protocol['limit_train'] or 'all'} training images, {protocol['epochs']} "
+        f"epochs (the schedules' 100-epoch anchors stretched to {protocol['epochs']}), batch "
+        f"{protocol['batch_size']}, AdamW lr {protocol['lr']:g}, likelihood {protocol['likelihood']}, "
+        f"{'bf16 autocast where native' if protocol['amp'] else 'fp32'}; test metrics on "
+        f"{protocol['limit_test'] or 'all 10,000'} test images; "
+        + (
+            f"FID of {fid:,} samples (T = 1) against the CIFAR-10 test split, extractor "
+            f"{protocol['fid_extractor']}."
+            if fid
+            else "no FID."
+        ),
+        "",
+        "| row | runs | recon BCE (nats/img) | recon MSE (/img) | -ELBO (nats/img) | FID | "
+        "recon / VAE | FID / VAE | study recon | study FID | study recon / VAE | study FID / VAE | "
+        "train time / run | img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    study_base = base["row"] if base else None
+    for entry in rows.values():
+        row, m = entry["row"], entry["metrics"]
+        train = m.get("train_seconds")
+        speed = m.get("images_per_s")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    row.label,
+                    _status(entry["runs"], protocol["epochs"]),
+                    _fmt(m.get("recon_bce")),
+                    _fmt(m.get("recon_mse")),
+                    _fmt(m.get("neg_elbo")),
+                    _fmt(m.get("fid")),
+                    _ratio(_mean(entry, "recon_bce"), _mean(base, "recon_bce")),
+                    _ratio(_mean(entry, "fid"), _mean(base, "fid")),
+                    f"{row.study_recon:,}" if row.study_recon else "—",
+                    f"{row.study_fid}" if row.study_fid else "—",
+                    _ratio(row.study_recon, study_base.study_recon if study_base else None),
+                    _ratio(row.study_fid, study_base.study_fid if study_base else None),
+                    f"{train['mean'] / 60:.0f} min" if train else "—",
+                    f"{speed['mean']:,.0f}" if speed else "—",
+                ]
+            )
+            + " |"
+        )
+    bpd = [e for e in rows.values() if "neg_elbo_bits_per_dim" in e["metrics"]]
+    lines += [""]
+    if bpd:
+        lines += [
+            f"Bits/dim (-ELBO), {e['row'].label}: {_fmt(e['metrics']['neg_elbo_bits_per_dim'], 3)}"
+            for e in bpd
+        ]
+    else:
+        lines += [
+            "Bits/dim: none — BCE on [0, 1] pixels is not a likelihood of 8-bit images "
+            "(train with `--likelihood logistic` for bits/dim)."
+        ]
+    lines += ["", "Values are mean ± sd over seeds; ratios are of means. img/s: median over epochs.", ""]
+    lines += ["## The study's claims", ""]
+    verdict = {True: "**holds**", False: "**does not hold**", None: "not measured yet"}
+    lines += [f"{c.name}. {c.text}: {verdict[c.holds]} — {c.detail}" for c in claims]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(runs: list[Run]) -> str:
+    keys = ["row", "seed", "status", *METRICS, "train_seconds", "eval_seconds", "images_per_s"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    for run in runs:
+        writer.writerow({"row": run.row.name, "seed": run.seed, "status": run.status, **run_metrics(run)})
+    return buf.getvalue()
+
+
+def to_json(runs: list[Run], protocol: dict, command: str, claims: list[Claim]) -> str:
+    rows = aggregate(runs)
+    record = {
+        "command": command,
+        "machine": machine(),
+        "protocol": protocol,
+        "rows": {
+            name: {
+                "label": e["row"].label,
+                "config": dict(e["row"].config),
+                "study": {"recon": e["row"].study_recon, "fid": e["row"].study_fid},
+                "metrics": e["metrics"],
+                "runs": [
+                    {"seed": r.seed, "status": r.status, "error": r.error} | run_metrics(r) for r in e["runs"]
+                ],
+            }
+            for name, e in rows.items()
+        },
+        "claims": [c.__dict__ for c in claims],
+    }
+    return json.dumps(record, indent=2) + "\n"
+
+
+def write_tables(out: Path, runs: list[Run], protocol: dict, command: str) -> list[Claim]:
+    """study.md, study.csv and study.json in ``out``; returns the claims' verdicts."""
+    claims = evaluate_claims(claim_values(runs))
+    write_text_atomic(markdown(runs, protocol, command, claims), out / "study.md")
+    write_text_atomic(to_csv(runs), out / "study.csv")
+    write_text_atomic(to_json(runs, protocol, command, claims), out / "study.json")
+    return claims

@@ -1,0 +1,60 @@
+"""The study's rows: a name, the model and KL schedule it trains, and the study's own numbers.
+
+A row is a training config minus the protocol (data, epochs, batch, lr, seed, FID) that every row
+shares. New rows (the deep model, say) are added with :func:`register_row`.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the study's table.
+
+    ``config`` holds the :class:`fasthvae.train.TrainConfig` fields that make this row (``model``,
+    ``schedule``, sizes, ...); ``study_recon`` and ``study_fid`` are the study's reported numbers, if
+    it has the row (its reconstruction loss has no stated unit).
+    """
+
+    name: str
+    label: str
+    config: Mapping[str, object]
+    study_recon: float | None = None
+    study_fid: float | None = None
+
+    def __post_init__(self) -> None:
+        if "model" not in self.config or "schedule" not in self.config:
+            raise ValueError(f"row {self.name!r}: its config must name a model and a schedule")
+        object.__setattr__(self, "config", MappingProxyType(dict(self.config)))
+
+
+ROWS: dict[str, Row] = {}
+BASELINE = "vae"  # the row every other row is compared with (ratios cancel the study's unknown units)
+
+
+def register_row(row: Row) -> Row:
+    """Make ``row`` runnable as ``--rows NAME``; names are unique."""
+    if row.name in ROWS:
+        raise ValueError(f"a study row named {row.name!r} exists already")
+    ROWS[row.name] = row
+    return row
+
+
+def select_rows(names: list[str]) -> list[Row]:
+    """Rows by name, in the order given; a clear error names the unknown ones."""
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise ValueError(f"unknown study row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a study row is named twice in {names}")
+    return [ROWS[n] for n in names]
+
+
+register_row(Row("vae", "VAE", {"model": "vae", "schedule": "beta"}, 30_291, 105.5))
+register_row(Row("hvae-beta", "HVAE (beta only)", {"model": "hvae", "schedule": "beta"}, 33_069, 120.9))
+register_row(
+    Row("hvae-alpha-beta", "HVAE (alpha-beta)", {"model": "hvae", "schedule": "alpha-beta"}, 27_717, 116.2)
+)
+STUDY_ROWS = ("vae", "hvae-beta", "hvae-alpha-beta")

@@ -1,0 +1,122 @@
+"""Train and evaluate every (row, seed) of the study under one protocol, resumably.
+
+Each run lives in ``OUT/<row>/seed<k>/`` and is an ordinary trainer run folder. A run with a
+``summary.json`` is finished and skipped; one with a checkpoint is resumed (mid-row); a run that
+raises is recorded in its ``error.txt`` and the others still run. ``OUT/protocol.json`` pins the
+protocol: rerunning with a different one is refused, while rows and seeds may be added.
+"""
+
+import csv
+import json
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fasthvae.study.rows import Row, select_rows
+from fasthvae.train import TrainConfig, Trainer
+from fasthvae.training.checkpoint import write_text_atomic
+
+# The TrainConfig fields every row shares and a resumed study may not change.
+PROTOCOL_FIELDS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "likelihood",
+    "data",
+    "limit_train",
+    "limit_test",
+    "amp",
+    "fid_samples",
+    "fid_extractor",
+)
+# Fields of the runs that may differ between invocations (where and how fast they run).
+RUNTIME_FIELDS = ("device", "loader", "compile", "workers", "fid_weights", "data_root")
+
+
+class StudyError(RuntimeError):
+    """The study cannot run as asked (a different protocol in --out, bad rows); the message says why."""
+
+
+@dataclass
+class Run:
+    """One (row, seed): where it lives and how far it got."""
+
+    row: Row
+    seed: int
+    folder: Path
+    status: str = "pending"  # pending, training, done, failed
+    summary: dict | None = None
+    history: list[dict] = field(default_factory=list)
+    error: str | None = None
+
+
+def run_folder(out: Path, row: str, seed: int) -> Path:
+    return out / row / f"seed{seed}"
+
+
+def read_run(out: Path, row: Row, seed: int) -> Run:
+    """The state of one run from its folder (summary, metrics, error)."""
+    folder = run_folder(out, row.name, seed)
+    run = Run(row, seed, folder)
+    if (folder / "metrics.csv").is_file():
+        with open(folder / "metrics.csv") as f:
+            run.history = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        run.status = "training"
+    if (folder / "summary.json").is_file():
+        run.summary = json.loads((folder / "summary.json").read_text())
+        run.status = "done"
+    elif (folder / "error.txt").is_file():
+        run.error = (folder / "error.txt").read_text().strip().splitlines()[-1]
+        run.status = "failed"
+    return run
+
+
+def check_protocol(out: Path, protocol: dict, rows: list[str], seeds: list[int], command: str) -> dict:
+    """Write ``OUT/protocol.json``, or check it against ``protocol`` and add rows and seeds to it."""
+    path = out / "protocol.json"
+    record = {"protocol": protocol, "rows": [], "seeds": [], "command": command}
+    if path.is_file():
+        record = json.loads(path.read_text())
+        before = record["protocol"]
+        differ = [
+            f"{k}: {before.get(k)!r} there, {v!r} asked" for k, v in protocol.items() if before.get(k) != v
+        ]
+        if differ:
+            listed = "; ".join(differ)
+            raise StudyError(
+                f"{out} holds a study with another protocol ({listed}); rerun with its settings to "
+                "resume it, or pick another --out"
+            )
+    record["rows"] += [r for r in rows if r not in record["rows"]]
+    record["seeds"] = sorted(set(record["seeds"]) | set(seeds))
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(json.dumps(record, indent=2) + "\n", path)
+    return record
+
+
+def run_config(out: Path, row: Row, seed: int, shared: dict) -> TrainConfig:
+    """The trainer config of one run: the shared protocol and runtime, the row's own fields, the seed."""
+    folder = run_folder(out, row.name, seed)
+    fields = {**shared, **row.config, "seed": seed, "out": str(folder)}
+    return TrainConfig(**fields, resume=(folder / "checkpoint.pt").is_file())
+
+
+def train_run(
+    out: Path, row: Row, seed: int, shared: dict, on_epoch: Callable[[dict], None] | None = None
+) -> Run:
+    """Train and evaluate one run to its end (resuming it if begun); failures land in ``error.txt``."""
+    folder = run_folder(out, row.name, seed)
+    config = run_config(out, row, seed, shared)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "error.txt").unlink(missing_ok=True)
+    try:
+        Trainer(config, given=set(asdict(config))).run(on_epoch)
+    except Exception:  # a failing row is reported, the study goes on
+        write_text_atomic(traceback.format_exc(), folder / "error.txt")
+    return read_run(out, row, seed)
+
+
+def plan(out: Path, rows: list[str], seeds: list[int]) -> list[Run]:
+    """Every (row, seed) asked for, seed-major (all rows of seed 0 first), with its state."""
+    return [read_run(out, row, seed) for seed in seeds for row in select_rows(rows)]
