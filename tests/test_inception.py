@@ -84,3 +84,16 @@ def test_fid_between_test_set_halves_is_sane(networks, cifar_test):
     )["fid"]
     # n = 200 biases FID upwards (measured 128 here); noise lands in the hundreds
     assert 20 < halves < 200 and far > 2.5 * halves, (halves, far)
+
+
+@torch.no_grad()
+def test_channels_last_inception_gives_the_same_features(networks, cifar_test):
+    from fasthvae.eval import fid
+
+    converted, _, weights = networks
+    fast = fid._channels_last_inception_class()(
+        fid.INCEPTION_CHANNELS_LAST, ["2048"], feature_extractor_weights_path=str(weights)
+    ).eval()
+    assert fast.Conv2d_1a_3x3.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = cifar_test[:4]
+    torch.testing.assert_close(fast(x)[0], converted(x)[0], rtol=1e-4, atol=1e-4)

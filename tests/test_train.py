@@ -14,6 +14,7 @@ import torch
 from fasthvae import train
 from fasthvae.models import build_model
 from fasthvae.training.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from fasthvae.training.precision import cpu_flags
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10/cifar10.npz"
 SMALL = [
@@ -29,21 +30,6 @@ SMALL = [
     "64",
 ]
 SMALL += ["--loader", "resident"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    """The first 256 real CIFAR-10 images when the shared file is there, generated images otherwise."""
-    path = tmp_path_factory.mktemp("data") / "small.npz"
-    if SHARED.is_file():
-        with np.load(SHARED) as f:
-            x, y, xt, yt = f["x_train"][:256], f["y_train"][:256], f["x_test"][:64], f["y_test"][:64]
-    else:
-        rng = np.random.default_rng(0)
-        x, xt = (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (256, 64))
-        y, yt = np.zeros(256, np.int64), np.zeros(64, np.int64)
-    np.savez(path, x_train=x, y_train=y, x_test=xt, y_test=yt)
-    return str(path)
 
 
 def run(data: str, out: Path, *extra: str) -> dict:
@@ -221,8 +207,26 @@ def test_non_finite_steps_are_skipped_then_stop(data, tmp_path, monkeypatch, cap
 
 def test_amp_runs_on_cpu(data, tmp_path):
     summary = run(data, tmp_path, "--limit-train", "64", "--epochs", "1", "--amp", "--no-compile")
-    assert summary["runtime"]["amp_dtype"] == "torch.bfloat16"
+    native = "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags() or "bf16" in cpu_flags()
+    assert summary["runtime"]["amp_dtype"] == ("torch.bfloat16" if native else "None")
+    assert (summary["runtime"]["amp_fallback"] is None) == native
+    assert json.loads((tmp_path / "config.json").read_text())["runtime"] == summary["runtime"]
     assert np.isfinite(summary["test"]["neg_elbo"])
+
+
+def test_resume_keeps_the_runs_epochs_unless_extended(data, tmp_path, capsys):
+    base = ["--data", data, "--out", str(tmp_path), *SMALL, "--limit-train", "64", "--no-compile"]
+    assert train.main([*base, "--epochs", "1"]) == 0
+    assert train.main([*base, "--resume"]) == 0  # a finished run stays finished
+    assert len(read_metrics(tmp_path)) == 1
+    assert train.main([*base, "--resume", "--epochs", "3"]) == 0  # extended explicitly
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 3 and state["config"]["schedule_epochs"] == 1
+    assert "schedule keeps its 1-epoch length" in capsys.readouterr().out
+    rows = read_metrics(tmp_path)  # the added epochs hold the schedule's final weights
+    assert {(r["alpha"], r["beta"]) for r in rows[1:]} == {("0.25", "0.4")}
+    assert train.main([*base, "--resume", "--epochs", "2"]) == 2
+    assert "below the 3 epochs" in capsys.readouterr().err
 
 
 def test_discretized_likelihood_reports_bits_per_dim(data, tmp_path):

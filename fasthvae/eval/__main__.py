@@ -70,10 +70,17 @@ def main(argv: list[str] | None = None) -> int:
             iw_samples=args.iw_samples,
             autocast_dtype=amp_dtype,
         )
-        result = {"checkpoint": str(checkpoint), "test": metrics}
-        if args.fid_samples:
+    except (CheckpointError, DataError) as err:
+        print(f"fasthvae.eval: error: {err}", file=sys.stderr)
+        return 2
+    result = {"checkpoint": str(checkpoint), "test": metrics}
+    out = checkpoint.parent / "eval.json"
+    write_text_atomic(json.dumps(result, indent=2) + "\n", out)  # kept whatever happens to FID
+    code = 0
+    if args.fid_samples:
+        result["fid"] = []
+        try:
             reference, name = reference_images(args.fid_ref, data, config["data_root"])
-            result["fid"] = []
             for temperature in args.temperature:
                 samples = generate(model, args.fid_samples, temperature, args.batch_size, amp_dtype)
                 fid = fid_against(
@@ -85,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
                     device=device,
                 )
                 result["fid"].append({"temperature": temperature, **fid})
-    except (CheckpointError, DataError, FidError) as err:
-        print(f"fasthvae.eval: error: {err}", file=sys.stderr)
-        return 2
+        except FidError as err:
+            result["fid_error"] = str(err)
+            print(f"fasthvae.eval: FID failed, the other metrics are in {out}: {err}", file=sys.stderr)
+            code = 2
     print_table(result)
-    write_text_atomic(json.dumps(result, indent=2) + "\n", checkpoint.parent / "eval.json")
-    return 0
+    write_text_atomic(json.dumps(result, indent=2) + "\n", out)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""python -m fasthvae.study on a tiny budget: files, resume, failures, protocol; the claims' logic."""
+
+import json
+
+import pytest
+
+from fasthvae import train
+from fasthvae.study import __main__ as study_cli
+from fasthvae.study.claims import evaluate_claims
+from fasthvae.study.rows import ROWS, Row, register_row, select_rows
+from fasthvae.training.checkpoint import load_checkpoint
+
+TINY_STUDY = [
+    "--epochs",
+    "2",
+    "--limit-train",
+    "64",
+    "--limit-test",
+    "32",
+    "--batch-size",
+    "32",
+    "--fid-samples",
+    "20",
+    "--fid-extractor",
+    "fasthvae-tiny",
+    "--no-compile",
+    "--loader",
+    "resident",
+]
+
+
+def claims_of(vae, hvae_beta, hvae_ab):
+    """Claims from (recon, fid) per row, one seed (or several: lists of pairs)."""
+    rows = {"vae": vae, "hvae-beta": hvae_beta, "hvae-alpha-beta": hvae_ab}
+    values = {
+        name: {s: {"recon_bce": r, "fid": f} for s, (r, f) in enumerate(v if isinstance(v, list) else [v])}
+        for name, v in rows.items()
+    }
+    return {c.name: c.holds for c in evaluate_claims(values)}
+
+
+def test_claims_hold_on_the_studys_own_numbers():
+    assert claims_of((30_291, 105.5), (33_069, 120.9), (27_717, 116.2)) == {"1": True, "2": True, "3": True}
+
+
+def test_each_claim_can_fail():
+    # the HVAE (alpha-beta) reconstructs worse than the VAE: claim 1 fails, the others hold
+    assert claims_of((1000, 100), (1100, 120), (1010, 110)) == {"1": False, "2": True, "3": True}
+    # beta-only HVAE better in recon (worse in FID): claim 2 fails
+    assert claims_of((1000, 100), (990, 120), (950, 110))["2"] is False
+    # an HVAE has the best FID: claim 3 fails
+    assert claims_of((1000, 100), (1100, 120), (950, 90))["3"] is False
+
+
+def test_claims_use_the_mean_over_seeds_and_report_the_spread():
+    values = {
+        "vae": {0: {"recon_bce": 100.0, "fid": 50.0}, 1: {"recon_bce": 100.0, "fid": 50.0}},
+        "hvae-alpha-beta": {0: {"recon_bce": 90.0, "fid": 60.0}, 1: {"recon_bce": 104.0, "fid": 60.0}},
+    }
+    claim = evaluate_claims(values)[0]
+    assert claim.holds is True and "-3.0%" in claim.detail and "seeds: -10.0%, +4.0%" in claim.detail
+    missing = evaluate_claims({"vae": values["vae"]})
+    assert [c.holds for c in missing] == [None, None, None]
+
+
+def test_rows_are_registered_by_name():
+    assert [r.name for r in select_rows(["vae", "hvae-alpha-beta"])] == ["vae", "hvae-alpha-beta"]
+    with pytest.raises(ValueError, match="unknown study row"):
+        select_rows(["vae", "gan"])
+    with pytest.raises(ValueError, match="exists already"):
+        register_row(Row("vae", "again", {"model": "vae", "schedule": "beta"}))
+    with pytest.raises(ValueError, match="must name a model"):
+        Row("x", "x", {"model": "vae"})
+
+
+def study(data, out, *extra) -> int:
+    return study_cli.main(["--data", data, "--out", str(out), *TINY_STUDY, *extra])
+
+
+def test_study_end_to_end_resumes_and_reports_failures(data, tmp_path, monkeypatch):
+    out = tmp_path / "study"
+    real_save = train.Trainer._save
+    saves = {"n": 0}
+
+    def die_mid_second_run(self):
+        real_save(self)
+        saves["n"] += 1
+        if saves["n"] == 3:  # run 1 saved twice (2 epochs); run 2 dies after its first epoch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.Trainer, "_save", die_mid_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        study(data, out)
+    vae, hvae_beta = out / "vae" / "seed0", out / "hvae-beta" / "seed0"
+    assert (vae / "summary.json").is_file() and not (hvae_beta / "summary.json").is_file()
+    assert load_checkpoint(hvae_beta / "checkpoint.pt")["epoch"] == 1
+    assert "1/1 done" in (out / "study.md").read_text(), "finished rows are in the table as it goes"
+    first_epoch = load_checkpoint(hvae_beta / "checkpoint.pt")["history"][0]
+    vae_summary = (vae / "summary.json").read_bytes()
+    monkeypatch.setattr(train.Trainer, "_save", real_save)
+
+    real_run = train.Trainer.run
+
+    def alpha_beta_fails(self, on_epoch=None):
+        if self.config.schedule == "alpha-beta":
+            raise RuntimeError("simulated failure")
+        return real_run(self, on_epoch)
+
+    monkeypatch.setattr(train.Trainer, "run", alpha_beta_fails)
+    assert study(data, out) == 1, "a failed row makes the exit code non-zero"
+    assert (vae / "summary.json").read_bytes() == vae_summary, "a finished row is skipped"
+    resumed = load_checkpoint(hvae_beta / "checkpoint.pt")
+    assert resumed["epoch"] == 2 and resumed["history"][0] == first_epoch, "continued, not restarted"
+    assert "simulated failure" in (out / "hvae-alpha-beta" / "seed0" / "error.txt").read_text()
+    table = (out / "study.md").read_text()
+    assert "failed (RuntimeError: simulated failure)" in table
+    for name in ("study.md", "study.csv", "study.json", "study.png", "samples.png", "protocol.json"):
+        assert (out / name).is_file(), name
+
+    monkeypatch.setattr(train.Trainer, "run", real_run)
+    assert study(data, out) == 0, "rerun: the failed row trains now"
+    record = json.loads((out / "study.json").read_text())
+    assert {n: r["runs"][0]["status"] for n, r in record["rows"].items()} == dict.fromkeys(
+        ["vae", "hvae-beta", "hvae-alpha-beta"], "done"
+    )
+    assert all(isinstance(c["holds"], bool) for c in record["claims"])
+    vae_row = record["rows"]["vae"]["metrics"]
+    assert vae_row["recon_bce"]["values"][0] > 0 and vae_row["fid"]["values"][0] >= 0
+    assert "| VAE | 1/1 done |" in (out / "study.md").read_text()
+    assert (out / "study.csv").read_text().count("\n") == 4
+
+
+def test_study_refuses_another_protocol_and_unknown_rows(data, tmp_path, capsys):
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "protocol.json").write_text(
+        json.dumps({"protocol": {"epochs": 5}, "rows": ["vae"], "seeds": [0], "command": "x"})
+    )
+    assert study(data, out, "--rows", "vae") == 2
+    assert "another protocol (epochs: 5 there, 2 asked" in capsys.readouterr().err
+    assert study(data, tmp_path / "other", "--rows", "vae,gan") == 2
+    assert "unknown study row(s) gan" in capsys.readouterr().err
+    assert set(ROWS) >= {"vae", "hvae-beta", "hvae-alpha-beta"}
