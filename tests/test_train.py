@@ -16,7 +16,6 @@ from fasthvae.models import build_model
 from fasthvae.training.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from fasthvae.training.precision import cpu_flags
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10/cifar10.npz"
 SMALL = [
     "--channels",
     "8",
