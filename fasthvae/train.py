@@ -207,7 +207,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def given_options(argv: list[str] | None = None) -> set[str]:
     """The config fields that ``argv`` sets explicitly (a resume tells them from defaults)."""
     p = _parser()
-    for action in p._actions:  # argparse's documented way to leave unset options out of the namespace
+    for action in p._actions:  # a SUPPRESS default leaves an option that is not given out
         action.default = argparse.SUPPRESS
     return set(vars(p.parse_args(argv)))
 

@@ -1,5 +1,6 @@
 """python -m fasthvae.study on a tiny budget: files, resume, failures, protocol; the claims' logic."""
 
+import fcntl
 import json
 
 import pytest
@@ -128,6 +129,29 @@ def test_study_end_to_end_resumes_and_reports_failures(data, tmp_path, monkeypat
     assert vae_row["recon_bce"]["values"][0] > 0 and vae_row["fid"]["values"][0] >= 0
     assert "| VAE | 1/1 done |" in (out / "study.md").read_text()
     assert (out / "study.csv").read_text().count("\n") == 4
+
+    table = undated(out / "study.md")
+    (out / "study.md").unlink()
+    (out / "samples.png").unlink()
+    assert study_cli.main(["--out", str(out), "--report-only"]) == 0, "tables from the folder alone"
+    assert (out / "samples.png").is_file() and undated(out / "study.md") == table
+
+
+def undated(path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if not line.startswith("Written:")]
+
+
+def test_a_second_study_on_the_same_folder_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "study"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        held.write("12345")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert study(data, out, "--rows", "vae") == 2
+    assert "another fasthvae.study (pid 12345) is running" in capsys.readouterr().err
+    assert study_cli.main(["--out", str(tmp_path / "empty"), "--report-only"]) == 2
+    assert "holds no study" in capsys.readouterr().err
 
 
 def test_study_refuses_another_protocol_and_unknown_rows(data, tmp_path, capsys):

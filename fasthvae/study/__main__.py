@@ -6,10 +6,12 @@
 Rows (``--rows``, default the study's three): vae, hvae-beta, hvae-alpha-beta. Each (row, seed) is
 a trainer run in OUT/<row>/seed<k>/. Rerunning the command skips finished runs and resumes
 unfinished ones (mid-row too); a failing run is reported and the others still run. Writes, as it
-goes: OUT/study.md, study.csv, study.json, study.png and samples.png.
+goes: OUT/study.md, study.csv, study.json, study.png and samples.png. A second study on the same
+OUT is refused while one runs; --report-only rewrites the outputs from OUT and trains nothing.
 """
 
 import argparse
+import contextlib
 import shlex
 import sys
 from pathlib import Path
@@ -21,7 +23,16 @@ from fasthvae.eval.fid import INCEPTION, TINY
 from fasthvae.study import plots
 from fasthvae.study.report import write_tables
 from fasthvae.study.rows import ROWS, STUDY_ROWS, select_rows
-from fasthvae.study.runner import PROTOCOL_FIELDS, RUNTIME_FIELDS, StudyError, check_protocol, plan, train_run
+from fasthvae.study.runner import (
+    PROTOCOL_FIELDS,
+    RUNTIME_FIELDS,
+    StudyError,
+    check_protocol,
+    plan,
+    read_protocol,
+    study_lock,
+    train_run,
+)
 from fasthvae.training.distributed import DistInfo, init_distributed, shutdown
 
 
@@ -50,6 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loader", choices=LOADERS, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the tables and PNGs from what --out holds, train nothing (also while it trains)",
+    )
     return p.parse_args(argv)
 
 
@@ -57,16 +73,21 @@ class Study:
     """The runs of one invocation, the reports they feed, and the progress bar over all epochs."""
 
     def __init__(self, args: argparse.Namespace, command: str, dist: DistInfo) -> None:
-        self.args, self.command, self.dist = args, command, dist
+        self.args, self.dist = args, dist
         self.out: Path = args.out
         self.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
         select_rows(self.rows)  # unknown names fail before anything runs
         self.protocol = {k: getattr(args, k) for k in PROTOCOL_FIELDS}
         self.shared = self.protocol | {k: getattr(args, k) for k in RUNTIME_FIELDS}
-        self.all_rows, self.all_seeds = self.rows, args.seeds
-        if dist.is_main:
+        self.all_rows, self.all_seeds, self.command = self.rows, args.seeds, command
+        if args.report_only:
+            record = read_protocol(self.out)
+            self.protocol = record["protocol"]
+        elif dist.is_main:
             record = check_protocol(self.out, self.protocol, self.rows, args.seeds, command)
-            self.all_rows, self.all_seeds = record["rows"], record["seeds"]
+        else:
+            return
+        self.all_rows, self.all_seeds, self.command = record["rows"], record["seeds"], record["command"]
 
     def report(self, pictures: bool = True) -> list:
         """Rewrite the tables (and, when asked, the PNGs) from every run of the study in --out."""
@@ -76,7 +97,7 @@ class Study:
         claims = write_tables(self.out, runs, self.protocol, self.command)
         if pictures:
             plots.save_curves(runs, self.out / "study.png")
-            test = load_dataset(self.args.data, root=self.args.data_root).test.images
+            test = load_dataset(self.protocol["data"], root=self.args.data_root).test.images
             plots.save_samples(runs, test, self.out / "samples.png")
         return claims
 
@@ -120,7 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m fasthvae.study " + shlex.join(sys.argv[1:] if argv is None else argv)
     dist = init_distributed(args.device or "cpu")
     try:
-        return Study(args, command, dist).run()
+        study = Study(args, command, dist)
+        if args.report_only:
+            study.report()
+            print(f"fasthvae.study: wrote {args.out / 'study.md'}")
+            return 0
+        with study_lock(args.out) if dist.is_main else contextlib.nullcontext():
+            return study.run()
     except (StudyError, ValueError) as err:
         print(f"fasthvae.study: error: {err}", file=sys.stderr)
         return 2

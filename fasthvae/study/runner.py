@@ -6,10 +6,13 @@ raises is recorded in its ``error.txt`` and the others still run. ``OUT/protocol
 protocol: rerunning with a different one is refused, while rows and seeds may be added.
 """
 
+import contextlib
 import csv
+import fcntl
 import json
+import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -72,12 +75,40 @@ def read_run(out: Path, row: Row, seed: int) -> Run:
     return run
 
 
+def read_protocol(out: Path) -> dict:
+    """``OUT/protocol.json``: the protocol, rows, seeds and first command of the study in ``out``."""
+    path = out / "protocol.json"
+    if not path.is_file():
+        raise StudyError(f"{out} holds no study (no protocol.json)")
+    return json.loads(path.read_text())
+
+
+@contextlib.contextmanager
+def study_lock(out: Path) -> Iterator[None]:
+    """Hold ``OUT/.lock`` while training: a second study on the same folder is refused (the lock
+    goes with the process, also when it is killed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise StudyError(
+                f"another fasthvae.study (pid {f.read().strip() or '?'}) is running on {out}; "
+                "--report-only rewrites its tables meanwhile"
+            ) from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
 def check_protocol(out: Path, protocol: dict, rows: list[str], seeds: list[int], command: str) -> dict:
     """Write ``OUT/protocol.json``, or check it against ``protocol`` and add rows and seeds to it."""
     path = out / "protocol.json"
     record = {"protocol": protocol, "rows": [], "seeds": [], "command": command}
     if path.is_file():
-        record = json.loads(path.read_text())
+        record = read_protocol(out)
         before = record["protocol"]
         differ = [
             f"{k}: {before.get(k)!r} there, {v!r} asked" for k, v in protocol.items() if before.get(k) != v
