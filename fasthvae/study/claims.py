@@ -37,42 +37,37 @@ def _spread(diffs: list[float]) -> str:
     return f"{mean:+.1%} (seeds: {', '.join(f'{d:+.1%}' for d in diffs)}; sd {statistics.stdev(diffs):.1%})"
 
 
+def _claim(name: str, text: str, sign: int, comparisons: dict[str, list[float]]) -> Claim:
+    """Holds when every comparison's mean relative difference has the sign ``sign`` (-1: lower)."""
+    if not all(comparisons.values()):
+        return Claim(name, text, None, f"needs measurements of {', '.join(comparisons)}")
+    holds = all(sign * statistics.fmean(diffs) > 0 for diffs in comparisons.values())
+    return Claim(name, text, holds, "; ".join(f"{label}: {_spread(d)}" for label, d in comparisons.items()))
+
+
 def evaluate_claims(values: dict[str, dict[int, dict]]) -> list[Claim]:
     """The claims from ``values[row][seed] = {"recon_bce": ..., "fid": ...}`` (rows by study name)."""
-    claims = []
-    d = _paired(values, "hvae-alpha-beta", "vae", RECON)
-    claims.append(
-        Claim(
+    recon_ab = _paired(values, "hvae-alpha-beta", "vae", RECON)
+    recon_b = _paired(values, "hvae-beta", "vae", RECON)
+    fid_ab = _paired(values, "hvae-alpha-beta", "vae", FID)
+    fid_b = _paired(values, "hvae-beta", "vae", FID)
+    return [
+        _claim(
             "1",
             "HVAE (alpha-beta) reconstructs better than the VAE (study: -8.5%)",
-            statistics.fmean(d) < 0 if d else None,
-            f"recon HVAE (alpha-beta) vs VAE: {_spread(d)}" if d else "needs both rows",
-        )
-    )
-    dr = _paired(values, "hvae-beta", "vae", RECON)
-    df = _paired(values, "hvae-beta", "vae", FID)
-    both = statistics.fmean(dr) > 0 and statistics.fmean(df) > 0 if dr and df else None
-    claims.append(
-        Claim(
+            -1,
+            {"recon, HVAE (alpha-beta) vs VAE": recon_ab},
+        ),
+        _claim(
             "2",
             "HVAE (beta only) is worse than the VAE on both metrics (study: recon +9.2%, FID +14.6%)",
-            both,
-            f"HVAE (beta only) vs VAE: recon {_spread(dr)}; FID {_spread(df)}"
-            if dr and df
-            else "needs both rows with FID",
-        )
-    )
-    f1 = _paired(values, "hvae-beta", "vae", FID)
-    f2 = _paired(values, "hvae-alpha-beta", "vae", FID)
-    best = statistics.fmean(f1) > 0 and statistics.fmean(f2) > 0 if f1 and f2 else None
-    claims.append(
-        Claim(
+            +1,
+            {"recon, HVAE (beta only) vs VAE": recon_b, "FID, HVAE (beta only) vs VAE": fid_b},
+        ),
+        _claim(
             "3",
             "the VAE has the best FID (study: 105.5 vs 116.2 and 120.9)",
-            best,
-            f"FID vs VAE: HVAE (beta only) {_spread(f1)}; HVAE (alpha-beta) {_spread(f2)}"
-            if f1 and f2
-            else "needs all three rows with FID",
-        )
-    )
-    return claims
+            +1,
+            {"FID, HVAE (beta only) vs VAE": fid_b, "FID, HVAE (alpha-beta) vs VAE": fid_ab},
+        ),
+    ]
