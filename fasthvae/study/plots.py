@@ -82,7 +82,7 @@ def save_samples(runs: list[Run], test_images: np.ndarray, path: Path, n: int = 
             (ax_r, torch.cat([inputs, recons]), n, "test inputs (top), reconstructions (bottom)"),
         ):
             grid = make_grid(images, nrow=nrow, padding=1, pad_value=1.0)
-            ax.imshow(grid.permute(1, 2, 0).numpy())
+            ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"{run.row.label} (seed {run.seed}): {title}", fontsize=9)
