@@ -4,6 +4,7 @@ import fcntl
 import json
 
 import pytest
+import torch
 
 from fasthvae import train
 from fasthvae.study import __main__ as study_cli
@@ -119,7 +120,11 @@ def test_study_end_to_end_resumes_and_reports_failures(data, tmp_path, monkeypat
         assert (out / name).is_file(), name
 
     monkeypatch.setattr(train.Trainer, "run", real_run)
+    resets = []
+    real_reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1) or real_reset())
     assert study(data, out) == 0, "rerun: the failed row trains now"
+    assert len(resets) == 1, "each run starts with a fresh compile cache (dynamo's recompile limit)"
     record = json.loads((out / "study.json").read_text())
     assert {n: r["runs"][0]["status"] for n, r in record["rows"].items()} == dict.fromkeys(
         ["vae", "hvae-beta", "hvae-alpha-beta"], "done"

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from fasthvae.study.rows import Row, select_rows
 from fasthvae.train import TrainConfig, Trainer
 from fasthvae.training.checkpoint import write_text_atomic
@@ -141,6 +143,9 @@ def train_run(
     config = run_config(out, row, seed, shared)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "error.txt").unlink(missing_ok=True)
+    # Every run compiles its own model through the same Objective.forward: without a fresh cache
+    # the runs would add up to dynamo's recompile limit and the later ones would fall back to eager.
+    torch._dynamo.reset()
     try:
         Trainer(config, given=set(asdict(config))).run(on_epoch)
     except Exception:  # a failing row is reported, the study goes on
