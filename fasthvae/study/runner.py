@@ -143,8 +143,8 @@ def train_run(
     config = run_config(out, row, seed, shared)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "error.txt").unlink(missing_ok=True)
-    # Every run compiles its own model through the same Objective.forward: without a fresh cache
-    # the runs would add up to dynamo's recompile limit and the later ones would fall back to eager.
+    # Every run compiles its own model through the same Objective.forward: a fresh cache per run
+    # keeps their graphs from adding up to dynamo's recompile limit (past it, runs go eager).
     torch._dynamo.reset()
     try:
         Trainer(config, given=set(asdict(config))).run(on_epoch)
