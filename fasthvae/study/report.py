@@ -77,7 +77,9 @@ def aggregate(runs: list[Run]) -> dict[str, dict]:
 def _status(runs: list[Run], epochs: int) -> str:
     parts = []
     for run in runs:
-        if run.status == "training":
+        if run.status == "training" and len(run.history) >= epochs:
+            parts.append(f"seed {run.seed}: trained, evaluating")
+        elif run.status == "training":
             parts.append(f"seed {run.seed}: epoch {len(run.history)}/{epochs}")
         elif run.status == "failed":
             parts.append(f"seed {run.seed}: failed ({run.error})")
