@@ -37,9 +37,11 @@ def sample_gaussian(mu: Tensor, logvar: Tensor) -> Tensor:
 
 class LatentVariableModel(nn.Module):
     """Base of the models: ``forward`` gives an :class:`Output`; ``kl_terms`` names its KLs and the
-    schedule weight of each (``alpha`` or ``beta``)."""
+    schedule weight of each (``alpha`` or ``beta``). ``analytic_elbo``: reconstruction plus the KLs of
+    ``forward`` is an unbiased estimate of the negative ELBO (else evaluation uses ``log_weight``)."""
 
     kl_terms: dict[str, str]
+    analytic_elbo: bool = True
 
     def __init__(self, likelihood: str) -> None:
         super().__init__()

@@ -26,6 +26,7 @@ class HVAE(LatentVariableModel):
     """``channels``: first conv width; ``z1_channels``: channels of z1 (8x8); ``latent``: dim of z2."""
 
     kl_terms: ClassVar[dict[str, str]] = {"kl_z1": "alpha", "kl_z2": "beta"}
+    analytic_elbo = False  # z2 depends on z1 under q: see fasthvae.eval.metrics
 
     def __init__(
         self, channels: int = 32, latent: int = 128, z1_channels: int = 16, likelihood: str = "bernoulli"
