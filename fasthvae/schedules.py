@@ -15,14 +15,27 @@ With t the (stretched) epoch and E = 100 the end of the schedule:
                          = 0.25 + 0.75 * (1 + cos(pi * (t - 40) / (E - 40))) / 2 for 40 <= t <= E
                 (down to a floor of 0.25), held at 0.25 after E.
 ``constant``    alpha = beta = 1.
+``staggered``   the alpha-beta idea across a hierarchy of L levels (level 0 the top, the coarsest;
+                level L-1 the finest): level l with f = l / (L - 1) follows
+                w_f(t) = 0                                          for t < 10 f
+                       = (t - 10 f) / (20 + 10 f)                   up to the peak at 20 + 20 f
+                       = 1                                          until 30 + 10 f
+                       = floor_f + (1 - floor_f) * (1 + cos(pi * (t - 30 - 10 f) / (E - 30 - 10 f))) / 2
+                with floor_f = 0.4 - 0.15 f, held at floor_f after E. Each anchor moves linearly
+                from the beta curve (f = 0) to the alpha curve (f = 1): the top level follows beta,
+                the finest follows alpha, and each level between ramps later, peaks later and ends
+                lower. With L = 2 (the HVAE: z2, then z1) ``staggered`` is ``alpha-beta``.
 
-For the VAE, whose only KL is weighted by beta, ``beta`` and ``alpha-beta`` coincide.
+Models weight their KLs by level (:meth:`Schedule.level_weights`): the VAE has one level, the HVAE
+two (z2 on top, z1 below), the deep model one per resolution. ``beta`` puts beta on every level;
+``alpha-beta`` puts beta on the top level and alpha on every level below it. For the VAE, whose
+only KL is its top level, ``beta``, ``alpha-beta`` and ``staggered`` coincide.
 """
 
 import math
 from dataclasses import dataclass
 
-SCHEDULES = ("constant", "beta", "alpha-beta")
+SCHEDULES = ("constant", "beta", "alpha-beta", "staggered")
 REFERENCE_EPOCHS = 100
 BETA_RAMP_END, BETA_HOLD_END, BETA_FLOOR = 20.0, 30.0, 0.4
 ALPHA_RAMP_START, ALPHA_PEAK, ALPHA_FLOOR = 10.0, 40.0, 0.25
@@ -33,22 +46,33 @@ def _cosine_decay(t: float, start: float, end: float, floor: float) -> float:
     return floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2
 
 
+def _lerp(a: float, b: float, f: float) -> float:
+    return a + (b - a) * f
+
+
+def staggered_curve(t: float, f: float) -> float:
+    """The weight at (reference) epoch t of a level at depth fraction f in [0, 1]: beta at 0, alpha at 1."""
+    start = _lerp(0.0, ALPHA_RAMP_START, f)
+    peak = _lerp(BETA_RAMP_END, ALPHA_PEAK, f)
+    hold_end = _lerp(BETA_HOLD_END, ALPHA_PEAK, f)
+    floor = _lerp(BETA_FLOOR, ALPHA_FLOOR, f)
+    if t < start:
+        return 0.0
+    if t < peak:
+        return (t - start) / (peak - start)
+    if t < hold_end:
+        return 1.0
+    return _cosine_decay(t, hold_end, REFERENCE_EPOCHS, floor)
+
+
 def beta_curve(t: float) -> float:
     """The study's beta at (reference) epoch t."""
-    if t < BETA_RAMP_END:
-        return max(t, 0.0) / BETA_RAMP_END
-    if t < BETA_HOLD_END:
-        return 1.0
-    return _cosine_decay(t, BETA_HOLD_END, REFERENCE_EPOCHS, BETA_FLOOR)
+    return staggered_curve(t, 0.0)
 
 
 def alpha_curve(t: float) -> float:
     """The staggered alpha at (reference) epoch t: later ramp, peak at 40, floor 0.25."""
-    if t < ALPHA_RAMP_START:
-        return 0.0
-    if t < ALPHA_PEAK:
-        return (t - ALPHA_RAMP_START) / (ALPHA_PEAK - ALPHA_RAMP_START)
-    return _cosine_decay(t, ALPHA_PEAK, REFERENCE_EPOCHS, ALPHA_FLOOR)
+    return staggered_curve(t, 1.0)
 
 
 @dataclass(frozen=True)
@@ -64,10 +88,23 @@ class Schedule:
         if self.total_epochs <= 0:
             raise ValueError(f"total_epochs must be positive, got {self.total_epochs}")
 
+    def _t(self, epoch: float) -> float:
+        return epoch * REFERENCE_EPOCHS / self.total_epochs
+
     def weights(self, epoch: float) -> tuple[float, float]:
+        """(alpha, beta): the weights of the finest and the top level of a two-level model."""
+        top, below = self.level_weights(epoch, 2)
+        return below, top
+
+    def level_weights(self, epoch: float, levels: int) -> list[float]:
+        """The KL weight of each of ``levels`` levels, the top (coarsest) first."""
+        if levels < 1:
+            raise ValueError(f"levels must be positive, got {levels}")
         if self.name == "constant":
-            return 1.0, 1.0
-        t = epoch * REFERENCE_EPOCHS / self.total_epochs
-        beta = beta_curve(t)
-        alpha = alpha_curve(t) if self.name == "alpha-beta" else beta
-        return alpha, beta
+            return [1.0] * levels
+        t = self._t(epoch)
+        if self.name == "beta":
+            return [beta_curve(t)] * levels
+        if self.name == "alpha-beta":
+            return [beta_curve(t)] + [alpha_curve(t)] * (levels - 1)
+        return [staggered_curve(t, level / max(levels - 1, 1)) for level in range(levels)]

@@ -1,11 +1,12 @@
-"""Train the study's VAE or two-level HVAE on CIFAR-10.
+"""Train the study's VAE or two-level HVAE, or the deep top-down HVAE, on CIFAR-10.
 
     python -m fasthvae.train --amp                       # HVAE, alpha-beta schedule, 100 epochs
     python -m fasthvae.train --model vae --schedule beta --epochs 30 --data cifar10.npz
+    python -m fasthvae.train --model deep --preset small # deep HVAE, mixture likelihood, plain ELBO
     torchrun --nproc_per_node 2 -m fasthvae.train ...    # DDP: each rank its shard, rank 0 writes
 
 Leaves in --out: config.json, metrics.csv, checkpoint.pt (atomic, every epoch; --resume continues
-from it), samples.png, reconstructions.png, loss_curves.png and summary.json.
+from it), samples.png, reconstructions.png, loss_curves.png, latent_health.png and summary.json.
 """
 
 import argparse
@@ -37,9 +38,9 @@ from fasthvae.data.sources import DATA_ENV
 from fasthvae.eval.fid import INCEPTION, TINY, FidError, model_fid
 from fasthvae.eval.metrics import evaluate_model
 from fasthvae.likelihoods import LIKELIHOODS
-from fasthvae.models import MODELS, build_model_from_config
+from fasthvae.models import MODELS, PRESETS, build_model_from_config, deep_spec
 from fasthvae.schedules import REFERENCE_EPOCHS, SCHEDULES, Schedule
-from fasthvae.training import plots
+from fasthvae.training import latent_health, plots
 from fasthvae.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -49,6 +50,8 @@ from fasthvae.training.checkpoint import (
     write_text_atomic,
 )
 from fasthvae.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from fasthvae.training.ema import EMA
+from fasthvae.training.grad_skip import AdaptiveSkip
 from fasthvae.training.precision import autocast, choose_amp_dtype, grad_scaler
 
 # Fields that define what is trained; a resumed run must not change them.
@@ -59,6 +62,10 @@ IDENTITY = (
     "channels",
     "latent",
     "z1_channels",
+    "preset",
+    "layout",
+    "width",
+    "zdim",
     "batch_size",
     "lr",
     "weight_decay",
@@ -69,7 +76,19 @@ IDENTITY = (
     "amp",
     "amp_dtype",
     "grad_clip",
+    "skip_factor",
+    "ema",
 )
+# Defaults that depend on the model (None in TrainConfig): the study's models train as the study
+# did; the deep model as VDVAE does (plain ELBO, mixture likelihood, EMA, update skipping).
+MODEL_DEFAULTS = {
+    "deep": {"schedule": "constant", "likelihood": "mixture", "ema": 0.999, "skip_factor": 10.0},
+    "vae": {"schedule": "beta", "likelihood": "bernoulli", "ema": 0.0, "skip_factor": 0.0},
+    "hvae": {"schedule": "alpha-beta", "likelihood": "bernoulli", "ema": 0.0, "skip_factor": 0.0},
+}
+
+
+HEALTH_IMAGES = 256  # test images on which each epoch counts active units
 
 
 class TrainingError(RuntimeError):
@@ -79,11 +98,15 @@ class TrainingError(RuntimeError):
 @dataclass
 class TrainConfig:
     model: str = "hvae"
-    schedule: str = "alpha-beta"
-    likelihood: str = "bernoulli"
+    schedule: str | None = None  # None: MODEL_DEFAULTS
+    likelihood: str | None = None
     channels: int = 32
     latent: int = 128
     z1_channels: int = 16
+    preset: str = "small"
+    layout: str | None = None
+    width: int | None = None
+    zdim: int | None = None
     epochs: int = REFERENCE_EPOCHS
     batch_size: int = 128
     lr: float = 1e-3
@@ -107,6 +130,8 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     max_skips: int = 20
+    skip_factor: float | None = None
+    ema: float | None = None
     iw_samples: int = 0
     fid_samples: int = 0
     fid_extractor: str = INCEPTION
@@ -121,16 +146,28 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", choices=list(MODELS), default="hvae")
-    p.add_argument("--schedule", choices=SCHEDULES, default="alpha-beta")
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=None,
+        help="KL weights (default: beta for vae, alpha-beta for hvae, constant for deep)",
+    )
     p.add_argument(
         "--likelihood",
         choices=LIKELIHOODS,
-        default="bernoulli",
-        help="bernoulli (BCE, the study's), gaussian (MSE) or logistic (discretized; bits/dim)",
+        default=None,
+        help="bernoulli (BCE, the study's; default for vae and hvae), gaussian (MSE), logistic or "
+        "mixture (discretized, bits/dim; mixture is the default for deep)",
     )
-    p.add_argument("--channels", type=int, default=32, help="width of the first conv layer")
-    p.add_argument("--latent", type=int, default=128, help="dim of z (VAE) or z2 (HVAE)")
-    p.add_argument("--z1-channels", type=int, default=16, help="HVAE: channels of the 8x8 latent z1")
+    p.add_argument("--channels", type=int, default=32, help="vae/hvae: width of the first conv layer")
+    p.add_argument("--latent", type=int, default=128, help="vae/hvae: dim of z (VAE) or z2 (HVAE)")
+    p.add_argument("--z1-channels", type=int, default=16, help="hvae: channels of the 8x8 latent z1")
+    p.add_argument("--preset", choices=list(PRESETS), default="small", help="deep: the model size")
+    p.add_argument(
+        "--layout", default=None, help='deep: latent groups top down, e.g. "1x1,4x2,8x3,16x3,32x2"'
+    )
+    p.add_argument("--width", type=int, default=None, help="deep: channels of the residual stream")
+    p.add_argument("--zdim", type=int, default=None, help="deep: channels of each latent group")
     p.add_argument(
         "--epochs",
         type=int,
@@ -184,7 +221,20 @@ def _parser() -> argparse.ArgumentParser:
         "--max-skips",
         type=int,
         default=20,
-        help="stop after this many consecutive steps with non-finite loss or gradients",
+        help="stop after this many consecutive skipped steps (non-finite, or above the skip threshold)",
+    )
+    p.add_argument(
+        "--skip-factor",
+        type=float,
+        default=None,
+        help="skip a step whose gradient norm exceeds this many times the median of the recent ones "
+        "(0: skip only non-finite steps; default 10 for deep, 0 otherwise)",
+    )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        help="EMA rate of the weights used for evaluation and samples (0: off; default 0.999 for deep)",
     )
     p.add_argument(
         "--iw-samples", type=int, default=0, help="importance samples for the final bound (0: skip)"
@@ -202,6 +252,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**vars(_parser().parse_args(argv)))
+
+
+def with_model_defaults(config: TrainConfig) -> TrainConfig:
+    """``config`` with its model's defaults in the fields left at None (see MODEL_DEFAULTS)."""
+    if config.model not in MODEL_DEFAULTS:
+        raise TrainingError(f"unknown model {config.model!r}; choose one of {', '.join(MODEL_DEFAULTS)}")
+    defaults = MODEL_DEFAULTS[config.model]
+    return replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
 
 
 def given_options(argv: list[str] | None = None) -> set[str]:
@@ -231,9 +289,10 @@ def merge_resumed(config: TrainConfig, saved: dict, given: set[str]) -> TrainCon
     merged = asdict(config)
     for name in IDENTITY:
         value = before.get(name, getattr(defaults, name))  # older checkpoints lack newer fields
-        if name in given and getattr(config, name) != value:
+        asked = getattr(config, name)
+        if name in given and asked is not None and asked != value:  # None: the model's default
             raise TrainingError(
-                f"--{name.replace('_', '-')} {getattr(config, name)} differs from the checkpoint's "
+                f"--{name.replace('_', '-')} {asked} differs from the checkpoint's "
                 f"{value}; a resumed run keeps what it trained with (use a new --out to change it)"
             )
         merged[name] = value
@@ -297,15 +356,26 @@ def resolve_runtime(config: TrainConfig, dist: DistInfo) -> Runtime:
 
 
 def validate(config: TrainConfig) -> None:
-    positive = ("epochs", "batch_size", "channels", "latent", "z1_channels", "max_skips")
+    """Clear errors for values no run can use (``config`` has its model defaults filled in)."""
+    positive = ("epochs", "batch_size", "channels", "latent", "z1_channels", "max_skips", "width", "zdim")
     for name in positive:
-        if getattr(config, name) <= 0:
-            raise TrainingError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise TrainingError(f"--{name.replace('_', '-')} must be positive, got {value}")
     for name in ("lr", "weight_decay", "grad_clip", "workers", "iw_samples", "fid_samples"):
         if getattr(config, name) < 0 or not math.isfinite(getattr(config, name)):
             raise TrainingError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     if config.lr == 0:
         raise TrainingError("--lr must be positive")
+    if not 0 <= config.ema < 1:
+        raise TrainingError(f"--ema must be in [0, 1), got {config.ema}")
+    if config.skip_factor != 0 and not config.skip_factor > 1:
+        raise TrainingError(f"--skip-factor must be 0 (off) or above 1, got {config.skip_factor}")
+    if config.model == "deep":
+        try:
+            deep_spec(asdict(config))
+        except ValueError as err:
+            raise TrainingError(str(err)) from err
 
 
 class Objective(nn.Module):
@@ -315,8 +385,8 @@ class Objective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.model.loss(x, alpha, beta)
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.loss(x, weights)
 
 
 class Trainer:
@@ -324,7 +394,6 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, given: set[str] | None = None) -> None:
         """``given``: the fields set explicitly (default: those that differ from the defaults)."""
-        validate(config)
         if config.data is None and os.environ.get(DATA_ENV):  # record where the data came from
             config = replace(config, data=os.environ[DATA_ENV])
         self.out = Path(config.out)
@@ -339,6 +408,8 @@ class Trainer:
                 f"{self.out} already holds a checkpoint: pass --resume to continue it, "
                 "--overwrite to start afresh, or another --out"
             )
+        config = with_model_defaults(config)
+        validate(config)
         self.config = config
         self.dist = init_distributed(device_type(config))  # NCCL on GPUs, gloo on CPU
         self.rt = resolve_runtime(config, self.dist)
@@ -382,6 +453,10 @@ class Trainer:
         )
         self.scaler = grad_scaler(self.rt.device, self.rt.amp_dtype)
         self.schedule = Schedule(config.schedule, config.schedule_epochs or config.epochs)
+        self.ema = EMA(self.model, config.ema) if config.ema else None
+        self.eval_model = self.ema.model if self.ema else self.model  # what evaluation and samples use
+        self.skip = AdaptiveSkip(config.skip_factor) if config.skip_factor else None
+        self.health = latent_health.HealthMonitor()
         self.epoch, self.step, self.history = 0, 0, []
         if saved is not None:
             self._restore(saved)
@@ -392,6 +467,8 @@ class Trainer:
             objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
         self.objective = torch.compile(objective) if self.rt.compile else objective
         self.fixed_batch = next(image_batches(self.test_split.images[:32], self.rt.device, 32))
+        health_images = self.test_split.images[:HEALTH_IMAGES]
+        self.health_batch = next(image_batches(health_images, self.rt.device, len(health_images)))
 
     # ---- state
 
@@ -402,6 +479,9 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"{self.checkpoint_path}: does not fit this model ({err})") from err
         self.scaler.load_state_dict(saved["scaler"])
+        for name, part in (("ema", self.ema), ("skip", self.skip), ("health", self.health)):
+            if part is not None and saved.get(name) is not None:
+                part.load_state_dict(saved[name])
         self.epoch, self.step, self.history = saved["epoch"], saved["step"], saved["history"]
         restore_rng_states(
             saved["rng"][self.dist.rank] if self.dist.rank < len(saved["rng"]) else saved["rng"][0]
@@ -419,6 +499,9 @@ class Trainer:
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None,
+                "skip": self.skip.state_dict() if self.skip else None,
+                "health": self.health.state_dict(),
                 "epoch": self.epoch,
                 "step": self.step,
                 "history": self.history,
@@ -430,27 +513,31 @@ class Trainer:
 
     # ---- training
 
-    def _train_step(self, x: torch.Tensor, alpha: float, beta: float) -> dict[str, torch.Tensor] | None:
-        """One optimizer step; None when the loss or gradients were not finite (step skipped)."""
-        dev = self.rt.device
-        with autocast(dev.type, self.rt.amp_dtype):
-            terms = self.objective(x, torch.tensor(alpha, device=dev), torch.tensor(beta, device=dev))
+    def _train_step(self, x: torch.Tensor, weights: list[float]) -> dict[str, torch.Tensor] | None:
+        """One optimizer step with the KL weights per level; None when it was skipped (non-finite
+        loss or gradients, or a gradient norm above the adaptive threshold)."""
+        with autocast(self.rt.device.type, self.rt.amp_dtype):
+            terms = self.objective(x, torch.tensor(weights, device=self.rt.device))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()
         self.scaler.unscale_(self.optimizer)
         max_norm = self.config.grad_clip or math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        finite = bool(torch.isfinite(norm))  # gradients are all-reduced: every rank agrees
-        if finite:
+        # Gradients are all-reduced, so every rank sees the same norm and decides alike.
+        take = self.skip.allows(float(norm)) if self.skip else bool(torch.isfinite(norm))
+        if take:
             self.scaler.step(self.optimizer)
+            if self.ema is not None:
+                self.ema.update(self.model)
         self.scaler.update()
-        return {k: v.detach().float() for k, v in terms.items()} if finite else None
+        return {k: v.detach().float() for k, v in terms.items()} if take else None
 
     def _run_epoch(self) -> dict[str, float]:
         self.model.train()
         self.loader.set_epoch(self.epoch)
         n_batches = len(self.loader)
-        names = ["loss", "recon", *self.model.kl_terms]
+        names = ["loss", "recon", *self.model.kl_levels]
+        levels = self.model.num_levels
         sums = torch.zeros(len(names) + 2, dtype=torch.float64, device=self.rt.device)  # + images, skips
         consecutive_skips = 0
         start = time.perf_counter()
@@ -462,19 +549,20 @@ class Trainer:
             dynamic_ncols=True,
         )
         for i, (x, _) in enumerate(self.loader):
-            alpha, beta = self.schedule.weights(self.epoch + i / n_batches)
-            terms = self._train_step(x, alpha, beta)
+            terms = self._train_step(x, self.schedule.level_weights(self.epoch + i / n_batches, levels))
             self.step += 1
             if terms is None:
                 bar.update(1)
                 consecutive_skips += 1
                 sums[-1] += 1
                 if consecutive_skips >= self.config.max_skips:
+                    threshold = f" (skip threshold now {self.skip.threshold():.4g})" if self.skip else ""
                     raise TrainingError(
-                        f"{consecutive_skips} consecutive steps with non-finite loss or gradients at epoch "
+                        f"{consecutive_skips} consecutive skipped steps (non-finite loss or gradients, or "
+                        f"gradient norms above the adaptive threshold{threshold}) at epoch "
                         f"{self.epoch + 1}, step {self.step}: training stopped. The last good checkpoint "
                         f"({self.checkpoint_path}, epoch {self.epoch}) is intact; try a lower --lr, "
-                        "--grad-clip or --amp-dtype bf16."
+                        "--grad-clip, --amp-dtype bf16 or a larger --skip-factor."
                     )
                 continue
             consecutive_skips = 0
@@ -497,11 +585,12 @@ class Trainer:
         images, skipped = float(sums[-2]), int(sums[-1])
         row = {"epoch": self.epoch + 1}
         row.update({k: float(sums[j]) / max(images, 1) for j, k in enumerate(names)})
-        alpha, beta = self.schedule.weights(self.epoch + 1)
+        weights = self.schedule.level_weights(self.epoch + 1, levels)
+        row.update({"alpha": weights[-1], "beta": weights[0]})  # the finest and the top level
+        if levels > 2:
+            row.update({f"weight_level{level}": w for level, w in enumerate(weights)})
         row.update(
             {
-                "alpha": alpha,
-                "beta": beta,
                 "images_per_s": images / seconds,
                 "seconds": seconds,
                 "skipped_steps": skipped,
@@ -509,33 +598,44 @@ class Trainer:
         )
         return row
 
+    def _check_latents(self, row: dict) -> None:
+        """Active units per latent group into the epoch's row; warnings when groups collapse or one
+        carries most of the KL (rank 0, on the first test images, with the evaluation weights)."""
+        health = latent_health.measure(self.eval_model, self.health_batch, self.rt.amp_dtype)
+        row.update({f"active_{name.removeprefix('kl_')}": h["active"] for name, h in health.items()})
+        for warning in self.health.add(health):
+            print(f"fasthvae.train: warning: epoch {self.epoch + 1}: {warning}", file=sys.stderr, flush=True)
+
     def _write_outputs(self) -> None:
-        """metrics.csv, sample and reconstruction grids, loss curves (rank 0)."""
+        """metrics.csv, sample and reconstruction grids, loss curves, latent health (rank 0)."""
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(self.history[0]))
         writer.writeheader()
         writer.writerows(self.history)
         write_text_atomic(buf.getvalue(), self.out / "metrics.csv")
-        self.model.eval()
+        model = self.eval_model
+        was_training = model.training
+        model.eval()
         with torch.no_grad(), autocast(self.rt.device.type, self.rt.amp_dtype):
-            plots.save_grid(self.model.sample(64), self.out / "samples.png")
-            recons = self.model.reconstruct(self.fixed_batch)
+            plots.save_grid(model.sample(64), self.out / "samples.png")
+            recons = model.reconstruct(self.fixed_batch)
         plots.save_reconstructions(self.fixed_batch, recons, self.out / "reconstructions.png")
-        self.model.train()
+        model.train(was_training)
         plots.save_loss_curves(self.history, self.out / "loss_curves.png")
+        latent_health.save_heatmap(self.health.history, self.out / "latent_health.png")
 
     def summarize(self) -> dict:
         """Test-set measures of the final model, training speed, and FID when asked (rank 0)."""
         start = time.perf_counter()
         metrics = evaluate_model(
-            self.model,
+            self.eval_model,
             image_batches(self.test_split.images, self.rt.device, 500),
             iw_samples=self.config.iw_samples,
             autocast_dtype=self.rt.amp_dtype,
         )
         if self.config.fid_samples:
             fid = model_fid(
-                self.model,
+                self.eval_model,
                 self.config.fid_samples,
                 device=self.rt.device,
                 data=self.config.data,
@@ -553,6 +653,8 @@ class Trainer:
             "train_seconds": sum(r["seconds"] for r in self.history),
             "eval_seconds": time.perf_counter() - start,
             "skipped_steps": sum(r["skipped_steps"] for r in self.history),
+            "evaluated_weights": f"EMA (rate {self.config.ema})" if self.ema else "trained",
+            "latent_health": self.health.summary(),
             "runtime": self.runtime_record(),
         }
         if self.config.fid_samples:
@@ -579,6 +681,8 @@ class Trainer:
             write_text_atomic(json.dumps(record, indent=2) + "\n", self.out / "config.json")
         while self.epoch < self.config.epochs:
             row = self._run_epoch()
+            if self.dist.is_main:
+                self._check_latents(row)
             self.epoch += 1
             self.history.append(row)
             if self.dist.is_main:

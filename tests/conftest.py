@@ -1,5 +1,5 @@
 """Test set-up: Triton runs in its interpreter on CPU-only machines (set before triton is imported),
-and the small data set that trainer and study tests share."""
+the small data set that trainer and study tests share, and ``slow`` tests run only with ``--slow``."""
 
 import os
 from pathlib import Path
@@ -12,6 +12,19 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10/cifar
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -50,3 +50,36 @@ def test_constant_and_errors():
         Schedule("cyclic")
     with pytest.raises(ValueError, match="positive"):
         Schedule("beta", total_epochs=0)
+
+
+@pytest.mark.parametrize("epoch", [0, 5, 10, 17.5, 20, 30, 40, 55, 70, 100, 130])
+def test_staggered_ends_are_beta_and_alpha_and_two_levels_are_alpha_beta(epoch):
+    s = Schedule("staggered")
+    top, *_, finest = s.level_weights(epoch, 5)
+    alpha, beta = Schedule("alpha-beta").weights(epoch)
+    assert (top, finest) == (APPROX(beta), APPROX(alpha))
+    assert s.level_weights(epoch, 2) == [APPROX(beta), APPROX(alpha)]
+    assert s.level_weights(epoch, 1) == [APPROX(beta)]
+
+
+@pytest.mark.parametrize(
+    ("epoch", "weight"),  # the middle level of 3 (f = 1/2): ramp 5 -> 30, hold to 35, floor 0.325
+    [(0, 0.0), (5, 0.0), (17.5, 0.5), (30, 1.0), (35, 1.0), (67.5, 0.6625), (100, 0.325), (120, 0.325)],
+)
+def test_staggered_middle_level(epoch, weight):
+    assert Schedule("staggered").level_weights(epoch, 3)[1] == APPROX(weight)
+
+
+def test_staggered_lower_levels_ramp_later_and_end_lower():
+    levels = [Schedule("staggered").level_weights(e / 4, 6) for e in range(0, 481)]
+    for upper, lower in zip(range(5), range(1, 6), strict=True):
+        assert all(w[lower] <= w[upper] + 1e-12 for w in levels[: 20 * 4])  # ramps: lower is later
+        assert levels[-1][lower] < levels[-1][upper]  # floors: lower is lower
+
+
+def test_level_weights_of_each_schedule():
+    assert Schedule("constant").level_weights(12, 3) == [1.0, 1.0, 1.0]
+    assert Schedule("beta").level_weights(10, 3) == [APPROX(0.5)] * 3
+    assert Schedule("alpha-beta").level_weights(20, 3) == [APPROX(1.0), APPROX(1 / 3), APPROX(1 / 3)]
+    with pytest.raises(ValueError, match="levels"):
+        Schedule("beta").level_weights(1, 0)

@@ -76,7 +76,7 @@ def test_loss_decreases_on_a_fixed_batch(data):
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(30):
-        loss = model.loss(x, 1.0, 1.0)["loss"]
+        loss = model.loss(x, [1.0, 1.0])["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -175,9 +175,9 @@ def test_non_finite_steps_are_skipped_then_stop(data, tmp_path, monkeypatch, cap
     real = train.Objective.forward
     calls = {"n": 0}
 
-    def nan_after_first_epoch(self, x, alpha, beta):
+    def nan_after_first_epoch(self, x, weights):
         calls["n"] += 1
-        terms = real(self, x, alpha, beta)
+        terms = real(self, x, weights)
         if calls["n"] in (2, 9) or calls["n"] > 10:  # isolated bad steps, then nothing but NaN
             terms["loss"] = terms["loss"] * float("nan")
         return terms
@@ -198,7 +198,7 @@ def test_non_finite_steps_are_skipped_then_stop(data, tmp_path, monkeypatch, cap
         "--no-compile",
     ]  # 8 steps per epoch
     assert train.main(argv) == 2
-    assert "3 consecutive steps with non-finite" in capsys.readouterr().err
+    assert "3 consecutive skipped steps (non-finite" in capsys.readouterr().err
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["epoch"] == 1 and state["history"][0]["skipped_steps"] == 1, "epoch 1 skipped one step"
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

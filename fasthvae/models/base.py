@@ -36,11 +36,12 @@ def sample_gaussian(mu: Tensor, logvar: Tensor) -> Tensor:
 
 
 class LatentVariableModel(nn.Module):
-    """Base of the models: ``forward`` gives an :class:`Output`; ``kl_terms`` names its KLs and the
-    schedule weight of each (``alpha`` or ``beta``). ``analytic_elbo``: reconstruction plus the KLs of
-    ``forward`` is an unbiased estimate of the negative ELBO (else evaluation uses ``log_weight``)."""
+    """Base of the models: ``forward(x, kl_reduction)`` gives an :class:`Output`; ``kl_levels`` names
+    its KLs and the hierarchy level of each (0 the top), whose schedule weight it takes.
+    ``analytic_elbo``: reconstruction plus the KLs of ``forward`` is an unbiased estimate of the
+    negative ELBO (else evaluation uses ``log_weight``)."""
 
-    kl_terms: dict[str, str]
+    kl_levels: dict[str, int]
     analytic_elbo: bool = True
 
     def __init__(self, likelihood: str) -> None:
@@ -48,12 +49,16 @@ class LatentVariableModel(nn.Module):
         likelihoods.check_likelihood(likelihood)
         self.likelihood = likelihood
 
-    def loss(self, x: Tensor, alpha: Tensor | float, beta: Tensor | float) -> dict[str, Tensor]:
-        """Mean over the batch of recon + weighted KLs, with each term's batch mean (float32)."""
+    @property
+    def num_levels(self) -> int:
+        return max(self.kl_levels.values()) + 1
+
+    def loss(self, x: Tensor, weights: Tensor | list[float]) -> dict[str, Tensor]:
+        """Mean over the batch of recon + KLs weighted by level (``weights[level]``, the schedule's
+        :meth:`~fasthvae.schedules.Schedule.level_weights`), with each term's batch mean (float32)."""
         out = self(x)
         recon = likelihoods.nll(self.likelihood, out.decoded, x)
-        weights = {"alpha": alpha, "beta": beta}
-        total = recon + sum(weights[self.kl_terms[k]] * kl for k, kl in out.kls.items())
+        total = recon + sum(weights[self.kl_levels[k]] * kl for k, kl in out.kls.items())
         terms = {"loss": total.mean(), "recon": recon.mean()}
         terms.update({k: kl.mean() for k, kl in out.kls.items()})
         return terms

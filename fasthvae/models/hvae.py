@@ -25,7 +25,7 @@ LEVELS = 2  # z1 lives at 8x8
 class HVAE(LatentVariableModel):
     """``channels``: first conv width; ``z1_channels``: channels of z1 (8x8); ``latent``: dim of z2."""
 
-    kl_terms: ClassVar[dict[str, str]] = {"kl_z1": "alpha", "kl_z2": "beta"}
+    kl_levels: ClassVar[dict[str, int]] = {"kl_z1": 1, "kl_z2": 0}  # weights: alpha on z1, beta on z2
     analytic_elbo = False  # z2 depends on z1 under q: see fasthvae.eval.metrics
 
     def __init__(
@@ -57,13 +57,13 @@ class HVAE(LatentVariableModel):
         """The learned prior p(z1 | z2): (mu, logvar), each [B, z1_channels, 8, 8]."""
         return self.prior_z1(self.prior_project(z2).view(-1, self.width, 4, 4))
 
-    def forward(self, x: Tensor) -> Output:
+    def forward(self, x: Tensor, kl_reduction: str = "sample") -> Output:
         mu1, logvar1 = self.encode(x)
         z1 = ops.reparameterize(mu1, logvar1)
         mu2, logvar2 = self.encode_z2(z1)
-        z2, kl2 = ops.sample_and_kl(mu2, logvar2)
+        z2, kl2 = ops.sample_and_kl(mu2, logvar2, reduction=kl_reduction)
         mu_p, logvar_p = self.prior(z2)
-        kl1 = ops.gaussian_kl(mu1, logvar1, mu_p, logvar_p)
+        kl1 = ops.gaussian_kl(mu1, logvar1, mu_p, logvar_p, reduction=kl_reduction)
         return Output(self.decoder(z1), {"kl_z1": kl1, "kl_z2": kl2})
 
     @torch.no_grad()

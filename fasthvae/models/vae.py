@@ -16,7 +16,7 @@ LEVELS = 3  # 32 -> 4
 class VAE(LatentVariableModel):
     """``channels``: width of the first conv (doubling at each of 3 downsamplings); ``latent``: dim of z."""
 
-    kl_terms: ClassVar[dict[str, str]] = {"kl_z": "beta"}
+    kl_levels: ClassVar[dict[str, int]] = {"kl_z": 0}
 
     def __init__(self, channels: int = 32, latent: int = 128, likelihood: str = "bernoulli") -> None:
         super().__init__(likelihood)
@@ -33,9 +33,9 @@ class VAE(LatentVariableModel):
     def decode(self, z: Tensor) -> Tensor:
         return self.decoder(self.project(z).view(-1, self.width, 4, 4))
 
-    def forward(self, x: Tensor) -> Output:
+    def forward(self, x: Tensor, kl_reduction: str = "sample") -> Output:
         mu, logvar = self.encode(x)
-        z, kl = ops.sample_and_kl(mu, logvar)
+        z, kl = ops.sample_and_kl(mu, logvar, reduction=kl_reduction)
         return Output(self.decode(z), {"kl_z": kl})
 
     @torch.no_grad()
