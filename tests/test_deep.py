@@ -1,0 +1,250 @@
+"""The deep top-down HVAE: presets and layouts, its KLs and bounds, EMA, update skipping, latent
+health, resume and compile (CPU, tiny configs)."""
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from fasthvae import train
+from fasthvae.eval.metrics import evaluate_model, iw_bound
+from fasthvae.models import PRESETS, DeepHVAE, build_model_from_config, deep
+from fasthvae.ops import reference
+from fasthvae.training.checkpoint import load_checkpoint
+from fasthvae.training.grad_skip import AdaptiveSkip
+from fasthvae.training.latent_health import HealthMonitor
+from tests.test_train import KILL_AFTER_FIRST_CHECKPOINT, assert_same_state, run_process
+
+TINY = deep.DeepSpec("1x1,4x1,8x1,16x1,32x1", width=8, zdim=2, encoder_blocks=1)
+TINY_ARGS = ["--model", "deep", "--layout", "1x1,4x1,8x1,16x1,32x1", "--width", "8", "--zdim", "2"]
+TINY_ARGS += ["--batch-size", "32", "--limit-test", "64", "--loader", "resident", "--no-compile"]
+
+
+def images(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=g).float() / 255
+
+
+def tiny(likelihood: str = "mixture", seed: int = 0) -> DeepHVAE:
+    torch.manual_seed(seed)
+    return DeepHVAE(TINY, likelihood=likelihood)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("likelihood", ["mixture", "bernoulli"])
+def test_every_preset_layout_gives_shapes_and_samples(preset, likelihood):
+    spec = replace(PRESETS[preset], width=8, zdim=2, encoder_blocks=1)  # the preset's layout, tiny widths
+    model = DeepHVAE(spec, likelihood=likelihood)
+    x = images(2)
+    out = model(x)
+    assert out.decoded.shape == (2, 100 if likelihood == "mixture" else 3, 32, 32)
+    resolutions = deep.parse_layout(spec.layout)
+    assert len(out.kls) == len(resolutions) and all(kl.shape == (2,) for kl in out.kls.values())
+    assert model.num_levels == len(set(resolutions))
+    for temperature in (0.0, 0.7, 1.0):
+        samples = model.sample(3, temperature)
+        assert samples.shape == (3, 3, 32, 32) and samples.min() >= 0 and samples.max() <= 1
+
+
+def test_layout_errors_are_clear():
+    for bad, message in [
+        ("1x1,4y2", "not RxN"),
+        ("1x1,3x2,32x1", "must be one of"),
+        ("4x1,1x1,32x1", "must rise"),
+        ("1x1,4x2", "last resolution must be 32"),
+        ("1x1,32x0", "has no group"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            deep.parse_layout(bad)
+    with pytest.raises(ValueError, match="unknown deep preset"):
+        build_model_from_config({"model": "deep", "preset": "huge", "likelihood": "mixture"})
+
+
+def test_preset_sizes():
+    """small is sized for a 2-core CPU, base for a GPU (parameters in millions, see README)."""
+    assert sum(p.numel() for p in DeepHVAE("small").parameters()) / 1e6 == pytest.approx(0.26, abs=0.01)
+    groups = {name: len(deep.parse_layout(spec.layout)) for name, spec in PRESETS.items()}
+    assert groups["base"] > 4 * groups["small"]
+
+
+def test_group_kls_sum_to_the_kl_of_all_latents(monkeypatch):
+    """Each group's fused KL against the plain-PyTorch KL of every latent at once."""
+    model = tiny()
+    params = []
+    real = deep.ops.sample_and_kl
+
+    def recording(mu, logvar, mu_p, logvar_p, **kwargs):
+        params.append([t.detach().flatten(1) for t in (mu, logvar, mu_p, logvar_p)])
+        return real(mu, logvar, mu_p, logvar_p, **kwargs)
+
+    monkeypatch.setattr(deep.ops, "sample_and_kl", recording)
+    out = model(images(4))
+    everything = [torch.cat(parts, 1) for parts in zip(*params, strict=True)]
+    total = reference.gaussian_kl(*everything, "sample")
+    assert torch.allclose(sum(out.kls.values()), total, rtol=1e-5)
+
+
+def test_soft_clamped_log_variances_stay_finite_in_low_precision():
+    x = torch.linspace(-1e4, 1e4, 101)
+    clamped = deep.soft_clamp(x)
+    assert clamped.abs().max() <= deep.LOGVAR_BOUND
+    for dtype in (torch.float16, torch.bfloat16):
+        assert torch.isfinite(torch.exp(0.5 * deep.soft_clamp(x.to(dtype)))).all()
+        assert torch.isfinite(torch.exp(-deep.soft_clamp(x.to(dtype)))).all()
+    assert deep.soft_clamp(torch.tensor(0.5)).item() == pytest.approx(0.5, abs=1e-3)
+
+
+def test_neg_elbo_matches_a_monte_carlo_elbo_and_iw_bounds_tighten():
+    """Analytic KLs with z_<i from q (the reported -ELBO) against many importance weights."""
+    model = tiny().eval()
+    x = images(4).repeat(128, 1, 1, 1)  # 4 images x 128
+    torch.manual_seed(1)
+    with torch.no_grad():
+        log_w = model.log_weight(x).double().view(128, 4)
+        reported = evaluate_model(model, [x])["neg_elbo"]
+    se = log_w.std(0).mean().item() * math.sqrt(1 / 512 + 1 / 512)
+    assert abs(reported + log_w.mean().item()) < 4 * se
+    torch.manual_seed(2)
+    k1 = iw_bound(model, x[:8], 1).mean().item()
+    k32 = iw_bound(model, x[:8], 32).mean().item()
+    assert k32 < k1
+    assert k32 <= reported
+
+
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(data):
+    model = tiny()
+    with np.load(data) as f:
+        x = torch.from_numpy(f["x_train"][:16]).permute(0, 3, 1, 2).float() / 255
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(25):
+        loss = model.loss(x, [1.0] * model.num_levels)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_compiles_whole_with_fullgraph():
+    torch.manual_seed(0)
+    model = DeepHVAE(replace(TINY, layout="4x1,32x1"))  # every kind of step, a small graph
+    x = images(4)
+    weights = torch.ones(model.num_levels)
+    compiled = torch.compile(model.loss, fullgraph=True)
+    torch.manual_seed(5)
+    eager = model.loss(x, weights)
+    torch.manual_seed(5)
+    ours = compiled(x, weights)
+    ours["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert ours["loss"].item() == pytest.approx(eager["loss"].item(), rel=1e-4)
+
+
+def test_adaptive_skip_skips_a_spike_not_a_normal_step():
+    skip = AdaptiveSkip(factor=10, window=100, warmup=20)
+    rng = np.random.default_rng(0)
+    for norm in rng.lognormal(0, 0.3, 50):
+        assert skip.allows(float(norm))
+    assert not skip.allows(1e6), "an injected huge gradient is skipped"
+    assert skip.allows(1.5), "a normal one is not"
+    assert not skip.allows(math.nan) and not skip.allows(math.inf)
+    assert skip.skipped == 3
+
+
+def test_adaptive_skip_never_stalls_a_healthy_run():
+    """Norms that drift 100x over a run and noise up to ~3x are never skipped; a lasting change of
+    scale (x30) is accepted after at most window / 2 + 1 steps."""
+    skip = AdaptiveSkip(factor=10, window=100, warmup=20)
+    rng = np.random.default_rng(1)
+    drift = np.exp(np.linspace(0, math.log(100), 5000)) * rng.lognormal(0, 0.35, 5000)
+    assert all(skip.allows(float(n)) for n in drift)
+    level = drift[-100:].mean() * 30
+    verdicts = [skip.allows(float(level)) for _ in range(100)]
+    assert not verdicts[0] and all(verdicts[51:]), verdicts.index(True)
+    state = skip.state_dict()
+    again = AdaptiveSkip(factor=10, window=100, warmup=20)
+    again.load_state_dict(state)
+    assert again.threshold() == skip.threshold()
+
+
+def test_trainer_skips_an_injected_huge_gradient_only(data, tmp_path, monkeypatch):
+    real = train.Objective.forward
+    calls = {"n": 0}
+
+    def spike_at_step_30(self, x, weights):
+        calls["n"] += 1
+        terms = real(self, x, weights)
+        if calls["n"] == 30:
+            terms["loss"] = terms["loss"] * 1e6
+        return terms
+
+    monkeypatch.setattr(train.Objective, "forward", spike_at_step_30)
+    argv = ["--data", data, "--out", str(tmp_path), *TINY_ARGS, "--epochs", "4", "--batch-size", "16"]
+    assert train.main(argv) == 0  # 16 steps per epoch, 64 in all
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert [r["skipped_steps"] for r in state["history"]] == [0, 1, 0, 0]
+    assert state["skip"]["skipped"] == 1
+
+
+def test_evaluation_and_samples_use_the_ema_weights(data, tmp_path, monkeypatch):
+    seen = []
+    real = train.evaluate_model
+    monkeypatch.setattr(
+        train, "evaluate_model", lambda model, *a, **k: seen.append(model) or real(model, *a, **k)
+    )
+    config = train.parse_args(["--data", data, "--out", str(tmp_path), *TINY_ARGS, "--epochs", "1"])
+    trainer = train.Trainer(config)
+    summary = trainer.run()
+    assert trainer.config.ema == 0.999 and seen == [trainer.ema.model] and seen[0] is not trainer.model
+    assert summary["evaluated_weights"] == "EMA (rate 0.999)"
+    trained = dict(trainer.model.named_parameters())
+    averaged = dict(trainer.ema.model.named_parameters())
+    assert any(not torch.equal(trained[k], averaged[k]) for k in trained), "the EMA is its own copy"
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert all(torch.equal(state["ema"]["model"][k], v) for k, v in trainer.ema.model.state_dict().items())
+
+
+def test_deep_run_records_latent_health(data, tmp_path):
+    argv = ["--data", data, "--out", str(tmp_path), *TINY_ARGS, "--epochs", "1", "--limit-train", "64"]
+    assert train.main(argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    health = summary["latent_health"]
+    assert len(health["groups"]) == 5 and health["latent_dims"] == 2 * (1 + 16 + 64 + 256 + 1024)
+    assert (tmp_path / "latent_health.png").stat().st_size > 0
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"kl_00_1x1", "active_00_1x1", "active_04_32x32"} <= set(header)
+
+
+def test_health_monitor_warns_on_collapse_and_dominance():
+    monitor = HealthMonitor(patience=2)
+
+    def epoch(kls: dict[str, float]) -> dict[str, dict]:
+        return {n: {"kl": kl, "active": int(kl > 0.5), "dims": 4} for n, kl in kls.items()}
+
+    assert monitor.add(epoch({"a": 5.0, "b": 4.0, "c": 3.0, "d": 3.0})) == []
+    assert monitor.add(epoch({"a": 5.0, "b": 0.0, "c": 3.0, "d": 3.0})) == []  # b off for 1 epoch: not yet
+    warnings = monitor.add(epoch({"a": 5.0, "b": 0.0, "c": 0.1, "d": 0.1}))
+    assert len(warnings) == 2
+    assert "b has collapsed" in warnings[0] and "a carries 96% of the KL" in warnings[1]
+    assert monitor.add(epoch({"a": 5.0, "b": 0.0, "c": 1.0, "d": 1.0})) == [], "each is reported once"
+    assert monitor.summary()["collapsed"] == ["b"] and monitor.summary()["dominant"] == "a"
+
+
+def test_deep_resume_equals_an_uninterrupted_run(data, tmp_path):
+    common = ["--data", data, *TINY_ARGS, "--epochs", "2", "--limit-train", "96", "--seed", "4"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_process(*common, "--out", str(straight)).returncode == 0
+    killed = run_process(*common, "--out", str(split), code=KILL_AFTER_FIRST_CHECKPOINT)
+    assert "KeyboardInterrupt" in killed.stderr
+    resumed = run_process(*common, "--out", str(split), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
+    assert a["step"] == b["step"] == 6
+    assert_same_state(a, b)
+    for key, value in a["ema"]["model"].items():
+        assert torch.equal(b["ema"]["model"][key], value), key
+    assert a["skip"] == b["skip"] and a["health"] == b["health"]
