@@ -137,6 +137,7 @@ class TrainConfig:
     fid_extractor: str = INCEPTION
     fid_weights: str | None = None
     schedule_epochs: int | None = None  # the length the schedule is stretched to (None: epochs)
+    time_limit: float | None = None  # minutes of training; no epoch is begun that would pass it
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -247,6 +248,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"FID features; {TINY} is a tiny fixed extractor for tests (numbers not comparable)",
     )
     p.add_argument("--fid-weights", default=None, help="Inception weights (default: see README, Evaluation)")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="minutes of training: stop before an epoch that would pass it (judged by the last epoch's "
+        "time); the schedule keeps its --epochs length",
+    )
     return p
 
 
@@ -367,6 +375,8 @@ def validate(config: TrainConfig) -> None:
             raise TrainingError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     if config.lr == 0:
         raise TrainingError("--lr must be positive")
+    if config.time_limit is not None and not config.time_limit > 0:
+        raise TrainingError(f"--time-limit must be positive minutes, got {config.time_limit}")
     if not 0 <= config.ema < 1:
         raise TrainingError(f"--ema must be in [0, 1), got {config.ema}")
     if config.skip_factor != 0 and not config.skip_factor > 1:
@@ -624,6 +634,13 @@ class Trainer:
         plots.save_loss_curves(self.history, self.out / "loss_curves.png")
         latent_health.save_heatmap(self.health.history, self.out / "latent_health.png")
 
+    def _out_of_time(self) -> bool:
+        """Whether another epoch, as long as the last one, would pass ``--time-limit``."""
+        if self.config.time_limit is None or not self.history:
+            return False
+        spent = sum(r["seconds"] for r in self.history)
+        return spent + self.history[-1]["seconds"] > self.config.time_limit * 60
+
     def summarize(self) -> dict:
         """Test-set measures of the final model, training speed, and FID when asked (rank 0)."""
         start = time.perf_counter()
@@ -653,6 +670,7 @@ class Trainer:
             "train_seconds": sum(r["seconds"] for r in self.history),
             "eval_seconds": time.perf_counter() - start,
             "skipped_steps": sum(r["skipped_steps"] for r in self.history),
+            "stopped_by_time_limit": self.epoch < self.config.epochs,
             "evaluated_weights": f"EMA (rate {self.config.ema})" if self.ema else "trained",
             "latent_health": self.health.summary(),
             "runtime": self.runtime_record(),
@@ -679,7 +697,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             record = asdict(self.config) | {"runtime": self.runtime_record()}
             write_text_atomic(json.dumps(record, indent=2) + "\n", self.out / "config.json")
-        while self.epoch < self.config.epochs:
+        while self.epoch < self.config.epochs and not self._out_of_time():
             row = self._run_epoch()
             if self.dist.is_main:
                 self._check_latents(row)

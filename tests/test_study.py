@@ -170,3 +170,30 @@ def test_study_refuses_another_protocol_and_unknown_rows(data, tmp_path, capsys)
     assert study(data, tmp_path / "other", "--rows", "vae,gan") == 2
     assert "unknown study row(s) gan" in capsys.readouterr().err
     assert set(ROWS) >= {"vae", "hvae-beta", "hvae-alpha-beta"}
+
+
+def test_a_row_with_a_time_budget_trains_for_its_budget_rows_time(data, tmp_path, monkeypatch):
+    tiny_deep = {"model": "deep", "schedule": "staggered", "layout": "1x1,32x1", "width": 8, "zdim": 2}
+    monkeypatch.setitem(
+        ROWS, "deep-tiny", Row("deep-tiny", "tiny deep", tiny_deep | {"epochs": 6}, budget_row="vae")
+    )
+    out = tmp_path / "study"
+    assert study(data, out, "--rows", "deep-tiny") == 1, "without the budget row's run it cannot start"
+    assert "has not finished" in (out / "deep-tiny" / "seed0" / "error.txt").read_text()
+    real_epoch = train.Trainer._run_epoch
+
+    def slow_deep_epochs(self):  # each deep epoch "takes" 40% of the VAE's training time
+        row = real_epoch(self)
+        if self.config.model == "deep":
+            row["seconds"] = 0.4 * 60 * self.config.time_limit
+        return row
+
+    monkeypatch.setattr(train.Trainer, "_run_epoch", slow_deep_epochs)
+    assert study(data, out, "--rows", "vae,deep-tiny") == 0
+    vae = json.loads((out / "vae" / "seed0" / "summary.json").read_text())
+    deep = out / "deep-tiny" / "seed0"
+    config = json.loads((deep / "config.json").read_text())
+    assert config["time_limit"] == pytest.approx(vae["train_seconds"] / 60)
+    summary = json.loads((deep / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["stopped_by_time_limit"], "a third epoch would pass 100%"
+    assert "up to 6 epochs" in (out / "study.md").read_text()

@@ -26,6 +26,7 @@ from fasthvae.study.rows import ROWS, STUDY_ROWS, select_rows
 from fasthvae.study.runner import (
     PROTOCOL_FIELDS,
     RUNTIME_FIELDS,
+    Run,
     StudyError,
     check_protocol,
     plan,
@@ -104,10 +105,13 @@ class Study:
     def run(self) -> int:
         runs = plan(self.out, self.rows, self.args.seeds)
         todo = [r for r in runs if r.status != "done"]
-        epochs = self.args.epochs
+
+        def epochs(run: Run) -> int:
+            return run.row.epochs(self.args.epochs)
+
         bar = tqdm(
-            total=len(runs) * epochs,
-            initial=sum(epochs if r.status == "done" else len(r.history) for r in runs),
+            total=sum(epochs(r) for r in runs),
+            initial=sum(epochs(r) if r.status == "done" else len(r.history) for r in runs),
             desc="study",
             unit="epoch",
             disable=not self.dist.is_main,
@@ -123,7 +127,7 @@ class Study:
                 self.report(pictures=False)
 
             done = train_run(self.out, run.row, run.seed, self.shared, on_epoch)
-            bar.update(epochs * (done.status == "done") - (len(done.history) - len(run.history)))
+            bar.update(epochs(run) * (done.status == "done") - (len(done.history) - len(run.history)))
             if done.status == "failed":
                 failed += 1
                 tqdm.write(f"fasthvae.study: {run.row.name} seed {run.seed} failed: {done.error}")

@@ -32,10 +32,17 @@ def save_curves(runs: list[Run], path: Path) -> None:
         label = f"{run.row.label}, seed {run.seed}"
         axes[0].plot(epochs, [r["recon"] for r in run.history], color=color, label=label)
         kls = [k for k in run.history[0] if k.startswith("kl_")]
-        for style, key in zip(("-", "--", ":"), kls, strict=False):
-            axes[1].plot(epochs, [r[key] for r in run.history], style, color=color, label=f"{label}: {key}")
+        if len(kls) > 2:  # a deep model: its total KL (latent_health.png in the run shows each group)
+            total = [sum(r[k] for k in kls) for r in run.history]
+            axes[1].plot(epochs, total, "-.", color=color, label=f"{label}: KL of all {len(kls)} groups")
+        else:
+            for style, key in zip(("-", "--"), kls, strict=False):
+                axes[1].plot(
+                    epochs, [r[key] for r in run.history], style, color=color, label=f"{label}: {key}"
+                )
         axes[2].plot(epochs, [r["loss"] for r in run.history], color=color, label=label)
-        weights = ["beta", "alpha"] if run.row.config["schedule"] == "alpha-beta" else ["beta"]
+        staggered = run.row.config["schedule"] in ("alpha-beta", "staggered")
+        weights = ["beta", "alpha"] if staggered else ["beta"]
         for style, key in zip(("-", "--"), weights, strict=False):
             axes[3].plot(
                 epochs, [r[key] for r in run.history], style, color=color, label=f"{run.row.label}: {key}"

@@ -151,7 +151,7 @@ def markdown(runs: list[Run], protocol: dict, command: str, claims: list[Claim])
             + " | ".join(
                 [
                     row.label,
-                    _status(entry["runs"], protocol["epochs"]),
+                    _status(entry["runs"], row.epochs(protocol["epochs"])),
                     _fmt(m.get("recon_bce")),
                     _fmt(m.get("recon_mse")),
                     _fmt(m.get("neg_elbo")),
@@ -168,6 +168,21 @@ def markdown(runs: list[Run], protocol: dict, command: str, claims: list[Claim])
             )
             + " |"
         )
+    lines += [""]
+    for entry in rows.values():
+        row = entry["row"]
+        if row.budget_row or "epochs" in row.config:
+            budget = (
+                f", stopped before an epoch that would pass the training time of the {row.budget_row} "
+                "run with the same seed"
+                if row.budget_row
+                else ""
+            )
+            trained = ", ".join(f"seed {r.seed}: {len(r.history)}" for r in entry["runs"] if r.history)
+            lines.append(
+                f"{row.label}: up to {row.epochs(protocol['epochs'])} epochs (the schedule stretched to "
+                f"them){budget}; epochs trained: {trained or 'none yet'}."
+            )
     bpd = [e for e in rows.values() if "neg_elbo_bits_per_dim" in e["metrics"]]
     lines += [""]
     if bpd:

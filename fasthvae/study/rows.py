@@ -14,8 +14,10 @@ class Row:
     """One row of the study's table.
 
     ``config`` holds the :class:`fasthvae.train.TrainConfig` fields that make this row (``model``,
-    ``schedule``, sizes, ...); ``study_recon`` and ``study_fid`` are the study's reported numbers, if
-    it has the row (its reconstruction loss has no stated unit).
+    ``schedule``, sizes, ...; ``epochs`` too where the row trains for another number of epochs);
+    ``study_recon`` and ``study_fid`` are the study's reported numbers, if it has the row (its
+    reconstruction loss has no stated unit). ``budget_row``: the row trains for at most the
+    wall-clock training time of that row's run with the same seed (a ``--time-limit``).
     """
 
     name: str
@@ -23,6 +25,11 @@ class Row:
     config: Mapping[str, object]
     study_recon: float | None = None
     study_fid: float | None = None
+    budget_row: str | None = None
+
+    def epochs(self, protocol_epochs: int) -> int:
+        """The epochs this row's runs train for (at most, under a time budget)."""
+        return int(self.config.get("epochs", protocol_epochs))
 
     def __post_init__(self) -> None:
         if "model" not in self.config or "schedule" not in self.config:
@@ -58,3 +65,14 @@ register_row(
     Row("hvae-alpha-beta", "HVAE (alpha-beta)", {"model": "hvae", "schedule": "alpha-beta"}, 27_717, 116.2)
 )
 STUDY_ROWS = ("vae", "hvae-beta", "hvae-alpha-beta")
+# The study's next step (issue 11): the deep HVAE given the VAE's training time on the same machine;
+# its epochs are those that fit that time at the small preset's measured speed (README), the
+# schedule is stretched to them, and the time limit stops it before an epoch that would not fit.
+register_row(
+    Row(
+        "deep",
+        "Deep HVAE (small)",
+        {"model": "deep", "schedule": "staggered", "preset": "small", "epochs": 5},
+        budget_row="vae",
+    )
+)

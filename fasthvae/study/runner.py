@@ -132,7 +132,20 @@ def run_config(out: Path, row: Row, seed: int, shared: dict) -> TrainConfig:
     """The trainer config of one run: the shared protocol and runtime, the row's own fields, the seed."""
     folder = run_folder(out, row.name, seed)
     fields = {**shared, **row.config, "seed": seed, "out": str(folder)}
+    if row.budget_row is not None:
+        fields["time_limit"] = budget_minutes(out, row, seed)
     return TrainConfig(**fields, resume=(folder / "checkpoint.pt").is_file())
+
+
+def budget_minutes(out: Path, row: Row, seed: int) -> float:
+    """The training time of ``row.budget_row``'s finished run with this seed, in minutes."""
+    budget = read_run(out, select_rows([row.budget_row])[0], seed)
+    if budget.status != "done":
+        raise StudyError(
+            f"row {row.name} trains for the time of row {row.budget_row}, seed {seed}, which has not "
+            f"finished: run it first (--rows {row.budget_row},{row.name})"
+        )
+    return budget.summary["train_seconds"] / 60
 
 
 def train_run(
@@ -140,13 +153,13 @@ def train_run(
 ) -> Run:
     """Train and evaluate one run to its end (resuming it if begun); failures land in ``error.txt``."""
     folder = run_folder(out, row.name, seed)
-    config = run_config(out, row, seed, shared)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "error.txt").unlink(missing_ok=True)
     # Every run compiles its own model through the same Objective.forward: a fresh cache per run
     # keeps their graphs from adding up to dynamo's recompile limit (past it, runs go eager).
     torch._dynamo.reset()
     try:
+        config = run_config(out, row, seed, shared)
         Trainer(config, given=set(asdict(config))).run(on_epoch)
     except Exception:  # a failing row is reported, the study goes on
         write_text_atomic(traceback.format_exc(), folder / "error.txt")
