@@ -7,9 +7,12 @@ Variants (all through the trainer's own step):
   one feature
 - ``fasthvae``: the trainer's defaults for this device with ``--amp`` (the README's main command)
 Each variant runs ``--warmup`` steps (compilation included), then ``--steps`` timed steps; the median
-of ``--repeats`` timed windows gives images/s. Writes ``train_<device>_<model>.{csv,md}``.
+of ``--repeats`` timed windows gives images/s. One more window under ``torch.profiler`` gives the
+fused ops' share of the step (self time of the ``fasthvae::`` ops over all ops; for variants with
+the fused ops). Writes ``train_<device>_<model>.{csv,md}``.
 
-    python bench/bench_train.py [--model hvae] [--batch-size 128] [--device cpu|cuda]
+    python bench/bench_train.py [--model hvae|vae|deep] [--preset small] [--batch-size 128]
+                                [--device cpu|cuda]
 """
 
 import argparse
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 
 from fasthvae.ops import use_backend
+from fasthvae.study.report import machine
 from fasthvae.train import TrainConfig, Trainer
 from report import write_report
 
@@ -45,10 +49,23 @@ def variants(device: str) -> dict[str, tuple[dict, bool]]:
     return table
 
 
-def time_variant(config: TrainConfig, fused_ops: bool, warmup: int, steps: int, repeats: int) -> list[float]:
-    """Seconds per window of ``steps`` training steps (data loading included)."""
+def ops_share(profile: torch.profiler.profile, device: str) -> float:
+    """Share of the profiled self time spent in fasthvae's ops (device time on CUDA)."""
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = profile.key_averages()
+    total = sum(getattr(e, attr) for e in events)
+    ours = sum(getattr(e, attr) for e in events if e.key.startswith("fasthvae::"))
+    return ours / total if total else 0.0
+
+
+def time_variant(
+    config: TrainConfig, fused_ops: bool, warmup: int, steps: int, repeats: int
+) -> tuple[list[float], float | None]:
+    """Seconds per window of ``steps`` training steps (data loading included), and the fused ops'
+    share of a profiled window (None without them)."""
     with use_backend("auto" if fused_ops else "reference"):
         trainer = Trainer(config)
+        weights = [1.0] * trainer.model.num_levels
 
         def batches():
             epoch = 0
@@ -60,23 +77,34 @@ def time_variant(config: TrainConfig, fused_ops: bool, warmup: int, steps: int, 
         stream = batches()
         sync = torch.cuda.synchronize if trainer.rt.device.type == "cuda" else (lambda: None)
         for _ in range(warmup):
-            trainer._train_step(next(stream), 1.0, 1.0)
+            trainer._train_step(next(stream), weights)
         sync()
         windows = []
         for _ in range(repeats):
             start = time.perf_counter()
             for _ in range(steps):
-                trainer._train_step(next(stream), 1.0, 1.0)
+                trainer._train_step(next(stream), weights)
             sync()
             windows.append(time.perf_counter() - start)
-    return windows
+        share = None
+        if fused_ops:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if trainer.rt.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            with torch.profiler.profile(activities=activities) as profile:
+                for _ in range(steps):
+                    trainer._train_step(next(stream), weights)
+                sync()
+            share = ops_share(profile, trainer.rt.device.type)
+    return windows, share
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="hvae", choices=["vae", "hvae"])
+    parser.add_argument("--model", default="hvae", choices=["vae", "hvae", "deep"])
+    parser.add_argument("--preset", default="small", help="deep: the preset")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data", default=None, help="CIFAR-10 .npz or folder (default: $FASTHVAE_DATA)")
@@ -88,12 +116,14 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = []
+    name_suffix = f"_{args.preset}" if args.model == "deep" else ""
     for name, (overrides, fused_ops) in variants(args.device).items():
         if args.only and name not in args.only:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             config = TrainConfig(
                 model=args.model,
+                preset=args.preset,
                 batch_size=args.batch_size,
                 device=args.device,
                 data=args.data,
@@ -101,7 +131,7 @@ def main() -> None:
                 out=tmp,
                 **overrides,
             )
-            windows = time_variant(config, fused_ops, args.warmup, args.steps, args.repeats)
+            windows, share = time_variant(config, fused_ops, args.warmup, args.steps, args.repeats)
         median = statistics.median(windows)
         rows.append(
             {
@@ -111,6 +141,7 @@ def main() -> None:
                 "batch_size": args.batch_size,
                 "step_ms_median": round(1000 * median / args.steps, 2),
                 "images_per_s": round(args.steps * args.batch_size / median, 1),
+                "fused_ops_share": None if share is None else round(share, 4),
             }
         )
         print(rows[-1], flush=True)
@@ -118,18 +149,20 @@ def main() -> None:
     for row in rows:
         row["speedup_vs_plain"] = round(row["images_per_s"] / base, 3)
 
-    header = ["variant", "step ms (median)", "images/s", "vs plain"]
+    header = ["variant", "step ms (median)", "images/s", "vs plain", "fused ops' share of the step"]
     print(
         write_report(
             rows,
-            args.out / f"train_{args.device}_{args.model}",
+            args.out / f"train_{args.device}_{args.model}{name_suffix}",
             header,
             lambda r: [
                 r["variant"],
                 str(r["step_ms_median"]),
                 str(r["images_per_s"]),
                 f"{r['speedup_vs_plain']}x",
+                "—" if r["fused_ops_share"] is None else f"{100 * r['fused_ops_share']:.1f}%",
             ],
+            title=f"Training step, {args.model}{name_suffix}, batch {args.batch_size}, {machine()}",
         )
     )
 

@@ -59,3 +59,11 @@ def test_bench_train(tmp_path, images):
               "--repeats", "1", "--only", "plain", "+fused-ops", "--out", str(tmp_path))  # fmt: skip
     rows = read_rows(tmp_path / "train_cpu_hvae.csv")
     assert [r["variant"] for r in rows] == ["plain", "+fused-ops"]
+    assert rows[0]["fused_ops_share"] == "" and 0 < float(rows[1]["fused_ops_share"]) < 1
+
+
+def test_bench_train_deep(tmp_path, images):
+    run_bench("bench_train.py", "--model", "deep", "--data", images, "--batch-size", "4", "--warmup", "1",
+              "--steps", "1", "--repeats", "1", "--only", "+fused-ops", "--out", str(tmp_path))  # fmt: skip
+    rows = read_rows(tmp_path / "train_cpu_deep_small.csv")
+    assert rows[0]["model"] == "deep" and 0 < float(rows[0]["fused_ops_share"]) < 1
