@@ -138,6 +138,7 @@ class TrainConfig:
     fid_weights: str | None = None
     schedule_epochs: int | None = None  # the length the schedule is stretched to (None: epochs)
     time_limit: float | None = None  # minutes of training; no epoch is begun that would pass it
+    test_every_epoch: int = 0  # test images whose -ELBO is measured after every epoch (0: none)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -248,6 +249,14 @@ def _parser() -> argparse.ArgumentParser:
         help=f"FID features; {TINY} is a tiny fixed extractor for tests (numbers not comparable)",
     )
     p.add_argument("--fid-weights", default=None, help="Inception weights (default: see README, Evaluation)")
+    p.add_argument(
+        "--test-every-epoch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after every epoch, the -ELBO (bits/dim where discrete) of the first N test images, "
+        "plotted against training time in test_curve.png (0: off)",
+    )
     p.add_argument(
         "--time-limit",
         type=float,
@@ -370,7 +379,15 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and value <= 0:
             raise TrainingError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name in ("lr", "weight_decay", "grad_clip", "workers", "iw_samples", "fid_samples"):
+    for name in (
+        "lr",
+        "weight_decay",
+        "grad_clip",
+        "workers",
+        "iw_samples",
+        "fid_samples",
+        "test_every_epoch",
+    ):
         if getattr(config, name) < 0 or not math.isfinite(getattr(config, name)):
             raise TrainingError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     if config.lr == 0:
@@ -609,8 +626,17 @@ class Trainer:
         return row
 
     def _check_latents(self, row: dict) -> None:
-        """Active units per latent group into the epoch's row; warnings when groups collapse or one
-        carries most of the KL (rank 0, on the first test images, with the evaluation weights)."""
+        """Into the epoch's row: the test -ELBO when asked, active units per latent group; warnings
+        when groups collapse or one carries most of the KL (rank 0, first test images, evaluation
+        weights)."""
+        if self.config.test_every_epoch:
+            images = self.test_split.images[: self.config.test_every_epoch]
+            test = evaluate_model(
+                self.eval_model, image_batches(images, self.rt.device, 500), autocast_dtype=self.rt.amp_dtype
+            )
+            row["test_neg_elbo"] = test["neg_elbo"]
+            if "neg_elbo_bits_per_dim" in test:
+                row["test_bits_per_dim"] = test["neg_elbo_bits_per_dim"]
         health = latent_health.measure(self.eval_model, self.health_batch, self.rt.amp_dtype)
         row.update({f"active_{name.removeprefix('kl_')}": h["active"] for name, h in health.items()})
         for warning in self.health.add(health):
@@ -633,6 +659,8 @@ class Trainer:
         model.train(was_training)
         plots.save_loss_curves(self.history, self.out / "loss_curves.png")
         latent_health.save_heatmap(self.health.history, self.out / "latent_health.png")
+        if "test_neg_elbo" in self.history[0]:
+            plots.save_test_curve(self.history, self.out / "test_curve.png")
 
     def _out_of_time(self) -> bool:
         """Whether another epoch, as long as the last one, would pass ``--time-limit``."""

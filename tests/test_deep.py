@@ -11,6 +11,7 @@ import torch
 
 from fasthvae import train
 from fasthvae.eval.metrics import evaluate_model, iw_bound
+from fasthvae.eval.runs import load_run
 from fasthvae.models import PRESETS, DeepHVAE, build_model_from_config, deep
 from fasthvae.ops import reference
 from fasthvae.training.checkpoint import load_checkpoint
@@ -206,17 +207,21 @@ def test_evaluation_and_samples_use_the_ema_weights(data, tmp_path, monkeypatch)
     assert any(not torch.equal(trained[k], averaged[k]) for k in trained), "the EMA is its own copy"
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert all(torch.equal(state["ema"]["model"][k], v) for k, v in trainer.ema.model.state_dict().items())
+    loaded, _, _ = load_run(tmp_path, torch.device("cpu"))  # python -m fasthvae.eval evaluates it too
+    assert all(torch.equal(p, averaged[k]) for k, p in loaded.named_parameters())
 
 
-def test_deep_run_records_latent_health(data, tmp_path):
-    argv = ["--data", data, "--out", str(tmp_path), *TINY_ARGS, "--epochs", "1", "--limit-train", "64"]
+def test_deep_run_records_latent_health_and_the_test_bound(data, tmp_path):
+    argv = ["--data", data, "--out", str(tmp_path), *TINY_ARGS, "--epochs", "2", "--limit-train", "64"]
+    argv += ["--test-every-epoch", "32"]
     assert train.main(argv) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     health = summary["latent_health"]
     assert len(health["groups"]) == 5 and health["latent_dims"] == 2 * (1 + 16 + 64 + 256 + 1024)
     assert (tmp_path / "latent_health.png").stat().st_size > 0
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"kl_00_1x1", "active_00_1x1", "active_04_32x32"} <= set(header)
+    assert {"kl_00_1x1", "active_00_1x1", "active_04_32x32", "test_bits_per_dim"} <= set(header)
+    assert (tmp_path / "test_curve.png").stat().st_size > 0
 
 
 def test_health_monitor_warns_on_collapse_and_dominance():

@@ -43,3 +43,29 @@ def save_loss_curves(history: list[dict[str, float]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save_test_curve(history: list[dict[str, float]], path: Path) -> None:
+    """The test -ELBO after each epoch (bits/dim where the likelihood is discrete) against the
+    training time so far."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "test_bits_per_dim" if "test_bits_per_dim" in history[0] else "test_neg_elbo"
+    minutes, elapsed = [], 0.0
+    for row in history:
+        elapsed += row["seconds"]
+        minutes.append(elapsed / 60)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(minutes, [row[key] for row in history], "o-")
+    for row, x in zip(history, minutes, strict=True):
+        ax.annotate(f"{row[key]:.3g}", (x, row[key]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("training time (minutes)")
+    ax.set_ylabel("test bits/dim (-ELBO)" if key == "test_bits_per_dim" else "test -ELBO (nats / image)")
+    ax.set_title("test bound after each epoch")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
