@@ -96,4 +96,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &fasthvae::forward, "fused reparameterize / Gaussian KL forward");
   m.def("backward", &fasthvae::backward, "fused reparameterize / Gaussian KL backward");
   m.def("has_cuda", &fasthvae::has_cuda, "whether the CUDA kernels were built");
+  m.def("cpu_isa", &fasthvae::cpu_isa, "the CPU loops' active ISA path");
+  m.def("cpu_isas", &fasthvae::cpu_isas, "the ISA paths this CPU can run, best first");
+  m.def("set_cpu_isa", &fasthvae::set_cpu_isa, "use this ISA path (avx512, avx2, baseline; '' for the best)");
 }

@@ -110,6 +110,9 @@ __global__ void __launch_bounds__(kThreads)
       } else {
         kl_std_normal_grad(ld(mu, i), l, g, gmu, glv);
       }
+    } else if constexpr (kPrior) {  // no gradient reached the KL: the prior's gradients are zero
+      dmu_p[i] = static_cast<T>(0.0f);
+      dlv_p[i] = static_cast<T>(0.0f);
     }
     if constexpr (kSample) {
       const float gz = ld(grad_z, i);

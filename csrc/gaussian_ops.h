@@ -14,6 +14,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace fasthvae {
@@ -46,6 +47,12 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& mu, const at::Tensor& lo
 #endif
 
 // Rows are the first dim (1 for a 0-dim tensor); every row has numel / rows elements.
+// The CPU loops' ISA path: the active one, every one this CPU runs, and a choice by name
+// ("avx512", "avx2", "baseline"; "" for the best). FASTHVAE_CPU_ISA sets the first choice.
+std::string cpu_isa();
+std::vector<std::string> cpu_isas();
+void set_cpu_isa(const std::string& name);
+
 inline int64_t num_rows(const at::Tensor& t) { return t.dim() == 0 ? 1 : t.size(0); }
 
 }  // namespace fasthvae

@@ -9,7 +9,7 @@ if ! command -v nvcc >/dev/null 2>&1 && [ ! -x "${CUDA_HOME:-/usr/local/cuda}/bi
   exit 0
 fi
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export FASTHVAE_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
+export FASTHVAE_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0+PTX"}
 export MAX_JOBS=${MAX_JOBS:-2}
 start=$(date +%s)
 "$PY" setup.py -q build_ext --build-temp build/cuda-check/tmp --build-lib build/cuda-check/lib

@@ -1,5 +1,7 @@
 """Every kernel backend (CPU C++, Triton, reference kernels) against the float64 ground truth."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -8,7 +10,20 @@ from fasthvae.ops.philox import philox_randn
 from fasthvae.ops.reference import REDUCTIONS
 from tests.helpers import DTYPES, assert_close, exact
 
-KERNELS = ("cpu", "triton", "reference")
+# The CPU kernels once per ISA path this CPU has ("cpu-avx2" runs the AVX2 loops on an AVX-512
+# machine too), then Triton (its interpreter on CPU) and the reference kernels.
+CPU_KERNELS = tuple(f"cpu-{isa}" for isa in backend.cpu_isas()) if backend.extension() else ("cpu",)
+KERNELS = (*CPU_KERNELS, "triton", "reference")
+
+
+@contextlib.contextmanager
+def kernel_in_use(kernel: str):
+    """``use_backend`` for the kernel's backend; ``cpu-<isa>`` also picks the CPU ISA path."""
+    name, _, isa = kernel.partition("-")
+    with backend.use_backend(name), backend.use_cpu_isa(isa) if isa else contextlib.nullcontext():
+        yield
+
+
 SEED = 0x1234_5678_9ABC
 
 
@@ -70,7 +85,7 @@ def check(kernel, op, shape, dtype, reduction, prior, scale=1.0, transform=None)
     mu, lv, mu_p, lv_p = (None if t is None else view(t).contiguous() for t in base)
     rows = mu.shape[0] if mu.dim() else 1
     grad_z, grad_kl = upstream(mu.shape, dtype, reduction, rows)
-    with backend.use_backend(kernel):
+    with kernel_in_use(kernel):
         z, kl, grads = run_op(op, *base, reduction, grad_z, grad_kl, transform)
     eps = philox_randn(SEED, mu.numel()).view(mu.shape) if z is not None else None
     z_ref, kl_ref, grads_ref = exact(
@@ -153,7 +168,7 @@ def test_extreme_log_variances(kernel, dtype):
     grad_z, grad_kl = torch.ones(shape, dtype=dtype), torch.ones(shape, dtype=dtype)
     for prior in (False, True):
         mp, lp = (mu_p, lv_p) if prior else (None, None)
-        with backend.use_backend(kernel):
+        with kernel_in_use(kernel):
             z, kl, grads = run_op("sample_and_kl", mu, lv, mp, lp, "none", grad_z, grad_kl)
         eps = philox_randn(SEED, mu.numel()).view(shape)
         z_ref, kl_ref, grads_ref = exact(mu, lv, mp, lp, "none", eps, grad_z, grad_kl)
@@ -172,8 +187,38 @@ def test_kernels_agree_bitwise_on_noise(shape):
     seed = torch.tensor(2**40 + 12345)
     noise = {}
     for kernel in KERNELS:
-        with backend.use_backend(kernel):
+        with kernel_in_use(kernel):
             noise[kernel] = library.reparameterize(mu, lv, seed)
     expected = philox_randn(int(seed), mu.numel()).view(mu.shape)
     for kernel, z in noise.items():
         torch.testing.assert_close(z, expected, rtol=0, atol=2e-6, msg=lambda m, k=kernel: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_prior_gradients_are_zero_when_no_gradient_reaches_the_kl(kernel):
+    """The backward op called with a gradient for z only: the prior's gradients are zeros, in every
+    kernel (they were left unwritten once)."""
+    mu, lv, mu_p, lv_p = make_inputs((3, 1000), torch.float32, prior=True)
+    grad_z = torch.randn(3, 1000)
+    with kernel_in_use(kernel):
+        for _ in range(3):  # fresh allocations may hold anything: try a few
+            dmu, _, dmu_p, dlv_p = library.gaussian_backward(
+                mu, lv, mu_p, lv_p, torch.tensor(SEED), grad_z, None, False
+            )
+            assert torch.equal(dmu_p, torch.zeros_like(mu)) and torch.equal(dlv_p, torch.zeros_like(mu))
+            assert torch.equal(dmu, grad_z)
+
+
+def test_cpu_isa_paths_are_chosen_by_name_and_refused_when_missing():
+    if backend.extension() is None:
+        pytest.skip("no C++ extension")
+    isas = backend.cpu_isas()
+    assert isas[-1] == "baseline" and backend.cpu_isa() in isas
+    with backend.use_cpu_isa("baseline"):
+        assert backend.cpu_isa() == "baseline"
+    with pytest.raises(RuntimeError, match="unknown CPU ISA path 'neon'"):
+        backend.set_cpu_isa("neon")
+    missing = [isa for isa in ("avx512", "avx2") if isa not in isas]
+    for isa in missing:
+        with pytest.raises(RuntimeError, match="this CPU lacks it"):
+            backend.set_cpu_isa(isa)

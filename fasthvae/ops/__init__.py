@@ -16,18 +16,31 @@ import torch
 from torch import Tensor
 
 from fasthvae.ops import library, reference
-from fasthvae.ops.backend import BACKENDS, get_backend, set_backend, use_backend
+from fasthvae.ops.backend import (
+    BACKENDS,
+    cpu_isa,
+    cpu_isas,
+    get_backend,
+    set_backend,
+    set_cpu_isa,
+    use_backend,
+    use_cpu_isa,
+)
 from fasthvae.ops.reference import REDUCTIONS
 
 __all__ = [
     "BACKENDS",
     "REDUCTIONS",
+    "cpu_isa",
+    "cpu_isas",
     "gaussian_kl",
     "get_backend",
     "reparameterize",
     "sample_and_kl",
     "set_backend",
+    "set_cpu_isa",
     "use_backend",
+    "use_cpu_isa",
 ]
 
 _SEED_HIGH = 2**63 - 1

@@ -5,6 +5,10 @@ C++ kernels of ``fasthvae._C``), ``cpu`` (the CPU C++ kernels of ``fasthvae._C``
 ``reference`` (plain PyTorch). ``auto`` picks triton, then cuda, then reference on CUDA tensors,
 and cpu, then reference on CPU tensors. Choose with ``FASTHVAE_BACKEND`` or :func:`set_backend`.
 Float64 inputs always run the reference kernels (the fused kernels compute in float32).
+
+The ``cpu`` kernels are compiled for three x86-64 ISA levels (``avx512``, ``avx2``, ``baseline``)
+and run the best one the CPU has; ``FASTHVAE_CPU_ISA`` or :func:`set_cpu_isa` picks another that
+it has (so every path is testable on a machine that has it).
 """
 
 import contextlib
@@ -47,6 +51,39 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         set_backend(previous)
+
+
+def _cpu_kernels() -> ModuleType:
+    ext = extension()
+    if ext is None:
+        raise RuntimeError("fasthvae: the C++ extension is not loaded, so there are no CPU kernels")
+    return ext
+
+
+def cpu_isa() -> str:
+    """The ISA path the CPU kernels run: ``avx512``, ``avx2`` or ``baseline``."""
+    return _cpu_kernels().cpu_isa()
+
+
+def cpu_isas() -> list[str]:
+    """Every ISA path this CPU can run, best first."""
+    return list(_cpu_kernels().cpu_isas())
+
+
+def set_cpu_isa(name: str) -> None:
+    """Run the CPU kernels' ``name`` path (``""``: the best); a path the CPU lacks is an error."""
+    _cpu_kernels().set_cpu_isa(name)
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str) -> Iterator[None]:
+    """Context manager form of :func:`set_cpu_isa`."""
+    previous = cpu_isa()
+    set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        set_cpu_isa(previous)
 
 
 @functools.cache

@@ -123,6 +123,9 @@ def gaussian_backward_kernel(
         else:
             dmu = g * mu
             dlv = 0.5 * g * _expm1(lv)
+    elif PRIOR:  # no gradient reached the KL: the prior's gradients are zero
+        tl.store(dmup_ptr + offs, dmu.to(dmup_ptr.dtype.element_ty), mask=mask)
+        tl.store(dlvp_ptr + offs, dlv.to(dlvp_ptr.dtype.element_ty), mask=mask)
     if SAMPLE:
         gz = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         eps = _noise(seed, start, offs, ALIGNED, BLOCK)

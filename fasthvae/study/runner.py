@@ -11,6 +11,7 @@ import csv
 import fcntl
 import json
 import os
+import statistics
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -138,14 +139,16 @@ def run_config(out: Path, row: Row, seed: int, shared: dict) -> TrainConfig:
 
 
 def budget_minutes(out: Path, row: Row, seed: int) -> float:
-    """The training time of ``row.budget_row``'s finished run with this seed, in minutes."""
+    """The training time of ``row.budget_row``'s finished run with this seed, in minutes: its epochs
+    times its median epoch time (robust to an epoch slowed by other work on the machine)."""
     budget = read_run(out, select_rows([row.budget_row])[0], seed)
     if budget.status != "done":
         raise StudyError(
             f"row {row.name} trains for the time of row {row.budget_row}, seed {seed}, which has not "
             f"finished: run it first (--rows {row.budget_row},{row.name})"
         )
-    return budget.summary["train_seconds"] / 60
+    seconds = [r["seconds"] for r in budget.history]
+    return len(seconds) * statistics.median(seconds) / 60
 
 
 def train_run(
