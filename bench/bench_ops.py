@@ -6,7 +6,10 @@ reports medians, speed-ups over eager and memory. Memory: on CUDA the peak alloc
 pass; on CPU the activation memory the op keeps for backward (its outputs plus saved tensors),
 which is what a training step holds. Writes CSV and a Markdown table.
 
-    python bench/bench_ops.py [--device cpu|cuda] [--repeats 20] [--out bench/results]
+    python bench/bench_ops.py [--device cpu|cuda] [--repeats 20] [--isa avx512|avx2|baseline]
+
+On CPU the title names the CPU, its SIMD flags and the ISA path of the fused kernels (``--isa``
+forces one the CPU has; the file names carry it then).
 """
 
 import argparse
@@ -19,7 +22,11 @@ import torch
 
 from fasthvae import ops
 from fasthvae.ops import backend, reference
+from fasthvae.study.report import cpu_name
+from fasthvae.training.precision import cpu_flags
 from report import write_report
+
+SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
 
 SHAPES = {"vae-latent": (256, 128), "hvae-conv": (256, 32, 16, 16), "large": (256, 64, 32, 32)}
 OPS = ("kl-std", "kl-prior", "reparameterize", "sample_and_kl-prior")
@@ -148,7 +155,10 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--isa", default=None, help="CPU: the fused kernels' ISA path (default: the best)")
     args = parser.parse_args()
+    if args.isa:
+        backend.set_cpu_isa(args.isa)
     dtype = getattr(torch, args.dtype)
     rows = []
     for op in args.ops:
@@ -175,10 +185,16 @@ def main() -> None:
                     }  # fmt: skip
                     rows.append(row)
                     print(" | ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    device_name = (
-        torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    )
-    stem = args.out / f"ops_{args.device}_{args.dtype}"
+    if args.device == "cuda":
+        device_name = torch.cuda.get_device_name()
+    else:
+        flags = " ".join(f for f in SIMD_FLAGS if f in cpu_flags()) or "none of " + " ".join(SIMD_FLAGS)
+        isa = backend.cpu_isa() if backend.extension() else "no extension"
+        device_name = (
+            f"{cpu_name()}, {torch.get_num_threads()} threads, flags: {flags}; kernels' ISA path: {isa}"
+        )
+    suffix = f"_{args.isa}" if args.isa else ""
+    stem = args.out / f"ops_{args.device}_{args.dtype}{suffix}"
     header = [
         "op",
         "shape",
