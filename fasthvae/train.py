@@ -645,7 +645,9 @@ class Trainer:
     def _write_outputs(self) -> None:
         """metrics.csv, sample and reconstruction grids, loss curves, latent health (rank 0)."""
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(self.history[0]))
+        # A run resumed under a newer trainer may log columns its first epochs lack.
+        columns = list(dict.fromkeys(key for row in self.history for key in row))
+        writer = csv.DictWriter(buf, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(self.history)
         write_text_atomic(buf.getvalue(), self.out / "metrics.csv")

@@ -67,7 +67,7 @@ def read_run(out: Path, row: Row, seed: int) -> Run:
     run = Run(row, seed, folder)
     if (folder / "metrics.csv").is_file():
         with open(folder / "metrics.csv") as f:
-            run.history = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+            run.history = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
         run.status = "training"
     if (folder / "summary.json").is_file():
         run.summary = json.loads((folder / "summary.json").read_text())
