@@ -77,13 +77,13 @@ def time_variant(
         stream = batches()
         sync = torch.cuda.synchronize if trainer.rt.device.type == "cuda" else (lambda: None)
         for _ in range(warmup):
-            trainer._train_step(next(stream), weights)
+            trainer.step_fn(next(stream), weights)
         sync()
         windows = []
         for _ in range(repeats):
             start = time.perf_counter()
             for _ in range(steps):
-                trainer._train_step(next(stream), weights)
+                trainer.step_fn(next(stream), weights)
             sync()
             windows.append(time.perf_counter() - start)
         share = None
@@ -93,7 +93,7 @@ def time_variant(
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             with torch.profiler.profile(activities=activities) as profile:
                 for _ in range(steps):
-                    trainer._train_step(next(stream), weights)
+                    trainer.step_fn(next(stream), weights)
                 sync()
             share = ops_share(profile, trainer.rt.device.type)
     return windows, share

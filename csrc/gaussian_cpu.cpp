@@ -350,7 +350,7 @@ void backward_chunk(const float* mu, const float* lv, const float* mu_p, const f
 // ---- dtype staging ------------------------------------------------------
 
 // at::Half <-> float, 8 at a time with F16C where the CPU has it (round to nearest even, like
-// at::Half's own scalar conversion, which is bit manipulation and 3x slower for the whole op).
+// at::Half's own scalar conversion, which is bit manipulation and slower: README, Benchmarks).
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FHV_F16C 1
 __attribute__((target("avx2,f16c"))) void half_to_float_f16c(const at::Half* src, int64_t n, float* dst) {
@@ -568,12 +568,17 @@ std::vector<at::Tensor> forward_cpu(const at::Tensor& mu, const at::Tensor& logv
       row_sums ? at::zeros({rows, std::max<int64_t>(blocks_per_row, 1)}, mu.options().dtype(at::kFloat))
                : at::Tensor();
   if (mu.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fasthvae_forward_cpu", [&] {
+    FHV_DISPATCH_KERNEL_TYPES(mu.scalar_type(), "fasthvae_forward_cpu", [&] {
       with_flag(sample, [&](auto s) {
         with_flag(has_kl, [&](auto k) {
           with_flag(prior, [&](auto p) {
-            forward_typed<scalar_t, decltype(s)::value, decltype(k)::value, decltype(p)::value>(
-                mu, logvar, mu_p, logvar_p, seed, row_sums, z, kl_elem, partials);
+            if constexpr (forward_reachable(std::decay_t<decltype(s)>::value, std::decay_t<decltype(k)>::value,
+                                            std::decay_t<decltype(p)>::value)) {
+              forward_typed<scalar_t, std::decay_t<decltype(s)>::value, std::decay_t<decltype(k)>::value, std::decay_t<decltype(p)>::value>(
+                  mu, logvar, mu_p, logvar_p, seed, row_sums, z, kl_elem, partials);
+            } else {
+              TORCH_CHECK(false, "fasthvae: a forward pass must sample or compute a KL (a prior needs the KL)");
+            }
           });
         });
       });
@@ -593,14 +598,19 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& mu, const at::Tensor& log
   at::Tensor dmu_p = prior ? at::empty_like(mu) : at::Tensor();
   at::Tensor dlv_p = prior ? at::empty_like(mu) : at::Tensor();
   if (mu.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fasthvae_backward_cpu", [&] {
+    FHV_DISPATCH_KERNEL_TYPES(mu.scalar_type(), "fasthvae_backward_cpu", [&] {
       with_flag(grad_z.has_value(), [&](auto s) {
         with_flag(grad_kl.has_value(), [&](auto k) {
           with_flag(prior, [&](auto p) {
             with_flag(grad_kl_rows, [&](auto r) {
-              backward_typed<scalar_t, decltype(s)::value, decltype(k)::value, decltype(p)::value,
-                             decltype(r)::value>(mu, logvar, mu_p, logvar_p, seed, grad_z, grad_kl,
-                                                 dmu, dlv, dmu_p, dlv_p);
+              if constexpr (backward_reachable(std::decay_t<decltype(s)>::value, std::decay_t<decltype(k)>::value,
+                                               std::decay_t<decltype(r)>::value)) {
+                backward_typed<scalar_t, std::decay_t<decltype(s)>::value, std::decay_t<decltype(k)>::value, std::decay_t<decltype(p)>::value,
+                               std::decay_t<decltype(r)>::value>(mu, logvar, mu_p, logvar_p, seed, grad_z, grad_kl,
+                                                   dmu, dlv, dmu_p, dlv_p);
+              } else {
+                TORCH_CHECK(false, "fasthvae: a backward pass needs grad_z or grad_kl (row grads only with grad_kl)");
+              }
             });
           });
         });

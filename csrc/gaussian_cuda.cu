@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cub/block/block_reduce.cuh>
+#include <type_traits>
 
 #include "gaussian_math.h"
 #include "gaussian_ops.h"
@@ -162,17 +163,22 @@ std::vector<at::Tensor> forward_cuda(const at::Tensor& mu, const at::Tensor& log
                : at::Tensor();
   if (mu.numel() > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fasthvae_forward_cuda", [&] {
+    FHV_DISPATCH_KERNEL_TYPES(mu.scalar_type(), "fasthvae_forward_cuda", [&] {
       with_flag(sample, [&](auto s) {
         with_flag(has_kl, [&](auto k) {
           with_flag(mu_p.has_value(), [&](auto p) {
-            forward_kernel<scalar_t, decltype(s)::value, decltype(k)::value, decltype(p)::value>
-                <<<rows * blocks_per_row, kThreads, 0, stream>>>(
-                    mu.const_data_ptr<scalar_t>(), logvar.const_data_ptr<scalar_t>(),
-                    opt_ptr<scalar_t>(mu_p), opt_ptr<scalar_t>(logvar_p), out_ptr<scalar_t>(z),
-                    out_ptr<scalar_t>(kl_elem), out_ptr<float>(partials), seed, inner, blocks_per_row,
-                    row_sums);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            if constexpr (forward_reachable(std::decay_t<decltype(s)>::value, std::decay_t<decltype(k)>::value,
+                                            std::decay_t<decltype(p)>::value)) {
+              forward_kernel<scalar_t, std::decay_t<decltype(s)>::value, std::decay_t<decltype(k)>::value, std::decay_t<decltype(p)>::value>
+                  <<<rows * blocks_per_row, kThreads, 0, stream>>>(
+                      mu.const_data_ptr<scalar_t>(), logvar.const_data_ptr<scalar_t>(),
+                      opt_ptr<scalar_t>(mu_p), opt_ptr<scalar_t>(logvar_p), out_ptr<scalar_t>(z),
+                      out_ptr<scalar_t>(kl_elem), out_ptr<float>(partials), seed, inner, blocks_per_row,
+                      row_sums);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            } else {
+              TORCH_CHECK(false, "fasthvae: a forward pass must sample or compute a KL (a prior needs the KL)");
+            }
           });
         });
       });
@@ -198,21 +204,25 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& mu, const at::Tensor& lo
   at::Tensor dlv_p = prior ? at::empty_like(mu) : at::Tensor();
   if (mu.numel() > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "fasthvae_backward_cuda", [&] {
+    FHV_DISPATCH_KERNEL_TYPES(mu.scalar_type(), "fasthvae_backward_cuda", [&] {
       with_flag(grad_z.has_value(), [&](auto s) {
         with_flag(grad_kl.has_value(), [&](auto k) {
           with_flag(prior, [&](auto p) {
             with_flag(grad_kl_rows, [&](auto r) {
-              constexpr bool kRows = decltype(r)::value;
-              backward_kernel<scalar_t, decltype(s)::value, decltype(k)::value, decltype(p)::value, kRows>
-                  <<<rows * blocks_per_row, kThreads, 0, stream>>>(
-                      mu.const_data_ptr<scalar_t>(), logvar.const_data_ptr<scalar_t>(),
-                      opt_ptr<scalar_t>(mu_p), opt_ptr<scalar_t>(logvar_p), opt_ptr<scalar_t>(grad_z),
-                      kRows ? nullptr : opt_ptr<scalar_t>(grad_kl),
-                      kRows ? opt_ptr<float>(grad_kl) : nullptr, out_ptr<scalar_t>(dmu),
-                      out_ptr<scalar_t>(dlv), out_ptr<scalar_t>(dmu_p), out_ptr<scalar_t>(dlv_p), seed,
-                      inner, blocks_per_row);
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              constexpr bool kRows = std::decay_t<decltype(r)>::value;
+              if constexpr (backward_reachable(std::decay_t<decltype(s)>::value, std::decay_t<decltype(k)>::value, kRows)) {
+                backward_kernel<scalar_t, std::decay_t<decltype(s)>::value, std::decay_t<decltype(k)>::value, std::decay_t<decltype(p)>::value, kRows>
+                    <<<rows * blocks_per_row, kThreads, 0, stream>>>(
+                        mu.const_data_ptr<scalar_t>(), logvar.const_data_ptr<scalar_t>(),
+                        opt_ptr<scalar_t>(mu_p), opt_ptr<scalar_t>(logvar_p), opt_ptr<scalar_t>(grad_z),
+                        kRows ? nullptr : opt_ptr<scalar_t>(grad_kl),
+                        kRows ? opt_ptr<float>(grad_kl) : nullptr, out_ptr<scalar_t>(dmu),
+                        out_ptr<scalar_t>(dlv), out_ptr<scalar_t>(dmu_p), out_ptr<scalar_t>(dlv_p), seed,
+                        inner, blocks_per_row);
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+              } else {
+                TORCH_CHECK(false, "fasthvae: a backward pass needs grad_z or grad_kl (row grads only with grad_kl)");
+              }
             });
           });
         });

@@ -11,6 +11,7 @@
 // bindings.cpp).
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 
 #include <optional>
@@ -20,6 +21,19 @@
 namespace fasthvae {
 
 enum KLMode : int64_t { kNoKL = 0, kElementwiseKL = 1, kRowSumKL = 2 };
+
+// The dtypes the kernels are compiled for: float64 runs the PyTorch reference (fasthvae.ops.backend).
+#define FHV_DISPATCH_KERNEL_TYPES(TYPE, NAME, ...)                                                 \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                         \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// The flag combinations the ops reach, the only ones compiled: a forward pass samples or computes a
+// KL (a prior only with the KL); a backward pass has a gradient for z or the KL (row gradients only
+// for the KL; a prior without a KL gradient gets zeros).
+constexpr bool forward_reachable(bool sample, bool kl, bool prior) { return (sample || kl) && (kl || !prior); }
+constexpr bool backward_reachable(bool grad_z, bool grad_kl, bool rows) {
+  return (grad_z || grad_kl) && (grad_kl || !rows);
+}
 
 std::vector<at::Tensor> forward_cpu(const at::Tensor& mu, const at::Tensor& logvar,
                                     const std::optional<at::Tensor>& mu_p,

@@ -108,8 +108,31 @@ def test_channels_last(images):
 
 
 def test_torch_loader_with_workers(images):
-    ld = make_loader("torch", images, LoaderOptions(batch_size=64, flip=True), num_workers=2)
-    assert epoch(ld)[1].unique().numel() == N
+    options = LoaderOptions(batch_size=64, flip=True, pad_crop=2)
+    with_workers = epoch(make_loader("torch", images, options, num_workers=2), 3)
+    assert with_workers[1].unique().numel() == N
+    in_process = epoch(make_loader("torch", images, options, num_workers=0), 3)
+    assert all(torch.equal(a, b) for a, b in zip(with_workers, in_process, strict=True)), (
+        "an image's augmentation depends on (seed, epoch, index), not on the worker that loads it"
+    )
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("start", [1, 3, 6])
+def test_an_epoch_started_mid_way_yields_its_remaining_batches(name, images, start):
+    """What a mid-epoch resume relies on: set_epoch(e, start_batch=k) gives batches k, k+1, ... of
+    epoch e, augmentations included (DALI: same images in the same batches; its flips and crops
+    come from the pipeline's running RNG, so augmentation is off for it here)."""
+    augment = {} if name == "dali" else {"flip": True, "pad_crop": 2}
+    whole = loader(name, images, seed=4, **augment)
+    whole.set_epoch(2)
+    expected = list(whole)[start:]
+    part = loader(name, images, seed=4, **augment)
+    part.set_epoch(2, start_batch=start)
+    got = list(part)
+    assert len(got) == len(expected) == 7 - start
+    for (x, i), (ex, ei) in zip(got, expected, strict=True):
+        assert torch.equal(i, ei) and torch.equal(x, ex)
 
 
 def test_unknown_loader_and_bad_options(images):

@@ -222,3 +222,47 @@ def test_cpu_isa_paths_are_chosen_by_name_and_refused_when_missing():
     for isa in missing:
         with pytest.raises(RuntimeError, match="this CPU lacks it"):
             backend.set_cpu_isa(isa)
+
+
+def assert_non_finite_like(actual: torch.Tensor, expected: torch.Tensor, nan_at: torch.Tensor, dtype, what):
+    """NaN wherever a NaN input reaches (``nan_at``), non-finite wherever the float64 reference is,
+    and finite and close everywhere else."""
+    expected = expected.double()
+    assert torch.isnan(actual[nan_at]).all(), f"{what}: a NaN input gave a number"
+    bad = ~torch.isfinite(expected)
+    assert (~torch.isfinite(actual[bad])).all(), f"{what}: a finite value where the reference is not"
+    assert_close(actual[~bad], expected[~bad], dtype, what)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["none", "sample", "sum"])
+@pytest.mark.parametrize("prior", [False, True], ids=["std", "prior"])
+def test_nan_and_infinite_inputs(kernel, dtype, reduction, prior):
+    """The documented semantics: NaN in gives NaN out in the elements it reaches (its row's sample
+    KL, the sum), infinities give what IEEE arithmetic of the formula gives (the reference), never a
+    crash and never a finite value where the reference has none; other elements are unaffected.
+    Gradients are NaN exactly where the reference's are."""
+    shape = (3, 257)
+    mu, lv, mu_p, lv_p = make_inputs(shape, dtype, prior)
+    nan, inf = float("nan"), float("inf")
+    mu[0, 1], lv[1, 2], mu[2, 3], lv[0, 5], lv[1, 7] = nan, nan, inf, inf, -inf
+    nan_elems = torch.zeros(shape, dtype=torch.bool)
+    nan_elems[0, 1] = nan_elems[1, 2] = True
+    if prior:
+        mu_p[2, 10], lv_p[0, 11], lv_p[2, 12] = nan, nan, -inf
+        nan_elems[2, 10] = nan_elems[0, 11] = True
+    grad_z, grad_kl = upstream(shape, dtype, reduction, shape[0])
+    with kernel_in_use(kernel):
+        z, kl, grads = run_op("sample_and_kl", mu, lv, mu_p, lv_p, reduction, grad_z, grad_kl)
+    eps = philox_randn(SEED, mu.numel()).view(shape)
+    z_ref, kl_ref, grads_ref = exact(mu, lv, mu_p, lv_p, reduction, eps, grad_z, grad_kl)
+    z_nan = nan_elems.clone()
+    if prior:  # z does not depend on the prior
+        z_nan[2, 10] = z_nan[0, 11] = False
+    assert_non_finite_like(z, z_ref, z_nan | torch.isnan(z_ref), dtype, "z")
+    kl_nan = {"none": nan_elems, "sample": nan_elems.any(1), "sum": torch.tensor(True)}[reduction]
+    assert_non_finite_like(kl, kl_ref, kl_nan | torch.isnan(kl_ref), dtype, "kl")
+    for name, got, want in zip(("dmu", "dlogvar", "dmu_p", "dlogvar_p"), grads, grads_ref, strict=False):
+        # a gradient is NaN where the reference's is: d/dmu of the standard KL is mu whatever logvar is
+        assert_non_finite_like(got, want, torch.isnan(want), dtype, name)

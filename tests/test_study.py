@@ -182,8 +182,8 @@ def test_a_row_with_a_time_budget_trains_for_its_budget_rows_time(data, tmp_path
     assert "has not finished" in (out / "deep-tiny" / "seed0" / "error.txt").read_text()
     real_epoch = train.Trainer._run_epoch
 
-    def slow_deep_epochs(self):  # each deep epoch "takes" 40% of the VAE's training time
-        row = real_epoch(self)
+    def slow_deep_epochs(self, *args):  # each deep epoch "takes" 40% of the VAE's training time
+        row = real_epoch(self, *args)
         if self.config.model == "deep":
             row["seconds"] = 0.4 * 60 * self.config.time_limit
         return row
@@ -199,3 +199,33 @@ def test_a_row_with_a_time_budget_trains_for_its_budget_rows_time(data, tmp_path
     summary = json.loads((deep / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["stopped_by_time_limit"], "a third epoch would pass 100%"
     assert "up to 6 epochs" in (out / "study.md").read_text()
+
+
+def test_sigterm_stops_the_whole_study_and_a_rerun_goes_on(data, tmp_path, monkeypatch, capsys):
+    """A signal in the second row saves that run mid-epoch and stops the study (exit 75, no row
+    marked failed); the same command then finishes it."""
+    import os
+    import signal
+
+    from fasthvae.training.loop import Stepper
+
+    real = Stepper.__call__
+    calls = {"n": 0}
+
+    def sigterm_in_the_second_row(self, x, weights):
+        result = real(self, x, weights)
+        calls["n"] += 1
+        if calls["n"] == 5:  # 2 steps per epoch, 2 epochs per row: the second row's first step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(Stepper, "__call__", sigterm_in_the_second_row)
+    out = tmp_path / "study"
+    assert study(data, out, "--rows", "vae,hvae-beta") == 75
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    second = out / "hvae-beta" / "seed0"
+    assert not (second / "error.txt").exists()
+    assert load_checkpoint(second / "checkpoint.pt")["progress"]["batch"] == 1
+    monkeypatch.setattr(Stepper, "__call__", real)
+    assert study(data, out, "--rows", "vae,hvae-beta") == 0
+    assert load_checkpoint(second / "checkpoint.pt")["step"] == 4

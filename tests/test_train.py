@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fasthvae import train
+from fasthvae.data.dali import dali_available
 from fasthvae.models import build_model
 from fasthvae.training.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from fasthvae.training.precision import cpu_flags
@@ -87,6 +88,7 @@ def test_loss_decreases_on_a_fixed_batch(data):
 KILL_AFTER_FIRST_CHECKPOINT = """
 import sys
 from fasthvae import train
+from fasthvae.data.dali import dali_available
 real_save = train.Trainer._save
 def save_then_die(self):
     real_save(self)
@@ -198,7 +200,14 @@ def test_non_finite_steps_are_skipped_then_stop(data, tmp_path, monkeypatch, cap
         "--no-compile",
     ]  # 8 steps per epoch
     assert train.main(argv) == 2
-    assert "3 consecutive skipped steps (non-finite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "3 consecutive skipped steps" in err
+    assert "Likely cause: the loss went non-finite while each of its terms was finite" in err
+    assert "epoch 1: 1 skipped step(s) (1 loss; see skips.jsonl)" in err
+    skips = [json.loads(line) for line in (tmp_path / "skips.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in skips] == [2, 9, 11, 12, 13]
+    assert all(s["term"] == "loss" and s["reason"] == "non-finite" and s["parameter"] for s in skips)
+    assert skips[0]["epoch"] == 1 and len(skips[0]["weights"]) == 2
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["epoch"] == 1 and state["history"][0]["skipped_steps"] == 1, "epoch 1 skipped one step"
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -277,3 +286,78 @@ def test_ddp_two_gloo_processes(data, tmp_path):
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["step"] == 2, "128 images, 2 ranks, batch 32: 2 steps per rank"
     assert len(state["rng"]) == 2
+
+
+def read_events(out: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+def test_tensorboard_events_are_written_and_readable(data, tmp_path):
+    base = ["--data", data, "--out", str(tmp_path), *SMALL, "--limit-train", "128", "--no-compile"]
+    assert train.main([*base, "--epochs", "1", "--tensorboard"]) == 0  # 4 steps per epoch
+    assert train.main([*base, "--epochs", "2", "--resume"]) == 0  # on by default when installed
+    events = read_events(tmp_path)
+    tags = events.Tags()
+    for tag in ("loss", "recon", "kl_z1", "kl_z2", "grad_norm", "skipped_steps", "images_per_s"):
+        assert f"train/{tag}" in tags["scalars"], tag
+    assert {"weights/alpha", "weights/beta"} <= set(tags["scalars"])
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 9)), "one value per step, across the resume"
+    assert all(np.isfinite(e.value) for e in loss)
+    assert {"samples", "reconstructions"} <= set(tags["images"])
+    assert [e.step for e in events.Images("samples")] == [4, 8], "one grid per epoch"
+    assert json.loads((tmp_path / "config.json").read_text())["runtime"]["tensorboard"] is True
+
+
+def test_no_tensorboard_writes_no_events(data, tmp_path):
+    run(data, tmp_path, "--limit-train", "64", "--epochs", "1", "--no-tensorboard", "--no-compile")
+    assert not list(tmp_path.glob("events.out.tfevents.*"))
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali-cuda130 is not installed")
+def test_an_image_folder_trains_through_dali_decoding_on_the_fly(tmp_path, monkeypatch):
+    """--data FOLDER --loader dali: the training images stay on disk (JPEGs and PNGs of two sizes,
+    decoded and resized by DALI as it reads them; CPU operators here, nvJPEG on a GPU)."""
+    from PIL import Image
+
+    from fasthvae.data import sources
+
+    folder, rng = tmp_path / "images", np.random.default_rng(3)
+    for i in range(80):
+        sub = folder / f"class{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        side = 32 if i % 2 else 48
+        image = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+        image.save(sub / (f"{i:03d}.jpg" if i % 4 < 2 else f"{i:03d}.png"))
+    decoded = []
+    real_decode = sources._decode
+    monkeypatch.setattr(
+        sources, "_decode", lambda files, size: decoded.append(len(files)) or real_decode(files, size)
+    )
+    out = tmp_path / "run"
+    argv = ["--data", str(folder), "--out", str(out), "--loader", "dali", *SMALL[:-2], "--epochs", "1"]
+    assert train.main([*argv, "--batch-size", "16", "--no-compile", "--no-tensorboard"]) == 0
+    assert decoded == [8], "only the 8 test images are decoded up front"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_images"] == 72 and summary["runtime"]["loader"] == "dali"
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["step"] == 5 and np.isfinite(state["history"][0]["loss"]), "72 images, batch 16: 5 steps"
+
+
+def test_every_config_field_has_a_resume_rule_and_an_option():
+    """The parser is generated from TrainConfig, and each field says what a resume does with it: a
+    new field cannot be forgotten in either."""
+    from dataclasses import fields
+
+    from fasthvae.training.config import RESUME_RULES, TrainConfig, build_parser
+
+    flags = {a.dest for a in build_parser()._actions if a.dest != "help"}
+    for f in fields(TrainConfig):
+        assert f.metadata.get("on_resume") in RESUME_RULES, f"{f.name}: no resume rule (use option())"
+        assert f.metadata["help"], f.name
+        assert (f.name in flags) == f.metadata["cli"], f.name
+    assert train.parse_args([]) == TrainConfig(), "the parser's defaults are the dataclass's"

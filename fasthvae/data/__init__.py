@@ -9,7 +9,7 @@ interface, yielding ``(images, indices)`` with float images [B, 3, H, W] in [0, 
 import torch
 
 from fasthvae.data.common import BatchLoader, LoaderOptions, image_batches
-from fasthvae.data.sources import DataError, Dataset, ImageSplit, load_dataset
+from fasthvae.data.sources import DataError, Dataset, FileSplit, ImageSplit, load_dataset
 
 LOADERS = ("dali", "resident", "torch")
 
@@ -18,6 +18,7 @@ __all__ = [
     "BatchLoader",
     "DataError",
     "Dataset",
+    "FileSplit",
     "ImageSplit",
     "LoaderOptions",
     "default_loader",
@@ -29,14 +30,21 @@ __all__ = [
 
 def default_loader(device: str | torch.device) -> str:
     """``resident`` on GPUs (no host copies, no workers); ``torch`` on CPU, where its worker processes
-    overlap loading with the step and it measured 5-14% faster in training (bench/bench_train.py)."""
+    overlap loading with the step (it trained faster there: README, Benchmarks)."""
     return "resident" if torch.device(device).type == "cuda" else "torch"
 
 
 def make_loader(
     name: str, images, options: LoaderOptions, device: str | torch.device = "cpu", num_workers: int = 2
 ) -> BatchLoader:
-    """A loader by name over uint8 images [N, H, W, 3]."""
+    """A loader by name over uint8 images [N, H, W, 3], or (``dali`` only) over a FileSplit's image
+    files, decoded and resized to 32 x 32 on the fly."""
+    if isinstance(images, FileSplit):
+        if name != "dali":
+            raise ValueError(f"image files on disk need --loader dali (the {name} loader reads arrays)")
+        from fasthvae.data.dali import DaliFolderLoader
+
+        return DaliFolderLoader(images.files, options, device=device, num_threads=max(1, num_workers))
     if name == "resident":
         from fasthvae.data.resident import ResidentLoader
 

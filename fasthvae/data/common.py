@@ -45,7 +45,10 @@ class BatchLoader(Protocol):
 
     def __len__(self) -> int: ...
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next iteration yields ``epoch``'s batches from ``start_batch`` on: the same batches
+        an iteration from the start yields there (how a mid-epoch resume continues)."""
+        ...
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:

@@ -44,18 +44,21 @@ def dali_available() -> bool:
 
 
 class _EpochFeeder:
-    """``external_source`` callback: batch ``i`` of the current epoch order, StopIteration after."""
+    """``external_source`` callback: batch ``start + i`` of the current epoch order, StopIteration
+    after the last."""
 
     def __init__(self, images: np.ndarray, batch_size: int, n_batches: int) -> None:
         self.images = images
         self.batch_size = batch_size
         self.n_batches = n_batches
         self.order = np.zeros(0, dtype=np.int64)
+        self.start = 0
 
     def __call__(self, info) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        if info.iteration >= self.n_batches:
+        batch = self.start + info.iteration
+        if batch >= self.n_batches:
             raise StopIteration
-        idx = self.order[info.iteration * self.batch_size : (info.iteration + 1) * self.batch_size]
+        idx = self.order[batch * self.batch_size : (batch + 1) * self.batch_size]
         return [self.images[i] for i in idx], [np.asarray(i, dtype=np.int64) for i in idx]
 
 
@@ -114,7 +117,11 @@ class _DaliBase:
 
 
 class DaliLoader(_DaliBase):
-    """DALI over an in-memory uint8 [N, H, W, 3] array, in fasthvae's epoch order."""
+    """DALI over an in-memory uint8 [N, H, W, 3] array, in fasthvae's epoch order.
+
+    Crops and flips come from the pipeline's own RNG, which runs on across epochs: a resumed run
+    (at an epoch or mid-epoch) sees the same images in the same batches, but not the same flips.
+    """
 
     def __init__(
         self,
@@ -126,7 +133,7 @@ class DaliLoader(_DaliBase):
     ) -> None:
         fn, pipeline_def, types, iterator_cls, last_batch = _dali()
         self.images = check_images(images, "DaliLoader")
-        self.options, self.device, self.epoch = options, torch.device(device), 0
+        self.options, self.device, self.epoch, self.start_batch = options, torch.device(device), 0, 0
         self.feeder = _EpochFeeder(self.images, options.batch_size, len(self))
         op_device = "gpu" if self.device.type == "cuda" else "cpu"
 
@@ -157,11 +164,12 @@ class DaliLoader(_DaliBase):
     def __len__(self) -> int:
         return batches_per_epoch(len(self.images), self.options)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.feeder.order = shard_order(len(self.images), self.options, self.epoch).numpy()
+        self.feeder.start = self.start_batch
         if self._iterator is None:  # built here: building starts prefetching from the feeder
             iterator_cls, last_batch = self._iterator_args
             self._iterator = iterator_cls(
@@ -228,9 +236,12 @@ class DaliFolderLoader(_DaliBase):
     def __len__(self) -> int:
         return len(self._iterator)
 
-    def set_epoch(self, epoch: int) -> None:
-        """The reader reshuffles by itself every epoch (from the pipeline seed)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The reader reshuffles by itself every epoch (from the pipeline seed), so ``epoch`` is not
+        needed; ``start_batch`` batches are read and dropped (the reader has no random access)."""
+        self.start_batch = start_batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self._iterator:
-            yield self._wrap(batch[0])
+        for i, batch in enumerate(self._iterator):
+            if i >= self.start_batch:
+                yield self._wrap(batch[0])

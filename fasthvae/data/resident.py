@@ -12,12 +12,20 @@ from fasthvae.data.common import LoaderOptions, batch_slices, batches_per_epoch,
 from fasthvae.data.sources import check_images
 
 
+def crop_offsets(
+    b: int, pad: int, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column offsets [b, 1] of a random crop, uniform in [0, 2 * pad]."""
+    oy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=device)
+    ox = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=device)
+    return oy, ox
+
+
 def random_pad_crop(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
     """Zero-pad each image by ``pad`` and crop it back to its size at a uniform random offset."""
     b, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=x.device)
-    ox = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=x.device)
+    oy, ox = crop_offsets(b, pad, generator, x.device)
     rows = (oy + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (ox + torch.arange(w, device=x.device))[:, None, None, :]
     batch = torch.arange(b, device=x.device)[:, None, None, None]
@@ -47,22 +55,26 @@ class ResidentLoader:
         data = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).contiguous()
         self.n = len(data)
         self.data = torch.cat([data, data.flip(-1)]) if options.flip else data
-        self.epoch = 0
+        self.epoch, self.start_batch = 0, 0
 
     def __len__(self) -> int:
         return batches_per_epoch(self.n, self.options)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         opt = self.options
         order = shard_order(self.n, opt, self.epoch).to(self.device)
         gen = epoch_generator(opt.seed + 1, self.epoch, opt.rank, self.device)
-        for idx in batch_slices(order, self.n, opt):
+        for i, idx in enumerate(batch_slices(order, self.n, opt)):
             rows = idx
             if opt.flip:  # pick the mirrored copy with probability 1/2
                 rows = idx + self.n * torch.randint(0, 2, idx.shape, generator=gen, device=self.device)
+            if i < self.start_batch:  # resuming mid-epoch: the skipped batches' draws, not their work
+                if opt.pad_crop:
+                    crop_offsets(len(idx), opt.pad_crop, gen, self.device)
+                continue
             x = self.data.index_select(0, rows)
             if opt.pad_crop:
                 x = random_pad_crop(x, opt.pad_crop, gen)

@@ -1,5 +1,6 @@
 """Where images come from: CIFAR-10 (``.npz`` or torchvision's folder, downloaded on request) or an
-image folder. Every source ends as uint8 arrays [N, H, W, 3] in memory, which every loader reads.
+image folder. Every source ends as uint8 arrays [N, H, W, 3] in memory, which every loader reads;
+but an image folder's training split can stay on disk for DALI to decode as it reads (FileSplit).
 """
 
 import os
@@ -40,10 +41,30 @@ class ImageSplit:
 
 
 @dataclass(frozen=True)
+class FileSplit:
+    """A split left on disk: image files and their labels, decoded by the loader as it reads them
+    (DALI: for image folders larger than memory)."""
+
+    files: tuple[Path, ...]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def limit(self, n: int | None) -> "FileSplit":
+        """The first ``n`` files (all when ``n`` is None)."""
+        if n is None:
+            return self
+        if n <= 0:
+            raise DataError(f"limit must be positive, got {n}")
+        return FileSplit(self.files[:n], self.labels[:n])
+
+
+@dataclass(frozen=True)
 class Dataset:
     """A training and a test split, and where they were read from."""
 
-    train: ImageSplit
+    train: ImageSplit | FileSplit
     test: ImageSplit
     source: str
     files: tuple[Path, ...] = ()  # the image files of an image folder, in index order
@@ -125,19 +146,36 @@ def download_cifar10(root: Path) -> Path:
     return root / CIFAR_FOLDER
 
 
-def load_image_folder(folder: Path, size: int = 32, test_fraction: float = 0.1) -> Dataset:
+def load_image_folder(
+    folder: Path, size: int = 32, test_fraction: float = 0.1, decode_train: bool = True
+) -> Dataset:
     """Every image under ``folder`` (recursively, sorted), resized to ``size`` x ``size`` RGB.
 
     The last ``test_fraction`` of the sorted files form the test split. Labels are the index of the
-    image's parent folder among the sorted parent folders.
+    image's parent folder among the sorted parent folders. With ``decode_train=False`` the training
+    split stays on disk as a :class:`FileSplit` (only the test images are decoded).
     """
-    from PIL import Image, UnidentifiedImageError
-
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"{folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     parents = sorted({p.parent for p in files})
     label_of = {p: i for i, p in enumerate(parents)}
+    labels = np.array([label_of[p.parent] for p in files], dtype=np.int64)
+    n_test = int(len(files) * test_fraction) if len(files) > 1 else 0
+    cut = len(files) - n_test
+    test_files = files[cut:] if n_test else files[:1]
+    test = ImageSplit(_decode(test_files, size), labels[cut:] if n_test else labels[:1])
+    if decode_train:
+        train: ImageSplit | FileSplit = ImageSplit(_decode(files[:cut], size), labels[:cut])
+    else:
+        train = FileSplit(tuple(files[:cut]), labels[:cut])
+    return Dataset(train, test, f"image-folder:{folder}", tuple(files[:cut]))
+
+
+def _decode(files: list[Path], size: int) -> np.ndarray:
+    """uint8 [N, size, size, 3] RGB images of ``files`` (bilinear resize where needed)."""
+    from PIL import Image, UnidentifiedImageError
+
     images = np.empty((len(files), size, size, 3), dtype=np.uint8)
     for i, path in enumerate(files):
         try:
@@ -148,11 +186,7 @@ def load_image_folder(folder: Path, size: int = 32, test_fraction: float = 0.1) 
                 images[i] = np.asarray(im)
         except (UnidentifiedImageError, OSError) as err:
             raise DataError(f"{path}: not a readable image ({err})") from err
-    labels = np.array([label_of[p.parent] for p in files], dtype=np.int64)
-    n_test = int(len(files) * test_fraction) if len(files) > 1 else 0
-    cut = len(files) - n_test
-    test = ImageSplit(images[cut:], labels[cut:]) if n_test else ImageSplit(images[:1], labels[:1])
-    return Dataset(ImageSplit(images[:cut], labels[:cut]), test, f"image-folder:{folder}", tuple(files[:cut]))
+    return images
 
 
 def load_dataset(
@@ -160,11 +194,13 @@ def load_dataset(
     root: str | os.PathLike = DEFAULT_ROOT,
     download: bool = True,
     image_size: int = 32,
+    decode_train: bool = True,
 ) -> Dataset:
     """Resolve ``data`` (or ``$FASTHVAE_DATA``, or CIFAR-10 under ``root``) into a :class:`Dataset`.
 
     ``data`` may be an ``.npz`` file, a ``cifar-10-batches-py`` folder (or a folder holding one),
     or a folder of images. With nothing given, CIFAR-10 is read from (or downloaded into) ``root``.
+    ``decode_train=False`` leaves an image folder's training images on disk (see FileSplit).
     """
     data = data if data is not None else os.environ.get(DATA_ENV)
     if data is None:
@@ -186,4 +222,4 @@ def load_dataset(
     for candidate in (path, path / CIFAR_FOLDER):
         if (candidate / "data_batch_1").is_file():
             return load_cifar_folder(candidate)
-    return load_image_folder(path, size=image_size)
+    return load_image_folder(path, size=image_size, decode_train=decode_train)

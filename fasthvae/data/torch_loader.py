@@ -1,5 +1,5 @@
 """The baseline users know: ``torch.utils.data.DataLoader`` with workers, pinned memory and
-torchvision transforms on PIL images, over fasthvae's epoch order (so all loaders agree on it).
+torchvision's functional transforms on PIL images, over fasthvae's epoch order (so all loaders agree on it).
 """
 
 from collections.abc import Iterator
@@ -8,47 +8,62 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Sampler
-from torchvision import transforms
+from torchvision.transforms import functional as TF
 
-from fasthvae.data.common import LoaderOptions, batches_per_epoch, epoch_seed, shard_order, shard_size
+from fasthvae.data.common import LoaderOptions, batches_per_epoch, epoch_generator, shard_order, shard_size
 from fasthvae.data.sources import check_images
 
 
 class ArrayImageDataset(torch.utils.data.Dataset):
-    """uint8 [N, H, W, 3] images as torchvision-style samples ``(transform(PIL image), index)``."""
+    """uint8 [N, H, W, 3] images as torchvision-style samples ``(augmented image tensor, index)``.
 
-    def __init__(self, images: np.ndarray, transform) -> None:
+    Each epoch's augmentations are drawn up front per image (:meth:`draw`), so an image's crop and
+    flip depend on (seed, epoch, index) only, not on which worker loads it or from which batch an
+    epoch starts: worker counts agree, and a mid-epoch resume sees the same images.
+    """
+
+    def __init__(self, images: np.ndarray, options: LoaderOptions) -> None:
         self.images = check_images(images, "ArrayImageDataset")
-        self.transform = transform
+        self.pad = options.pad_crop
+        self.flip = options.flip
+        self.flips = np.zeros(len(images), dtype=bool)
+        self.offsets = np.full((len(images), 2), options.pad_crop)  # centred: no shift
+
+    def draw(self, generator: torch.Generator) -> None:
+        """This epoch's crop offsets and flips of every image."""
+        n = len(self.images)
+        if self.pad:
+            self.offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=generator).numpy()
+        if self.flip:
+            self.flips = torch.randint(0, 2, (n,), generator=generator).bool().numpy()
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(Image.fromarray(self.images[i])), i
+        image = Image.fromarray(self.images[i])
+        if self.pad:
+            h, w = self.images.shape[1:3]
+            oy, ox = (int(o) for o in self.offsets[i])
+            image = TF.crop(TF.pad(image, [self.pad]), oy, ox, h, w)
+        if self.flips[i]:
+            image = TF.hflip(image)
+        return TF.to_tensor(image), i
 
 
 class EpochSampler(Sampler[int]):
-    """This rank's shard of the epoch's order (see :func:`fasthvae.data.common.shard_order`)."""
+    """This rank's shard of the epoch's order (see :func:`fasthvae.data.common.shard_order`), from
+    batch ``start_batch`` on."""
 
     def __init__(self, n: int, options: LoaderOptions) -> None:
-        self.n, self.options, self.epoch = n, options, 0
+        self.n, self.options, self.epoch, self.start_batch = n, options, 0, 0
 
     def __iter__(self) -> Iterator[int]:
-        return iter(shard_order(self.n, self.options, self.epoch).tolist())
+        order = shard_order(self.n, self.options, self.epoch)
+        return iter(order[self.start_batch * self.options.batch_size :].tolist())
 
     def __len__(self) -> int:
-        return shard_size(self.n, self.options)
-
-
-def torchvision_transform(options: LoaderOptions, size: tuple[int, int]) -> transforms.Compose:
-    steps = []
-    if options.pad_crop:
-        steps.append(transforms.RandomCrop(size, padding=options.pad_crop))
-    if options.flip:
-        steps.append(transforms.RandomHorizontalFlip())
-    steps.append(transforms.ToTensor())
-    return transforms.Compose(steps)
+        return max(0, shard_size(self.n, self.options) - self.start_batch * self.options.batch_size)
 
 
 class TorchLoader:
@@ -62,30 +77,31 @@ class TorchLoader:
         num_workers: int = 2,
     ) -> None:
         self.options, self.device = options, torch.device(device)
-        dataset = ArrayImageDataset(images, torchvision_transform(options, tuple(images.shape[1:3])))
-        self.sampler = EpochSampler(len(dataset), options)
+        self.dataset = ArrayImageDataset(images, options)
+        self.sampler = EpochSampler(len(self.dataset), options)
+        # The DataLoader draws its workers' base seed from this generator, not the global RNG, which
+        # stays the model's alone (so the noise is the same however the epoch was entered).
         self.generator = torch.Generator()
         self.loader = DataLoader(
-            dataset,
+            self.dataset,
             batch_size=options.batch_size,
             sampler=self.sampler,
             drop_last=options.drop_last,
             num_workers=num_workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
+            persistent_workers=False,  # workers fork per epoch, with that epoch's augmentations
             generator=self.generator,
         )
-        # Workers restart every epoch, seeded from (seed, epoch): augmentations are reproducible per
-        # epoch, so a resumed run flips the same images as an uninterrupted one.
         self.set_epoch(0)
 
     def __len__(self) -> int:
         return batches_per_epoch(self.sampler.n, self.options)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
         # augmentations from seed + 1, as the resident loader's (the order uses seed itself)
-        self.generator.manual_seed(epoch_seed(self.options.seed + 1, epoch, self.options.rank))
+        self.dataset.draw(epoch_generator(self.options.seed + 1, epoch, self.options.rank))
+        self.generator.manual_seed(epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         fmt = torch.channels_last if self.options.channels_last else torch.contiguous_format

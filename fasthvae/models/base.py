@@ -64,6 +64,17 @@ class LatentVariableModel(nn.Module):
         return terms
 
     @torch.no_grad()
+    def elbo(self, x: Tensor) -> Tensor:
+        """The evidence lower bound per image [B] (nats, float32; log p(x) >= ELBO) of images in
+        [0, 1]: reconstruction plus the analytic KLs where their sum is exact (``analytic_elbo``),
+        else one importance weight (an unbiased estimate either way)."""
+        if not self.analytic_elbo:
+            return self.log_weight(x).float()
+        out = self(x)
+        nll = likelihoods.nll(self.likelihood, out.decoded, x).float()
+        return -(nll + sum(kl.float() for kl in out.kls.values()))
+
+    @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """Mean images [B, 3, H, W] in [0, 1] decoded from a posterior sample."""
         return likelihoods.mean_image(self.likelihood, self(x).decoded)

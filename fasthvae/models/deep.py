@@ -186,7 +186,7 @@ class DeepHVAE(LatentVariableModel):
 
     # ---- the two passes
 
-    def encode(self, x: Tensor) -> dict[int, Tensor]:
+    def bottom_up(self, x: Tensor) -> dict[int, Tensor]:
         """The bottom-up activations, by resolution."""
         h = self.stem(x * 2 - 1)
         activations = {}
@@ -205,7 +205,7 @@ class DeepHVAE(LatentVariableModel):
         return h if h.shape[-1] == res else F.interpolate(h, scale_factor=res // h.shape[-1], mode="nearest")
 
     def forward(self, x: Tensor, kl_reduction: str = "sample") -> Output:
-        activations = self.encode(x)
+        activations = self.bottom_up(x)
         h = self._start(len(x))
         kls = {}
         for name, res, group in zip(self.group_names, self.resolutions, self.groups, strict=True):
@@ -215,6 +215,21 @@ class DeepHVAE(LatentVariableModel):
             z, kls[name] = ops.sample_and_kl(mu_q, logvar_q, mu_p, logvar_p, reduction=kl_reduction)
             h = group.advance(h, features, z)
         return Output(self.head(h), kls)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """q(z_i | x, z_<i) per group, top down: (mu, logvar), each [B, zdim, res, res], along one
+        posterior sample (each group's posterior depends on the samples above it)."""
+        activations = self.bottom_up(x)
+        h = self._start(len(x))
+        posteriors = {}
+        for name, res, group in zip(self.group_names, self.resolutions, self.groups, strict=True):
+            h = self._fit(h, res)
+            _, _, features = group.prior_params(h)
+            mu_q, logvar_q = group.posterior_params(h, activations[res])
+            posteriors[name] = (mu_q, logvar_q)
+            h = group.advance(h, features, ops.reparameterize(mu_q, logvar_q))
+        return posteriors
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
@@ -230,7 +245,7 @@ class DeepHVAE(LatentVariableModel):
     @torch.no_grad()
     def log_weight(self, x: Tensor) -> Tensor:
         """One importance weight log p(x, z) - log q(z | x), z drawn from q group by group: float32 [B]."""
-        activations = self.encode(x)
+        activations = self.bottom_up(x)
         h = self._start(len(x))
         log_ratio = torch.zeros(len(x), device=x.device)
         for res, group in zip(self.resolutions, self.groups, strict=True):

@@ -11,8 +11,7 @@ from torch import Tensor
 
 from fasthvae.ops import backend, reference
 from fasthvae.ops.philox import philox_randn
-
-KL_NONE, KL_ELEMENTWISE, KL_ROWS = 0, 1, 2
+from fasthvae.ops.reference import KL_ELEMENTWISE, KL_NONE, KL_ROWS
 
 
 def _contiguous(t: Tensor | None) -> Tensor | None:

@@ -11,6 +11,9 @@ reductions in float32 (float64 for float64 inputs).
 import torch
 
 REDUCTIONS = ("none", "sample", "sum", "mean", "batchmean")
+# What the kernels write for the KL, in every backend (csrc/gaussian_ops.h takes the same ints):
+# nothing, elementwise in the input dtype, or float32 sums per row.
+KL_NONE, KL_ELEMENTWISE, KL_ROWS = 0, 1, 2
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

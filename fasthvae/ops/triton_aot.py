@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from fasthvae.ops.reference import KL_ELEMENTWISE, KL_NONE, KL_ROWS
+
 DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
@@ -20,16 +22,17 @@ def _forward_specs(dtype: str) -> Iterator[tuple[str, dict, dict]]:
     from fasthvae.ops import triton_kernels as tk
 
     for sample, kl_mode, prior, aligned in itertools.product(
-        (False, True), (0, 1, 2), (False, True), (False, True)
+        (False, True), (KL_NONE, KL_ELEMENTWISE, KL_ROWS), (False, True), (False, True)
     ):
-        if (not sample and kl_mode == 0) or (prior and kl_mode == 0) or (aligned and not sample):
+        no_kl = kl_mode == KL_NONE
+        if (not sample and no_kl) or (prior and no_kl) or (aligned and not sample):
             continue
         ptr = f"*{dtype}"
         sig = {
             "mu_ptr": ptr, "lv_ptr": ptr,
             "mup_ptr": ptr if prior else "constexpr", "lvp_ptr": ptr if prior else "constexpr",
             "z_ptr": ptr if sample else "constexpr",
-            "kl_ptr": {0: "constexpr", 1: ptr, 2: "*fp32"}[kl_mode],
+            "kl_ptr": {KL_NONE: "constexpr", KL_ELEMENTWISE: ptr, KL_ROWS: "*fp32"}[kl_mode],
             "seed": "i64", "inner": "i32", "blocks_per_row": "i32",
             "SAMPLE": "constexpr", "KL_MODE": "constexpr", "PRIOR": "constexpr", "ALIGNED": "constexpr",
             "BLOCK": "constexpr",

@@ -12,9 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fasthvae.ops.reference import KL_ELEMENTWISE, KL_ROWS
+
 BLOCK = 1024
 NUM_WARPS = 4
-KL_NONE, KL_ELEMENTWISE, KL_ROWS = 0, 1, 2
 
 
 @triton.jit
@@ -76,7 +77,7 @@ def gaussian_forward_kernel(
         eps = _noise(seed, start, offs, ALIGNED, BLOCK)
         z = mu + tl.exp(0.5 * lv) * eps
         tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
-    if KL_MODE != 0:
+    if KL_MODE != 0:  # KL_NONE (jit code reads only constexpr globals)
         if PRIOR:
             mup = tl.load(mup_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             lvp = tl.load(lvp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -85,7 +86,7 @@ def gaussian_forward_kernel(
             kl = 0.5 * ((_expm1(dl) - dl) + d * d * tl.exp(-lvp))
         else:
             kl = 0.5 * (mu * mu + (_expm1(lv) - lv))
-        if KL_MODE == 1:
+        if KL_MODE == 1:  # KL_ELEMENTWISE
             tl.store(kl_ptr + offs, kl.to(kl_ptr.dtype.element_ty), mask=mask)
         else:
             tl.store(kl_ptr + pid, tl.sum(tl.where(mask, kl, 0.0), axis=0))

@@ -35,6 +35,7 @@ from fasthvae.study.runner import (
     train_run,
 )
 from fasthvae.training.distributed import DistInfo, init_distributed, shutdown
+from fasthvae.training.preemption import PREEMPTED_EXIT, Preempted
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,6 +63,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loader", choices=LOADERS, default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="mid-epoch checkpoints on a clock (SIGTERM and SIGINT always save one, then stop the study)",
+    )
     p.add_argument(
         "--report-only",
         action="store_true",
@@ -152,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         with study_lock(args.out) if dist.is_main else contextlib.nullcontext():
             return study.run()
+    except Preempted as stop:
+        print(f"fasthvae.study: {stop}; rerun the same command to go on", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
     except (StudyError, ValueError) as err:
         print(f"fasthvae.study: error: {err}", file=sys.stderr)
         return 2

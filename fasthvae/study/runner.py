@@ -22,6 +22,7 @@ import torch
 from fasthvae.study.rows import Row, select_rows
 from fasthvae.train import TrainConfig, Trainer
 from fasthvae.training.checkpoint import write_text_atomic
+from fasthvae.training.preemption import Preempted
 
 # The TrainConfig fields every row shares and a resumed study may not change.
 PROTOCOL_FIELDS = (
@@ -37,7 +38,7 @@ PROTOCOL_FIELDS = (
     "fid_extractor",
 )
 # Fields of the runs that may differ between invocations (where and how fast they run).
-RUNTIME_FIELDS = ("device", "loader", "compile", "workers", "fid_weights", "data_root")
+RUNTIME_FIELDS = ("device", "loader", "compile", "workers", "fid_weights", "data_root", "checkpoint_every")
 
 
 class StudyError(RuntimeError):
@@ -164,6 +165,8 @@ def train_run(
     try:
         config = run_config(out, row, seed, shared)
         Trainer(config, given=set(asdict(config))).run(on_epoch)
+    except Preempted:  # a signal stops the whole study (the run saved where it was)
+        raise
     except Exception:  # a failing row is reported, the study goes on
         write_text_atomic(traceback.format_exc(), folder / "error.txt")
     return read_run(out, row, seed)

@@ -1,0 +1,305 @@
+"""The trainer's configuration: one dataclass whose fields carry their command-line help and what a
+resume may do with them; the parser is generated from it, so no option can miss the resume rules.
+
+Resume rules (``on_resume`` of every field):
+
+- ``keep``: defines what is trained; a resumed run takes the checkpoint's value, and an explicitly
+  given different value is an error.
+- ``epochs``: the checkpoint's unless given; a given value extends or shortens the run.
+- ``change``: how and where the run goes (device, loader, evaluation, outputs); a resume takes the
+  new value.
+"""
+
+import argparse
+import math
+import types
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
+from typing import Any
+
+from fasthvae.data import LOADERS
+from fasthvae.eval.fid import INCEPTION, TINY
+from fasthvae.likelihoods import LIKELIHOODS
+from fasthvae.models import MODELS, PRESETS, deep_spec
+from fasthvae.schedules import REFERENCE_EPOCHS, SCHEDULES
+
+RESUME_RULES = ("keep", "epochs", "change")
+
+# Defaults that depend on the model (None in TrainConfig): the study's models train as the study
+# did; the deep model as VDVAE does (plain ELBO, mixture likelihood, EMA, update skipping).
+MODEL_DEFAULTS = {
+    "deep": {"schedule": "constant", "likelihood": "mixture", "ema": 0.999, "skip_factor": 10.0},
+    "vae": {"schedule": "beta", "likelihood": "bernoulli", "ema": 0.0, "skip_factor": 0.0},
+    "hvae": {"schedule": "alpha-beta", "likelihood": "bernoulli", "ema": 0.0, "skip_factor": 0.0},
+}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (bad arguments, diverged, no data); the message says why."""
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    on_resume: str,
+    choices: tuple | list | None = None,
+    metavar: str | None = None,
+    cli: bool = True,
+) -> Any:
+    """A config field: its default, its ``--help`` text and its resume rule (see the module doc)."""
+    if on_resume not in RESUME_RULES:
+        raise ValueError(f"on_resume must be one of {RESUME_RULES}, got {on_resume!r}")
+    meta = {"help": help, "on_resume": on_resume, "choices": choices, "metavar": metavar, "cli": cli}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    model: str = option("hvae", "the model", on_resume="keep", choices=list(MODELS))
+    schedule: str | None = option(
+        None,
+        "KL weights (default: beta for vae, alpha-beta for hvae, constant for deep)",
+        on_resume="keep",
+        choices=SCHEDULES,
+    )
+    likelihood: str | None = option(
+        None,
+        "bernoulli (BCE, the study's; default for vae and hvae), gaussian (MSE), logistic or mixture "
+        "(discretized, bits/dim; mixture is the default for deep)",
+        on_resume="keep",
+        choices=LIKELIHOODS,
+    )
+    channels: int = option(32, "vae/hvae: width of the first conv layer", on_resume="keep")
+    latent: int = option(128, "vae/hvae: dim of z (VAE) or z2 (HVAE)", on_resume="keep")
+    z1_channels: int = option(16, "hvae: channels of the 8x8 latent z1", on_resume="keep")
+    preset: str = option("small", "deep: the model size", on_resume="keep", choices=list(PRESETS))
+    layout: str | None = option(
+        None, 'deep: latent groups top down, e.g. "1x1,4x2,8x3,16x3,32x2"', on_resume="keep"
+    )
+    width: int | None = option(None, "deep: channels of the residual stream", on_resume="keep")
+    zdim: int | None = option(None, "deep: channels of each latent group", on_resume="keep")
+    epochs: int = option(
+        REFERENCE_EPOCHS,
+        "epochs; the schedule is stretched to fit (its anchors are for 100)",
+        on_resume="epochs",
+    )
+    batch_size: int = option(128, "per process", on_resume="keep")
+    lr: float = option(1e-3, "AdamW learning rate", on_resume="keep")
+    weight_decay: float = option(0.0, "AdamW weight decay", on_resume="keep")
+    grad_clip: float = option(100.0, "max gradient norm (0: no clipping)", on_resume="keep")
+    amp: bool = option(False, "mixed precision (autocast)", on_resume="keep")
+    amp_dtype: str = option("bf16", "fp16 uses a GradScaler", on_resume="keep", choices=["bf16", "fp16"])
+    compile: bool | None = option(None, "torch.compile the model and loss (default: on)", on_resume="change")
+    fused_optimizer: bool | None = option(
+        None, "fused AdamW (default: on for CUDA, off for CPU)", on_resume="change"
+    )
+    channels_last: bool | None = option(None, "channels_last memory format (default: on)", on_resume="change")
+    loader: str | None = option(
+        None, "default: resident on CUDA, torch on CPU", on_resume="change", choices=LOADERS
+    )
+    workers: int = option(2, "torch DataLoader workers / DALI threads", on_resume="change")
+    flip: bool = option(True, "random horizontal flips", on_resume="keep")
+    data: str | None = option(
+        None,
+        "an .npz (x_train/y_train/x_test/y_test), a cifar-10-batches-py folder or an image folder; "
+        "default $FASTHVAE_DATA or CIFAR-10 downloaded into --data-root",
+        on_resume="keep",
+    )
+    data_root: str = option("data", "where CIFAR-10 is downloaded to", on_resume="change")
+    limit_train: int | None = option(None, "train on the first N images", on_resume="keep", metavar="N")
+    limit_test: int | None = option(
+        None, "evaluate on the first N test images", on_resume="change", metavar="N"
+    )
+    out: str = option("runs/latest", "the run folder", on_resume="change")
+    resume: bool = option(False, "continue from OUT/checkpoint.pt", on_resume="change")
+    overwrite: bool = option(False, "start afresh even if OUT holds a checkpoint", on_resume="change")
+    seed: int = option(0, "seeds the weights, the data order and the noise", on_resume="keep")
+    device: str | None = option(
+        None, "default: cuda when present", on_resume="change", choices=["cpu", "cuda"]
+    )
+    max_skips: int = option(
+        20,
+        "stop after this many consecutive skipped steps (non-finite, or above the skip threshold)",
+        on_resume="change",
+    )
+    skip_factor: float | None = option(
+        None,
+        "skip a step whose gradient norm exceeds this many times the median of the recent ones "
+        "(0: skip only non-finite steps; default 10 for deep, 0 otherwise)",
+        on_resume="keep",
+    )
+    ema: float | None = option(
+        None,
+        "EMA rate of the weights used for evaluation and samples (0: off; default 0.999 for deep)",
+        on_resume="keep",
+    )
+    iw_samples: int = option(0, "importance samples for the final bound (0: skip)", on_resume="change")
+    fid_samples: int = option(0, "FID of N samples at the end (0: skip)", on_resume="change", metavar="N")
+    fid_extractor: str = option(
+        INCEPTION,
+        f"FID features; {TINY} is a tiny fixed extractor for tests (numbers not comparable)",
+        on_resume="change",
+        choices=[INCEPTION, TINY],
+    )
+    fid_weights: str | None = option(
+        None, "Inception weights (default: see README, Evaluation)", on_resume="change"
+    )
+    schedule_epochs: int | None = option(
+        None, "the length the schedule is stretched to (None: epochs)", on_resume="keep", cli=False
+    )
+    time_limit: float | None = option(
+        None,
+        "minutes of training: stop before an epoch that would pass it (judged by the last epoch's "
+        "time); the schedule keeps its --epochs length",
+        on_resume="change",
+    )
+    test_every_epoch: int = option(
+        0,
+        "after every epoch, the -ELBO (bits/dim where discrete) of the first N test images, plotted "
+        "against training time in test_curve.png (0: off)",
+        on_resume="change",
+        metavar="N",
+    )
+    checkpoint_every: float | None = option(
+        None,
+        "also save a mid-epoch checkpoint every this many minutes (SIGTERM and SIGINT always save one)",
+        on_resume="change",
+        metavar="MINUTES",
+    )
+    tensorboard: bool | None = option(
+        None,
+        "TensorBoard event files in the run folder (default: on when the tensorboard package is installed)",
+        on_resume="change",
+    )
+
+
+def _base_type(f: Field) -> type:
+    """``int`` for ``int | None`` and so on."""
+    if isinstance(f.type, types.UnionType):
+        return next(t for t in f.type.__args__ if t is not type(None))
+    return f.type
+
+
+def build_parser(
+    prog: str = "python -m fasthvae.train", description: str | None = None
+) -> argparse.ArgumentParser:
+    """The command line of :class:`TrainConfig`, one option per field."""
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        if not meta["cli"]:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _base_type(f)
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+        else:
+            p.add_argument(
+                flag,
+                type=kind,
+                default=f.default,
+                choices=meta["choices"],
+                metavar=meta["metavar"],
+                help=meta["help"],
+            )
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    return TrainConfig(**vars(build_parser().parse_args(argv)))
+
+
+def given_options(argv: list[str] | None = None) -> set[str]:
+    """The config fields that ``argv`` sets explicitly (a resume tells them from defaults)."""
+    p = build_parser()
+    for action in p._actions:  # a SUPPRESS default leaves an option that is not given out
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def changed_from_defaults(config: TrainConfig) -> set[str]:
+    """The fields of ``config`` that differ from the defaults (the explicit ones, in Python use)."""
+    defaults = TrainConfig()
+    return {f.name for f in fields(TrainConfig) if getattr(config, f.name) != getattr(defaults, f.name)}
+
+
+def with_model_defaults(config: TrainConfig) -> TrainConfig:
+    """``config`` with its model's defaults in the fields left at None (see MODEL_DEFAULTS)."""
+    if config.model not in MODEL_DEFAULTS:
+        raise TrainingError(f"unknown model {config.model!r}; choose one of {', '.join(MODEL_DEFAULTS)}")
+    defaults = MODEL_DEFAULTS[config.model]
+    return replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
+
+
+def merge_resumed(config: TrainConfig, saved: dict, given: set[str]) -> TrainConfig:
+    """A resumed run trains what the checkpoint ``saved`` trained (see the module doc).
+
+    A given ``epochs`` (not below the epochs done) extends or shortens the run while the schedule
+    keeps the length it was stretched to, so added epochs train at its final weights.
+    """
+    before = saved["config"]
+    merged = asdict(config)
+    for f in fields(TrainConfig):
+        if f.metadata["on_resume"] != "keep":
+            continue
+        default = f.default if f.default is not MISSING else None
+        value = before.get(f.name, default)  # older checkpoints lack newer fields
+        asked = getattr(config, f.name)
+        if f.name in given and asked is not None and asked != value:  # None: the model's default
+            raise TrainingError(
+                f"--{f.name.replace('_', '-')} {asked} differs from the checkpoint's "
+                f"{value}; a resumed run keeps what it trained with (use a new --out to change it)"
+            )
+        merged[f.name] = value
+    merged["schedule_epochs"] = before.get("schedule_epochs") or before["epochs"]
+    merged["epochs"] = before["epochs"]
+    if "epochs" in given and config.epochs != before["epochs"]:
+        if config.epochs < saved["epoch"]:
+            raise TrainingError(
+                f"--epochs {config.epochs} is below the {saved['epoch']} epochs the checkpoint has done"
+            )
+        merged["epochs"] = config.epochs
+        print(
+            f"fasthvae.train: the run goes on to {config.epochs} epochs (it was {before['epochs']}); "
+            f"the schedule keeps its {merged['schedule_epochs']}-epoch length and holds its final "
+            "weights after it",
+            flush=True,
+        )
+    return TrainConfig(**merged)
+
+
+def validate(config: TrainConfig) -> None:
+    """Clear errors for values no run can use (``config`` has its model defaults filled in)."""
+    positive = ("epochs", "batch_size", "channels", "latent", "z1_channels", "max_skips", "width", "zdim")
+    for name in positive:
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise TrainingError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in (
+        "lr",
+        "weight_decay",
+        "grad_clip",
+        "workers",
+        "iw_samples",
+        "fid_samples",
+        "test_every_epoch",
+    ):
+        if getattr(config, name) < 0 or not math.isfinite(getattr(config, name)):
+            raise TrainingError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+    if config.lr == 0:
+        raise TrainingError("--lr must be positive")
+    for name in ("time_limit", "checkpoint_every"):
+        value = getattr(config, name)
+        if value is not None and not value > 0:
+            raise TrainingError(f"--{name.replace('_', '-')} must be positive minutes, got {value}")
+    if not 0 <= config.ema < 1:
+        raise TrainingError(f"--ema must be in [0, 1), got {config.ema}")
+    if config.skip_factor != 0 and not config.skip_factor > 1:
+        raise TrainingError(f"--skip-factor must be 0 (off) or above 1, got {config.skip_factor}")
+    if config.model == "deep":
+        try:
+            deep_spec(asdict(config))
+        except ValueError as err:
+            raise TrainingError(str(err)) from err

@@ -1,0 +1,120 @@
+"""NaN forensics: what made a step skip, kept in ``skips.jsonl``, and the likely cause when skips
+pile up.
+
+A step is skipped when its loss or gradients are non-finite, or its gradient norm is above the
+adaptive threshold. The record names the first term of the objective that went non-finite (the
+reconstruction, then each KL group in the model's order), else the first parameter (in module order) whose
+gradient did, else (a threshold skip) the parameter with the largest gradient norm; with the step,
+the gradient norm and threshold, the loss scale and the schedule's weights.
+"""
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+NON_FINITE, ABOVE_THRESHOLD = "non-finite", "above threshold"
+
+
+def diagnose(
+    terms: dict[str, torch.Tensor],
+    order: list[str],
+    model: nn.Module,
+    norm: float,
+    threshold: float | None,
+    loss_scale: float | None,
+) -> dict:
+    """Why the step whose ``terms`` and gradients (still in ``model``) were not taken was skipped."""
+    bad_terms = [name for name in order if not torch.isfinite(terms[name]).all()]
+    if not bad_terms and not torch.isfinite(terms["loss"]).all():
+        bad_terms = ["loss"]
+    record: dict = {
+        "reason": NON_FINITE if bad_terms or not math.isfinite(norm) else ABOVE_THRESHOLD,
+        "term": bad_terms[0] if bad_terms else None,
+        "non_finite_terms": bad_terms,
+        "parameter": None,
+        "grad_norm": norm,
+        "threshold": threshold,
+        "loss_scale": loss_scale,
+    }
+    grads = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+    if record["reason"] == NON_FINITE:
+        record["parameter"] = next((name for name, g in grads if not torch.isfinite(g).all()), None)
+    elif grads:
+        record["parameter"] = max(grads, key=lambda item: float(item[1].float().norm()))[0]
+    return record
+
+
+def likely_cause(records: list[dict]) -> str:
+    """One sentence on the most common failure among ``records`` (the recent skips)."""
+    if not records:
+        return "no skipped step was recorded"
+    kinds = Counter(_kind(r) for r in records)
+    kind, count = kinds.most_common(1)[0]
+    share = f"{count} of the last {len(records)} skips"
+    example = next(r for r in reversed(records) if _kind(r) == kind)
+    if kind == "recon":
+        return (
+            f"the reconstruction term went non-finite ({share}): the decoder's output overflows; "
+            "with --amp-dtype fp16 try bf16, else lower --lr"
+        )
+    if kind == "loss":
+        return (
+            f"the loss went non-finite while each of its terms was finite ({share}): the KL weights "
+            "times the terms overflow; lower --lr"
+        )
+    if kind.startswith("kl"):
+        return (
+            f"{kind} went non-finite first ({share}): that latent group's posterior or prior "
+            "log-variance is blowing up; lower --lr or --grad-clip"
+        )
+    if kind == "gradient":
+        scale = f" at loss scale {example['loss_scale']:g}" if example["loss_scale"] else ""
+        return (
+            f"the gradient of {example['parameter']} went non-finite while the loss was finite "
+            f"({share}{scale}): an overflow in the backward pass; try --amp-dtype bf16 or a lower --lr"
+        )
+    return (
+        f"gradient norms keep exceeding the adaptive threshold ({share}, last {example['grad_norm']:.4g} "
+        f"above {example['threshold']:.4g}, largest in {example['parameter']}): the model is diverging "
+        "(lower --lr) or the threshold is too tight (raise --skip-factor)"
+    )
+
+
+def _kind(record: dict) -> str:
+    if record["term"] is not None:
+        return record["term"]
+    return "gradient" if record["reason"] == NON_FINITE else "threshold"
+
+
+class SkipLog:
+    """Skipped steps of the run: appended to ``path`` (None: not written, other DDP ranks) and
+    summarized per epoch."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.epoch_records: list[dict] = []
+        self.recent: list[dict] = []
+
+    def add(self, record: dict) -> None:
+        self.epoch_records.append(record)
+        self.recent = [*self.recent[-99:], record]
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def took_step(self) -> None:
+        """A step was taken: the run of consecutive skips is over."""
+        self.recent = []
+
+    def end_epoch(self) -> str | None:
+        """One line on this epoch's skips (None if there were none); starts the next epoch's count."""
+        records, self.epoch_records = self.epoch_records, []
+        if not records:
+            return None
+        kinds = Counter(_kind(r) for r in records)
+        parts = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+        return f"{len(records)} skipped step(s) ({parts}; see skips.jsonl)"

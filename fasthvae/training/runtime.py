@@ -1,0 +1,73 @@
+"""Per-process choices resolved from the config: device, precision, compile, loader, logging."""
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from fasthvae.data import default_loader
+from fasthvae.training.config import TrainConfig, TrainingError
+from fasthvae.training.distributed import DistInfo
+from fasthvae.training.precision import choose_amp_dtype
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What this process runs with (the defaults were picked by measurement: see the README)."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    amp_fallback: str | None  # why --amp trains in fp32 here (a CPU without native bf16/fp16)
+    compile: bool
+    fused_optimizer: bool
+    channels_last: bool
+    loader: str
+    tensorboard: bool
+
+    def record(self, world_size: int) -> dict:
+        """For config.json and summary.json."""
+        return {
+            "device": str(self.device),
+            "compile": self.compile,
+            "amp_dtype": str(self.amp_dtype),
+            "amp_fallback": self.amp_fallback,
+            "channels_last": self.channels_last,
+            "loader": self.loader,
+            "tensorboard": self.tensorboard,
+            "world_size": world_size,
+        }
+
+
+def device_type(config: TrainConfig) -> str:
+    """``cuda`` or ``cpu``: --device, else CUDA when torch sees a GPU."""
+    name = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for but torch sees no GPU")
+    return name
+
+
+def tensorboard_installed() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def resolve_runtime(config: TrainConfig, dist: DistInfo) -> Runtime:
+    name = device_type(config)
+    device = torch.device("cuda", dist.local_rank) if name == "cuda" else torch.device("cpu")
+    on_gpu = device.type == "cuda"
+
+    def pick(value: bool | None, default: bool) -> bool:
+        return default if value is None else value
+
+    if config.tensorboard and not tensorboard_installed():
+        raise TrainingError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    amp_dtype, amp_fallback = choose_amp_dtype(config.amp, config.amp_dtype, device)
+    return Runtime(
+        device=device,
+        amp_dtype=amp_dtype,
+        amp_fallback=amp_fallback,
+        compile=pick(config.compile, True),
+        fused_optimizer=pick(config.fused_optimizer, on_gpu),
+        channels_last=pick(config.channels_last, True),
+        loader=config.loader or default_loader(device),
+        tensorboard=pick(config.tensorboard, tensorboard_installed()),
+    )

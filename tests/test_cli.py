@@ -1,0 +1,110 @@
+"""The ``fasthvae`` command and ``fasthvae.load``: subcommands equal to their ``python -m`` forms,
+``env``, ``--version``; a trained model in three lines, and clear errors for checkpoints that do not
+fit."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fasthvae
+from fasthvae import cli
+from fasthvae.training.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from tests.test_train import SMALL
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(sys.executable).parent / "fasthvae"  # installed by pip from [project.scripts]
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_the_console_script_is_installed_and_knows_its_version():
+    assert SCRIPT.is_file(), "pip install -e . installs the fasthvae command"
+    out = run(str(SCRIPT), "--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"fasthvae {fasthvae.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("sub", "module_form"),
+    [
+        (["train"], ["-m", "fasthvae.train"]),
+        (["eval"], ["-m", "fasthvae.eval"]),
+        (["study"], ["-m", "fasthvae.study"]),
+        (["bench", "ops"], ["bench/bench_ops.py"]),
+        (["bench", "train"], ["bench/bench_train.py"]),
+        (["bench", "loader"], ["bench/bench_loader.py"]),
+    ],
+)
+def test_subcommands_are_their_python_forms(sub, module_form):
+    ours = run(str(SCRIPT), *sub, "--help")
+    theirs = run(sys.executable, *module_form, "--help")
+    assert ours.returncode == theirs.returncode == 0, ours.stderr[-1000:]
+    assert ours.stdout == theirs.stdout
+
+
+def test_unknown_subcommands_and_missing_benches(capsys, monkeypatch, tmp_path):
+    assert cli.main(["frobnicate"]) == 2
+    assert "fasthvae train" in capsys.readouterr().err
+    assert cli.main(["bench", "gpu"]) == 2
+    monkeypatch.setattr(cli, "BENCH_DIR", tmp_path)
+    assert cli.main(["bench", "ops"]) == 2
+    assert "the benchmarks live in the source checkout" in capsys.readouterr().err
+
+
+def test_env_names_what_a_bug_report_needs(capsys):
+    assert cli.main(["env"]) == 0
+    text = capsys.readouterr().out
+    for needle in (
+        "fasthvae ",
+        "torch: ",
+        "triton: ",
+        "nvidia-dali-cuda130: ",
+        "torch-fidelity: ",
+        "C++ extension: loaded",
+        "CPU ISA path: ",
+        "ops backend selected: ",
+        "runs on cpu: ",
+    ):
+        assert needle in text, needle
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    argv = ["train", "--data", data, "--out", str(out), *SMALL, "--epochs", "1", "--limit-train", "64"]
+    assert cli.main([*argv, "--no-compile", "--no-tensorboard"]) == 0, "fasthvae train runs the trainer"
+    return out
+
+
+def test_load_a_trained_model_in_three_lines(trained, data):
+    model = fasthvae.load(trained)
+    x = torch.rand(5, 3, 32, 32)
+    assert not model.training
+    assert model.sample(4, temperature=0.5).shape == (4, 3, 32, 32)
+    assert model.reconstruct(x).shape == x.shape
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (5, 4, 8, 8), "HVAE: q(z1 | x)"
+    elbo = model.elbo(x)
+    assert elbo.shape == (5,) and torch.isfinite(elbo).all() and (elbo < 0).all()
+    half = fasthvae.load(trained / "checkpoint.pt", dtype=torch.bfloat16)
+    assert next(half.parameters()).dtype == torch.bfloat16
+
+
+def test_a_checkpoint_that_does_not_fit_names_what_differs(trained, tmp_path):
+    state = load_checkpoint(trained / "checkpoint.pt")
+    weights = state["model"]
+    first, last = next(iter(weights)), list(weights)[-1]
+    weights[last] = torch.zeros(3, 3)
+    weights["renamed." + first] = weights.pop(first)
+    state["fasthvae_version"] = "9.9.9"
+    save_atomic(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError) as err:
+        fasthvae.load(tmp_path)
+    message = str(err.value)
+    assert "written by fasthvae 9.9.9" in message and f"fasthvae {fasthvae.__version__}" in message
+    assert f"missing: {first}" in message and f"unexpected: renamed.{first}" in message
+    assert f"{last} (3, 3) vs" in message
