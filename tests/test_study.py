@@ -229,3 +229,18 @@ def test_sigterm_stops_the_whole_study_and_a_rerun_goes_on(data, tmp_path, monke
     monkeypatch.setattr(Stepper, "__call__", real)
     assert study(data, out, "--rows", "vae,hvae-beta") == 0
     assert load_checkpoint(second / "checkpoint.pt")["step"] == 4
+
+
+def test_a_run_resumed_under_a_newer_trainer_keeps_its_metrics_readable(tmp_path):
+    """Epochs trained before a column existed (e.g. active units) leave it blank in metrics.csv, and
+    the study reads those runs (this once failed a study mid-way)."""
+    from fasthvae.study.runner import read_run, run_folder
+    from fasthvae.training.artifacts import write_metrics
+
+    folder = run_folder(tmp_path, "vae", 0)
+    folder.mkdir(parents=True)
+    history = [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.5, "active_z": 12}]
+    write_metrics(history, folder / "metrics.csv")
+    assert (folder / "metrics.csv").read_text().splitlines() == ["epoch,loss,active_z", "1,2.0,", "2,1.5,12"]
+    run = read_run(tmp_path, select_rows(["vae"])[0], 0)
+    assert run.history == [{"epoch": 1.0, "loss": 2.0}, {"epoch": 2.0, "loss": 1.5, "active_z": 12.0}]
