@@ -65,7 +65,7 @@ def time_variant(
     share of a profiled window (None without them)."""
     with use_backend("auto" if fused_ops else "reference"):
         trainer = Trainer(config)
-        weights = [1.0] * trainer.model.num_levels
+        weights = torch.ones(trainer.model.num_levels, device=trainer.rt.device)
 
         def batches():
             epoch = 0

@@ -41,7 +41,7 @@ from fasthvae.training.config import (
     with_model_defaults,
 )
 from fasthvae.training.distributed import barrier, init_distributed, shutdown
-from fasthvae.training.loop import Objective, Stepper, StopRequest, run_epoch
+from fasthvae.training.loop import EpochRun, Objective, Stepper, StopRequest
 from fasthvae.training.preemption import PREEMPTED_EXIT, Preempted, StopPolicy, StopSignals
 from fasthvae.training.runtime import device_type, resolve_runtime
 from fasthvae.training.state import build_state
@@ -114,7 +114,8 @@ class Trainer:
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
         self.objective = torch.compile(objective) if self.rt.compile else objective
-        self.step_fn = Stepper(self.state, self.objective, config, self.rt)
+        # Skips decided on the device need the fused AdamW (its found_inf): then the step never waits.
+        self.step_fn = Stepper(self.state, self.objective, config, self.rt, sync_free=self.rt.fused_optimizer)
         self.skips = forensics.SkipLog(self.out / "skips.jsonl" if self.dist.is_main else None)
         self.fixed_batch = next(image_batches(self.test_split.images[:32], self.rt.device, 32))
         health_images = self.test_split.images[:HEALTH_IMAGES]
@@ -145,15 +146,11 @@ class Trainer:
         self.state.save(self.config, self.dist, self.checkpoint_path)
 
     def _run_epoch(self, policy: StopPolicy, tb: artifacts.TensorBoardLog | None) -> dict | StopRequest:
-        def on_step(result, weights, images_per_s) -> None:
-            if tb is not None:
-                tb.step(self.state.step, result, weights, images_per_s)
-
         def save() -> None:
             self._save()
             policy.saved()
 
-        return run_epoch(
+        return EpochRun(
             self.state,
             self.step_fn,
             self.loader,
@@ -161,10 +158,11 @@ class Trainer:
             self.config,
             self.dist,
             self.skips,
+            self.rt.log_every,
             poll=policy.poll,
             save=save,
-            on_step=on_step,
-        )
+            on_step=tb.step if tb is not None else None,
+        ).run()
 
     def _check_latents(self, row: dict) -> None:
         """Into the epoch's row: the test -ELBO when asked, active units per latent group; warnings

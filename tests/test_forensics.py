@@ -29,10 +29,15 @@ def skipped_step(model, x, spoil_term=None, spoil_param=None):
     if spoil_param is not None:
         dict(model.named_parameters())[spoil_param].register_hook(lambda g: g * float("inf"))
     terms["loss"].backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
-    detached = {k: v.detach() for k, v in terms.items()}
-    return forensics.diagnose(detached, ["recon", "kl_z2", "kl_z1"], model, float(norm), None, None)
+    return forensics.diagnose(*host_values(model, terms), None, None)
+
+
+def host_values(model, terms):
+    """(terms, blame order, per-parameter gradient norms, total norm) as the trainer reads them back."""
+    norms = {n: float(p.grad.norm()) for n, p in model.named_parameters() if p.grad is not None}
+    total = float(torch.tensor(list(norms.values())).norm())
+    values = {k: float(v) for k, v in terms.items()}
+    return values, ["recon", "kl_z2", "kl_z1"], norms, total
 
 
 @pytest.mark.parametrize("term", ["recon", "kl_z1", "kl_z2"])
@@ -57,10 +62,11 @@ def test_names_the_parameter_whose_gradient_overflowed(model_and_terms):
 
 def test_a_threshold_skip_names_the_largest_gradient(model_and_terms):
     model, x = model_and_terms
-    model.loss(x, [1.0, 1.0])["loss"].backward()
+    terms = model.loss(x, [1.0, 1.0])
+    terms["loss"].backward()
     largest = max(model.named_parameters(), key=lambda item: float(item[1].grad.norm()))[0]
-    terms = {k: v.detach() for k, v in model.loss(x, [1.0, 1.0]).items()}
-    record = forensics.diagnose(terms, ["recon"], model, 5e3, 40.0, None)
+    values, order, norms, _ = host_values(model, terms)
+    record = forensics.diagnose(values, order, norms, 5e3, 40.0, None)
     assert record["reason"] == "above threshold" and record["term"] is None
     assert record["parameter"] == largest
     assert "exceeding the adaptive threshold" in forensics.likely_cause([record])

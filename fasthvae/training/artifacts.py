@@ -17,7 +17,6 @@ from torch import nn
 
 from fasthvae.training import latent_health, plots
 from fasthvae.training.checkpoint import write_text_atomic
-from fasthvae.training.loop import StepResult
 from fasthvae.training.precision import autocast
 
 
@@ -65,9 +64,9 @@ def write_pictures(
 class TensorBoardLog:
     """Event files in the run folder (``tensorboard --logdir runs/`` shows every run).
 
-    The training thread only copies each step's values to the host and queues them; a writer
-    thread turns them into events (building the records costs ~1 ms a step, too much to spend
-    between GPU steps)."""
+    The training thread only queues each step's values (read back with the others every
+    ``--log-every`` steps); a writer thread turns them into events (building them costs ~1 ms a
+    step, too much to spend between GPU steps)."""
 
     def __init__(self, out: Path, resume_step: int, skipped_so_far: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -90,13 +89,12 @@ class TensorBoardLog:
             else:
                 self.writer.add_images(kind, payload, step)
 
-    def step(self, step: int, result: StepResult, weights: list[float], images_per_s: float) -> None:
-        names = list(result.terms)
-        values = torch.stack([*(result.terms[k] for k in names), result.grad_norm.float()]).tolist()
-        self.skipped += not result.taken
-        scalars = [(f"train/{name}", value) for name, value in zip(names, values, strict=False)]
+    def step(self, step: int, record: dict, weights: list[float], images_per_s: float) -> None:
+        """A step's record (see ``Stepper.record``), read back already: no device access here."""
+        self.skipped += not record["taken"]
+        scalars = [(f"train/{name}", value) for name, value in record["terms"].items()]
         scalars += [
-            ("train/grad_norm", values[-1]),
+            ("train/grad_norm", record["grad_norm"]),
             ("train/skipped_steps", self.skipped),
             ("train/images_per_s", images_per_s),
             ("weights/alpha", weights[-1]),

@@ -166,6 +166,14 @@ class TrainConfig:
         on_resume="change",
         metavar="MINUTES",
     )
+    log_every: int | None = option(
+        None,
+        "steps between reads of the steps' values by the host: progress bar, TensorBoard, skip forensics, "
+        "signals, periodic checkpoints (default: 1 on CPU, where a read costs nothing; 25 on CUDA, where "
+        "each read waits for the GPU)",
+        on_resume="change",
+        metavar="STEPS",
+    )
     tensorboard: bool | None = option(
         None,
         "TensorBoard event files in the run folder (default: on when the tensorboard package is installed)",
@@ -272,7 +280,17 @@ def merge_resumed(config: TrainConfig, saved: dict, given: set[str]) -> TrainCon
 
 def validate(config: TrainConfig) -> None:
     """Clear errors for values no run can use (``config`` has its model defaults filled in)."""
-    positive = ("epochs", "batch_size", "channels", "latent", "z1_channels", "max_skips", "width", "zdim")
+    positive = (
+        "epochs",
+        "batch_size",
+        "channels",
+        "latent",
+        "z1_channels",
+        "max_skips",
+        "width",
+        "zdim",
+        "log_every",
+    )
     for name in positive:
         value = getattr(config, name)
         if value is not None and value <= 0:

@@ -9,29 +9,41 @@ from torch import nn
 class EMA:
     """``rate`` r: after each update, ema = r * ema + (1 - r) * weights; the effective rate is
     min(r, (1 + n) / (10 + n)) after n updates, so early averages are not dragged by the random
-    initialisation. Buffers (BatchNorm statistics) are copied, not averaged."""
+    initialisation. Buffers (BatchNorm statistics) are copied, not averaged. The update count lives
+    on the device, so an update can depend on a device flag (a skipped step) without a host read."""
 
     def __init__(self, model: nn.Module, rate: float) -> None:
         if not 0 < rate < 1:
             raise ValueError(f"the EMA rate must be in (0, 1), got {rate}")
         self.rate = rate
-        self.updates = 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        device = next(model.parameters()).device
+        self.updates_t = torch.zeros((), dtype=torch.float32, device=device)
 
-    def current_rate(self) -> float:
-        return min(self.rate, (1 + self.updates) / (10 + self.updates))
+    @property
+    def updates(self) -> int:
+        return int(self.updates_t)
+
+    def current_rate(self) -> torch.Tensor:
+        n = self.updates_t
+        return torch.clamp((1 + n) / (10 + n), max=self.rate)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
+    def update(self, model: nn.Module, taken: torch.Tensor | None = None) -> None:
+        """Average ``model`` in; with ``taken`` (a device bool) only where it is True."""
+        take = torch.ones((), device=self.updates_t.device) if taken is None else taken.float()
+        weight = (1 - self.current_rate()) * take
         ema_params = list(self.model.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - self.current_rate())
+        deltas = torch._foreach_sub([p.detach() for p in model.parameters()], ema_params)
+        torch._foreach_mul_(deltas, weight)
+        torch._foreach_add_(ema_params, deltas)
         for ema_buffer, buffer in zip(self.model.buffers(), model.buffers(), strict=True):
-            ema_buffer.copy_(buffer)
+            ema_buffer.copy_(torch.where(take.bool(), buffer, ema_buffer))
+        self.updates_t += take
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "updates": self.updates, "rate": self.rate}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.updates = state["updates"]
+        self.updates_t.fill_(state["updates"])

@@ -13,39 +13,36 @@ import math
 from collections import Counter
 from pathlib import Path
 
-import torch
-from torch import nn
-
 NON_FINITE, ABOVE_THRESHOLD = "non-finite", "above threshold"
 
 
 def diagnose(
-    terms: dict[str, torch.Tensor],
+    terms: dict[str, float],
     order: list[str],
-    model: nn.Module,
+    param_norms: dict[str, float],
     norm: float,
     threshold: float | None,
     loss_scale: float | None,
 ) -> dict:
-    """Why the step whose ``terms`` and gradients (still in ``model``) were not taken was skipped."""
-    bad_terms = [name for name in order if not torch.isfinite(terms[name]).all()]
-    if not bad_terms and not torch.isfinite(terms["loss"]).all():
+    """Why a step was skipped, from its terms (``order``: the objective's terms in the order to
+    blame them), the gradient norm of each parameter and the total, the threshold and loss scale."""
+    bad_terms = [name for name in order if not math.isfinite(terms[name])]
+    if not bad_terms and not math.isfinite(terms["loss"]):
         bad_terms = ["loss"]
-    record: dict = {
-        "reason": NON_FINITE if bad_terms or not math.isfinite(norm) else ABOVE_THRESHOLD,
+    non_finite = bool(bad_terms) or not math.isfinite(norm)
+    if non_finite:
+        parameter = next((name for name, n in param_norms.items() if not math.isfinite(n)), None)
+    else:
+        parameter = max(param_norms, key=param_norms.__getitem__) if param_norms else None
+    return {
+        "reason": NON_FINITE if non_finite else ABOVE_THRESHOLD,
         "term": bad_terms[0] if bad_terms else None,
         "non_finite_terms": bad_terms,
-        "parameter": None,
+        "parameter": parameter,
         "grad_norm": norm,
         "threshold": threshold,
         "loss_scale": loss_scale,
     }
-    grads = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
-    if record["reason"] == NON_FINITE:
-        record["parameter"] = next((name for name, g in grads if not torch.isfinite(g).all()), None)
-    elif grads:
-        record["parameter"] = max(grads, key=lambda item: float(item[1].float().norm()))[0]
-    return record
 
 
 def likely_cause(records: list[dict]) -> str:

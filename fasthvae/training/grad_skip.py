@@ -5,41 +5,66 @@ skipped from then on. Here a step is skipped when its gradient norm is not finit
 ``factor`` times the median of the last ``window`` finite norms. Skipped norms enter the window too,
 so a lasting change of scale moves the median and is accepted within ``window / 2`` steps, while a
 lone spike does not move it. The first ``warmup`` norms only skip on non-finite values.
+
+The window lives on the training device and the decision is a device tensor (:meth:`allows_tensor`),
+so a step can be skipped or taken without the host waiting for the GPU.
 """
 
-import math
-import statistics
-from collections import deque
+import torch
 
 
 class AdaptiveSkip:
     """``skip = AdaptiveSkip(factor=10)``; ``skip.allows(norm)`` is True when the step may be taken."""
 
-    def __init__(self, factor: float, window: int = 200, warmup: int = 20) -> None:
+    def __init__(self, factor: float, window: int = 200, warmup: int = 20, device="cpu") -> None:
         if factor <= 1:
             raise ValueError(f"the skip factor must be above 1 (a multiple of the median), got {factor}")
-        self.factor, self.warmup = factor, warmup
-        self.norms: deque[float] = deque(maxlen=window)
-        self.skipped = 0
+        self.factor, self.window, self.warmup = factor, window, warmup
+        # A ring of the last finite norms (NaN: empty slot), its next slot and its fill, in float64.
+        self.norms = torch.full((window,), float("nan"), dtype=torch.float64, device=device)
+        self.next = torch.zeros((), dtype=torch.int64, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped_t = torch.zeros((), dtype=torch.int64, device=device)
+
+    @property
+    def skipped(self) -> int:
+        return int(self.skipped_t)
+
+    def threshold_tensor(self) -> torch.Tensor:
+        """The largest norm a step may have now (inf during the warm-up), on the device."""
+        median = torch.nanquantile(self.norms, 0.5)  # the mean of the middle two, as statistics.median
+        return torch.where(self.count < self.warmup, torch.inf, self.factor * median)
 
     def threshold(self) -> float:
-        """The largest norm a step may have now."""
-        if len(self.norms) < self.warmup:
-            return math.inf
-        return self.factor * statistics.median(self.norms)
+        return float(self.threshold_tensor())
 
-    def allows(self, norm: float) -> bool:
-        limit = self.threshold()
-        if math.isfinite(norm):
-            self.norms.append(norm)
-        ok = norm <= limit  # False for NaN and inf
-        self.skipped += not ok
+    def allows_tensor(self, norm: torch.Tensor) -> torch.Tensor:
+        """Whether a step of gradient norm ``norm`` (a device scalar) may be taken, as a device bool;
+        records the norm."""
+        norm = norm.to(torch.float64)
+        ok = norm <= self.threshold_tensor()  # False for NaN and inf
+        finite = torch.isfinite(norm)
+        slot = self.next.view(1)
+        self.norms.index_copy_(0, slot, torch.where(finite, norm, self.norms.index_select(0, slot)))
+        self.next.copy_((self.next + finite) % self.window)
+        self.count.copy_(torch.clamp(self.count + finite, max=self.window))
+        self.skipped_t += ~ok
         return ok
 
+    def allows(self, norm: float) -> bool:
+        return bool(self.allows_tensor(torch.tensor(norm, device=self.norms.device)))
+
     def state_dict(self) -> dict:
-        return {"norms": list(self.norms), "skipped": self.skipped}
+        """The window oldest first, as plain floats (the format checkpoints have always had)."""
+        order = (self.next - self.count + torch.arange(self.window, device=self.norms.device)) % self.window
+        ordered = self.norms[order[: int(self.count)]]
+        return {"norms": ordered.tolist(), "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
-        self.norms.clear()
-        self.norms.extend(state["norms"])
-        self.skipped = state["skipped"]
+        norms = state["norms"][-self.window :]
+        self.norms.fill_(float("nan"))
+        if norms:
+            self.norms[: len(norms)] = torch.tensor(norms, dtype=torch.float64)
+        self.count.fill_(len(norms))
+        self.next.fill_(len(norms) % self.window)
+        self.skipped_t.fill_(state["skipped"])

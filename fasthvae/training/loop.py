@@ -1,4 +1,12 @@
-"""The training loop: one optimizer step, and one epoch (resumable mid-way) of them."""
+"""The training loop: one optimizer step, and one epoch (resumable mid-way) of them.
+
+The step never reads a value back to the host when the optimizer can take its skip decision as a
+device flag (the fused AdamW's ``found_inf``, as GradScaler uses it): the gradient norm, the skip
+threshold, the decision, the EMA update, the epoch's sums and each step's record stay on the
+device, and the records are read back once every ``log_every`` steps (progress bar, TensorBoard,
+skip forensics, signals, periodic checkpoints). Otherwise (the unfused AdamW, the CPU default,
+where a host read costs nothing) the step reads its decision back.
+"""
 
 import math
 import time
@@ -32,49 +40,71 @@ class Objective(nn.Module):
 
 @dataclass
 class StepResult:
-    terms: dict[str, torch.Tensor]  # loss, recon and each KL (detached, float32)
-    grad_norm: torch.Tensor
-    taken: bool
-    skip: dict | None  # the forensics record of a skipped step
+    """One step, on the device: ``row`` holds the terms (``Stepper.terms`` order), the gradient
+    norm, the skip threshold, the loss scale (NaN: no scaler), whether the step was taken, then the
+    gradient norm of each parameter in ``params`` (indices into ``Stepper.param_names``)."""
+
+    row: torch.Tensor
+    taken: torch.Tensor
+    params: tuple[int, ...]
 
 
 class Stepper:
-    """Takes (or skips) one optimizer step of ``objective`` on a batch."""
+    """Takes (or skips) one optimizer step of ``objective`` on a batch. Skipped: a non-finite loss
+    or gradient norm, or a norm above the adaptive threshold. Gradients are all-reduced under DDP,
+    so every rank sees the same norm and decides alike."""
 
-    def __init__(self, state: TrainState, objective: nn.Module, config: TrainConfig, rt: Runtime) -> None:
-        self.state, self.objective, self.config, self.rt = state, objective, config, rt
-        self.term_order = ["recon", *state.model.kl_levels]
+    def __init__(
+        self, state: TrainState, objective: nn.Module, config: TrainConfig, rt: Runtime, sync_free: bool
+    ) -> None:
+        self.state, self.objective, self.rt, self.sync_free = state, objective, rt, sync_free
+        self.max_norm = config.grad_clip or math.inf
+        self.terms = ["loss", "recon", *state.model.kl_levels]
+        named = list(state.model.named_parameters())
+        self.param_names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.no_scale = torch.tensor([math.nan], device=rt.device)
 
-    def __call__(self, x: torch.Tensor, weights: list[float]) -> StepResult:
-        """Skipped (None ``terms`` taken) when the loss or gradients are non-finite or the gradient
-        norm is above the adaptive threshold. Gradients are all-reduced under DDP, so every rank
-        sees the same norm and decides alike."""
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor) -> StepResult:
         s = self.state
         with autocast(self.rt.device.type, self.rt.amp_dtype):
-            terms = self.objective(x, torch.tensor(weights, device=self.rt.device))
+            terms = self.objective(x, weights)
         s.optimizer.zero_grad(set_to_none=True)
         s.scaler.scale(terms["loss"]).backward()
         s.scaler.unscale_(s.optimizer)
-        max_norm = self.config.grad_clip or math.inf
-        norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), max_norm)
-        taken = s.skip.allows(float(norm)) if s.skip else bool(torch.isfinite(norm))
-        terms = {k: v.detach().float() for k, v in terms.items()}
-        record = None
-        if taken:
+        present = tuple(i for i, p in enumerate(self.params) if p.grad is not None)
+        grads = [self.params[i].grad for i in present]
+        param_norms = torch.stack(torch._foreach_norm(grads)).float()
+        norm = torch.linalg.vector_norm(param_norms)
+        if math.isfinite(self.max_norm):  # as clip_grad_norm_
+            torch._foreach_mul_(grads, torch.clamp(self.max_norm / (norm + 1e-6), max=1.0))
+        threshold = s.skip.threshold_tensor().float() if s.skip else torch.full_like(norm, math.inf)
+        taken = s.skip.allows_tensor(norm) if s.skip else torch.isfinite(norm)
+        scale = s.scaler._get_scale_async().view(1).float() if s.scaler.is_enabled() else self.no_scale
+        if self.sync_free:
+            s.optimizer.found_inf = (~taken).float()  # the fused AdamW leaves everything as it was
+            s.optimizer.step()
+        elif bool(taken):
             s.scaler.step(s.optimizer)
-            if s.ema is not None:
-                s.ema.update(s.model)
-        else:
-            record = forensics.diagnose(
-                terms,
-                self.term_order,
-                s.model,
-                float(norm),
-                s.skip.threshold() if s.skip else None,
-                float(s.scaler.get_scale()) if s.scaler.is_enabled() else None,
-            )
+        if s.ema is not None:
+            s.ema.update(s.model, taken)
         s.scaler.update()
-        return StepResult(terms, norm.detach(), taken, record)
+        values = torch.stack([terms[k].detach().float() for k in self.terms])
+        head = torch.stack([norm, threshold, taken.float()])
+        return StepResult(torch.cat([values, head, scale, param_norms]), taken, present)
+
+    def record(self, result: list[float], params: tuple[int, ...]) -> dict:
+        """The host form of a result's row."""
+        n = len(self.terms)
+        scale = result[n + 3]
+        return {
+            "terms": dict(zip(self.terms, result[:n], strict=True)),
+            "grad_norm": result[n],
+            "threshold": result[n + 1],
+            "taken": result[n + 2] == 1.0,
+            "loss_scale": None if math.isnan(scale) else scale,
+            "param_norms": {self.param_names[i]: v for i, v in zip(params, result[n + 4 :], strict=True)},
+        }
 
 
 @dataclass
@@ -84,83 +114,120 @@ class StopRequest:
     batch: int
 
 
-def run_epoch(
-    state: TrainState,
-    step: Stepper,
-    loader: BatchLoader,
-    schedule: Schedule,
-    config: TrainConfig,
-    dist: DistInfo,
-    skips: forensics.SkipLog,
-    poll: Callable[[], tuple[bool, bool]],
-    save: Callable[[], None],
-    on_step: Callable[[StepResult, list[float], float], None] | None = None,
-) -> dict | StopRequest:
-    """Train ``state.epoch`` from ``state.progress`` on; the epoch's metrics row, or a StopRequest
-    once ``poll()`` says stop (after saving). ``poll() -> (save, stop)`` runs after every step;
-    ``on_step(result, weights, images_per_s)`` too (rank 0)."""
-    model, levels = state.model, state.model.num_levels
-    model.train()
-    p = state.progress
-    n_batches = len(loader)
-    names = ["loss", "recon", *model.kl_levels]
-    device = next(model.parameters()).device
-    if p.sums is None:
-        p.sums = torch.zeros(len(names) + 2, dtype=torch.float64)  # + images, skips
-    sums = p.sums.to(device)
-    loader.set_epoch(state.epoch, start_batch=p.batch)
-    start = time.perf_counter() - p.seconds
-    bar = tqdm(
-        total=n_batches,
-        initial=p.batch,
-        desc=f"epoch {state.epoch + 1}/{config.epochs}",
-        disable=not dist.is_main,
-        leave=False,
-        dynamic_ncols=True,
-    )
-    first = p.batch
-    for i, (x, _) in enumerate(loader, start=first):
-        weights = schedule.level_weights(state.epoch + i / n_batches, levels)
-        result = step(x, weights)
-        state.step += 1
-        bar.update(1)
-        if result.taken:
-            p.consecutive_skips = 0
-            skips.took_step()
-            sums[: len(names)] += torch.stack([result.terms[k] for k in names]).double() * len(x)
-            sums[-2] += len(x)
-        else:
+class EpochRun:
+    """One epoch of steps from ``state.progress`` on; ``run()`` gives its metrics row, or a
+    StopRequest once ``poll() -> (save, stop)`` says stop (after saving). Every ``log_every`` steps
+    the records are read back: ``on_step(step, record, weights, images_per_s)`` (rank 0), skip
+    forensics, the consecutive-skip limit, then ``poll``."""
+
+    def __init__(
+        self,
+        state: TrainState,
+        step: Stepper,
+        loader: BatchLoader,
+        schedule: Schedule,
+        config: TrainConfig,
+        dist: DistInfo,
+        skips: forensics.SkipLog,
+        log_every: int,
+        poll: Callable[[], tuple[bool, bool]],
+        save: Callable[[], None],
+        on_step: Callable[[int, dict, list[float], float], None] | None = None,
+    ) -> None:
+        self.state, self.stepper, self.loader, self.schedule = state, step, loader, schedule
+        self.config, self.dist, self.skips, self.log_every = config, dist, skips, log_every
+        self.poll, self.save, self.on_step = poll, save, on_step
+        self.pending: list[tuple[int, list[float], StepResult]] = []
+        self.bar = None
+
+    def run(self) -> dict | StopRequest:
+        state, p = self.state, self.state.progress
+        state.model.train()
+        n_batches = len(self.loader)
+        levels = state.model.num_levels
+        device = next(state.model.parameters()).device
+        n_terms = len(self.stepper.terms)
+        if p.sums is None:
+            p.sums = torch.zeros(n_terms + 2, dtype=torch.float64)  # + images, skips
+        sums = p.sums.to(device)
+        weights = [self.schedule.level_weights(state.epoch + i / n_batches, levels) for i in range(n_batches)]
+        weights_table = torch.tensor(weights, device=device)  # one copy per epoch
+        self.loader.set_epoch(state.epoch, start_batch=p.batch)
+        self.start, self.first = time.perf_counter() - p.seconds, p.batch
+        self.bar = tqdm(
+            total=n_batches,
+            initial=p.batch,
+            desc=f"epoch {state.epoch + 1}/{self.config.epochs}",
+            disable=not self.dist.is_main,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for i, (x, _) in enumerate(self.loader, start=p.batch):
+            result = self.stepper(x, weights_table[i])
+            state.step += 1
+            taken = result.taken
+            sums[:n_terms] += torch.where(taken, result.row[:n_terms].double() * len(x), 0.0)
+            sums[-2] += taken * len(x)
+            sums[-1] += ~taken
+            self.pending.append((state.step, weights[i], result))
+            if len(self.pending) < self.log_every and i + 1 < n_batches:
+                continue
+            self._read_back(i + 1, len(x), n_batches)
+            if i + 1 < n_batches:
+                want_save, stop = self.poll()
+                if want_save:
+                    p.batch, p.sums, p.seconds = i + 1, sums.cpu(), time.perf_counter() - self.start
+                    self.save()
+                    if stop:
+                        self.bar.close()
+                        return StopRequest(batch=i + 1)
+        self.bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - self.start
+        all_reduce_sum(sums, self.dist)
+        state.progress = EpochProgress()
+        return epoch_row(state, self.schedule, self.stepper.terms, sums, seconds)
+
+    def _read_back(self, batches_done: int, batch_size: int, n_batches: int) -> None:
+        """One host read of the pending steps' records; their bookkeeping."""
+        results = [r for _, _, r in self.pending]
+        flat = torch.cat([r.row for r in results]).tolist()
+        elapsed = time.perf_counter() - self.start
+        images_per_s = (batches_done - self.first) * batch_size * self.dist.world_size / max(elapsed, 1e-9)
+        p, offset = self.state.progress, 0
+        for step, weights, result in self.pending:
+            record = self.stepper.record(flat[offset : offset + len(result.row)], result.params)
+            offset += len(result.row)
+            if self.on_step is not None and self.dist.is_main:
+                self.on_step(step, record, weights, images_per_s)
+            if record["taken"]:
+                p.consecutive_skips = 0
+                self.skips.took_step()
+                continue
             p.consecutive_skips += 1
-            sums[-1] += 1
-            skips.add({"epoch": state.epoch + 1, "step": state.step, "weights": weights, **result.skip})
-            if p.consecutive_skips >= config.max_skips:
-                raise TrainingError(too_many_skips(state, config, skips))
-        elapsed = time.perf_counter() - start
-        images_per_s = (i + 1 - first) * len(x) * dist.world_size / max(elapsed - p.seconds, 1e-9)
-        if on_step is not None and dist.is_main:
-            on_step(result, weights, images_per_s)
-        if dist.is_main and result.taken and (i % 10 == 0 or i == n_batches - 1):
-            epochs_left = config.epochs - state.epoch - (i + 1) / n_batches
-            bar.set_postfix(
-                loss=f"{float(result.terms['loss']):.1f}",
-                img_s=f"{images_per_s:.0f}",
-                run_eta=_minutes(epochs_left * elapsed / ((i + 1) / n_batches)),
+            why = forensics.diagnose(
+                record["terms"],
+                self.stepper.terms[1:],
+                record["param_norms"],
+                record["grad_norm"],
+                record["threshold"] if self.state.skip else None,
+                record["loss_scale"],
             )
-        if i + 1 < n_batches:
-            want_save, stop = poll()
-            if want_save:
-                p.batch, p.sums, p.seconds = i + 1, sums.cpu(), time.perf_counter() - start
-                save()
-                if stop:
-                    bar.close()
-                    return StopRequest(batch=i + 1)
-    bar.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    all_reduce_sum(sums, dist)
-    state.progress = EpochProgress()
-    return epoch_row(state, schedule, names, sums, seconds)
+            self.skips.add({"epoch": self.state.epoch + 1, "step": step, "weights": weights, **why})
+            if p.consecutive_skips >= self.config.max_skips:
+                raise TrainingError(too_many_skips(self.state, self.config, self.skips, step))
+        self.pending = []
+        self.bar.update(batches_done - self.bar.n)
+        if self.dist.is_main:
+            last = self.stepper.record(flat[-len(results[-1].row) :], results[-1].params)
+            epochs_left = self.config.epochs - self.state.epoch - batches_done / n_batches
+            elapsed_all = time.perf_counter() - self.start
+            self.bar.set_postfix(
+                loss=f"{last['terms']['loss']:.1f}",
+                img_s=f"{images_per_s:.0f}",
+                run_eta=_minutes(epochs_left * elapsed_all / (batches_done / n_batches)),
+            )
 
 
 def epoch_row(
@@ -179,11 +246,11 @@ def epoch_row(
     return row
 
 
-def too_many_skips(state: TrainState, config: TrainConfig, skips: forensics.SkipLog) -> str:
+def too_many_skips(state: TrainState, config: TrainConfig, skips: forensics.SkipLog, step: int) -> str:
     threshold = f" (skip threshold now {state.skip.threshold():.4g})" if state.skip else ""
     return (
         f"{config.max_skips} consecutive skipped steps{threshold} at epoch {state.epoch + 1}, step "
-        f"{state.step}: training stopped. Likely cause: {forensics.likely_cause(skips.recent)}. The last "
+        f"{step}: training stopped. Likely cause: {forensics.likely_cause(skips.recent)}. The last "
         f"good checkpoint (epoch {state.epoch}) is intact; skips.jsonl has every skipped step."
     )
 

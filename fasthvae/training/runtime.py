@@ -23,6 +23,7 @@ class Runtime:
     channels_last: bool
     loader: str
     tensorboard: bool
+    log_every: int
 
     def record(self, world_size: int) -> dict:
         """For config.json and summary.json."""
@@ -34,6 +35,7 @@ class Runtime:
             "channels_last": self.channels_last,
             "loader": self.loader,
             "tensorboard": self.tensorboard,
+            "log_every": self.log_every,
             "world_size": world_size,
         }
 
@@ -70,4 +72,5 @@ def resolve_runtime(config: TrainConfig, dist: DistInfo) -> Runtime:
         channels_last=pick(config.channels_last, True),
         loader=config.loader or default_loader(device),
         tensorboard=pick(config.tensorboard, tensorboard_installed()),
+        log_every=config.log_every or (25 if on_gpu else 1),
     )
