@@ -260,11 +260,12 @@ class Trainer:
         finally:
             if tb is not None:
                 tb.close()
+        # Rank 0 alone evaluates (FID and the IW bound can take long): the other ranks leave now
+        # rather than wait in a barrier under NCCL's timeout.
         summary = {}
         if self.dist.is_main:
             summary = self.summarize()
             write_text_atomic(json.dumps(summary, indent=2) + "\n", self.out / "summary.json")
-        barrier(self.dist)
         return summary
 
     def _train(

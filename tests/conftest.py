@@ -1,5 +1,6 @@
 """Test set-up: Triton runs in its interpreter on CPU-only machines (set before triton is imported),
-the small data set that trainer and study tests share, and ``slow`` tests run only with ``--slow``."""
+the small data set that trainer and study tests share; ``slow`` tests run only with ``--slow``, and
+``gpu`` tests only where torch sees a CUDA GPU (skipped with the reason elsewhere)."""
 
 import os
 from pathlib import Path
@@ -19,12 +20,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--slow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --slow")
+    slow = pytest.mark.skip(reason="slow: run with --slow")
+    gpu = pytest.mark.skip(reason="needs a CUDA GPU: bash scripts/gpu_check.sh runs it")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if "slow" in item.keywords and not config.getoption("--slow"):
+            item.add_marker(slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(gpu)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,15 @@
 """Shared helpers of the ops tests: per-dtype tolerances and a float64 ground truth."""
 
+import pytest
 import torch
 
-from fasthvae.ops import reference
+from fasthvae.ops import backend, reference
+
+GPU = torch.cuda.is_available()
+needs_gpu = pytest.mark.gpu  # skipped without a GPU (conftest.py), selected by gpu_check.sh
+# Triton runs compiled on CUDA tensors where there is a GPU, in its interpreter on CPU tensors
+# elsewhere (TRITON_INTERPRET=1, set by conftest.py on machines without a GPU).
+TRITON_DEVICE = "cuda" if GPU and not backend.triton_interpreted() else "cpu"
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # One ulp of the output dtype (results are rounded once from float32); float32 allows for the

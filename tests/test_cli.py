@@ -2,6 +2,7 @@
 ``env``, ``--version``; a trained model in three lines, and clear errors for checkpoints that do not
 fit."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "fasthvae"  # installed by pip from [project.scripts]
 
 
-def run(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+def run(*cmd: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
 
 
 def test_the_console_script_is_installed_and_knows_its_version():
@@ -108,3 +110,10 @@ def test_a_checkpoint_that_does_not_fit_names_what_differs(trained, tmp_path):
     assert "written by fasthvae 9.9.9" in message and f"fasthvae {fasthvae.__version__}" in message
     assert f"missing: {first}" in message and f"unexpected: renamed.{first}" in message
     assert f"{last} (3, 3) vs" in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: scripts/gpu_check.sh runs the check")
+def test_the_gpu_self_check_says_there_is_no_gpu(tmp_path):
+    out = run("bash", "scripts/gpu_check.sh", str(tmp_path / "report"), env={"PYTHON": sys.executable})
+    assert out.returncode == 1
+    assert "no CUDA GPU is visible to torch" in out.stderr and not (tmp_path / "report").exists()

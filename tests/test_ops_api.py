@@ -13,6 +13,7 @@ from fasthvae import ops
 from fasthvae.nn import GaussianKL, Reparameterize, SampleAndKL
 from fasthvae.ops import backend, library, reference
 from fasthvae.ops.philox import philox_randn_at, philox_uint32
+from tests.helpers import TRITON_DEVICE
 
 
 def gaussians(shape=(8, 16), seed=0, dtype=torch.float32):
@@ -59,11 +60,11 @@ def test_philox_matches_triton_bitwise():
         [torch.arange(300), torch.tensor([2**31 - 1, 2**32 - 1, 2**32, 2**40 + 7, 2**42 + 2])]
     )
     for seed in (0, 1, 2**32 + 5, 2**63 - 25):
-        out = torch.empty(len(offsets))
-        ints = torch.empty(4 * len(offsets), dtype=torch.int64)
-        draw[(1,)](out, ints, offsets, seed, len(offsets), BLOCK=512)
-        assert torch.equal(ints.view(-1, 4), torch.stack(philox_uint32(seed, offsets), 1))
-        torch.testing.assert_close(out, philox_randn_at(seed, offsets), rtol=0, atol=2e-6)
+        out = torch.empty(len(offsets), device=TRITON_DEVICE)
+        ints = torch.empty(4 * len(offsets), dtype=torch.int64, device=TRITON_DEVICE)
+        draw[(1,)](out, ints, offsets.to(TRITON_DEVICE), seed, len(offsets), BLOCK=512)
+        assert torch.equal(ints.cpu().view(-1, 4), torch.stack(philox_uint32(seed, offsets), 1))
+        torch.testing.assert_close(out.cpu(), philox_randn_at(seed, offsets), rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("kernel", ["cpu", "reference"])

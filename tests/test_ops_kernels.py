@@ -8,12 +8,18 @@ import torch
 from fasthvae.ops import backend, library
 from fasthvae.ops.philox import philox_randn
 from fasthvae.ops.reference import REDUCTIONS
-from tests.helpers import DTYPES, assert_close, exact
+from tests.helpers import DTYPES, TRITON_DEVICE, assert_close, exact, needs_gpu
 
 # The CPU kernels once per ISA path this CPU has ("cpu-avx2" runs the AVX2 loops on an AVX-512
-# machine too), then Triton (its interpreter on CPU) and the reference kernels.
+# machine too), Triton (on CUDA tensors where there is a GPU, in its interpreter on CPU tensors
+# elsewhere), the CUDA C++ kernels (GPU only) and the reference kernels.
 CPU_KERNELS = tuple(f"cpu-{isa}" for isa in backend.cpu_isas()) if backend.extension() else ("cpu",)
-KERNELS = (*CPU_KERNELS, "triton", "reference")
+KERNELS = (*CPU_KERNELS, "triton", pytest.param("cuda", marks=needs_gpu), "reference")
+
+
+def device_of(kernel: str) -> str:
+    """Where a kernel's inputs live (the ground truth is always computed on CPU in float64)."""
+    return {"triton": TRITON_DEVICE, "cuda": "cuda"}.get(kernel, "cpu")
 
 
 @contextlib.contextmanager
@@ -53,13 +59,15 @@ def upstream(shape, dtype, reduction, rows):
     return grad_z, grad_kl
 
 
-def run_op(op, mu, lv, mu_p, lv_p, reduction, grad_z, grad_kl, transform=None):
-    """Run a registered op with autograd on ``transform`` views of the inputs (e.g. non-contiguous).
+def run_op(op, mu, lv, mu_p, lv_p, reduction, grad_z, grad_kl, transform=None, device="cpu"):
+    """Run a registered op with autograd on ``transform`` views of the inputs (e.g. non-contiguous)
+    on ``device``.
 
-    Returns (z, kl, grads with respect to the op's arguments).
+    Returns (z, kl, grads with respect to the op's arguments), on the CPU.
     """
     transform = transform or (lambda t: t)
-    args = [transform(t.detach().clone().requires_grad_()) for t in (mu, lv, mu_p, lv_p) if t is not None]
+    leaves = [t.detach().to(device).requires_grad_() for t in (mu, lv, mu_p, lv_p) if t is not None]
+    args = [transform(t) for t in leaves]
     m, lv = args[0], args[1]
     mp, lp = (args[2], args[3]) if mu_p is not None else (None, None)
     seed = torch.tensor(SEED)
@@ -70,13 +78,14 @@ def run_op(op, mu, lv, mu_p, lv_p, reduction, grad_z, grad_kl, transform=None):
         z = library.reparameterize(m, lv, seed)
     else:
         z, kl = library.sample_and_kl(m, lv, mp, lp, seed, reduction)
-    loss = torch.zeros(())
+    loss = torch.zeros((), device=device)
     if z is not None:
-        loss = loss + (z * grad_z).float().sum()
+        loss = loss + (z * grad_z.to(device)).float().sum()
     if kl is not None:
-        loss = loss + (kl * grad_kl.to(kl.dtype)).float().sum()
+        loss = loss + (kl * grad_kl.to(device, kl.dtype)).float().sum()
     grads = torch.autograd.grad(loss, args)
-    return z, kl, grads
+    cpu = [None if t is None else t.cpu() for t in (z, kl)]
+    return cpu[0], cpu[1], [g.cpu() for g in grads]
 
 
 def check(kernel, op, shape, dtype, reduction, prior, scale=1.0, transform=None):
@@ -86,7 +95,7 @@ def check(kernel, op, shape, dtype, reduction, prior, scale=1.0, transform=None)
     rows = mu.shape[0] if mu.dim() else 1
     grad_z, grad_kl = upstream(mu.shape, dtype, reduction, rows)
     with kernel_in_use(kernel):
-        z, kl, grads = run_op(op, *base, reduction, grad_z, grad_kl, transform)
+        z, kl, grads = run_op(op, *base, reduction, grad_z, grad_kl, transform, device_of(kernel))
     eps = philox_randn(SEED, mu.numel()).view(mu.shape) if z is not None else None
     z_ref, kl_ref, grads_ref = exact(
         mu,
@@ -169,7 +178,9 @@ def test_extreme_log_variances(kernel, dtype):
     for prior in (False, True):
         mp, lp = (mu_p, lv_p) if prior else (None, None)
         with kernel_in_use(kernel):
-            z, kl, grads = run_op("sample_and_kl", mu, lv, mp, lp, "none", grad_z, grad_kl)
+            z, kl, grads = run_op(
+                "sample_and_kl", mu, lv, mp, lp, "none", grad_z, grad_kl, device=device_of(kernel)
+            )
         eps = philox_randn(SEED, mu.numel()).view(shape)
         z_ref, kl_ref, grads_ref = exact(mu, lv, mp, lp, "none", eps, grad_z, grad_kl)
         assert_close(z, z_ref, dtype, "z")
@@ -186,9 +197,10 @@ def test_kernels_agree_bitwise_on_noise(shape):
     lv = torch.zeros(shape)
     seed = torch.tensor(2**40 + 12345)
     noise = {}
-    for kernel in KERNELS:
+    for kernel in (*CPU_KERNELS, "triton", *(("cuda",) if torch.cuda.is_available() else ()), "reference"):
+        device = device_of(kernel)
         with kernel_in_use(kernel):
-            noise[kernel] = library.reparameterize(mu, lv, seed)
+            noise[kernel] = library.reparameterize(mu.to(device), lv.to(device), seed).cpu()
     expected = philox_randn(int(seed), mu.numel()).view(mu.shape)
     for kernel, z in noise.items():
         torch.testing.assert_close(z, expected, rtol=0, atol=2e-6, msg=lambda m, k=kernel: f"{k}: {m}")
@@ -198,8 +210,9 @@ def test_kernels_agree_bitwise_on_noise(shape):
 def test_prior_gradients_are_zero_when_no_gradient_reaches_the_kl(kernel):
     """The backward op called with a gradient for z only: the prior's gradients are zeros, in every
     kernel (they were left unwritten once)."""
-    mu, lv, mu_p, lv_p = make_inputs((3, 1000), torch.float32, prior=True)
-    grad_z = torch.randn(3, 1000)
+    device = device_of(kernel)
+    mu, lv, mu_p, lv_p = (t.to(device) for t in make_inputs((3, 1000), torch.float32, prior=True))
+    grad_z = torch.randn(3, 1000, device=device)
     with kernel_in_use(kernel):
         for _ in range(3):  # fresh allocations may hold anything: try a few
             dmu, _, dmu_p, dlv_p = library.gaussian_backward(
@@ -254,7 +267,9 @@ def test_nan_and_infinite_inputs(kernel, dtype, reduction, prior):
         nan_elems[2, 10] = nan_elems[0, 11] = True
     grad_z, grad_kl = upstream(shape, dtype, reduction, shape[0])
     with kernel_in_use(kernel):
-        z, kl, grads = run_op("sample_and_kl", mu, lv, mu_p, lv_p, reduction, grad_z, grad_kl)
+        z, kl, grads = run_op(
+            "sample_and_kl", mu, lv, mu_p, lv_p, reduction, grad_z, grad_kl, device=device_of(kernel)
+        )
     eps = philox_randn(SEED, mu.numel()).view(shape)
     z_ref, kl_ref, grads_ref = exact(mu, lv, mu_p, lv_p, reduction, eps, grad_z, grad_kl)
     z_nan = nan_elems.clone()

@@ -108,7 +108,7 @@ def test_device_and_host_decisions_train_alike(data, tmp_path, monkeypatch, log_
     assert skips[0] == skips[1] and '"term": "loss"' in skips[0] and "above threshold" in skips[0]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_a_cuda_step_never_synchronizes(data, tmp_path):
     """On a GPU: torch's sync debug mode turns any device-to-host wait in the step into an error."""
     t = trainer(data, tmp_path, "--device", "cuda", "--limit-train", "64", "--amp")
