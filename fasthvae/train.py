@@ -40,10 +40,10 @@ from fasthvae.training.config import (
     validate,
     with_model_defaults,
 )
-from fasthvae.training.distributed import barrier, init_distributed, shutdown
+from fasthvae.training.distributed import DistInfo, barrier, init_distributed, shutdown
 from fasthvae.training.loop import EpochRun, Objective, Stepper, StopRequest
 from fasthvae.training.preemption import PREEMPTED_EXIT, Preempted, StopPolicy, StopSignals
-from fasthvae.training.runtime import device_type, resolve_runtime
+from fasthvae.training.runtime import Runtime, device_type, resolve_runtime
 from fasthvae.training.state import build_state
 
 __all__ = ["Objective", "TrainConfig", "Trainer", "TrainingError", "main", "parse_args"]
@@ -51,75 +51,95 @@ __all__ = ["Objective", "TrainConfig", "Trainer", "TrainingError", "main", "pars
 HEALTH_IMAGES = 256  # test images on which each epoch counts active units
 
 
+def resolve_config(
+    config: TrainConfig, given: set[str] | None, checkpoint: Path
+) -> tuple[TrainConfig, dict | None]:
+    """The config a run trains with (the checkpoint's identity on --resume, the model's defaults,
+    validated) and the checkpoint to restore (None for a new run)."""
+    if config.data is None and os.environ.get(DATA_ENV):  # record where the data came from
+        config = replace(config, data=os.environ[DATA_ENV])
+    saved = None
+    if config.resume:
+        saved = load_checkpoint(checkpoint)
+        given = changed_from_defaults(config) if given is None else given
+        config = merge_resumed(config, saved, given)
+    elif checkpoint.exists() and not config.overwrite:
+        raise TrainingError(
+            f"{checkpoint.parent} already holds a checkpoint: pass --resume to continue it, "
+            "--overwrite to start afresh, or another --out"
+        )
+    config = with_model_defaults(config)
+    validate(config)
+    return config, saved
+
+
+def seed_and_tune(seed: int, device: torch.device) -> None:
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+class RunData:
+    """The run's splits, its training loader, and the fixed test batches of the PNGs and the latent
+    health check."""
+
+    def __init__(self, config: TrainConfig, rt: Runtime, dist: DistInfo) -> None:
+        # An image folder with --loader dali stays on disk: DALI decodes the training images as it
+        # reads them (for folders larger than memory).
+        data = load_dataset(config.data, root=config.data_root, decode_train=rt.loader != "dali")
+        self.train = data.train.limit(config.limit_train)
+        self.test = data.test.limit(config.limit_test)
+        self.source = data.source
+        options = LoaderOptions(
+            batch_size=config.batch_size,
+            flip=config.flip,
+            seed=config.seed,
+            drop_last=dist.enabled,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            channels_last=rt.channels_last,
+        )
+        images = self.train if isinstance(self.train, FileSplit) else self.train.images
+        self.loader = make_loader(rt.loader, images, options, rt.device, num_workers=config.workers)
+        if len(self.loader) == 0:
+            raise TrainingError(
+                f"{len(self.train)} training images give no batch of {config.batch_size}"
+                f" on {dist.world_size} process(es)"
+            )
+        self.fixed_batch = next(image_batches(self.test.images[:32], rt.device, 32))
+        health = self.test.images[:HEALTH_IMAGES]
+        self.health_batch = next(image_batches(health, rt.device, len(health)))
+
+
 class Trainer:
     """Sets a run up from its config and ``run()``s it: epochs, checkpoints, outputs, summary."""
 
     def __init__(self, config: TrainConfig, given: set[str] | None = None) -> None:
         """``given``: the fields set explicitly (default: those that differ from the defaults)."""
-        if config.data is None and os.environ.get(DATA_ENV):  # record where the data came from
-            config = replace(config, data=os.environ[DATA_ENV])
         self.out = Path(config.out)
         self.checkpoint_path = self.out / "checkpoint.pt"
-        saved = None
-        if config.resume:
-            saved = load_checkpoint(self.checkpoint_path)
-            given = changed_from_defaults(config) if given is None else given
-            config = merge_resumed(config, saved, given)
-        elif self.checkpoint_path.exists() and not config.overwrite:
-            raise TrainingError(
-                f"{self.out} already holds a checkpoint: pass --resume to continue it, "
-                "--overwrite to start afresh, or another --out"
-            )
-        config = with_model_defaults(config)
-        validate(config)
-        self.config = config
-        self.dist = init_distributed(device_type(config))  # NCCL on GPUs, gloo on CPU
-        self.rt = resolve_runtime(config, self.dist)
-        torch.manual_seed(config.seed + self.dist.rank)
-        if self.rt.device.type == "cuda":
-            torch.cuda.set_device(self.rt.device)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
-
-        # An image folder with --loader dali stays on disk: DALI decodes the training images as it
-        # reads them (for folders larger than memory).
-        data = load_dataset(config.data, root=config.data_root, decode_train=self.rt.loader != "dali")
-        self.train_split = data.train.limit(config.limit_train)
-        self.test_split = data.test.limit(config.limit_test)
-        self.data_source = data.source
-        options = LoaderOptions(
-            batch_size=config.batch_size,
-            flip=config.flip,
-            seed=config.seed,
-            drop_last=self.dist.enabled,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            channels_last=self.rt.channels_last,
-        )
-        train = self.train_split if isinstance(self.train_split, FileSplit) else self.train_split.images
-        self.loader = make_loader(self.rt.loader, train, options, self.rt.device, num_workers=config.workers)
-        if len(self.loader) == 0:
-            raise TrainingError(
-                f"{len(self.train_split)} training images give no batch of {config.batch_size}"
-                f" on {self.dist.world_size} process(es)"
-            )
-
-        self.state = build_state(config, self.rt)
+        self.config, saved = resolve_config(config, given, self.checkpoint_path)
+        self.dist = init_distributed(device_type(self.config))  # NCCL on GPUs, gloo on CPU
+        self.rt = resolve_runtime(self.config, self.dist)
+        seed_and_tune(self.config.seed + self.dist.rank, self.rt.device)
+        self.data = RunData(self.config, self.rt, self.dist)
+        self.loader = self.data.loader
+        self.state = build_state(self.config, self.rt)
         if saved is not None:
             self.state.restore(saved, self.dist.rank, self.checkpoint_path)
-        self.schedule = Schedule(config.schedule, config.schedule_epochs or config.epochs)
+        self.schedule = Schedule(self.config.schedule, self.config.schedule_epochs or self.config.epochs)
         objective: nn.Module = Objective(self.state.model)
         if self.dist.enabled:
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
         self.objective = torch.compile(objective) if self.rt.compile else objective
         # Skips decided on the device need the fused AdamW (its found_inf): then the step never waits.
-        self.step_fn = Stepper(self.state, self.objective, config, self.rt, sync_free=self.rt.fused_optimizer)
+        sync_free = self.rt.fused_optimizer
+        self.step_fn = Stepper(self.state, self.objective, self.config, self.rt, sync_free=sync_free)
         self.skips = forensics.SkipLog(self.out / "skips.jsonl" if self.dist.is_main else None)
-        self.fixed_batch = next(image_batches(self.test_split.images[:32], self.rt.device, 32))
-        health_images = self.test_split.images[:HEALTH_IMAGES]
-        self.health_batch = next(image_batches(health_images, self.rt.device, len(health_images)))
 
     # The state's parts, for code that drives a Trainer (tests, benchmarks, the study).
     @property
@@ -169,14 +189,14 @@ class Trainer:
         when groups collapse or one carries most of the KL (rank 0, first test images, evaluation
         weights)."""
         if self.config.test_every_epoch:
-            images = self.test_split.images[: self.config.test_every_epoch]
+            images = self.data.test.images[: self.config.test_every_epoch]
             test = evaluate_model(
                 self.eval_model, image_batches(images, self.rt.device, 500), autocast_dtype=self.rt.amp_dtype
             )
             row["test_neg_elbo"] = test["neg_elbo"]
             if "neg_elbo_bits_per_dim" in test:
                 row["test_bits_per_dim"] = test["neg_elbo_bits_per_dim"]
-        health = latent_health.measure(self.eval_model, self.health_batch, self.rt.amp_dtype)
+        health = latent_health.measure(self.eval_model, self.data.health_batch, self.rt.amp_dtype)
         row.update({f"active_{name.removeprefix('kl_')}": h["active"] for name, h in health.items()})
         for warning in self.state.health.add(health):
             print(f"fasthvae.train: warning: epoch {self.epoch + 1}: {warning}", file=sys.stderr, flush=True)
@@ -184,9 +204,9 @@ class Trainer:
     def _write_outputs(self, row: dict, tb: artifacts.TensorBoardLog | None) -> None:
         """metrics.csv, the PNGs and the epoch's TensorBoard images (rank 0)."""
         artifacts.write_metrics(self.history, self.out / "metrics.csv")
-        samples, recons = artifacts.model_pictures(self.eval_model, self.fixed_batch, self.rt.amp_dtype)
+        samples, recons = artifacts.model_pictures(self.eval_model, self.data.fixed_batch, self.rt.amp_dtype)
         artifacts.write_pictures(
-            self.out, self.history, self.state.health.history, samples, self.fixed_batch, recons
+            self.out, self.history, self.state.health.history, samples, self.data.fixed_batch, recons
         )
         if tb is not None:
             tb.epoch(self.state.step, row, samples, recons)
@@ -203,7 +223,7 @@ class Trainer:
         start = time.perf_counter()
         metrics = evaluate_model(
             self.eval_model,
-            image_batches(self.test_split.images, self.rt.device, 500),
+            image_batches(self.data.test.images, self.rt.device, 500),
             iw_samples=self.config.iw_samples,
             autocast_dtype=self.rt.amp_dtype,
         )
@@ -221,8 +241,8 @@ class Trainer:
             "test": metrics,
             "epochs": self.epoch,
             "steps": self.state.step,
-            "train_images": len(self.train_split),
-            "data": self.data_source,
+            "train_images": len(self.data.train),
+            "data": self.data.source,
             "images_per_s_last_epoch": self.history[-1]["images_per_s"] if self.history else None,
             "train_seconds": sum(r["seconds"] for r in self.history),
             "eval_seconds": time.perf_counter() - start,
