@@ -9,7 +9,8 @@ which is what a training step holds. Writes CSV and a Markdown table.
     python bench/bench_ops.py [--device cpu|cuda] [--repeats 20] [--isa avx512|avx2|baseline]
 
 On CPU the title names the CPU, its SIMD flags and the ISA path of the fused kernels (``--isa``
-forces one the CPU has; the file names carry it then).
+forces one the CPU has; the file names carry it then). Every run also writes the GPU on paper
+(bench/on_paper.py): ``ops_on_paper_<dtype>.csv/.md``; ``--on-paper-only`` writes just that.
 """
 
 import argparse
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import on_paper
 import torch
 
 from fasthvae import ops
@@ -156,7 +158,14 @@ def main() -> None:
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--isa", default=None, help="CPU: the fused kernels' ISA path (default: the best)")
+    parser.add_argument("--on-paper-only", action="store_true", help="only bytes, ideal GPU times, registers")
     args = parser.parse_args()
+    paper = on_paper.rows(args.ops, {name: SHAPES[name] for name in args.shapes}, args.dtype)
+    paper_stem = args.out / f"ops_on_paper_{args.dtype}"
+    write_report(paper, paper_stem, on_paper.HEADER, on_paper.cells, on_paper.TITLE, on_paper.INTRO)
+    print(f"wrote {paper_stem}.csv and .md")
+    if args.on_paper_only:
+        return
     if args.isa:
         backend.set_cpu_isa(args.isa)
     dtype = getattr(torch, args.dtype)

@@ -6,16 +6,22 @@ from pathlib import Path
 
 
 def write_report(
-    rows: list[dict], stem: Path, header: list[str], cells: Callable[[dict], list[str]], title: str = ""
+    rows: list[dict],
+    stem: Path,
+    header: list[str],
+    cells: Callable[[dict], list[str]],
+    title: str = "",
+    intro: str = "",
 ) -> str:
-    """CSV of every field, Markdown of ``header`` with ``cells(row)`` per row (under ``# title`` when
-    given); returns the Markdown."""
+    """CSV of every field, Markdown of ``header`` with ``cells(row)`` per row (under ``# title`` and
+    an ``intro`` paragraph when given); returns the Markdown."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"# {title}", ""] if title else []
+    lines += [intro, ""] if intro else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells(row)) + " |" for row in rows]
     markdown = "\n".join(lines) + "\n"

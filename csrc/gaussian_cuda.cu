@@ -1,9 +1,11 @@
 // CUDA kernels of the fused Gaussian ops. One CTA handles kBlock elements of
 // one row; row sums are reduced in the CTA (cub) into one partial per CTA and
-// summed afterwards, so reductions are deterministic. The elementwise math and
-// the Philox noise come from gaussian_math.h, shared with the CPU loops; a
-// thread draws the noise of four consecutive elements with one Philox call.
+// summed afterwards where a row spans several CTAs, so reductions are
+// deterministic. The elementwise math and the Philox noise come from
+// gaussian_math.h, shared with the CPU loops; a thread draws the noise of four
+// consecutive elements with one Philox call.
 #include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -158,9 +160,13 @@ std::vector<at::Tensor> forward_cuda(const at::Tensor& mu, const at::Tensor& log
   const int64_t blocks_per_row = (inner + kBlock - 1) / kBlock;
   at::Tensor z = sample ? at::empty_like(mu) : at::Tensor();
   at::Tensor kl_elem = (has_kl && !row_sums) ? at::empty_like(mu) : at::Tensor();
-  at::Tensor partials =
-      row_sums ? at::zeros({rows, std::max<int64_t>(blocks_per_row, 1)}, mu.options().dtype(at::kFloat))
-               : at::Tensor();
+  // One partial per CTA, each written by its CTA (zeros only when there is no CTA to write them).
+  const auto partials_options = mu.options().dtype(at::kFloat);
+  at::Tensor partials;
+  if (row_sums) {
+    partials = mu.numel() > 0 ? at::empty({rows, blocks_per_row}, partials_options)
+                              : at::zeros({rows, 1}, partials_options);
+  }
   if (mu.numel() > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
     FHV_DISPATCH_KERNEL_TYPES(mu.scalar_type(), "fasthvae_forward_cuda", [&] {
@@ -184,7 +190,8 @@ std::vector<at::Tensor> forward_cuda(const at::Tensor& mu, const at::Tensor& log
       });
     });
   }
-  return {z, row_sums ? partials.sum(1) : kl_elem};
+  if (!row_sums) return {z, kl_elem};
+  return {z, partials.size(1) > 1 ? partials.sum(1) : partials.view({rows})};
 }
 
 std::vector<at::Tensor> backward_cuda(const at::Tensor& mu, const at::Tensor& logvar,

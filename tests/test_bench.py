@@ -47,6 +47,21 @@ def test_bench_ops(tmp_path):
     assert "| sample_and_kl-prior | vae-latent |" in (tmp_path / "ops_cpu_float32.md").read_text()
 
 
+def test_bench_ops_writes_the_gpu_on_paper(tmp_path):
+    """Bytes the fused kernels move (5 tensors forward, 9 backward for sample_and_kl with a prior,
+    plus float32 row sums), ideal times at HBM bandwidth, the AOT registers of the kernels."""
+    pytest.importorskip("triton")
+    run_bench("bench_ops.py", "--on-paper-only", "--shapes", "vae-latent", "--ops", "sample_and_kl-prior",
+              "--dtype", "bfloat16", "--out", str(tmp_path))  # fmt: skip
+    (row,) = read_rows(tmp_path / "ops_on_paper_bfloat16.csv")
+    tensor, sums = 256 * 128 * 2, 256 * 4
+    assert float(row["forward_MB"]) == round((5 * tensor + sums) / 1e6, 3)
+    assert float(row["backward_MB"]) == round((9 * tensor + sums) / 1e6, 3)
+    assert float(row["H100 SXM forward_us"]) == round((5 * tensor + sums) / 3.35e12 * 1e6, 2)
+    assert "sm_80: forward" in row["triton"] and "sm_90: forward" in row["triton"], row["triton"]
+    assert not list(tmp_path.glob("ops_cpu_*"))  # no timing with --on-paper-only
+
+
 def test_bench_loader(tmp_path, images):
     run_bench("bench_loader.py", "--data", images, "--batch-size", "64", "--epochs", "1", "--workers", "1",
               "--out", str(tmp_path))  # fmt: skip

@@ -158,18 +158,33 @@ def test_adaptive_skip_skips_a_spike_not_a_normal_step():
 
 def test_adaptive_skip_never_stalls_a_healthy_run():
     """Norms that drift 100x over a run and noise up to ~3x are never skipped; a lasting change of
-    scale (x30) is accepted after at most window / 2 + 1 steps."""
-    skip = AdaptiveSkip(factor=10, window=100, warmup=20)
+    scale (x30, or growing as a KL weight switches on) goes on after `patience` skipped steps."""
+    skip = AdaptiveSkip(factor=10, window=100, warmup=20, patience=5)
     rng = np.random.default_rng(1)
     drift = np.exp(np.linspace(0, math.log(100), 5000)) * rng.lognormal(0, 0.35, 5000)
     assert all(skip.allows(float(n)) for n in drift)
     level = drift[-100:].mean() * 30
     verdicts = [skip.allows(float(level)) for _ in range(100)]
-    assert not verdicts[0] and all(verdicts[51:]), verdicts.index(True)
-    state = skip.state_dict()
-    again = AdaptiveSkip(factor=10, window=100, warmup=20)
-    again.load_state_dict(state)
-    assert again.threshold() == skip.threshold()
+    assert verdicts == [False] * 5 + [True] * 95
+    assert skip.threshold() > level / 10, "the skipped and taken norms moved the median"
+    rising = AdaptiveSkip(factor=10, window=100, warmup=20, patience=5)
+    assert all(rising.allows(1.0) for _ in range(50))
+    verdicts = [rising.allows(20.0 * 1.15**i) for i in range(40)]  # as the deep run that stalled once
+    assert verdicts == [False] * 5 + [True] * 35
+
+
+def test_adaptive_skip_skips_every_step_of_a_short_burst_and_resumes_its_state():
+    skip = AdaptiveSkip(factor=10, window=100, warmup=20, patience=5)
+    for _ in range(30):
+        assert skip.allows(1.0)
+    for burst in (5, 3):
+        assert [skip.allows(1e4) for _ in range(burst)] == [False] * burst
+        assert skip.allows(1.0), "a normal step ends the burst"
+    assert not skip.allows(1e4) and not skip.allows(math.nan), "a non-finite norm neither ends nor extends it"
+    again = AdaptiveSkip(factor=10, window=100, warmup=20, patience=5)
+    again.load_state_dict(skip.state_dict())
+    assert again.threshold() == skip.threshold() and int(again.streak) == int(skip.streak) == 1
+    assert [again.allows(1e4) for _ in range(5)] == [False] * 4 + [True]
 
 
 def test_trainer_skips_an_injected_huge_gradient_only(data, tmp_path, monkeypatch):
@@ -189,6 +204,26 @@ def test_trainer_skips_an_injected_huge_gradient_only(data, tmp_path, monkeypatc
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert [r["skipped_steps"] for r in state["history"]] == [0, 1, 0, 0]
     assert state["skip"]["skipped"] == 1
+
+
+def test_trainer_goes_on_through_a_lasting_jump_of_the_gradient_norm(data, tmp_path, monkeypatch):
+    """A KL weight switching on can raise every later gradient norm 1000x: the run skips 5 steps,
+    then trains on (clipped) instead of stopping at --max-skips."""
+    real = train.Objective.forward
+    calls = {"n": 0}
+
+    def jump_from_step_30(self, x, weights):
+        calls["n"] += 1
+        terms = real(self, x, weights)
+        if calls["n"] >= 30:
+            terms["loss"] = terms["loss"] * 1e3
+        return terms
+
+    monkeypatch.setattr(train.Objective, "forward", jump_from_step_30)
+    argv = ["--data", data, "--out", str(tmp_path), *TINY_ARGS, "--epochs", "4", "--batch-size", "16"]
+    assert train.main([*argv, "--max-skips", "6"]) == 0  # 16 steps per epoch, 64 in all
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert sum(r["skipped_steps"] for r in state["history"]) == 5 and state["skip"]["skipped"] == 5
 
 
 def test_evaluation_and_samples_use_the_ema_weights(data, tmp_path, monkeypatch):

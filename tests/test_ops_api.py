@@ -1,5 +1,6 @@
 """The public drop-in API: reproducibility, noise statistics, torch.library, torch.compile, errors."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -242,13 +243,47 @@ def test_missing_extension_warns_once_and_falls_back():
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "FASTHVAE_BACKEND": "auto"})
 
 
-def test_triton_compiles_ahead_of_time_for_sm80():
+def test_triton_compiles_ahead_of_time_for_sm80_without_spills_or_low_occupancy(tmp_path):
+    """Every specialization (both tile shapes) compiles; --strict fails on a kernel that spills or
+    stays below 50% occupancy, and the report lists each kernel."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
-        [sys.executable, "-m", "fasthvae.ops.triton_aot", "--arch", "80", "--dtype", "bf16"],
+        [sys.executable, "-m", "fasthvae.ops.triton_aot", "--arch", "80", "--dtype", "bf16",
+         "--report", str(tmp_path), "--strict"],
         env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
-    assert "compiled 28 kernels for sm_80" in out.stdout
+    assert "compiled 56 kernels for sm_80" in out.stdout
+    assert ": 0 of 56 kernels flagged" in out.stdout
+    with open(tmp_path / "triton_resources.csv") as f:
+        usages = list(csv.DictReader(f))
+    assert len(usages) == 56 and all(0 < int(u["registers"]) <= 64 for u in usages)
+    assert "| sm_80 | bf16 | `backward[8x128," in (tmp_path / "triton_resources.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("registers", "warps", "shared", "expected"),
+    [
+        (32, 8, 0, 1.0),  # 8 blocks of 8 warps: all 64
+        (64, 8, 0, 0.5),  # 2048 registers a warp: 32 warps
+        (72, 4, 0, 0.4375),  # 2304 a warp: 28 warps, 7 blocks of 4
+        (69, 8, 0, 0.375),  # 2304 a warp: 28 warps, 3 blocks of 8
+        (16, 4, 100 * 1024, 0.0625),  # one block fits in shared memory
+    ],
+)
+def test_occupancy_follows_the_cuda_occupancy_calculator(registers, warps, shared, expected):
+    from fasthvae.ops.triton_aot import occupancy
+
+    assert occupancy(registers, warps, shared, arch=80) == expected
+
+
+def test_triton_tiles_hold_whole_narrow_rows_and_split_wide_ones():
+    pytest.importorskip("triton")
+    from fasthvae.ops.triton_kernels import TILE, tile_shape
+
+    assert tile_shape(128) == (TILE // 128, 128)
+    assert tile_shape(100) == (TILE // 128, 128)  # the next power of two
+    assert tile_shape(1) == (TILE // 4, 4)  # at least one noise group of four
+    assert tile_shape(5000) == (1, TILE)
 
 
 def test_reference_backend_is_plain_pytorch():

@@ -3,26 +3,44 @@
 ``python -m fasthvae.ops.triton_aot --arch 80 90`` lowers each kernel (forward and backward, every
 flag combination, float32/float16/bfloat16) to PTX and a cubin, catching what the interpreter
 forgives (types, layouts, unsupported ops). Must run without ``TRITON_INTERPRET``.
+
+``--report DIR`` also writes ``triton_resources.md`` and ``.csv``: each kernel's registers, stack
+and spills (``ptxas -v`` with Triton's own flags on Triton's PTX), shared memory and the occupancy
+they allow, flagging a kernel that spills or stays below 50% occupancy.
 """
 
 import argparse
+import csv
 import itertools
+import math
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fasthvae.ops.reference import KL_ELEMENTWISE, KL_NONE, KL_ROWS
 
 DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+# Tile shapes compiled: a row of TILE columns (wide latents) and TILE // 128 rows of 128 (a 128-wide
+# latent); every other width compiles the same code with other constants.
+ROW_WIDTHS = (None, 128)
+
+
+def _tiles() -> Iterator[tuple[int, int]]:
+    from fasthvae.ops import triton_kernels as tk
+
+    for width in ROW_WIDTHS:
+        yield tk.tile_shape(width or tk.TILE)
 
 
 def _forward_specs(dtype: str) -> Iterator[tuple[str, dict, dict]]:
-    from fasthvae.ops import triton_kernels as tk
-
-    for sample, kl_mode, prior, aligned in itertools.product(
-        (False, True), (KL_NONE, KL_ELEMENTWISE, KL_ROWS), (False, True), (False, True)
+    for (block_r, block_c), sample, kl_mode, prior, aligned in itertools.product(
+        _tiles(), (False, True), (KL_NONE, KL_ELEMENTWISE, KL_ROWS), (False, True), (False, True)
     ):
         no_kl = kl_mode == KL_NONE
         if (not sample and no_kl) or (prior and no_kl) or (aligned and not sample):
@@ -33,19 +51,21 @@ def _forward_specs(dtype: str) -> Iterator[tuple[str, dict, dict]]:
             "mup_ptr": ptr if prior else "constexpr", "lvp_ptr": ptr if prior else "constexpr",
             "z_ptr": ptr if sample else "constexpr",
             "kl_ptr": {KL_NONE: "constexpr", KL_ELEMENTWISE: ptr, KL_ROWS: "*fp32"}[kl_mode],
-            "seed": "i64", "inner": "i32", "blocks_per_row": "i32",
+            "seed": "i64", "rows": "i32", "inner": "i32", "col_blocks": "i32",
             "SAMPLE": "constexpr", "KL_MODE": "constexpr", "PRIOR": "constexpr", "ALIGNED": "constexpr",
-            "BLOCK": "constexpr",
+            "BLOCK_R": "constexpr", "BLOCK_C": "constexpr",
         }  # fmt: skip
-        consts = {"SAMPLE": sample, "KL_MODE": kl_mode, "PRIOR": prior, "ALIGNED": aligned, "BLOCK": tk.BLOCK}
+        flags = {"SAMPLE": sample, "KL_MODE": kl_mode, "PRIOR": prior, "ALIGNED": aligned}
+        consts = {**flags, "BLOCK_R": block_r, "BLOCK_C": block_c}
         consts.update({k: None for k, v in sig.items() if v == "constexpr" and k.endswith("_ptr")})
-        yield f"forward[sample={sample},kl={kl_mode},prior={prior},aligned={aligned}]", sig, consts
+        name = f"forward[{block_r}x{block_c},sample={sample},kl={kl_mode},prior={prior},aligned={aligned}]"
+        yield name, sig, consts
 
 
 def _backward_specs(dtype: str) -> Iterator[tuple[str, dict, dict]]:
-    from fasthvae.ops import triton_kernels as tk
-
-    for sample, kl, prior, rows, aligned in itertools.product((False, True), repeat=5):
+    for (block_r, block_c), (sample, kl, prior, rows, aligned) in itertools.product(
+        _tiles(), itertools.product((False, True), repeat=5)
+    ):
         if not (sample or kl) or ((prior or rows) and not kl) or (aligned and not sample):
             continue
         ptr = f"*{dtype}"
@@ -56,18 +76,86 @@ def _backward_specs(dtype: str) -> Iterator[tuple[str, dict, dict]]:
             "gk_ptr": ("*fp32" if rows else ptr) if kl else "constexpr",
             "dmu_ptr": ptr, "dlv_ptr": ptr,
             "dmup_ptr": ptr if prior else "constexpr", "dlvp_ptr": ptr if prior else "constexpr",
-            "seed": "i64", "inner": "i32", "blocks_per_row": "i32",
+            "seed": "i64", "rows": "i32", "inner": "i32", "col_blocks": "i32",
             "SAMPLE": "constexpr", "KL": "constexpr", "PRIOR": "constexpr", "GRAD_ROWS": "constexpr",
-            "ALIGNED": "constexpr", "BLOCK": "constexpr",
+            "ALIGNED": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr",
         }  # fmt: skip
         flags = {"SAMPLE": sample, "KL": kl, "PRIOR": prior, "GRAD_ROWS": rows, "ALIGNED": aligned}
-        consts = {**flags, "BLOCK": tk.BLOCK}
+        consts = {**flags, "BLOCK_R": block_r, "BLOCK_C": block_c}
         consts.update({k: None for k, v in sig.items() if v == "constexpr" and k.endswith("_ptr")})
-        yield f"backward[sample={sample},kl={kl},prior={prior},rows={rows},aligned={aligned}]", sig, consts
+        tile = f"{block_r}x{block_c}"
+        name = f"backward[{tile},sample={sample},kl={kl},prior={prior},rows={rows},aligned={aligned}]"
+        yield name, sig, consts
 
 
-def compile_all(archs: list[int], dtypes: list[str], out_dir: Path | None = None) -> int:
-    """Compile every specialization for each arch and dtype; returns the number compiled."""
+# Per-SM limits of sm_80 (A100) and sm_90 (H100), from NVIDIA's CUDA occupancy calculator.
+SM_REGISTERS = 65536
+SM_MAX_WARPS = 64
+SM_MAX_BLOCKS = 32
+REGISTER_GRANULE = 256  # registers are allocated per warp in units of this many
+SM_SHARED = {80: 164 * 1024, 90: 228 * 1024}
+BLOCK_RESERVED_SHARED = 1024  # shared memory the system keeps per block
+
+
+def occupancy(registers: int, num_warps: int, shared: int, arch: int) -> float:
+    """Resident warps per SM over the most an SM holds, as registers, shared memory and block
+    limits allow (the CUDA occupancy calculator's model)."""
+    per_warp = math.ceil(registers * 32 / REGISTER_GRANULE) * REGISTER_GRANULE
+    blocks = min(
+        SM_MAX_BLOCKS,
+        SM_MAX_WARPS // num_warps,
+        (SM_REGISTERS // per_warp) // num_warps,
+        SM_SHARED.get(arch, SM_SHARED[80]) // (shared + BLOCK_RESERVED_SHARED),
+    )
+    return blocks * num_warps / SM_MAX_WARPS
+
+
+@dataclass
+class Resources:
+    """What one compiled kernel needs per thread and per block, and the occupancy that allows."""
+
+    arch: int
+    dtype: str
+    kernel: str
+    registers: int
+    stack_bytes: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+    num_warps: int
+    occupancy: float
+
+    @property
+    def flagged(self) -> bool:
+        """Spills, or fewer than half the warps an SM holds: to be fixed or justified."""
+        return self.spill_stores > 0 or self.spill_loads > 0 or self.occupancy < 0.5
+
+
+def ptxas_resources(ptx: str, arch: int) -> dict[str, int]:
+    """Registers, stack and spills of ``ptx``, from ``ptxas -v`` run as Triton runs it."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        gpu = f"--gpu-name={sm_arch_from_capability(arch)}"
+        flags = ["-lineinfo", "-v", "--regAllocOptLevel=2", gpu]
+        cmd = [get_ptxas(arch).path, *flags, str(src), "-o", f"{src}.o"]
+        log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+    found = {
+        "registers": re.search(r"Used (\d+) registers", log),
+        "stack_bytes": re.search(r"(\d+) bytes stack frame", log),
+        "spill_stores": re.search(r"(\d+) bytes spill stores", log),
+        "spill_loads": re.search(r"(\d+) bytes spill loads", log),
+    }
+    missing = [k for k, m in found.items() if m is None]
+    if missing:
+        raise RuntimeError(f"ptxas -v printed no {', '.join(missing)}:\n{log}")
+    return {k: int(m.group(1)) for k, m in found.items()}
+
+
+def _compile(kind: str, sig: dict, consts: dict, arch: int):
+    """One kernel specialization compiled for compute capability ``arch``."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset")
     import triton
@@ -76,25 +164,87 @@ def compile_all(archs: list[int], dtypes: list[str], out_dir: Path | None = None
 
     from fasthvae.ops import triton_kernels as tk
 
-    kernels = [(tk.gaussian_forward_kernel, _forward_specs), (tk.gaussian_backward_kernel, _backward_specs)]
-    count = 0
-    for arch, dtype in itertools.product(archs, dtypes):
-        target = GPUTarget("cuda", arch, 32)
-        for fn, specs in kernels:
-            for name, sig, consts in specs(dtype):
-                start = time.perf_counter()
-                compiled = triton.compile(
-                    ASTSource(fn=fn, signature=sig, constexprs=consts),
-                    target=target,
-                    options={"num_warps": tk.NUM_WARPS},
-                )
-                assert compiled.asm["cubin"], f"no cubin for {name}"
-                if out_dir is not None:
-                    stem = f"sm{arch}_{dtype}_{name}".replace("[", "_").replace("]", "").replace(",", "_")
-                    (out_dir / f"{stem}.ptx").write_text(compiled.asm["ptx"])
-                count += 1
-                print(f"sm_{arch} {dtype:5s} {name}: ok ({time.perf_counter() - start:.1f}s)", flush=True)
-    return count
+    fn = {"forward": tk.gaussian_forward_kernel, "backward": tk.gaussian_backward_kernel}[kind]
+    return triton.compile(
+        ASTSource(fn=fn, signature=sig, constexprs=consts),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": tk.NUM_WARPS, "maxnreg": tk.MAX_REGISTERS},
+    )
+
+
+def _resources(compiled, arch: int, dtype: str, name: str) -> Resources:
+    from fasthvae.ops import triton_kernels as tk
+
+    usage = ptxas_resources(compiled.asm["ptx"], arch)
+    shared = compiled.metadata.shared
+    share = occupancy(usage["registers"], tk.NUM_WARPS, shared, arch)
+    return Resources(arch, dtype, name, **usage, shared_bytes=shared, num_warps=tk.NUM_WARPS, occupancy=share)
+
+
+SPECS = {"forward": _forward_specs, "backward": _backward_specs}
+
+
+def kernel_resources(kind: str, dtype: str, arch: int, **consts: object) -> Resources:
+    """Resources of the ``kind`` kernel ("forward" or "backward") specialized with ``consts``
+    (every flag and both tile sizes, e.g. as :mod:`fasthvae.ops.triton_kernels` launches it)."""
+    matches = [spec for spec in SPECS[kind](dtype) if all(spec[2].get(k) == v for k, v in consts.items())]
+    if len(matches) != 1:
+        raise ValueError(f"{len(matches)} {kind} kernels match {consts} (give every flag and the tile)")
+    name, sig, spec_consts = matches[0]
+    return _resources(_compile(kind, sig, spec_consts, arch), arch, dtype, name)
+
+
+def compile_all(
+    archs: list[int], dtypes: list[str], out_dir: Path | None = None, resources: bool = False
+) -> list[Resources | None]:
+    """Compile every specialization for each arch and dtype; one entry per kernel compiled, its
+    :class:`Resources` when ``resources`` is asked for."""
+    compiled_kernels: list[Resources | None] = []
+    for arch, dtype, kind in itertools.product(archs, dtypes, SPECS):
+        for name, sig, consts in SPECS[kind](dtype):
+            start = time.perf_counter()
+            compiled = _compile(kind, sig, consts, arch)
+            assert compiled.asm["cubin"], f"no cubin for {name}"
+            if out_dir is not None:
+                stem = f"sm{arch}_{dtype}_{name}".replace("[", "_").replace("]", "").replace(",", "_")
+                (out_dir / f"{stem}.ptx").write_text(compiled.asm["ptx"])
+            compiled_kernels.append(_resources(compiled, arch, dtype, name) if resources else None)
+            print(f"sm_{arch} {dtype:5s} {name}: ok ({time.perf_counter() - start:.1f}s)", flush=True)
+    return compiled_kernels
+
+
+def write_report(usages: list[Resources], out_dir: Path, command: str) -> None:
+    """``triton_resources.csv`` and ``.md`` in ``out_dir``: one row per compiled kernel."""
+    fields = [*asdict(usages[0]), "flagged"]
+    with open(out_dir / "triton_resources.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({**asdict(u), "flagged": u.flagged} for u in usages)
+    lines = [
+        "# Triton kernels: registers, spills and occupancy from the ahead-of-time compile",
+        "",
+        f"Command: `{command}`  ",
+        "Registers, stack and spills: `ptxas -v` with Triton's flags on Triton's PTX; occupancy: resident "
+        "warps per SM over 64, as registers, shared memory and the 32-block limit allow. "
+        "Flagged: spills, or occupancy below 50%.",
+        "",
+        "| arch | dtype | kernel | registers | stack (B) | spill st/ld (B) | shared (B) | warps | occupancy "
+        "| flagged |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| sm_{u.arch} | {u.dtype} | `{u.kernel}` | {u.registers} | {u.stack_bytes} | {u.spill_stores}/"
+        f"{u.spill_loads} | {u.shared_bytes} | {u.num_warps} | {u.occupancy:.0%} "
+        f"| {('no', 'yes')[u.flagged]} |"
+        for u in usages
+    ]
+    worst = min(usages, key=lambda u: u.occupancy)
+    lines += [
+        "",
+        f"Lowest occupancy: {worst.occupancy:.0%} (sm_{worst.arch} {worst.dtype} `{worst.kernel}`, "
+        f"{worst.registers} registers); flagged: {sum(u.flagged for u in usages)} of {len(usages)}.",
+    ]
+    (out_dir / "triton_resources.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,11 +252,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--out", type=Path, help="write the PTX of every kernel here")
+    parser.add_argument("--report", type=Path, help="write triton_resources.md/.csv (registers, spills) here")
+    parser.add_argument(
+        "--strict", action="store_true", help="exit 1 if a kernel spills or has occupancy < 50%%"
+    )
     args = parser.parse_args(argv)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-    count = compile_all(args.arch, args.dtype, args.out)
-    print(f"compiled {count} kernels for sm_{', sm_'.join(map(str, args.arch))}")
+    for folder in (args.out, args.report):
+        if folder:
+            folder.mkdir(parents=True, exist_ok=True)
+    compiled = compile_all(args.arch, args.dtype, args.out, resources=args.report is not None)
+    print(f"compiled {len(compiled)} kernels for sm_{', sm_'.join(map(str, args.arch))}")
+    if args.report:
+        command = "python -m fasthvae.ops.triton_aot " + " ".join(argv if argv is not None else sys.argv[1:])
+        usages = [u for u in compiled if u is not None]
+        write_report(usages, args.report, command)
+        flagged = [u for u in usages if u.flagged]
+        print(f"wrote {args.report / 'triton_resources.md'}: {len(flagged)} of {len(usages)} kernels flagged")
+        if flagged and args.strict:
+            return 1
     return 0
 
 

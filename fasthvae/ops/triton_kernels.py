@@ -1,9 +1,10 @@
 """Triton kernels of the fused Gaussian ops: one forward and one backward kernel.
 
-Each program handles BLOCK elements of one row (the first dim); row sums are written as one
-partial per program and summed afterwards, so reductions are deterministic. Noise of element
-``i`` (flat index) is output ``i % 4`` of ``tl.randn4x(seed, i // 4)``, the stream every backend
-shares. Arithmetic is float32.
+A program handles a tile of BLOCK_R rows x BLOCK_C columns (the first dim is the row): narrow rows
+share a program (a 128-wide latent fills a tile of 8 rows), wide rows span several programs. Row sums
+are written as one partial per row and program, and summed afterwards only when a row spans several
+programs, so reductions are deterministic. Noise of element ``i`` (flat index) is output ``i % 4``
+of ``tl.randn4x(seed, i // 4)``, the stream every backend shares. Arithmetic is float32.
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
@@ -11,11 +12,20 @@ Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI te
 import torch
 import triton
 import triton.language as tl
+from triton.language.random import pair_uniform_to_normal, randint4x, uint_to_uniform_float
 
 from fasthvae.ops.reference import KL_ELEMENTWISE, KL_ROWS
 
-BLOCK = 1024
-NUM_WARPS = 4
+TILE = 1024  # elements per program
+NUM_WARPS = 8  # four elements, one Philox call, per thread
+MAX_REGISTERS = 64  # per thread: half of an SM's warps resident at least, and no spills (ptxas -v)
+
+
+def tile_shape(inner: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) of a program for rows of ``inner`` elements: whole rows up to TILE wide
+    (at least 4 columns, one noise group), TILE columns of one row beyond."""
+    block_c = min(max(triton.next_power_of_2(max(inner, 1)), 4), TILE)
+    return TILE // block_c, block_c
 
 
 @triton.jit
@@ -37,44 +47,53 @@ def _expm1(x):
 
 
 @triton.jit
-def _noise(seed, start, offs, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """Noise of the block's elements offs = start + arange: output offs % 4 of randn4x(seed, offs // 4).
+def _noise(seed, starts, offs, ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Noise of a tile with flat indices offs = starts + arange(BLOCK_C) (one start per row):
+    output offs % 4 of randn4x(seed, offs // 4).
 
-    ALIGNED (start is a multiple of 4): one randn4x call per four elements, interleaved.
-    Otherwise every element draws its own group and keeps its lane (same values, 4x the work).
+    ALIGNED (every start a multiple of 4): one randn4x call per four elements, interleaved.
+    Otherwise every element draws its own Philox group and keeps one Box-Muller pair of it (same
+    values as randn4x, which transforms the pairs (u0, u1) and (u2, u3)).
     """
     if ALIGNED:
-        groups = start // 4 + tl.arange(0, BLOCK // 4)
+        groups = starts // 4 + tl.arange(0, BLOCK_C // 4)[None, :]
         n0, n1, n2, n3 = tl.randn4x(seed, groups)
         return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
     else:
-        n0, n1, n2, n3 = tl.randn4x(seed, offs // 4)
+        r0, r1, r2, r3 = randint4x(seed, offs // 4)
         lane = offs % 4
-        return tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
+        first_pair = lane < 2
+        u_radius = uint_to_uniform_float(tl.where(first_pair, r0, r2))
+        u_angle = uint_to_uniform_float(tl.where(first_pair, r1, r3))
+        n_cos, n_sin = pair_uniform_to_normal(u_radius, u_angle)
+        return tl.where(lane % 2 == 0, n_cos, n_sin)
 
 
 @triton.jit
-def _row_block(pid, inner, blocks_per_row, BLOCK: tl.constexpr):
-    """Program pid's row, first flat index, flat indices and mask."""
-    row = pid // blocks_per_row
-    first_col = (pid % blocks_per_row) * BLOCK
-    cols = first_col + tl.arange(0, BLOCK)
-    start = row.to(tl.int64) * inner + first_col
-    return row, start, start + tl.arange(0, BLOCK), cols < inner
+def _tile(pid, rows, inner, col_blocks, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program pid's row indices [BLOCK_R], the flat index of each row's first column [BLOCK_R, 1],
+    the flat indices [BLOCK_R, BLOCK_C] and their mask."""
+    r = (pid // col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    first_col = (pid % col_blocks) * BLOCK_C
+    cols = first_col + tl.arange(0, BLOCK_C)
+    starts = r.to(tl.int64)[:, None] * inner + first_col
+    offs = starts + tl.arange(0, BLOCK_C)[None, :]
+    mask = (r < rows)[:, None] & (cols < inner)[None, :]
+    return r, starts, offs, mask
 
 
 @triton.jit(do_not_specialize=["seed"])
 def gaussian_forward_kernel(
-    mu_ptr, lv_ptr, mup_ptr, lvp_ptr, z_ptr, kl_ptr, seed, inner, blocks_per_row,
+    mu_ptr, lv_ptr, mup_ptr, lvp_ptr, z_ptr, kl_ptr, seed, rows, inner, col_blocks,
     SAMPLE: tl.constexpr, KL_MODE: tl.constexpr, PRIOR: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    _, start, offs, mask = _row_block(pid, inner, blocks_per_row, BLOCK)
+    r, starts, offs, mask = _tile(pid, rows, inner, col_blocks, BLOCK_R, BLOCK_C)
     mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lv = tl.load(lv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if SAMPLE:
-        eps = _noise(seed, start, offs, ALIGNED, BLOCK)
+        eps = _noise(seed, starts, offs, ALIGNED, BLOCK_C)
         z = mu + tl.exp(0.5 * lv) * eps
         tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
     if KL_MODE != 0:  # KL_NONE (jit code reads only constexpr globals)
@@ -88,26 +107,27 @@ def gaussian_forward_kernel(
             kl = 0.5 * (mu * mu + (_expm1(lv) - lv))
         if KL_MODE == 1:  # KL_ELEMENTWISE
             tl.store(kl_ptr + offs, kl.to(kl_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(kl_ptr + pid, tl.sum(tl.where(mask, kl, 0.0), axis=0))
+        else:  # one partial per row and program: kl[row, column block]
+            partial = tl.sum(tl.where(mask, kl, 0.0), axis=1)
+            tl.store(kl_ptr + r.to(tl.int64) * col_blocks + pid % col_blocks, partial, mask=r < rows)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def gaussian_backward_kernel(
     mu_ptr, lv_ptr, mup_ptr, lvp_ptr, gz_ptr, gk_ptr, dmu_ptr, dlv_ptr, dmup_ptr, dlvp_ptr,
-    seed, inner, blocks_per_row,
+    seed, rows, inner, col_blocks,
     SAMPLE: tl.constexpr, KL: tl.constexpr, PRIOR: tl.constexpr, GRAD_ROWS: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    row, start, offs, mask = _row_block(pid, inner, blocks_per_row, BLOCK)
+    r, starts, offs, mask = _tile(pid, rows, inner, col_blocks, BLOCK_R, BLOCK_C)
     lv = tl.load(lv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dmu = tl.zeros([BLOCK], dtype=tl.float32)
-    dlv = tl.zeros([BLOCK], dtype=tl.float32)
+    dmu = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    dlv = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     if KL:
         mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if GRAD_ROWS:
-            g = tl.load(gk_ptr + row).to(tl.float32)
+            g = tl.load(gk_ptr + r, mask=r < rows, other=0.0).to(tl.float32)[:, None]
         else:
             g = tl.load(gk_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if PRIOR:
@@ -129,17 +149,19 @@ def gaussian_backward_kernel(
         tl.store(dlvp_ptr + offs, dlv.to(dlvp_ptr.dtype.element_ty), mask=mask)
     if SAMPLE:
         gz = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        eps = _noise(seed, start, offs, ALIGNED, BLOCK)
+        eps = _noise(seed, starts, offs, ALIGNED, BLOCK_C)
         dmu += gz
         dlv += 0.5 * gz * tl.exp(0.5 * lv) * eps
     tl.store(dmu_ptr + offs, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
     tl.store(dlv_ptr + offs, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
 
 
-def _layout(mu: torch.Tensor) -> tuple[int, int, int]:
-    rows = mu.shape[0] if mu.dim() > 0 else 1
-    inner = mu.numel() // rows if rows else 0
-    return rows, inner, triton.cdiv(inner, BLOCK)
+def _layout(x: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """rows, inner, BLOCK_R, BLOCK_C and the column blocks per row of ``x``."""
+    rows = x.shape[0] if x.dim() > 0 else 1
+    inner = x.numel() // rows if rows else 0
+    block_r, block_c = tile_shape(inner)
+    return rows, inner, block_r, block_c, triton.cdiv(inner, block_c)
 
 
 def forward(
@@ -152,21 +174,22 @@ def forward(
     kl_mode: int,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Same contract as the C++ ``forward`` (csrc/gaussian_ops.h); inputs contiguous."""
-    rows, inner, blocks = _layout(mu)
+    rows, inner, block_r, block_c, col_blocks = _layout(mu)
     z = torch.empty_like(mu) if sample else None
     kl = None
     if kl_mode == KL_ELEMENTWISE:
         kl = torch.empty_like(mu)
-    elif kl_mode == KL_ROWS:
-        kl = torch.zeros(rows, max(blocks, 1), dtype=torch.float32, device=mu.device)
+    elif kl_mode == KL_ROWS:  # every (row, column block) partial is written when there are elements
+        partials = torch.empty if mu.numel() else torch.zeros
+        kl = partials(rows, max(col_blocks, 1), dtype=torch.float32, device=mu.device)
     if mu.numel():
-        gaussian_forward_kernel[(rows * blocks,)](
-            mu, logvar, mu_p, logvar_p, z, kl, seed, inner, blocks,
+        gaussian_forward_kernel[(triton.cdiv(rows, block_r) * col_blocks,)](
+            mu, logvar, mu_p, logvar_p, z, kl, seed, rows, inner, col_blocks,
             SAMPLE=sample, KL_MODE=kl_mode, PRIOR=mu_p is not None, ALIGNED=sample and inner % 4 == 0,
-            BLOCK=BLOCK, num_warps=NUM_WARPS,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
         )  # fmt: skip
     if kl_mode == KL_ROWS:
-        kl = kl.sum(1)
+        kl = kl.sum(1) if kl.shape[1] > 1 else kl.view(rows)
     return z, kl
 
 
@@ -181,15 +204,17 @@ def backward(
     grad_kl_rows: bool,
 ) -> list[torch.Tensor]:
     """Same contract as the C++ ``backward``: [dmu, dlogvar(, dmu_p, dlogvar_p)]."""
-    rows, inner, blocks = _layout(logvar)
+    rows, inner, block_r, block_c, col_blocks = _layout(logvar)
     dmu, dlv = torch.empty_like(logvar), torch.empty_like(logvar)
     prior = mu_p is not None
     dmu_p = torch.empty_like(logvar) if prior else None
     dlv_p = torch.empty_like(logvar) if prior else None
     if logvar.numel():
-        gaussian_backward_kernel[(rows * blocks,)](
-            mu, logvar, mu_p, logvar_p, grad_z, grad_kl, dmu, dlv, dmu_p, dlv_p, seed, inner, blocks,
+        gaussian_backward_kernel[(triton.cdiv(rows, block_r) * col_blocks,)](
+            mu, logvar, mu_p, logvar_p, grad_z, grad_kl, dmu, dlv, dmu_p, dlv_p,
+            seed, rows, inner, col_blocks,
             SAMPLE=grad_z is not None, KL=grad_kl is not None, PRIOR=prior, GRAD_ROWS=grad_kl_rows,
-            ALIGNED=grad_z is not None and inner % 4 == 0, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            ALIGNED=grad_z is not None and inner % 4 == 0, BLOCK_R=block_r, BLOCK_C=block_c,
+            num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
         )  # fmt: skip
     return [dmu, dlv] + ([dmu_p, dlv_p] if prior else [])

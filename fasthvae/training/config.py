@@ -21,6 +21,7 @@ from fasthvae.eval.fid import INCEPTION, TINY
 from fasthvae.likelihoods import LIKELIHOODS
 from fasthvae.models import MODELS, PRESETS, deep_spec
 from fasthvae.schedules import REFERENCE_EPOCHS, SCHEDULES
+from fasthvae.training.grad_skip import SKIP_PATIENCE
 
 RESUME_RULES = ("keep", "epochs", "change")
 
@@ -124,7 +125,8 @@ class TrainConfig:
     )
     skip_factor: float | None = option(
         None,
-        "skip a step whose gradient norm exceeds this many times the median of the recent ones "
+        "skip a step whose gradient norm exceeds this many times the median of the recent ones, "
+        f"unless the {SKIP_PATIENCE} steps before it did too (a lasting change of scale goes on) "
         "(0: skip only non-finite steps; default 10 for deep, 0 otherwise)",
         on_resume="keep",
     )

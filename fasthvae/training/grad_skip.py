@@ -2,9 +2,12 @@
 
 A fixed skip threshold (VDVAE's) can stall a run whose gradient norms drift above it: every step is
 skipped from then on. Here a step is skipped when its gradient norm is not finite or exceeds
-``factor`` times the median of the last ``window`` finite norms. Skipped norms enter the window too,
-so a lasting change of scale moves the median and is accepted within ``window / 2`` steps, while a
-lone spike does not move it. The first ``warmup`` norms only skip on non-finite values.
+``factor`` times the median of the last ``window`` finite norms, unless the ``patience`` steps before
+it were all above the threshold too: a spike lasting ``patience`` steps is a change of scale (a KL
+weight switching on, say), and steps go on from then (clipped as usual) while the skipped norms,
+which enter the window too, move its median. So no run waits more than ``patience`` steps on the
+threshold, which the trainer keeps below its consecutive-skip limit. The first ``warmup`` norms only
+skip on non-finite values.
 
 The window lives on the training device and the decision is a device tensor (:meth:`allows_tensor`),
 so a step can be skipped or taken without the host waiting for the GPU.
@@ -12,14 +15,20 @@ so a step can be skipped or taken without the host waiting for the GPU.
 
 import torch
 
+SKIP_PATIENCE = 5  # threshold skips in a row after which the new scale is accepted
+
 
 class AdaptiveSkip:
     """``skip = AdaptiveSkip(factor=10)``; ``skip.allows(norm)`` is True when the step may be taken."""
 
-    def __init__(self, factor: float, window: int = 200, warmup: int = 20, device="cpu") -> None:
+    def __init__(
+        self, factor: float, window: int = 200, warmup: int = 20, patience: int = SKIP_PATIENCE, device="cpu"
+    ) -> None:
         if factor <= 1:
             raise ValueError(f"the skip factor must be above 1 (a multiple of the median), got {factor}")
-        self.factor, self.window, self.warmup = factor, window, warmup
+        self.factor, self.window, self.warmup, self.patience = factor, window, warmup, patience
+        # Finite norms above the threshold in a row, up to the last one (non-finite ones keep it).
+        self.streak = torch.zeros((), dtype=torch.int64, device=device)
         # A ring of the last finite norms (NaN: empty slot), its next slot and its fill, in float64.
         self.norms = torch.full((window,), float("nan"), dtype=torch.float64, device=device)
         self.next = torch.zeros((), dtype=torch.int64, device=device)
@@ -42,8 +51,10 @@ class AdaptiveSkip:
         """Whether a step of gradient norm ``norm`` (a device scalar) may be taken, as a device bool;
         records the norm."""
         norm = norm.to(torch.float64)
-        ok = norm <= self.threshold_tensor()  # False for NaN and inf
         finite = torch.isfinite(norm)
+        above = finite & (norm > self.threshold_tensor())
+        ok = finite & (~above | (self.streak >= self.patience))  # False for NaN and inf
+        self.streak.copy_(torch.where(above, self.streak + 1, torch.where(finite, 0, self.streak)))
         slot = self.next.view(1)
         self.norms.index_copy_(0, slot, torch.where(finite, norm, self.norms.index_select(0, slot)))
         self.next.copy_((self.next + finite) % self.window)
@@ -58,7 +69,7 @@ class AdaptiveSkip:
         """The window oldest first, as plain floats (the format checkpoints have always had)."""
         order = (self.next - self.count + torch.arange(self.window, device=self.norms.device)) % self.window
         ordered = self.norms[order[: int(self.count)]]
-        return {"norms": ordered.tolist(), "skipped": self.skipped}
+        return {"norms": ordered.tolist(), "skipped": self.skipped, "streak": int(self.streak)}
 
     def load_state_dict(self, state: dict) -> None:
         norms = state["norms"][-self.window :]
@@ -68,3 +79,4 @@ class AdaptiveSkip:
         self.count.fill_(len(norms))
         self.next.fill_(len(norms) % self.window)
         self.skipped_t.fill_(state["skipped"])
+        self.streak.fill_(state.get("streak", 0))  # older checkpoints have none

@@ -14,7 +14,7 @@ from fasthvae.training.checkpoint import CheckpointError, restore_rng_states, rn
 from fasthvae.training.config import TrainConfig
 from fasthvae.training.distributed import DistInfo
 from fasthvae.training.ema import EMA
-from fasthvae.training.grad_skip import AdaptiveSkip
+from fasthvae.training.grad_skip import SKIP_PATIENCE, AdaptiveSkip
 from fasthvae.training.precision import grad_scaler
 from fasthvae.training.runtime import Runtime
 
@@ -109,6 +109,14 @@ class TrainState:
         )
 
 
+def adaptive_skip(config: TrainConfig) -> AdaptiveSkip | None:
+    """The update skipping of ``--skip-factor``: a lasting change of scale goes on after
+    ``SKIP_PATIENCE`` skipped steps, always before ``--max-skips`` would stop the run."""
+    if not config.skip_factor:
+        return None
+    return AdaptiveSkip(config.skip_factor, patience=min(SKIP_PATIENCE, config.max_skips - 1))
+
+
 def build_state(config: TrainConfig, rt: Runtime) -> TrainState:
     """A fresh state for ``config`` on the runtime's device."""
     model = build_model_from_config(asdict(config)).to(rt.device)
@@ -122,6 +130,6 @@ def build_state(config: TrainConfig, rt: Runtime) -> TrainState:
         optimizer=optimizer,
         scaler=grad_scaler(rt.device, rt.amp_dtype),
         ema=EMA(model, config.ema) if config.ema else None,
-        skip=AdaptiveSkip(config.skip_factor) if config.skip_factor else None,
+        skip=adaptive_skip(config),
         health=latent_health.HealthMonitor(),
     )

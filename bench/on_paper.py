@@ -1,0 +1,117 @@
+"""The fused ops on a GPU, on paper: bytes each kernel moves, the time that takes at full memory
+bandwidth, and the Triton kernels' registers, spills and occupancy from the ahead-of-time compile.
+
+The fused kernels are memory-bound (a few dozen flops per element against 8-36 bytes), so the
+bytes they must move over the bandwidth is the time they cannot beat. Bytes counted: every tensor
+the kernel reads or writes once (its inputs, outputs and gradients) plus the float32 row sums.
+"""
+
+import math
+from dataclasses import dataclass
+
+BANDWIDTH = {"H100 SXM": 3.35e12, "A100 80GB": 2.0e12}  # bytes/s of HBM
+ARCHS = (80, 90)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Per pass: full-size tensors read and written, and float32 row vectors moved."""
+
+    forward_tensors: int
+    forward_rows: int
+    backward_tensors: int
+    backward_rows: int
+    sample: bool
+    kl: bool
+    prior: bool
+
+
+# kl: read mu, logvar (and the prior's two) / write the row sums; backward: read those and the
+# rows' gradient, write a gradient per input. reparameterize: read mu, logvar / write z; backward:
+# read logvar and dz, write dmu, dlogvar (the noise is regenerated, never stored).
+TRAFFIC = {
+    "kl-std": Traffic(2, 1, 2 + 2, 1, sample=False, kl=True, prior=False),
+    "kl-prior": Traffic(4, 1, 4 + 4, 1, sample=False, kl=True, prior=True),
+    "reparameterize": Traffic(2 + 1, 0, 2 + 2, 0, sample=True, kl=False, prior=False),
+    "sample_and_kl-prior": Traffic(4 + 1, 1, 5 + 4, 1, sample=True, kl=True, prior=True),
+}
+AOT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def bytes_moved(op: str, shape: tuple[int, ...], dtype: str) -> tuple[int, int]:
+    """(forward, backward) bytes of the fused kernels for ``op`` on a ``shape`` input."""
+    traffic = TRAFFIC[op]
+    tensor = math.prod(shape) * ELEMENT_BYTES[dtype]
+    rows = shape[0] * 4
+    return (
+        traffic.forward_tensors * tensor + traffic.forward_rows * rows,
+        traffic.backward_tensors * tensor + traffic.backward_rows * rows,
+    )
+
+
+def kernel_flags(op: str, shape: tuple[int, ...]) -> tuple[dict, dict]:
+    """The constants the Triton forward and backward kernels are launched with for ``op``."""
+    from fasthvae.ops import triton_kernels as tk
+    from fasthvae.ops.reference import KL_NONE, KL_ROWS
+
+    traffic = TRAFFIC[op]
+    inner = math.prod(shape[1:])
+    block_r, block_c = tk.tile_shape(inner)
+    tile = {"BLOCK_R": block_r, "BLOCK_C": block_c, "ALIGNED": traffic.sample and inner % 4 == 0}
+    kl_mode = KL_ROWS if traffic.kl else KL_NONE
+    forward = {"SAMPLE": traffic.sample, "KL_MODE": kl_mode, "PRIOR": traffic.prior}
+    backward = {"SAMPLE": traffic.sample, "KL": traffic.kl, "PRIOR": traffic.prior, "GRAD_ROWS": traffic.kl}
+    return {**forward, **tile}, {**backward, **tile}
+
+
+def registers(op: str, shape: tuple[int, ...], dtype: str) -> str:
+    """The forward and backward kernels' registers and occupancy per arch (and spills, if any), or
+    why they could not be compiled."""
+    try:
+        from fasthvae.ops.triton_aot import kernel_resources
+
+        parts, spilled = [], 0
+        for arch in ARCHS:
+            kernels = []
+            for kind, consts in zip(("forward", "backward"), kernel_flags(op, shape), strict=True):
+                usage = kernel_resources(kind, AOT_DTYPES[dtype], arch, **consts)
+                spilled += usage.spill_stores + usage.spill_loads
+                kernels.append(f"{kind} {usage.registers} regs {usage.occupancy:.0%}")
+            parts.append(f"sm_{arch}: {', '.join(kernels)}")
+        return "; ".join(parts) + (f"; {spilled} B spilled" if spilled else "; no spills")
+    except (ImportError, RuntimeError) as error:  # no Triton, or its interpreter is on
+        return f"not compiled ({str(error).splitlines()[0]})"
+
+
+def rows(ops: list[str], shapes: dict[str, tuple[int, ...]], dtype: str) -> list[dict]:
+    """One row per op and shape: bytes, ideal microseconds per GPU and pass, Triton resources."""
+    table = []
+    for op in ops:
+        for shape_name, shape in shapes.items():
+            fwd, bwd = bytes_moved(op, shape, dtype)
+            row: dict = {"op": op, "shape": shape_name, "dtype": dtype, "forward_MB": round(fwd / 1e6, 3),
+                         "backward_MB": round(bwd / 1e6, 3)}  # fmt: skip
+            for gpu, bandwidth in BANDWIDTH.items():
+                row[f"{gpu} forward_us"] = round(fwd / bandwidth * 1e6, 2)
+                row[f"{gpu} backward_us"] = round(bwd / bandwidth * 1e6, 2)
+            row["triton"] = registers(op, shape, dtype)
+            table.append(row)
+    return table
+
+
+TITLE = "The fused ops on a GPU, on paper"
+INTRO = (
+    "Bytes: what the fused kernels read and write once (MB = 10^6 B); ideal time: bytes over HBM "
+    f"bandwidth ({', '.join(f'{g} {b / 1e12:.2f} TB/s' for g, b in BANDWIDTH.items())}). Triton: "
+    "registers and occupancy of the forward and backward kernels each op launches at that shape, and "
+    "spilled bytes, from "
+    "`ptxas -v` on the ahead-of-time compile (`python -m fasthvae.ops.triton_aot --report`)."
+)
+HEADER = ["op", "shape", "dtype", "fwd MB", "bwd MB", *(f"{g} fwd / bwd µs" for g in BANDWIDTH)]
+HEADER.append("Triton kernels (AOT)")
+
+
+def cells(r: dict) -> list[str]:
+    times = [f"{r[f'{g} forward_us']} / {r[f'{g} backward_us']}" for g in BANDWIDTH]
+    return [r["op"], r["shape"], r["dtype"], str(r["forward_MB"]), str(r["backward_MB"]), *times, r["triton"]]
