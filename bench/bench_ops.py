@@ -23,8 +23,8 @@ import on_paper
 import torch
 
 from fasthvae import ops
+from fasthvae.env import cpu_name
 from fasthvae.ops import backend, reference
-from fasthvae.study.report import cpu_name
 from fasthvae.training.precision import cpu_flags
 from report import write_report
 

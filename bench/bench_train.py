@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from fasthvae.env import machine
 from fasthvae.ops import use_backend
-from fasthvae.study.report import machine
 from fasthvae.train import TrainConfig, Trainer
 from report import write_report
 

@@ -23,13 +23,20 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
     try:
         with open("/proc/cpuinfo") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
     except OSError:
         names = []
-    return names[0] if names else platform.processor() or "unknown"
+    return names[0] if names else platform.processor() or platform.machine() or "unknown"
+
+
+def machine() -> str:
+    """One line naming the CPU, the threads torch uses, the GPU and torch: what a figure ran on."""
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu_name()} ({torch.get_num_threads()} threads){gpu}; torch {torch.__version__}"
 
 
 def _extension() -> tuple[str, object | None]:
@@ -52,7 +59,7 @@ def report() -> str:
             major, minor = torch.cuda.get_device_capability(i)
             lines.append(f"  cuda:{i} {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
     flags = cpu_flags()
-    lines.append(f"CPU: {_cpu_name()}, {os.cpu_count()} logical cores")
+    lines.append(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores")
     lines.append(
         f"CPU SIMD: {' '.join(f for f in SIMD_FLAGS if f in flags) or 'none of ' + ', '.join(SIMD_FLAGS)}"
     )

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fasthvae import train
+from fasthvae.env import machine
 from fasthvae.study import __main__ as study_cli
 from fasthvae.study.claims import evaluate_claims
 from fasthvae.study.rows import ROWS, Row, register_row, select_rows
@@ -138,7 +139,14 @@ def test_study_end_to_end_resumes_and_reports_failures(data, tmp_path, monkeypat
     table = undated(out / "study.md")
     (out / "study.md").unlink()
     (out / "samples.png").unlink()
-    assert study_cli.main(["--out", str(out), "--report-only"]) == 0, "tables from the folder alone"
+    trained_on = json.loads((out / "protocol.json").read_text())["machines"]
+    assert trained_on == [machine()] and f"Machine: {machine()}" in "\n".join(table)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # the report names the machine that trained, not its own
+    try:
+        assert study_cli.main(["--out", str(out), "--report-only"]) == 0, "tables from the folder alone"
+    finally:
+        torch.set_num_threads(threads)
     assert (out / "samples.png").is_file() and undated(out / "study.md") == table
 
 

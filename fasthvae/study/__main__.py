@@ -89,6 +89,7 @@ class Study:
         self.protocol = {k: getattr(args, k) for k in PROTOCOL_FIELDS}
         self.shared = self.protocol | {k: getattr(args, k) for k in RUNTIME_FIELDS}
         self.all_rows, self.all_seeds, self.command = self.rows, args.seeds, command
+        self.machines: list[str] | None = None
         if args.report_only:
             record = read_protocol(self.out)
             self.protocol = record["protocol"]
@@ -97,13 +98,14 @@ class Study:
         else:
             return
         self.all_rows, self.all_seeds, self.command = record["rows"], record["seeds"], record["command"]
+        self.machines = record.get("machines")
 
     def report(self, pictures: bool = True) -> list:
         """Rewrite the tables (and, when asked, the PNGs) from every run of the study in --out."""
         if not self.dist.is_main:
             return []
         runs = plan(self.out, self.all_rows, self.all_seeds)
-        claims = write_tables(self.out, runs, self.protocol, self.command)
+        claims = write_tables(self.out, runs, self.protocol, self.command, self.machines)
         if pictures:
             plots.save_curves(runs, self.out / "study.png")
             test = load_dataset(self.protocol["data"], root=self.args.data_root).test.images

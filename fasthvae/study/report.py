@@ -8,13 +8,11 @@ cancels the study's unknown units.
 import csv
 import io
 import json
-import platform
 import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
+from fasthvae.env import machine
 from fasthvae.study.claims import Claim, evaluate_claims
 from fasthvae.study.rows import BASELINE
 from fasthvae.study.runner import Run
@@ -36,23 +34,6 @@ def run_metrics(run: Run) -> dict[str, float]:
     if run.history:
         values["images_per_s"] = statistics.median(r["images_per_s"] for r in run.history)
     return {k: v for k, v in values.items() if v is not None}
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    cores = torch.get_num_threads()
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu_name()} ({cores} threads){gpu}; torch {torch.__version__}"
 
 
 def aggregate(runs: list[Run]) -> dict[str, dict]:
@@ -113,7 +94,7 @@ def claim_values(runs: list[Run]) -> dict[str, dict[int, dict]]:
     return values
 
 
-def markdown(runs: list[Run], protocol: dict, command: str, claims: list[Claim]) -> str:
+def markdown(runs: list[Run], protocol: dict, command: str, claims: list[Claim], machines: str) -> str:
     rows = aggregate(runs)
     base = rows.get(BASELINE)
     fid = protocol["fid_samples"]
@@ -121,7 +102,7 @@ def markdown(runs: list[Run], protocol: dict, command: str, claims: list[Claim])
         "# The study, reproduced with fasthvae",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {machine()}  ",
+        f"Machine: {machines}  ",
         f"Written: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"Protocol (every row): {protocol['limit_train'] or 'all'} training images, {protocol['epochs']} "
@@ -212,11 +193,11 @@ def to_csv(runs: list[Run]) -> str:
     return buf.getvalue()
 
 
-def to_json(runs: list[Run], protocol: dict, command: str, claims: list[Claim]) -> str:
+def to_json(runs: list[Run], protocol: dict, command: str, claims: list[Claim], machines: str) -> str:
     rows = aggregate(runs)
     record = {
         "command": command,
-        "machine": machine(),
+        "machine": machines,
         "protocol": protocol,
         "rows": {
             name: {
@@ -235,10 +216,14 @@ def to_json(runs: list[Run], protocol: dict, command: str, claims: list[Claim]) 
     return json.dumps(record, indent=2) + "\n"
 
 
-def write_tables(out: Path, runs: list[Run], protocol: dict, command: str) -> list[Claim]:
-    """study.md, study.csv and study.json in ``out``; returns the claims' verdicts."""
+def write_tables(
+    out: Path, runs: list[Run], protocol: dict, command: str, machines: list[str] | None = None
+) -> list[Claim]:
+    """study.md, study.csv and study.json in ``out``; returns the claims' verdicts. ``machines``: those
+    that trained the runs (protocol.json records them), else this one."""
     claims = evaluate_claims(claim_values(runs))
-    write_text_atomic(markdown(runs, protocol, command, claims), out / "study.md")
+    trained_on = "; ".join(machines or [machine()])
+    write_text_atomic(markdown(runs, protocol, command, claims, trained_on), out / "study.md")
     write_text_atomic(to_csv(runs), out / "study.csv")
-    write_text_atomic(to_json(runs, protocol, command, claims), out / "study.json")
+    write_text_atomic(to_json(runs, protocol, command, claims, trained_on), out / "study.json")
     return claims

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fasthvae.env import machine
 from fasthvae.study.rows import Row, select_rows
 from fasthvae.train import TrainConfig, Trainer
 from fasthvae.training.checkpoint import write_text_atomic
@@ -108,7 +109,8 @@ def study_lock(out: Path) -> Iterator[None]:
 
 
 def check_protocol(out: Path, protocol: dict, rows: list[str], seeds: list[int], command: str) -> dict:
-    """Write ``OUT/protocol.json``, or check it against ``protocol`` and add rows and seeds to it."""
+    """Write ``OUT/protocol.json``, or check it against ``protocol`` and add rows, seeds and this
+    machine (the one that trains now) to it."""
     path = out / "protocol.json"
     record = {"protocol": protocol, "rows": [], "seeds": [], "command": command}
     if path.is_file():
@@ -125,6 +127,7 @@ def check_protocol(out: Path, protocol: dict, rows: list[str], seeds: list[int],
             )
     record["rows"] += [r for r in rows if r not in record["rows"]]
     record["seeds"] = sorted(set(record["seeds"]) | set(seeds))
+    record["machines"] = [*(m for m in record.get("machines", []) if m != machine()), machine()]
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(json.dumps(record, indent=2) + "\n", path)
     return record
