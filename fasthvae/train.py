@@ -82,6 +82,12 @@ def seed_and_tune(seed: int, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def drops_last_batch(dist: DistInfo, device: torch.device) -> bool:
+    """Whether every epoch drops its last partial batch: with DDP (every rank takes as many steps)
+    and on CUDA, where one odd shape a epoch would recompile the step and re-benchmark cuDNN."""
+    return dist.enabled or device.type == "cuda"
+
+
 class RunData:
     """The run's splits, its training loader, and the fixed test batches of the PNGs and the latent
     health check."""
@@ -97,7 +103,7 @@ class RunData:
             batch_size=config.batch_size,
             flip=config.flip,
             seed=config.seed,
-            drop_last=dist.enabled,
+            drop_last=drops_last_batch(dist, rt.device),
             rank=dist.rank,
             world_size=dist.world_size,
             channels_last=rt.channels_last,

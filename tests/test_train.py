@@ -15,6 +15,7 @@ from fasthvae import train
 from fasthvae.data.dali import dali_available
 from fasthvae.models import build_model
 from fasthvae.training.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from fasthvae.training.distributed import DistInfo
 from fasthvae.training.precision import cpu_flags
 
 SMALL = [
@@ -361,3 +362,11 @@ def test_every_config_field_has_a_resume_rule_and_an_option():
         assert f.metadata["help"], f.name
         assert (f.name in flags) == f.metadata["cli"], f.name
     assert train.parse_args([]) == TrainConfig(), "the parser's defaults are the dataclass's"
+
+
+def test_epochs_drop_their_last_partial_batch_with_ddp_and_on_cuda():
+    """Static shapes where they matter: DDP ranks take equal steps; on CUDA an odd last batch would
+    recompile the step and re-benchmark cuDNN each epoch. On one CPU process every image trains."""
+    assert not train.drops_last_batch(DistInfo(), torch.device("cpu"))
+    assert train.drops_last_batch(DistInfo(), torch.device("cuda"))
+    assert train.drops_last_batch(DistInfo(rank=1, world_size=2), torch.device("cpu"))

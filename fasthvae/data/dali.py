@@ -54,12 +54,13 @@ class _EpochFeeder:
         self.order = np.zeros(0, dtype=np.int64)
         self.start = 0
 
-    def __call__(self, info) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def __call__(self, info) -> tuple[np.ndarray, np.ndarray]:
+        """The batch as two arrays, batch dimension first (one gather, no per-image Python objects)."""
         batch = self.start + info.iteration
         if batch >= self.n_batches:
             raise StopIteration
         idx = self.order[batch * self.batch_size : (batch + 1) * self.batch_size]
-        return [self.images[i] for i in idx], [np.asarray(i, dtype=np.int64) for i in idx]
+        return self.images[idx], idx.astype(np.int64).reshape(-1, 1)
 
 
 def _augment(images, options: LoaderOptions, size: tuple[int, int], device: str):
