@@ -9,7 +9,9 @@ Variants (all through the trainer's own step):
 Each variant runs ``--warmup`` steps (compilation included), then ``--steps`` timed steps; the median
 of ``--repeats`` timed windows gives images/s. One more window under ``torch.profiler`` gives the
 fused ops' share of the step (self time of the ``fasthvae::`` ops over all ops; for variants with
-the fused ops). Writes ``train_<device>_<model>.{csv,md}``.
+the fused ops). Compiled variants also report the compile time (the first step's time less a
+timed step's) and dynamo's graph breaks (0: the whole step is one graph, as ``fullgraph=True``
+demands). Writes ``train_<device>_<model>.{csv,md}``.
 
     python bench/bench_train.py [--model hvae|vae|deep] [--preset small] [--batch-size 128]
                                 [--device cpu|cuda]
@@ -60,9 +62,12 @@ def ops_share(profile: torch.profiler.profile, device: str) -> float:
 
 def time_variant(
     config: TrainConfig, fused_ops: bool, warmup: int, steps: int, repeats: int
-) -> tuple[list[float], float | None]:
-    """Seconds per window of ``steps`` training steps (data loading included), and the fused ops'
-    share of a profiled window (None without them)."""
+) -> tuple[list[float], float | None, float, int]:
+    """Seconds per window of ``steps`` training steps (data loading included), the fused ops' share
+    of a profiled window (None without them), the first step's seconds and dynamo's graph breaks."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     with use_backend("auto" if fused_ops else "reference"):
         trainer = Trainer(config)
         weights = torch.ones(trainer.model.num_levels, device=trainer.rt.device)
@@ -76,9 +81,14 @@ def time_variant(
 
         stream = batches()
         sync = torch.cuda.synchronize if trainer.rt.device.type == "cuda" else (lambda: None)
-        for _ in range(warmup):
+        start = time.perf_counter()
+        trainer.step_fn(next(stream), weights)
+        sync()
+        first_step = time.perf_counter() - start
+        for _ in range(warmup - 1):
             trainer.step_fn(next(stream), weights)
         sync()
+        graph_breaks = sum(counters["graph_break"].values())
         windows = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -96,7 +106,8 @@ def time_variant(
                     trainer.step_fn(next(stream), weights)
                 sync()
             share = ops_share(profile, trainer.rt.device.type)
-    return windows, share
+        compiled = trainer.rt.compile
+    return windows, share, first_step, graph_breaks if compiled else -1
 
 
 def main() -> None:
@@ -108,12 +119,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data", default=None, help="CIFAR-10 .npz or folder (default: $FASTHVAE_DATA)")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps, at least 1 (compiles)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="run only these variants")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1 (the first step compiles)")
 
     rows = []
     name_suffix = f"_{args.preset}" if args.model == "deep" else ""
@@ -131,7 +144,9 @@ def main() -> None:
                 out=tmp,
                 **overrides,
             )
-            windows, share = time_variant(config, fused_ops, args.warmup, args.steps, args.repeats)
+            windows, share, first_step, breaks = time_variant(
+                config, fused_ops, args.warmup, args.steps, args.repeats
+            )
         median = statistics.median(windows)
         rows.append(
             {
@@ -142,6 +157,8 @@ def main() -> None:
                 "step_ms_median": round(1000 * median / args.steps, 2),
                 "images_per_s": round(args.steps * args.batch_size / median, 1),
                 "fused_ops_share": None if share is None else round(share, 4),
+                "compile_s": round(first_step - median / args.steps, 1) if breaks >= 0 else None,
+                "graph_breaks": breaks if breaks >= 0 else None,
             }
         )
         print(rows[-1], flush=True)
@@ -150,6 +167,7 @@ def main() -> None:
         row["speedup_vs_plain"] = round(row["images_per_s"] / base, 3)
 
     header = ["variant", "step ms (median)", "images/s", "vs plain", "fused ops' share of the step"]
+    header += ["compile s", "graph breaks"]
     print(
         write_report(
             rows,
@@ -161,6 +179,8 @@ def main() -> None:
                 str(r["images_per_s"]),
                 f"{r['speedup_vs_plain']}x",
                 "—" if r["fused_ops_share"] is None else f"{100 * r['fused_ops_share']:.1f}%",
+                "—" if r["compile_s"] is None else str(r["compile_s"]),
+                "—" if r["graph_breaks"] is None else str(r["graph_breaks"]),
             ],
             title=f"Training step, {args.model}{name_suffix}, batch {args.batch_size}, {machine()}",
         )

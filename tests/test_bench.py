@@ -70,11 +70,14 @@ def test_bench_loader(tmp_path, images):
 
 
 def test_bench_train(tmp_path, images):
+    variants = ["plain", "+fused-ops", "+compile"]
     run_bench("bench_train.py", "--data", images, "--batch-size", "8", "--warmup", "1", "--steps", "2",
-              "--repeats", "1", "--only", "plain", "+fused-ops", "--out", str(tmp_path))  # fmt: skip
+              "--repeats", "1", "--only", *variants, "--out", str(tmp_path))  # fmt: skip
     rows = read_rows(tmp_path / "train_cpu_hvae.csv")
-    assert [r["variant"] for r in rows] == ["plain", "+fused-ops"]
+    assert [r["variant"] for r in rows] == variants
     assert rows[0]["fused_ops_share"] == "" and 0 < float(rows[1]["fused_ops_share"]) < 1
+    assert rows[0]["compile_s"] == rows[0]["graph_breaks"] == "", "eager: no compile figures"
+    assert float(rows[2]["compile_s"]) > 0 and rows[2]["graph_breaks"] == "0", "the step is one graph"
 
 
 def test_bench_train_deep(tmp_path, images):

@@ -49,7 +49,7 @@ def save_curves(runs: list[Run], path: Path) -> None:
             )
     titles = (
         "training reconstruction (BCE, nats / image)",
-        "training KL terms (nats / image)",
+        "training KL terms (nats / image, log scale)",
         "training loss (recon + weighted KLs)",
         "schedule weights at each epoch's end",
     )
@@ -60,6 +60,7 @@ def save_curves(runs: list[Run], path: Path) -> None:
         unique = dict(zip(labels, handles, strict=True))
         if unique:
             ax.legend(unique.values(), unique.keys(), fontsize=7)
+    axes[1].set_yscale("log")  # a deep model's free early KL is orders of magnitude above the rest
     axes[-1].set_xlabel("epoch")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
