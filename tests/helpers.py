@@ -1,4 +1,7 @@
-"""Shared helpers of the ops tests: per-dtype tolerances and a float64 ground truth."""
+"""Shared test helpers: per-dtype tolerances and a float64 ground truth for the ops; injected bad
+training steps for the trainer."""
+
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -71,3 +74,22 @@ def exact(
         loss = loss + (kl * grad_kl.double()).sum()
     grads = list(torch.autograd.grad(loss, leaves))
     return (None if z is None else z.detach()), (None if kl is None else kl.detach()), grads
+
+
+def scale_loss_by_step(monkeypatch: pytest.MonkeyPatch, factor: Callable[[int], float]) -> dict[str, int]:
+    """Multiply the training loss of the n-th objective call (from 1) by ``factor(n)``: NaN, huge
+    or lasting gradients injected at chosen steps. Returns the call counter (``{"n": calls}``),
+    which a test may reset between runs."""
+    from fasthvae import train
+
+    real = train.Objective.forward
+    calls = {"n": 0}
+
+    def scaled(self, x, weights):
+        calls["n"] += 1
+        terms = real(self, x, weights)
+        terms["loss"] = terms["loss"] * factor(calls["n"])
+        return terms
+
+    monkeypatch.setattr(train.Objective, "forward", scaled)
+    return calls

@@ -17,6 +17,7 @@ from fasthvae.ops import reference
 from fasthvae.training.checkpoint import load_checkpoint
 from fasthvae.training.grad_skip import AdaptiveSkip
 from fasthvae.training.latent_health import HealthMonitor
+from tests.helpers import scale_loss_by_step
 from tests.test_train import KILL_AFTER_FIRST_CHECKPOINT, assert_same_state, run_process
 
 TINY = deep.DeepSpec("1x1,4x1,8x1,16x1,32x1", width=8, zdim=2, encoder_blocks=1)
@@ -188,17 +189,7 @@ def test_adaptive_skip_skips_every_step_of_a_short_burst_and_resumes_its_state()
 
 
 def test_trainer_skips_an_injected_huge_gradient_only(data, tmp_path, monkeypatch):
-    real = train.Objective.forward
-    calls = {"n": 0}
-
-    def spike_at_step_30(self, x, weights):
-        calls["n"] += 1
-        terms = real(self, x, weights)
-        if calls["n"] == 30:
-            terms["loss"] = terms["loss"] * 1e6
-        return terms
-
-    monkeypatch.setattr(train.Objective, "forward", spike_at_step_30)
+    scale_loss_by_step(monkeypatch, lambda n: 1e6 if n == 30 else 1.0)
     argv = ["--data", data, "--out", str(tmp_path), *TINY_ARGS, "--epochs", "4", "--batch-size", "16"]
     assert train.main(argv) == 0  # 16 steps per epoch, 64 in all
     state = load_checkpoint(tmp_path / "checkpoint.pt")
@@ -209,17 +200,7 @@ def test_trainer_skips_an_injected_huge_gradient_only(data, tmp_path, monkeypatc
 def test_trainer_goes_on_through_a_lasting_jump_of_the_gradient_norm(data, tmp_path, monkeypatch):
     """A KL weight switching on can raise every later gradient norm 1000x: the run skips 5 steps,
     then trains on (clipped) instead of stopping at --max-skips."""
-    real = train.Objective.forward
-    calls = {"n": 0}
-
-    def jump_from_step_30(self, x, weights):
-        calls["n"] += 1
-        terms = real(self, x, weights)
-        if calls["n"] >= 30:
-            terms["loss"] = terms["loss"] * 1e3
-        return terms
-
-    monkeypatch.setattr(train.Objective, "forward", jump_from_step_30)
+    scale_loss_by_step(monkeypatch, lambda n: 1e3 if n >= 30 else 1.0)
     argv = ["--data", data, "--out", str(tmp_path), *TINY_ARGS, "--epochs", "4", "--batch-size", "16"]
     assert train.main([*argv, "--max-skips", "6"]) == 0  # 16 steps per epoch, 64 in all
     state = load_checkpoint(tmp_path / "checkpoint.pt")

@@ -9,6 +9,7 @@ import torch
 
 from fasthvae import train
 from fasthvae.training.checkpoint import load_checkpoint
+from tests.helpers import scale_loss_by_step
 from tests.test_train import SMALL, assert_same_state
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
@@ -76,19 +77,7 @@ def test_device_and_host_decisions_train_alike(data, tmp_path, monkeypatch, log_
     """A NaN step (3), a spike above the adaptive threshold (26) and normal steps, 32 in all: the
     sync-free step and the host-decided one end with equal parameters, optimizer and EMA states,
     metrics and skip records (fused AdamW both)."""
-    real = train.Objective.forward
-    calls = {"n": 0}
-
-    def bad_steps(self, x, weights):
-        calls["n"] += 1
-        terms = real(self, x, weights)
-        if calls["n"] == 3:
-            terms["loss"] = terms["loss"] * float("nan")
-        if calls["n"] == 26:
-            terms["loss"] = terms["loss"] * 1e6
-        return terms
-
-    monkeypatch.setattr(train.Objective, "forward", bad_steps)
+    calls = scale_loss_by_step(monkeypatch, lambda n: {3: float("nan"), 26: 1e6}.get(n, 1.0))
     runs = {}
     for sync_free in (True, False):
         out = tmp_path / f"sync_free_{sync_free}"

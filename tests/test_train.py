@@ -17,6 +17,7 @@ from fasthvae.models import build_model
 from fasthvae.training.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from fasthvae.training.distributed import DistInfo
 from fasthvae.training.precision import cpu_flags
+from tests.helpers import scale_loss_by_step
 
 SMALL = [
     "--channels",
@@ -175,17 +176,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_non_finite_steps_are_skipped_then_stop(data, tmp_path, monkeypatch, capsys):
-    real = train.Objective.forward
-    calls = {"n": 0}
-
-    def nan_after_first_epoch(self, x, weights):
-        calls["n"] += 1
-        terms = real(self, x, weights)
-        if calls["n"] in (2, 9) or calls["n"] > 10:  # isolated bad steps, then nothing but NaN
-            terms["loss"] = terms["loss"] * float("nan")
-        return terms
-
-    monkeypatch.setattr(train.Objective, "forward", nan_after_first_epoch)
+    # isolated bad steps, then nothing but NaN
+    scale_loss_by_step(monkeypatch, lambda n: float("nan") if n in (2, 9) or n > 10 else 1.0)
     argv = [
         "--data",
         data,
