@@ -56,9 +56,7 @@ def kernel_flags(op: str, shape: tuple[int, ...]) -> tuple[dict, dict]:
     from fasthvae.ops.reference import KL_NONE, KL_ROWS
 
     traffic = TRAFFIC[op]
-    inner = math.prod(shape[1:])
-    block_r, block_c = tk.tile_shape(inner)
-    tile = {"BLOCK_R": block_r, "BLOCK_C": block_c, "ALIGNED": traffic.sample and inner % 4 == 0}
+    tile = tk.launch_tile(math.prod(shape[1:]), traffic.sample)
     kl_mode = KL_ROWS if traffic.kl else KL_NONE
     forward = {"SAMPLE": traffic.sample, "KL_MODE": kl_mode, "PRIOR": traffic.prior}
     backward = {"SAMPLE": traffic.sample, "KL": traffic.kl, "PRIOR": traffic.prior, "GRAD_ROWS": traffic.kl}

@@ -28,6 +28,13 @@ def tile_shape(inner: int) -> tuple[int, int]:
     return TILE // block_c, block_c
 
 
+def launch_tile(inner: int, sample: bool) -> dict[str, object]:
+    """The tile constants of a launch on rows of ``inner`` elements (``sample``: it draws noise):
+    BLOCK_R, BLOCK_C and ALIGNED (noise in whole groups of four: every row starts at one)."""
+    block_r, block_c = tile_shape(inner)
+    return {"BLOCK_R": block_r, "BLOCK_C": block_c, "ALIGNED": sample and inner % 4 == 0}
+
+
 @triton.jit
 def _expm1(x):
     """exp(x) - 1 without cancellation: Taylor series near 0, exp(x) - 1 elsewhere."""
@@ -156,12 +163,13 @@ def gaussian_backward_kernel(
     tl.store(dlv_ptr + offs, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
 
 
-def _layout(x: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """rows, inner, BLOCK_R, BLOCK_C and the column blocks per row of ``x``."""
+def _layout(x: torch.Tensor, sample: bool) -> tuple[int, int, int, int, dict[str, object]]:
+    """rows, inner, column blocks per row, programs and tile constants of a launch on ``x``."""
     rows = x.shape[0] if x.dim() > 0 else 1
     inner = x.numel() // rows if rows else 0
-    block_r, block_c = tile_shape(inner)
-    return rows, inner, block_r, block_c, triton.cdiv(inner, block_c)
+    tile = launch_tile(inner, sample)
+    col_blocks = triton.cdiv(inner, tile["BLOCK_C"])
+    return rows, inner, col_blocks, triton.cdiv(rows, tile["BLOCK_R"]) * col_blocks, tile
 
 
 def forward(
@@ -174,7 +182,7 @@ def forward(
     kl_mode: int,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Same contract as the C++ ``forward`` (csrc/gaussian_ops.h); inputs contiguous."""
-    rows, inner, block_r, block_c, col_blocks = _layout(mu)
+    rows, inner, col_blocks, programs, tile = _layout(mu, sample)
     z = torch.empty_like(mu) if sample else None
     kl = None
     if kl_mode == KL_ELEMENTWISE:
@@ -183,10 +191,10 @@ def forward(
         partials = torch.empty if mu.numel() else torch.zeros
         kl = partials(rows, max(col_blocks, 1), dtype=torch.float32, device=mu.device)
     if mu.numel():
-        gaussian_forward_kernel[(triton.cdiv(rows, block_r) * col_blocks,)](
+        gaussian_forward_kernel[(programs,)](
             mu, logvar, mu_p, logvar_p, z, kl, seed, rows, inner, col_blocks,
-            SAMPLE=sample, KL_MODE=kl_mode, PRIOR=mu_p is not None, ALIGNED=sample and inner % 4 == 0,
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
+            SAMPLE=sample, KL_MODE=kl_mode, PRIOR=mu_p is not None, **tile,
+            num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
         )  # fmt: skip
     if kl_mode == KL_ROWS:
         kl = kl.sum(1) if kl.shape[1] > 1 else kl.view(rows)
@@ -204,17 +212,16 @@ def backward(
     grad_kl_rows: bool,
 ) -> list[torch.Tensor]:
     """Same contract as the C++ ``backward``: [dmu, dlogvar(, dmu_p, dlogvar_p)]."""
-    rows, inner, block_r, block_c, col_blocks = _layout(logvar)
+    rows, inner, col_blocks, programs, tile = _layout(logvar, grad_z is not None)
     dmu, dlv = torch.empty_like(logvar), torch.empty_like(logvar)
     prior = mu_p is not None
     dmu_p = torch.empty_like(logvar) if prior else None
     dlv_p = torch.empty_like(logvar) if prior else None
     if logvar.numel():
-        gaussian_backward_kernel[(triton.cdiv(rows, block_r) * col_blocks,)](
+        gaussian_backward_kernel[(programs,)](
             mu, logvar, mu_p, logvar_p, grad_z, grad_kl, dmu, dlv, dmu_p, dlv_p,
             seed, rows, inner, col_blocks,
             SAMPLE=grad_z is not None, KL=grad_kl is not None, PRIOR=prior, GRAD_ROWS=grad_kl_rows,
-            ALIGNED=grad_z is not None and inner % 4 == 0, BLOCK_R=block_r, BLOCK_C=block_c,
-            num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
+            **tile, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
         )  # fmt: skip
     return [dmu, dlv] + ([dmu_p, dlv_p] if prior else [])
