@@ -30,7 +30,15 @@ from report import write_report
 
 SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
 
-SHAPES = {"vae-latent": (256, 128), "hvae-conv": (256, 32, 16, 16), "large": (256, 64, 32, 32)}
+SHAPES = {
+    "vae-latent": (256, 128),
+    "hvae-conv": (256, 32, 16, 16),
+    "large": (256, 64, 32, 32),
+    "hvae-conv-cl": (256, 32, 16, 16),
+}
+# Shapes whose Gaussians come as a channels_last conv layer gives them: mean and log-variance the
+# two channel halves (``chunk(2, 1)``) of one channels_last output, the prior's likewise.
+CHANNELS_LAST_HALVES = {"hvae-conv-cl"}
 OPS = ("kl-std", "kl-prior", "reparameterize", "sample_and_kl-prior")
 PASSES = ("forward", "backward", "forward+backward")
 
@@ -64,8 +72,15 @@ def fused_fn(op: str) -> Callable:
     return fn
 
 
-def inputs(op: str, shape: tuple[int, ...], device: str, dtype: torch.dtype) -> list[torch.Tensor | None]:
-    ts = [torch.randn(shape, device=device, dtype=dtype).requires_grad_() for _ in range(4)]
+def inputs(
+    op: str, shape: tuple[int, ...], device: str, dtype: torch.dtype, channels_last_halves: bool = False
+) -> list[torch.Tensor | None]:
+    if channels_last_halves:
+        doubled = (shape[0], 2 * shape[1], *shape[2:])
+        parents = [torch.randn(doubled, device=device, dtype=dtype).requires_grad_() for _ in range(2)]
+        ts = [h for p in parents for h in p.contiguous(memory_format=torch.channels_last).chunk(2, 1)]
+    else:
+        ts = [torch.randn(shape, device=device, dtype=dtype).requires_grad_() for _ in range(4)]
     return ts if "prior" in op else [ts[0], ts[1], None, None]
 
 
@@ -174,7 +189,7 @@ def main() -> None:
         for shape_name in args.shapes:
             impls = implementations(op, args.device)
             shape = SHAPES[shape_name]
-            x = inputs(op, shape, args.device, dtype)
+            x = inputs(op, shape, args.device, dtype, shape_name in CHANNELS_LAST_HALVES)
             eager_ms: dict[str, float] = {}
             compiled_ms: dict[str, float] = {}
             eager_mem = memory_bytes(impls["eager"], x, args.device)

@@ -292,3 +292,41 @@ def test_reference_backend_is_plain_pytorch():
         warnings.simplefilter("error")
         kl = ops.gaussian_kl(mu, lv, mu_p, lv_p)
     assert "fasthvae" not in type(kl.grad_fn).__name__
+
+
+class ConvLatent(torch.nn.Module):
+    """A conv encoder whose latents are channels_last when its input is: sample, KL and a decoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.dec = torch.nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.enc(x).chunk(2, dim=1)
+        z, kl = library.sample_and_kl(mu, logvar, None, None, seed, "none")
+        return self.dec(z), kl
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=str)
+def test_compiled_op_keeps_the_eager_layout_and_values(memory_format):
+    """Under torch.compile the fake kernels promise the layouts the real ones return (Inductor
+    asserts them), and compiled values and gradients match eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ConvLatent().to(memory_format=memory_format)
+    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=memory_format)
+    seed = torch.tensor(7)
+    results = []
+    for run in (model, torch.compile(model, fullgraph=True)):
+        model.zero_grad()
+        out, kl = run(x, seed)
+        (out.square().sum() + kl.sum()).backward()
+        results.append((out, kl, [p.grad.clone() for p in model.parameters()]))
+    (out, kl, grads), (out_c, kl_c, grads_c) = results
+    assert kl_c.stride() == kl.stride()
+    assert kl.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(out_c, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl_c, kl, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads_c, grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

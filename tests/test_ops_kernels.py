@@ -167,6 +167,82 @@ def test_non_contiguous(kernel, transform):
         check(kernel, "sample_and_kl", (6, 10, 9), torch.float32, reduction, True, transform=transform)
 
 
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def nhwc(t: torch.Tensor) -> torch.Tensor:
+    """The NHWC-contiguous twin of an NCHW tensor: the same elements in channels_last's memory order."""
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+def from_twin(t: torch.Tensor) -> torch.Tensor:
+    """An NHWC tensor viewed back as NCHW (channels_last strides)."""
+    return t.permute(0, 3, 1, 2)
+
+
+def channel_half(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the first half of ``chunk(2, 1)`` of a channels_last tensor: not dense, but its
+    strides still put the batch dim first and the channels last."""
+    return channels_last(torch.cat([t, torch.zeros_like(t)], 1)).chunk(2, 1)[0]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["none", "sample"])
+@pytest.mark.parametrize("layout", [channels_last, channel_half], ids=["channels_last", "channel_half"])
+def test_channels_last_equals_its_nhwc_twin(kernel, dtype, reduction, layout):
+    """Inputs whose strides order the channels last are walked in that order: z, KL and every
+    gradient equal (torch.equal) those of the NHWC-contiguous twin, and come back in channels_last."""
+    shape = (3, 5, 4, 6)
+    inputs = make_inputs(shape, dtype, prior=True)
+    grad_z, grad_kl = upstream(shape, dtype, reduction, shape[0])
+    twin_grad_kl = nhwc(grad_kl) if reduction == "none" else grad_kl
+    device = device_of(kernel)
+    with kernel_in_use(kernel):
+        z, kl, grads = run_op(
+            "sample_and_kl", *inputs, reduction, grad_z, grad_kl, transform=layout, device=device
+        )
+        z2, kl2, grads2 = run_op(
+            "sample_and_kl", *map(nhwc, inputs), reduction, nhwc(grad_z), twin_grad_kl, device=device
+        )
+    assert z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous()
+    assert torch.equal(z, from_twin(z2))
+    if reduction == "none":
+        assert kl.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(kl, from_twin(kl2))
+    else:
+        assert torch.equal(kl, kl2)
+    for got, want in zip(grads, grads2, strict=True):
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got, from_twin(want))
+
+
+def ops_that_copy(kernel: str, transform) -> set[str]:
+    """The copying aten ops one forward and one backward of sample_and_kl ran on ``transform``ed inputs."""
+    shape = (4, 8, 5, 7)
+    device = device_of(kernel)
+    mu, lv, mu_p, lv_p = (transform(t.to(device)) for t in make_inputs(shape, torch.float32, prior=True))
+    grad_z = transform(torch.randn(shape, device=device))
+    seed = torch.tensor(SEED)
+    with (
+        kernel_in_use(kernel),
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof,
+    ):
+        library.sample_and_kl(mu, lv, mu_p, lv_p, seed, "sample")
+        library.gaussian_backward(mu, lv, mu_p, lv_p, seed, grad_z, torch.ones(len(mu), device=device), True)
+    return {e.name for e in prof.events()} & {"aten::clone", "aten::copy_", "aten::contiguous"}
+
+
+@pytest.mark.parametrize(
+    "kernel", (*CPU_KERNELS, *(pytest.param(k, marks=needs_gpu) for k in ("cuda", "triton")))
+)  # Triton's interpreter copies every argument to NumPy and back; the reference computes in float32
+def test_channels_last_inputs_are_not_copied(kernel):
+    assert ops_that_copy(kernel, channels_last) == set()
+    assert "aten::clone" in ops_that_copy(kernel, channel_half), "non-dense halves are compacted"
+    assert ops_that_copy(kernel, lambda t: t.transpose(0, 1)), "a layout the kernels cannot walk is copied"
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_extreme_log_variances(kernel, dtype):

@@ -4,6 +4,13 @@ Registered ops (namespace ``fasthvae``): ``gaussian_kl``, ``reparameterize``, ``
 and their shared ``gaussian_backward``. ``torch.compile(fullgraph=True)`` traces them as single
 nodes. Noise comes from a per-call int64 seed tensor and is regenerated in the backward pass, so
 no eps is ever saved. Double backward is not supported.
+
+Memory layout: the kernels walk dense tensors in memory order. When ``logvar``'s strides put the
+batch dim outermost in another order than the plain one (``channels_last``, or the channel halves
+that ``chunk(2, 1)`` makes of a channels_last tensor), inputs dense in that order go to the
+kernels as they lie (the halves get one compacting copy each) and outputs and gradients come back
+in that order; any other layout goes through ``.contiguous()``. Noise follows the order the kernels
+walk: a channels_last input gets the noise of its NHWC-contiguous twin.
 """
 
 import torch
@@ -13,9 +20,46 @@ from fasthvae.ops import backend, reference
 from fasthvae.ops.philox import philox_randn
 from fasthvae.ops.reference import KL_ELEMENTWISE, KL_NONE, KL_ROWS
 
+Order = tuple[int, ...] | None
 
-def _contiguous(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.contiguous()
+
+def memory_order(t: Tensor) -> Order:
+    """The dims of ``t`` by falling stride when the batch dim is outermost and that order is not the
+    plain one (channels_last, or channel halves of a channels_last tensor): the layout the kernels
+    take ``t`` and return its outputs in. None for the plain order and anything else."""
+    if t.dim() < 3 or t.is_contiguous():
+        return None
+    order = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), d)))
+    if order[0] != 0 or order == tuple(range(t.dim())):
+        return None
+    return order
+
+
+def _in_order(t: Tensor | None, order: Order) -> Tensor | None:
+    """``t`` as the kernels take it: contiguous in ``order`` (a view when it already lies so)."""
+    if t is None:
+        return None
+    return t.contiguous() if order is None else t.permute(order).contiguous()
+
+
+def _restore(t: Tensor | None, order: Order) -> Tensor | None:
+    """A kernel's output in ``order`` back to the callers' dim order (a view)."""
+    if t is None or order is None:
+        return t
+    return t.permute(sorted(range(len(order)), key=order.__getitem__))
+
+
+def _empty_like_op(t: Tensor) -> Tensor:
+    """An uninitialised tensor shaped and laid out as the kernels' elementwise outputs for ``t``."""
+    order = memory_order(t)
+    if order is None:
+        return t.new_empty(t.shape)
+    strides = [0] * t.dim()
+    step = 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= t.shape[d]
+    return t.new_empty_strided(t.shape, strides)
 
 
 def _seed_value(seed: Tensor | None) -> int:
@@ -51,20 +95,22 @@ def _reference_forward(mu, logvar, mu_p, logvar_p, seed, sample, kl_mode):
 
 def _forward(mu, logvar, mu_p, logvar_p, seed: Tensor | None, sample: bool, kl_mode: int):
     """Run the selected backend's forward kernel: (z or None, elementwise KL / row sums or None)."""
-    mu, logvar, mu_p, logvar_p = map(_contiguous, (mu, logvar, mu_p, logvar_p))
+    order = memory_order(logvar)
+    mu, logvar, mu_p, logvar_p = (_in_order(t, order) for t in (mu, logvar, mu_p, logvar_p))
     name = backend.resolve(mu.device, mu.dtype)
     seed_value = _seed_value(seed)
     if name in ("cpu", "cuda"):
         z, kl = backend.extension().forward(mu, logvar, mu_p, logvar_p, seed_value, sample, kl_mode)
-        return z, kl
-    if name == "triton":
-        return backend.triton_kernels().forward(mu, logvar, mu_p, logvar_p, seed_value, sample, kl_mode)
-    return _reference_forward(mu, logvar, mu_p, logvar_p, seed_value, sample, kl_mode)
+    elif name == "triton":
+        z, kl = backend.triton_kernels().forward(mu, logvar, mu_p, logvar_p, seed_value, sample, kl_mode)
+    else:
+        z, kl = _reference_forward(mu, logvar, mu_p, logvar_p, seed_value, sample, kl_mode)
+    return _restore(z, order), (_restore(kl, order) if kl_mode == KL_ELEMENTWISE else kl)
 
 
-def _kl_like(mu: Tensor, reduction: str) -> Tensor:
+def _kl_like(mu: Tensor, logvar: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
-        return mu.new_empty(mu.shape)
+        return _empty_like_op(logvar)
     ct = reference.compute_dtype(mu.dtype)
     return mu.new_empty((reference.num_rows(mu),) if reduction == "sample" else (), dtype=ct)
 
@@ -82,7 +128,7 @@ def gaussian_kl(
 
 @gaussian_kl.register_fake
 def _(mu, logvar, mu_p, logvar_p, reduction):
-    return _kl_like(mu, reduction)
+    return _kl_like(mu, logvar, reduction)
 
 
 # ---- reparameterize -------------------------------------------------------------------------
@@ -96,7 +142,7 @@ def reparameterize(mu: Tensor, logvar: Tensor, seed: Tensor) -> Tensor:
 
 @reparameterize.register_fake
 def _(mu, logvar, seed):
-    return mu.new_empty(mu.shape)
+    return _empty_like_op(logvar)
 
 
 # ---- sample_and_kl --------------------------------------------------------------------------
@@ -112,7 +158,7 @@ def sample_and_kl(
 
 @sample_and_kl.register_fake
 def _(mu, logvar, mu_p, logvar_p, seed, reduction):
-    return mu.new_empty(mu.shape), _kl_like(mu, reduction)
+    return _empty_like_op(logvar), _kl_like(mu, logvar, reduction)
 
 
 # ---- the shared backward --------------------------------------------------------------------
@@ -130,8 +176,19 @@ def gaussian_backward(
     grad_kl_rows: bool,
 ) -> list[Tensor]:
     """[dmu, dlogvar(, dmu_p, dlogvar_p)] of sum(grad_z * z) + sum(grad_kl * kl)."""
-    mu, logvar, mu_p, logvar_p, grad_z = map(_contiguous, (mu, logvar, mu_p, logvar_p, grad_z))
-    grad_kl = _contiguous(grad_kl if grad_kl_rows or grad_kl is None else grad_kl.to(logvar.dtype))
+    order = memory_order(logvar)
+    if grad_kl is not None and not grad_kl_rows:
+        grad_kl = _in_order(grad_kl.to(logvar.dtype), order)
+    elif grad_kl is not None:
+        grad_kl = grad_kl.contiguous()
+    mu, logvar, mu_p, logvar_p, grad_z = (_in_order(t, order) for t in (mu, logvar, mu_p, logvar_p, grad_z))
+    return [
+        _restore(g, order) for g in _backward(mu, logvar, mu_p, logvar_p, seed, grad_z, grad_kl, grad_kl_rows)
+    ]
+
+
+def _backward(mu, logvar, mu_p, logvar_p, seed, grad_z, grad_kl, grad_kl_rows) -> list[Tensor]:
+    """Run the selected backend's backward kernel on inputs in the kernels' layout."""
     name = backend.resolve(logvar.device, logvar.dtype)
     seed_value = _seed_value(seed)
     if name in ("cpu", "cuda"):
@@ -159,7 +216,7 @@ def gaussian_backward(
 @gaussian_backward.register_fake
 def _(mu, logvar, mu_p, logvar_p, seed, grad_z, grad_kl, grad_kl_rows):
     n = 4 if mu_p is not None else 2
-    return [logvar.new_empty(logvar.shape) for _ in range(n)]
+    return [_empty_like_op(logvar) for _ in range(n)]
 
 
 def _kl_grad(grad: Tensor | None, reduction: str, like: Tensor) -> tuple[Tensor | None, bool]:
