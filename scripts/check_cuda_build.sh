@@ -16,5 +16,15 @@ start=$(date +%s)
 so=$(find build/cuda-check/lib -name '_C*.so' | head -n 1)
 test -n "$so"
 nm -DC "$so" | grep "fasthvae::forward_cuda" >/dev/null || { echo "no CUDA kernels in $so"; exit 1; }
-if command -v cuobjdump >/dev/null 2>&1; then cuobjdump --list-elf "$so" | grep -E "sm_(80|90)"; fi
+# cuobjdump: the CUDA toolkit's, else the one Triton bundles.
+CUOBJDUMP=$(command -v cuobjdump || "$PY" -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))")
+if [ -x "$CUOBJDUMP" ]; then
+  "$CUOBJDUMP" --list-elf "$so" | grep -E "sm_(80|90)"
+  # Registers per thread and local memory (spills) of every kernel, as ptxas allotted them.
+  "$CUOBJDUMP" --dump-resource-usage "$so" | grep -oE "REG:[0-9]+|LOCAL:[0-9]+" | awk -F: '
+    $1 == "REG" { n++; if ($2 > regs) regs = $2 }
+    $1 == "LOCAL" && $2 > 0 { spills++ }
+    END { printf "check_cuda_build: %d kernels, at most %d registers per thread, %d with local memory (spills)\n", n, regs, spills
+          exit spills > 0 }'
+fi
 echo "check_cuda_build: OK ($so, $(( $(date +%s) - start ))s, archs $TORCH_CUDA_ARCH_LIST)"

@@ -50,5 +50,11 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Leave the process group, after a barrier: a gloo worker thread frees the work of the last
+    collective after the caller's wait returns, and freeing Python-owned tensors needs the GIL. Were
+    the main thread tearing the group down by then (it holds the GIL while it joins the workers),
+    the two would wait for each other: torch 2.11 hangs so at exit. The barrier waits with the GIL
+    released, so the worker finishes first; its own work holds no Python tensor."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
