@@ -32,30 +32,52 @@ void check_inputs(const at::Tensor& mu, const at::Tensor& logvar,
   }
 }
 
+// The noise seed: a one-element int64 tensor on the inputs' device, needed when noise is drawn.
+// The CUDA kernels read it on the device (no host value in a launch a CUDA graph captures).
+void check_seed(const at::Tensor& mu, const std::optional<at::Tensor>& seed, bool needed) {
+  TORCH_CHECK(!needed || seed.has_value(), "fasthvae: drawing noise needs a seed");
+  if (!seed.has_value()) return;
+  TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device() == mu.device(),
+              "fasthvae: the seed must be one int64 element on ", mu.device(), ", got ",
+              seed->scalar_type(), " with ", seed->numel(), " elements on ", seed->device());
+}
+
+uint64_t host_seed(const std::optional<at::Tensor>& seed) {
+  return seed.has_value() ? static_cast<uint64_t>(seed->item<int64_t>()) : 0u;
+}
+
+#ifdef FASTHVAE_WITH_CUDA
+const int64_t* device_seed(const std::optional<at::Tensor>& seed) {
+  return seed.has_value() ? seed->const_data_ptr<int64_t>() : nullptr;
+}
+#endif
+
 std::vector<at::Tensor> forward(const at::Tensor& mu, const at::Tensor& logvar,
                                 const std::optional<at::Tensor>& mu_p,
-                                const std::optional<at::Tensor>& logvar_p, int64_t seed,
-                                bool sample, int64_t kl_mode) {
+                                const std::optional<at::Tensor>& logvar_p,
+                                const std::optional<at::Tensor>& seed, bool sample, int64_t kl_mode) {
   check_inputs(mu, logvar, mu_p, logvar_p);
+  check_seed(mu, seed, sample);
   TORCH_CHECK(kl_mode >= kNoKL && kl_mode <= kRowSumKL, "fasthvae: bad kl_mode ", kl_mode);
-  const auto useed = static_cast<uint64_t>(seed);
   if (mu.is_cuda()) {
 #ifdef FASTHVAE_WITH_CUDA
-    return forward_cuda(mu, logvar, mu_p, logvar_p, useed, sample, kl_mode);
+    return forward_cuda(mu, logvar, mu_p, logvar_p, device_seed(seed), sample, kl_mode);
 #else
     TORCH_CHECK(false, "fasthvae: this build of fasthvae._C has no CUDA kernels");
 #endif
   }
   TORCH_CHECK(mu.device().is_cpu(), "fasthvae: unsupported device ", mu.device());
-  return forward_cpu(mu, logvar, mu_p, logvar_p, useed, sample, kl_mode);
+  return forward_cpu(mu, logvar, mu_p, logvar_p, host_seed(seed), sample, kl_mode);
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& mu, const at::Tensor& logvar,
                                  const std::optional<at::Tensor>& mu_p,
-                                 const std::optional<at::Tensor>& logvar_p, int64_t seed,
+                                 const std::optional<at::Tensor>& logvar_p,
+                                 const std::optional<at::Tensor>& seed,
                                  const std::optional<at::Tensor>& grad_z,
                                  const std::optional<at::Tensor>& grad_kl, bool grad_kl_rows) {
   check_inputs(mu, logvar, mu_p, logvar_p);
+  check_seed(mu, seed, grad_z.has_value());
   if (grad_z.has_value()) check_like(mu, *grad_z, "grad_z");
   if (grad_kl.has_value()) {
     if (grad_kl_rows) {
@@ -68,16 +90,15 @@ std::vector<at::Tensor> backward(const at::Tensor& mu, const at::Tensor& logvar,
       check_like(mu, *grad_kl, "grad_kl");
     }
   }
-  const auto useed = static_cast<uint64_t>(seed);
   if (mu.is_cuda()) {
 #ifdef FASTHVAE_WITH_CUDA
-    return backward_cuda(mu, logvar, mu_p, logvar_p, useed, grad_z, grad_kl, grad_kl_rows);
+    return backward_cuda(mu, logvar, mu_p, logvar_p, device_seed(seed), grad_z, grad_kl, grad_kl_rows);
 #else
     TORCH_CHECK(false, "fasthvae: this build of fasthvae._C has no CUDA kernels");
 #endif
   }
   TORCH_CHECK(mu.device().is_cpu(), "fasthvae: unsupported device ", mu.device());
-  return backward_cpu(mu, logvar, mu_p, logvar_p, useed, grad_z, grad_kl, grad_kl_rows);
+  return backward_cpu(mu, logvar, mu_p, logvar_p, host_seed(seed), grad_z, grad_kl, grad_kl_rows);
 }
 
 bool has_cuda() {

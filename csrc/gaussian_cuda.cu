@@ -118,8 +118,10 @@ template <typename T, bool kSample, bool kKL, bool kPrior>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const T* __restrict__ mu, const T* __restrict__ lv, const T* __restrict__ mu_p,
                    const T* __restrict__ lv_p, T* __restrict__ z, T* __restrict__ kl_elem,
-                   float* __restrict__ partials, uint64_t seed, Geometry g, bool row_sums) {
+                   float* __restrict__ partials, const int64_t* __restrict__ seed_ptr, Geometry g,
+                   bool row_sums) {
   const Slice s = slice_of(g);
+  const uint64_t seed = kSample ? static_cast<uint64_t>(*seed_ptr) : 0u;
   float acc = 0.0f;
   for_each_element<kSample>(seed, s, g.threads_per_row, [&](int64_t i, float eps) {
     const float m = ld(mu, i), l = ld(lv, i);
@@ -154,8 +156,9 @@ __global__ void __launch_bounds__(kThreads)
                     const T* __restrict__ lv_p, const T* __restrict__ grad_z,
                     const T* __restrict__ grad_kl, const float* __restrict__ grad_kl_rows,
                     T* __restrict__ dmu, T* __restrict__ dlv, T* __restrict__ dmu_p,
-                    T* __restrict__ dlv_p, uint64_t seed, Geometry geo) {
+                    T* __restrict__ dlv_p, const int64_t* __restrict__ seed_ptr, Geometry geo) {
   const Slice s = slice_of(geo);
+  const uint64_t seed = kSample ? static_cast<uint64_t>(*seed_ptr) : 0u;
   const float g_row = kRowGrad && s.row < geo.rows ? grad_kl_rows[s.row] : 0.0f;
   for_each_element<kSample>(seed, s, geo.threads_per_row, [&](int64_t i, float eps) {
     const float l = ld(lv, i);
@@ -207,7 +210,7 @@ void with_flag(bool flag, Fn&& fn) {
 
 std::vector<at::Tensor> forward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
                                      const std::optional<at::Tensor>& mu_p,
-                                     const std::optional<at::Tensor>& logvar_p, uint64_t seed,
+                                     const std::optional<at::Tensor>& logvar_p, const int64_t* seed,
                                      bool sample, int64_t kl_mode) {
   const c10::cuda::CUDAGuard guard(mu.device());
   const bool has_kl = kl_mode != kNoKL;
@@ -252,7 +255,7 @@ std::vector<at::Tensor> forward_cuda(const at::Tensor& mu, const at::Tensor& log
 
 std::vector<at::Tensor> backward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
                                       const std::optional<at::Tensor>& mu_p,
-                                      const std::optional<at::Tensor>& logvar_p, uint64_t seed,
+                                      const std::optional<at::Tensor>& logvar_p, const int64_t* seed,
                                       const std::optional<at::Tensor>& grad_z,
                                       const std::optional<at::Tensor>& grad_kl,
                                       bool grad_kl_rows) {

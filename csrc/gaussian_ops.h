@@ -47,14 +47,15 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& mu, const at::Tensor& log
                                      const std::optional<at::Tensor>& grad_kl, bool grad_kl_rows);
 
 #ifdef FASTHVAE_WITH_CUDA
+// The CUDA kernels read the seed from device memory (`seed`: one int64, null when no noise is drawn).
 std::vector<at::Tensor> forward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
                                      const std::optional<at::Tensor>& mu_p,
-                                     const std::optional<at::Tensor>& logvar_p, uint64_t seed,
+                                     const std::optional<at::Tensor>& logvar_p, const int64_t* seed,
                                      bool sample, int64_t kl_mode);
 
 std::vector<at::Tensor> backward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
                                       const std::optional<at::Tensor>& mu_p,
-                                      const std::optional<at::Tensor>& logvar_p, uint64_t seed,
+                                      const std::optional<at::Tensor>& logvar_p, const int64_t* seed,
                                       const std::optional<at::Tensor>& grad_z,
                                       const std::optional<at::Tensor>& grad_kl,
                                       bool grad_kl_rows);

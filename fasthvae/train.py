@@ -141,7 +141,8 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
-        self.objective = torch.compile(objective) if self.rt.compile else objective
+        compiled = self.rt.compile
+        self.objective = torch.compile(objective, mode=self.config.compile_mode) if compiled else objective
         # Skips decided on the device need the fused AdamW (its found_inf): then the step never waits.
         sync_free = self.rt.fused_optimizer
         self.step_fn = Stepper(self.state, self.objective, self.config, self.rt, sync_free=sync_free)

@@ -32,14 +32,42 @@ def test_compile_fullgraph_on_cuda():
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_each_gpu_backend_samples_like_the_cpu(backend):
-    """The same seed gives the same noise on the GPU as on the CPU (the public API, end to end)."""
+    """The same seed gives the same noise on the GPU as on the CPU (the public API, end to end; a
+    CPU generator's seed, which the op moves to the GPU)."""
     mu, lv = torch.randn(64, 257), torch.randn(64, 257)
     with ops.use_backend(backend):
-        torch.manual_seed(3)
-        gpu = ops.reparameterize(mu.cuda(), lv.cuda()).cpu()
-    torch.manual_seed(3)
-    cpu = ops.reparameterize(mu, lv)
+        gpu = ops.reparameterize(mu.cuda(), lv.cuda(), generator=torch.Generator().manual_seed(3)).cpu()
+    cpu = ops.reparameterize(mu, lv, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_a_cuda_graph_replays_fresh_noise_without_host_syncs(backend):
+    """CUDA inputs draw their seed on the GPU and the kernels read it there: a call syncs with the
+    host nowhere, and a captured CUDA graph draws new noise on every replay."""
+    mu = torch.zeros(64, 128, device="cuda")
+    lv = torch.zeros_like(mu)
+    leaves = [t.clone().requires_grad_() for t in (mu, lv)]
+    with ops.use_backend(backend):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            z, kl = ops.sample_and_kl(*leaves)
+            (z.sum() + kl.sum()).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            ops.sample_and_kl(mu, lv)  # warm-up off the capturing stream, as torch.cuda.graph asks
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            z, kl = ops.sample_and_kl(mu, lv)
+        graph.replay()
+        first = z.clone()
+        graph.replay()
+    assert not torch.equal(first, z)
+    assert abs(float(first.std()) - 1.0) < 0.05 and abs(float(z.std()) - 1.0) < 0.05
 
 
 def images(n: int = 203):
@@ -82,6 +110,7 @@ def test_fp16_with_the_grad_scaler_trains(data, tmp_path):
 @pytest.mark.parametrize("model", ["vae", "hvae", "deep"])
 def test_every_speed_switch_on_cuda(data, tmp_path, model):
     extra = ["--model", model, "--amp", "--compile", "--loader", "resident", "--fused-optimizer"]
+    extra += ["--compile-mode", "reduce-overhead"]
     if model == "deep":
         extra += ["--layout", "4x1,8x1,32x1", "--width", "16", "--zdim", "4"]
     summary = run(data, tmp_path, *extra)

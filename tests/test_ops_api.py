@@ -222,8 +222,15 @@ def test_clear_errors():
     with backend.use_backend("cuda"), pytest.raises(RuntimeError, match="not available for cpu"):
         ops.gaussian_kl(mu, lv)
     ext = backend.extension()
+    seed = torch.tensor([7])
     with pytest.raises(RuntimeError, match="logvar has shape"):
-        ext.forward(mu, lv[:, :3].contiguous(), None, None, 0, True, 0)
+        ext.forward(mu, lv[:, :3].contiguous(), None, None, seed, True, 0)
+    with pytest.raises(RuntimeError, match="drawing noise needs a seed"):
+        ext.forward(mu, lv, None, None, None, True, 0)
+    with pytest.raises(RuntimeError, match="seed must be one int64 element on cpu"):
+        ext.forward(mu, lv, None, None, torch.tensor([7, 8]), True, 0)
+    with pytest.raises(RuntimeError, match="seed must be one int64 element on cpu"):
+        ext.backward(mu, lv, None, None, seed.int(), lv, None, False)
 
 
 def test_missing_extension_warns_once_and_falls_back():

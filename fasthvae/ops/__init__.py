@@ -79,10 +79,14 @@ def _prepare(
     return fit(mu), fit(logvar), fit(mu_p), fit(logvar_p)
 
 
-def _seed(generator: torch.Generator | None) -> Tensor:
-    """A fresh int64 seed from PyTorch's RNG (``torch.manual_seed`` or ``generator``)."""
-    device = generator.device if generator is not None else "cpu"
-    return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=device, generator=generator).cpu()
+def _seed(generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """A fresh int64 seed from PyTorch's RNG (``torch.manual_seed`` or ``generator``), drawn on the
+    inputs' device for CUDA inputs (no host read in the step: CUDA graphs replay fresh draws) and
+    on the CPU otherwise; from ``generator``'s device when one is given."""
+    where = generator.device if generator is not None else device
+    if where.type != "cuda":
+        where = torch.device("cpu")
+    return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=where, generator=generator)
 
 
 def _plain_reference() -> bool:
@@ -96,7 +100,7 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, generator: torch.Generator | N
         return reference.reparameterize(
             mu, logvar, torch.randn(mu.shape, generator=generator, device=mu.device)
         )
-    return library.reparameterize(mu, logvar, _seed(generator))
+    return library.reparameterize(mu, logvar, _seed(generator, mu.device))
 
 
 def gaussian_kl(
@@ -130,4 +134,4 @@ def sample_and_kl(
     if _plain_reference():
         eps = torch.randn(mu.shape, generator=generator, device=mu.device)
         return reference.sample_and_kl(mu, logvar, eps, mu_p, logvar_p, reduction)
-    return library.sample_and_kl(mu, logvar, mu_p, logvar_p, _seed(generator), reduction)
+    return library.sample_and_kl(mu, logvar, mu_p, logvar_p, _seed(generator, mu.device), reduction)

@@ -63,7 +63,13 @@ def _empty_like_op(t: Tensor) -> Tensor:
 
 
 def _seed_value(seed: Tensor | None) -> int:
+    """The seed as a host integer (CPU and reference kernels; a device-to-host read on CUDA)."""
     return 0 if seed is None else int(seed.item())
+
+
+def _seed_on(seed: Tensor | None, device: torch.device) -> Tensor | None:
+    """The seed where the kernels read it: on the inputs' device (a copy only if it is elsewhere)."""
+    return None if seed is None else seed.reshape(1).to(device=device, dtype=torch.int64)
 
 
 def _kl_mode(reduction: str) -> int:
@@ -98,13 +104,16 @@ def _forward(mu, logvar, mu_p, logvar_p, seed: Tensor | None, sample: bool, kl_m
     order = memory_order(logvar)
     mu, logvar, mu_p, logvar_p = (_in_order(t, order) for t in (mu, logvar, mu_p, logvar_p))
     name = backend.resolve(mu.device, mu.dtype)
-    seed_value = _seed_value(seed)
     if name in ("cpu", "cuda"):
-        z, kl = backend.extension().forward(mu, logvar, mu_p, logvar_p, seed_value, sample, kl_mode)
+        z, kl = backend.extension().forward(
+            mu, logvar, mu_p, logvar_p, _seed_on(seed, mu.device), sample, kl_mode
+        )
     elif name == "triton":
-        z, kl = backend.triton_kernels().forward(mu, logvar, mu_p, logvar_p, seed_value, sample, kl_mode)
+        z, kl = backend.triton_kernels().forward(
+            mu, logvar, mu_p, logvar_p, _seed_on(seed, mu.device), sample, kl_mode
+        )
     else:
-        z, kl = _reference_forward(mu, logvar, mu_p, logvar_p, seed_value, sample, kl_mode)
+        z, kl = _reference_forward(mu, logvar, mu_p, logvar_p, _seed_value(seed), sample, kl_mode)
     return _restore(z, order), (_restore(kl, order) if kl_mode == KL_ELEMENTWISE else kl)
 
 
@@ -190,14 +199,13 @@ def gaussian_backward(
 def _backward(mu, logvar, mu_p, logvar_p, seed, grad_z, grad_kl, grad_kl_rows) -> list[Tensor]:
     """Run the selected backend's backward kernel on inputs in the kernels' layout."""
     name = backend.resolve(logvar.device, logvar.dtype)
-    seed_value = _seed_value(seed)
     if name in ("cpu", "cuda"):
         grads = backend.extension().backward(
             mu if mu is not None else logvar,
             logvar,
             mu_p,
             logvar_p,
-            seed_value,
+            _seed_on(seed, logvar.device),
             grad_z,
             grad_kl,
             grad_kl_rows,
@@ -205,11 +213,11 @@ def _backward(mu, logvar, mu_p, logvar_p, seed, grad_z, grad_kl, grad_kl_rows) -
         return [g for g in grads if g is not None]
     if name == "triton":
         return backend.triton_kernels().backward(
-            mu, logvar, mu_p, logvar_p, seed_value, grad_z, grad_kl, grad_kl_rows
+            mu, logvar, mu_p, logvar_p, _seed_on(seed, logvar.device), grad_z, grad_kl, grad_kl_rows
         )
     eps = None
     if grad_z is not None:
-        eps = philox_randn(seed_value, logvar.numel(), logvar.device).view(logvar.shape)
+        eps = philox_randn(_seed_value(seed), logvar.numel(), logvar.device).view(logvar.shape)
     return reference.gaussian_backward(mu, logvar, mu_p, logvar_p, eps, grad_z, grad_kl, grad_kl_rows)
 
 

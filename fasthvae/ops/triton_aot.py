@@ -51,7 +51,7 @@ def _forward_specs(dtype: str) -> Iterator[tuple[str, dict, dict]]:
             "mup_ptr": ptr if prior else "constexpr", "lvp_ptr": ptr if prior else "constexpr",
             "z_ptr": ptr if sample else "constexpr",
             "kl_ptr": {KL_NONE: "constexpr", KL_ELEMENTWISE: ptr, KL_ROWS: "*fp32"}[kl_mode],
-            "seed": "i64", "rows": "i32", "inner": "i32", "col_blocks": "i32",
+            "seed_ptr": "*i64" if sample else "constexpr", "rows": "i32", "inner": "i32", "col_blocks": "i32",
             "SAMPLE": "constexpr", "KL_MODE": "constexpr", "PRIOR": "constexpr", "ALIGNED": "constexpr",
             "BLOCK_R": "constexpr", "BLOCK_C": "constexpr",
         }  # fmt: skip
@@ -76,7 +76,7 @@ def _backward_specs(dtype: str) -> Iterator[tuple[str, dict, dict]]:
             "gk_ptr": ("*fp32" if rows else ptr) if kl else "constexpr",
             "dmu_ptr": ptr, "dlv_ptr": ptr,
             "dmup_ptr": ptr if prior else "constexpr", "dlvp_ptr": ptr if prior else "constexpr",
-            "seed": "i64", "rows": "i32", "inner": "i32", "col_blocks": "i32",
+            "seed_ptr": "*i64" if sample else "constexpr", "rows": "i32", "inner": "i32", "col_blocks": "i32",
             "SAMPLE": "constexpr", "KL": "constexpr", "PRIOR": "constexpr", "GRAD_ROWS": "constexpr",
             "ALIGNED": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr",
         }  # fmt: skip

@@ -4,7 +4,9 @@ A program handles a tile of BLOCK_R rows x BLOCK_C columns (the first dim is the
 share a program (a 128-wide latent fills a tile of 8 rows), wide rows span several programs. Row sums
 are written as one partial per row and program, and summed afterwards only when a row spans several
 programs, so reductions are deterministic. Noise of element ``i`` (flat index) is output ``i % 4``
-of ``tl.randn4x(seed, i // 4)``, the stream every backend shares. Arithmetic is float32.
+of ``tl.randn4x(seed, i // 4)``, the stream every backend shares. The kernels read the seed from a
+one-element int64 tensor on the inputs' device: no host value in the launch, so a CUDA graph that
+captured it replays fresh noise with each new seed. Arithmetic is float32.
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
@@ -89,9 +91,9 @@ def _tile(pid, rows, inner, col_blocks, BLOCK_R: tl.constexpr, BLOCK_C: tl.const
     return r, starts, offs, mask
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def gaussian_forward_kernel(
-    mu_ptr, lv_ptr, mup_ptr, lvp_ptr, z_ptr, kl_ptr, seed, rows, inner, col_blocks,
+    mu_ptr, lv_ptr, mup_ptr, lvp_ptr, z_ptr, kl_ptr, seed_ptr, rows, inner, col_blocks,
     SAMPLE: tl.constexpr, KL_MODE: tl.constexpr, PRIOR: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -100,7 +102,7 @@ def gaussian_forward_kernel(
     mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lv = tl.load(lv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if SAMPLE:
-        eps = _noise(seed, starts, offs, ALIGNED, BLOCK_C)
+        eps = _noise(tl.load(seed_ptr), starts, offs, ALIGNED, BLOCK_C)
         z = mu + tl.exp(0.5 * lv) * eps
         tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
     if KL_MODE != 0:  # KL_NONE (jit code reads only constexpr globals)
@@ -119,10 +121,10 @@ def gaussian_forward_kernel(
             tl.store(kl_ptr + r.to(tl.int64) * col_blocks + pid % col_blocks, partial, mask=r < rows)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def gaussian_backward_kernel(
     mu_ptr, lv_ptr, mup_ptr, lvp_ptr, gz_ptr, gk_ptr, dmu_ptr, dlv_ptr, dmup_ptr, dlvp_ptr,
-    seed, rows, inner, col_blocks,
+    seed_ptr, rows, inner, col_blocks,
     SAMPLE: tl.constexpr, KL: tl.constexpr, PRIOR: tl.constexpr, GRAD_ROWS: tl.constexpr,
     ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -130,7 +132,7 @@ def gaussian_backward_kernel(
     r, starts, offs, mask = _tile(pid, rows, inner, col_blocks, BLOCK_R, BLOCK_C)
     lv = tl.load(lv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if SAMPLE:  # d z / d logvar = exp(logvar / 2) * eps / 2, drawn first: fewer values live in Philox
-        dz_dlv = 0.5 * tl.exp(0.5 * lv) * _noise(seed, starts, offs, ALIGNED, BLOCK_C)
+        dz_dlv = 0.5 * tl.exp(0.5 * lv) * _noise(tl.load(seed_ptr), starts, offs, ALIGNED, BLOCK_C)
     dmu = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     dlv = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     if KL:
@@ -178,7 +180,7 @@ def forward(
     logvar: torch.Tensor,
     mu_p: torch.Tensor | None,
     logvar_p: torch.Tensor | None,
-    seed: int,
+    seed: torch.Tensor | None,
     sample: bool,
     kl_mode: int,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -193,7 +195,7 @@ def forward(
         kl = partials(rows, max(col_blocks, 1), dtype=torch.float32, device=mu.device)
     if mu.numel():
         gaussian_forward_kernel[(programs,)](
-            mu, logvar, mu_p, logvar_p, z, kl, seed, rows, inner, col_blocks,
+            mu, logvar, mu_p, logvar_p, z, kl, seed if sample else None, rows, inner, col_blocks,
             SAMPLE=sample, KL_MODE=kl_mode, PRIOR=mu_p is not None, **tile,
             num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
         )  # fmt: skip
@@ -207,7 +209,7 @@ def backward(
     logvar: torch.Tensor,
     mu_p: torch.Tensor | None,
     logvar_p: torch.Tensor | None,
-    seed: int,
+    seed: torch.Tensor | None,
     grad_z: torch.Tensor | None,
     grad_kl: torch.Tensor | None,
     grad_kl_rows: bool,
@@ -221,7 +223,7 @@ def backward(
     if logvar.numel():
         gaussian_backward_kernel[(programs,)](
             mu, logvar, mu_p, logvar_p, grad_z, grad_kl, dmu, dlv, dmu_p, dlv_p,
-            seed, rows, inner, col_blocks,
+            seed if grad_z is not None else None, rows, inner, col_blocks,
             SAMPLE=grad_z is not None, KL=grad_kl is not None, PRIOR=prior, GRAD_ROWS=grad_kl_rows,
             **tile, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
         )  # fmt: skip

@@ -91,6 +91,12 @@ class TrainConfig:
     amp: bool = option(False, "mixed precision (autocast)", on_resume="keep")
     amp_dtype: str = option("bf16", "fp16 uses a GradScaler", on_resume="keep", choices=["bf16", "fp16"])
     compile: bool | None = option(None, "torch.compile the model and loss (default: on)", on_resume="change")
+    compile_mode: str = option(
+        "default",
+        "torch.compile mode; reduce-overhead replays the compiled step as CUDA graphs on CUDA",
+        on_resume="change",
+        choices=["default", "reduce-overhead", "max-autotune"],
+    )
     fused_optimizer: bool | None = option(
         None, "fused AdamW (default: on for CUDA, off for CPU)", on_resume="change"
     )
