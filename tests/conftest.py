@@ -2,9 +2,7 @@
 the small data set that trainer and study tests share; ``slow`` tests run only with ``--slow``, and
 ``gpu`` tests only where torch sees a CUDA GPU (skipped with the reason elsewhere)."""
 
-import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +13,6 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10/cifar
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-# Inductor's on-disk cache keys a graph by its nodes, not by the custom ops' fake kernels: one cache
-# per version of fasthvae/ops, so graphs compiled against an older fake kernel are never reused.
-_OPS = sorted((Path(__file__).resolve().parents[1] / "fasthvae/ops").glob("*.py"))
-_OPS_HASH = hashlib.sha256(b"".join(p.read_bytes() for p in _OPS)).hexdigest()[:12]
-os.environ.setdefault(
-    "TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"torchinductor_fasthvae_{_OPS_HASH}")
-)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

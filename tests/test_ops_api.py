@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -337,3 +338,15 @@ def test_compiled_op_keeps_the_eager_layout_and_values(memory_format):
     torch.testing.assert_close(kl_c, kl, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads_c, grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_caches_are_keyed_by_the_ops_code():
+    """torch.compile's cache keys carry a fingerprint of fasthvae/ops, so graphs compiled against
+    another version's fake kernels are never reused; a tag the user set is kept."""
+    tag = torch.compiler.config.cache_key_tag
+    assert re.search(r"fasthvae-ops-[0-9a-f]{12}", tag), tag
+    with torch.compiler.config.patch(cache_key_tag="mine"):
+        library._tag_compile_caches()
+        assert torch.compiler.config.cache_key_tag.startswith("mine+fasthvae-ops-")
+        library._tag_compile_caches()  # once only
+        assert torch.compiler.config.cache_key_tag.count("fasthvae-ops-") == 1

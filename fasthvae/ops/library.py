@@ -13,6 +13,9 @@ in that order; any other layout goes through ``.contiguous()``. Noise follows th
 walk: a channels_last input gets the noise of its NHWC-contiguous twin.
 """
 
+import hashlib
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -21,6 +24,21 @@ from fasthvae.ops.philox import philox_randn
 from fasthvae.ops.reference import KL_ELEMENTWISE, KL_NONE, KL_ROWS
 
 Order = tuple[int, ...] | None
+
+
+def _tag_compile_caches() -> None:
+    """Put a fingerprint of these ops' code into torch.compile's cache keys. Inductor's on-disk
+    cache keys a graph by its nodes, not by the fake kernels of the custom ops in it, so a graph
+    compiled against another fasthvae would be reused with that version's output layouts (Inductor
+    then fails its stride assertions). The tag is appended to any the user set."""
+    sources = sorted(Path(__file__).parent.glob("*.py"))
+    tag = "fasthvae-ops-" + hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
+    current = torch.compiler.config.cache_key_tag
+    if tag not in current:
+        torch.compiler.config.cache_key_tag = f"{current}+{tag}" if current else tag
+
+
+_tag_compile_caches()
 
 
 def memory_order(t: Tensor) -> Order:
