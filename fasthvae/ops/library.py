@@ -72,12 +72,7 @@ def _empty_like_op(t: Tensor) -> Tensor:
     order = memory_order(t)
     if order is None:
         return t.new_empty(t.shape)
-    strides = [0] * t.dim()
-    step = 1
-    for d in reversed(order):
-        strides[d] = step
-        step *= t.shape[d]
-    return t.new_empty_strided(t.shape, strides)
+    return _restore(t.new_empty([t.shape[d] for d in order]), order)
 
 
 def _seed_value(seed: Tensor | None) -> int:
@@ -122,14 +117,9 @@ def _forward(mu, logvar, mu_p, logvar_p, seed: Tensor | None, sample: bool, kl_m
     order = memory_order(logvar)
     mu, logvar, mu_p, logvar_p = (_in_order(t, order) for t in (mu, logvar, mu_p, logvar_p))
     name = backend.resolve(mu.device, mu.dtype)
-    if name in ("cpu", "cuda"):
-        z, kl = backend.extension().forward(
-            mu, logvar, mu_p, logvar_p, _seed_on(seed, mu.device), sample, kl_mode
-        )
-    elif name == "triton":
-        z, kl = backend.triton_kernels().forward(
-            mu, logvar, mu_p, logvar_p, _seed_on(seed, mu.device), sample, kl_mode
-        )
+    if name in ("cpu", "cuda", "triton"):
+        kernels = backend.triton_kernels() if name == "triton" else backend.extension()
+        z, kl = kernels.forward(mu, logvar, mu_p, logvar_p, _seed_on(seed, mu.device), sample, kl_mode)
     else:
         z, kl = _reference_forward(mu, logvar, mu_p, logvar_p, _seed_value(seed), sample, kl_mode)
     return _restore(z, order), (_restore(kl, order) if kl_mode == KL_ELEMENTWISE else kl)
@@ -204,10 +194,8 @@ def gaussian_backward(
 ) -> list[Tensor]:
     """[dmu, dlogvar(, dmu_p, dlogvar_p)] of sum(grad_z * z) + sum(grad_kl * kl)."""
     order = memory_order(logvar)
-    if grad_kl is not None and not grad_kl_rows:
-        grad_kl = _in_order(grad_kl.to(logvar.dtype), order)
-    elif grad_kl is not None:
-        grad_kl = grad_kl.contiguous()
+    if grad_kl is not None:  # per row: float32 [rows]; elementwise: laid out as logvar
+        grad_kl = grad_kl.contiguous() if grad_kl_rows else _in_order(grad_kl.to(logvar.dtype), order)
     mu, logvar, mu_p, logvar_p, grad_z = (_in_order(t, order) for t in (mu, logvar, mu_p, logvar_p, grad_z))
     return [
         _restore(g, order) for g in _backward(mu, logvar, mu_p, logvar_p, seed, grad_z, grad_kl, grad_kl_rows)
