@@ -66,6 +66,23 @@ def test_claims_use_the_mean_over_seeds_and_report_the_spread():
     assert [c.holds for c in missing] == [None, None, None]
 
 
+def test_the_deep_claim_compares_with_the_best_study_row_on_each_metric():
+    study = {"vae": (1000, 100), "hvae-beta": (990, 120), "hvae-alpha-beta": (950, 110)}
+    values = {name: {0: {"recon_bce": r, "fid": f}} for name, (r, f) in study.items()}
+    assert [c.name for c in evaluate_claims(values)] == ["1", "2", "3"], "no deep row, no claim 4"
+
+    def deep(recon, fid):
+        return evaluate_claims(values | {"deep": {0: {"recon_bce": recon, "fid": fid}}})[3]
+
+    beats = deep(940, 99)  # best recon: hvae-alpha-beta (950); best FID: vae (100)
+    assert beats.holds is True
+    assert (
+        "recon, deep vs hvae-alpha-beta: -1.1%" in beats.detail and "FID, deep vs vae: -1.0%" in beats.detail
+    )
+    assert deep(960, 99).holds is False, "worse than the best row's reconstruction"
+    assert deep(940, 101).holds is False, "worse than the best row's FID"
+
+
 def test_rows_are_registered_by_name():
     assert [r.name for r in select_rows(["vae", "hvae-alpha-beta"])] == ["vae", "hvae-alpha-beta"]
     with pytest.raises(ValueError, match="unknown study row"):
@@ -182,6 +199,7 @@ def test_study_refuses_another_protocol_and_unknown_rows(data, tmp_path, capsys)
 
 def test_a_row_with_a_time_budget_trains_for_its_budget_rows_time(data, tmp_path, monkeypatch):
     tiny_deep = {"model": "deep", "schedule": "staggered", "layout": "1x1,32x1", "width": 8, "zdim": 2}
+    tiny_deep |= {"likelihood": "mixture"}  # its own likelihood, like the real deep row
     monkeypatch.setitem(
         ROWS, "deep-tiny", Row("deep-tiny", "tiny deep", tiny_deep | {"epochs": 6}, budget_row="vae")
     )
@@ -207,6 +225,35 @@ def test_a_row_with_a_time_budget_trains_for_its_budget_rows_time(data, tmp_path
     summary = json.loads((deep / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["stopped_by_time_limit"], "a third epoch would pass 100%"
     assert "up to 6 epochs" in (out / "study.md").read_text()
+    assert "Its -ELBO is of the 8-bit images under the mixture likelihood" in (out / "study.md").read_text()
+    assert "Bits/dim (-ELBO), tiny deep:" in (out / "study.md").read_text()
+    assert "seed 0: 2 epochs in" in (out / "study.md").read_text()
+
+    pooled = tmp_path / "pooled"  # the vae row imported from the first study's table
+    imports = ("--import-table", str(out / "study.json"))
+    assert study(data, pooled, "--rows", "deep-tiny", "--budget-minutes", "0.25", *imports) == 0
+    table = json.loads((pooled / "study.json").read_text())
+    assert list(table["rows"]) == ["vae", "deep-tiny"]
+    first = json.loads((out / "study.json").read_text())
+    assert table["rows"]["vae"]["runs"][0] == first["rows"]["vae"]["runs"][0] | {
+        "imported_from": first["command"]
+    }
+    assert "Imported (numbers only, no curves or samples)" in (pooled / "study.md").read_text()
+    changed = first | {"rows": first["rows"] | {"vae": first["rows"]["vae"] | {"config": {"model": "vae"}}}}
+    (tmp_path / "changed.json").write_text(json.dumps(changed))
+    report = ("--report-only", "--import-table", str(tmp_path / "changed.json"))
+    assert study(data, pooled, *report) == 0
+    assert "Not imported (its row has changed since): vae" in (pooled / "study.md").read_text()
+    (tmp_path / "other.json").write_text(json.dumps(first | {"protocol": first["protocol"] | {"lr": 1.0}}))
+    assert study(data, pooled, "--report-only", "--import-table", str(tmp_path / "other.json")) == 2
+
+    elsewhere = tmp_path / "budget-given"  # the budget row ran in another study: its time is given
+    assert study(data, elsewhere, "--rows", "deep-tiny", "--budget-minutes", "0.25") == 0
+    config = json.loads((elsewhere / "deep-tiny" / "seed0" / "config.json").read_text())
+    assert config["time_limit"] == 0.25
+    summary = json.loads((elsewhere / "deep-tiny" / "seed0" / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["stopped_by_time_limit"]
+    assert "seed 0: 2 epochs in 0.2 min" in (elsewhere / "study.md").read_text()
 
 
 def test_sigterm_stops_the_whole_study_and_a_rerun_goes_on(data, tmp_path, monkeypatch, capsys):

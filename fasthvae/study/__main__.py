@@ -29,7 +29,9 @@ from fasthvae.study.runner import (
     Run,
     StudyError,
     check_protocol,
+    import_table,
     plan,
+    pool,
     read_protocol,
     study_lock,
     train_run,
@@ -71,6 +73,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="mid-epoch checkpoints on a clock (SIGTERM and SIGINT always save one, then stop the study)",
     )
     p.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="training time of the rows that train for another row's time (deep: the vae run's), "
+        "when that row ran elsewhere; default: measured from its run in --out",
+    )
+    p.add_argument(
+        "--import-table",
+        type=Path,
+        default=None,
+        metavar="STUDY_JSON",
+        help="pool the finished runs of another study.json made under the same protocol (rows that "
+        "ran elsewhere) into the tables, for the (row, seed) that --out has not finished",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="rewrite the tables and PNGs from what --out holds, train nothing (also while it trains)",
@@ -104,8 +122,13 @@ class Study:
         """Rewrite the tables (and, when asked, the PNGs) from every run of the study in --out."""
         if not self.dist.is_main:
             return []
-        runs = plan(self.out, self.all_rows, self.all_seeds)
-        claims = write_tables(self.out, runs, self.protocol, self.command, self.machines)
+        runs, notes, machines = plan(self.out, self.all_rows, self.all_seeds), [], self.machines
+        if self.args.import_table is not None:
+            imported, left_out, elsewhere = import_table(self.args.import_table, self.protocol)
+            runs = pool(runs, imported)
+            machines = [*(machines or []), *(m for m in elsewhere if m and m not in (machines or []))]
+            notes = [f"Not imported (its row has changed since): {', '.join(left_out)}."] if left_out else []
+        claims = write_tables(self.out, runs, self.protocol, self.command, machines, notes)
         if pictures:
             plots.save_curves(runs, self.out / "study.png")
             test = load_dataset(self.protocol["data"], root=self.args.data_root).test.images
@@ -136,7 +159,7 @@ class Study:
                 bar.update(1)
                 self.report(pictures=False)
 
-            done = train_run(self.out, run.row, run.seed, self.shared, on_epoch)
+            done = train_run(self.out, run.row, run.seed, self.shared, on_epoch, self.args.budget_minutes)
             bar.update(epochs(run) * (done.status == "done") - (len(done.history) - len(run.history)))
             if done.status == "failed":
                 failed += 1

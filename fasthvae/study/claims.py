@@ -1,4 +1,4 @@
-"""The study's three claims, checked on measured numbers.
+"""The study's three claims, and ours for its next step (the deep row), checked on measured numbers.
 
 Each claim compares rows seed by seed (every row trains with the same seeds, so seed k of one row
 pairs with seed k of another); the verdict is on the mean over seeds, and the margin and its
@@ -9,6 +9,7 @@ import statistics
 from dataclasses import dataclass
 
 RECON, FID = "recon_bce", "fid"
+STUDY_ROWS = ("vae", "hvae-beta", "hvae-alpha-beta")
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,35 @@ def _claim(name: str, text: str, sign: int, comparisons: dict[str, list[float]])
     return Claim(name, text, holds, "; ".join(f"{label}: {_spread(d)}" for label, d in comparisons.items()))
 
 
+def _best(values: dict[str, dict[int, dict]], metric: str) -> str | None:
+    """The study row with the lowest mean ``metric`` over its seeds."""
+    means = {
+        row: statistics.fmean(m[metric] for m in values[row].values() if metric in m)
+        for row in STUDY_ROWS
+        if any(metric in m for m in values.get(row, {}).values())
+    }
+    return min(means, key=means.__getitem__) if means else None
+
+
+def _deep_claim(values: dict[str, dict[int, dict]]) -> Claim:
+    comparisons = {}
+    for metric, name in ((RECON, "recon"), (FID, "FID")):
+        best = _best(values, metric)
+        comparisons[f"{name}, deep vs {best or 'the best study row'}"] = (
+            _paired(values, "deep", best, metric) if best else []
+        )
+    return _claim(
+        "4",
+        "(fasthvae, the study's next step) the deep HVAE beats the best of the study's rows on "
+        "reconstruction and on FID",
+        -1,
+        comparisons,
+    )
+
+
 def evaluate_claims(values: dict[str, dict[int, dict]]) -> list[Claim]:
-    """The claims from ``values[row][seed] = {"recon_bce": ..., "fid": ...}`` (rows by study name)."""
+    """The claims from ``values[row][seed] = {"recon_bce": ..., "fid": ...}`` (rows by study name);
+    the fourth only where the deep row has finished runs."""
     recon_ab = _paired(values, "hvae-alpha-beta", "vae", RECON)
     recon_b = _paired(values, "hvae-beta", "vae", RECON)
     fid_ab = _paired(values, "hvae-alpha-beta", "vae", FID)
@@ -70,4 +98,4 @@ def evaluate_claims(values: dict[str, dict[int, dict]]) -> list[Claim]:
             +1,
             {"FID, HVAE (beta only) vs VAE": fid_b, "FID, HVAE (alpha-beta) vs VAE": fid_ab},
         ),
-    ]
+    ] + ([_deep_claim(values)] if values.get("deep") else [])

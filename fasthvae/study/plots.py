@@ -74,7 +74,7 @@ def save_samples(runs: list[Run], test_images: np.ndarray, path: Path, n: int = 
     plt = _pyplot()
     firsts: dict[str, Run] = {}
     for run in runs:
-        if run.status == "done":
+        if run.status == "done" and run.measured is None:  # imported runs have no checkpoint here
             firsts.setdefault(run.row.name, run)
     if not firsts:
         return

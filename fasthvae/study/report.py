@@ -23,6 +23,8 @@ METRICS = ("recon_bce", "recon_mse", "neg_elbo", "neg_elbo_bits_per_dim", "fid")
 
 def run_metrics(run: Run) -> dict[str, float]:
     """The measured numbers of a finished run (test metrics, FID, time, speed)."""
+    if run.measured is not None:
+        return dict(run.measured)
     if run.summary is None:
         return {}
     test = run.summary["test"]
@@ -81,6 +83,10 @@ def _ratio(value: float | None, base: float | None) -> str:
     return f"{value / base:.3f}" if value is not None and base else "—"
 
 
+def _minutes(history: list[dict]) -> float:
+    return sum(r["seconds"] for r in history) / 60
+
+
 def _mean(entry: dict | None, key: str) -> float | None:
     stat = entry["metrics"].get(key) if entry else None
     return stat["mean"] if stat else None
@@ -94,7 +100,21 @@ def claim_values(runs: list[Run]) -> dict[str, dict[int, dict]]:
     return values
 
 
-def markdown(runs: list[Run], protocol: dict, command: str, claims: list[Claim], machines: str) -> str:
+def _imported(runs: list[Run]) -> list[str]:
+    """One line per table that runs were imported from, naming them."""
+    sources: dict[str, list[str]] = {}
+    for run in runs:
+        if run.source:
+            sources.setdefault(run.source, []).append(f"{run.row.name} seed {run.seed}")
+    return [
+        f"Imported (numbers only, no curves or samples) from the table of `{source}`: {', '.join(names)}.  "
+        for source, names in sources.items()
+    ]
+
+
+def markdown(
+    runs: list[Run], protocol: dict, command: str, claims: list[Claim], machines: str, notes: list[str]
+) -> str:
     rows = aggregate(runs)
     base = rows.get(BASELINE)
     fid = protocol["fid_samples"]
@@ -103,6 +123,8 @@ def markdown(runs: list[Run], protocol: dict, command: str, claims: list[Claim],
         "",
         f"Command: `{command}`  ",
         f"Machine: {machines}  ",
+        *_imported(runs),
+        *(f"{note}  " for note in notes),
         f"Written: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"Protocol (every row): {protocol['limit_train'] or 'all'} training images, {protocol['epochs']} "
@@ -152,17 +174,30 @@ def markdown(runs: list[Run], protocol: dict, command: str, claims: list[Claim],
     lines += [""]
     for entry in rows.values():
         row = entry["row"]
-        if row.budget_row or "epochs" in row.config:
+        own = {k: v for k, v in row.config.items() if k in protocol and k != "epochs"}
+        if row.budget_row or "epochs" in row.config or own:
+            overrides = "".join(f"{k} {v}, " for k, v in own.items())
             budget = (
                 f", stopped before an epoch that would pass the training time of the {row.budget_row} "
-                "run with the same seed"
+                "run with the same seed (or --budget-minutes)"
                 if row.budget_row
                 else ""
             )
-            trained = ", ".join(f"seed {r.seed}: {len(r.history)}" for r in entry["runs"] if r.history)
+            trained = ", ".join(
+                f"seed {r.seed}: {len(r.history)} epochs in {_minutes(r.history):.1f} min"
+                for r in entry["runs"]
+                if r.history
+            )
+            own_likelihood = (
+                f" Its -ELBO is of the 8-bit images under the {own['likelihood']} likelihood (bits/dim "
+                f"below), not comparable with the {protocol['likelihood']} rows'; its recon BCE and MSE "
+                "are of its decoder's mean image, as for every row."
+                if own.get("likelihood", protocol["likelihood"]) != protocol["likelihood"]
+                else ""
+            )
             lines.append(
-                f"{row.label}: up to {row.epochs(protocol['epochs'])} epochs (the schedule stretched to "
-                f"them){budget}; epochs trained: {trained or 'none yet'}."
+                f"{row.label}: {overrides}up to {row.epochs(protocol['epochs'])} epochs (the schedule "
+                f"stretched to them){budget}; trained: {trained or 'none yet'}.{own_likelihood}"
             )
     bpd = [e for e in rows.values() if "neg_elbo_bits_per_dim" in e["metrics"]]
     lines += [""]
@@ -177,7 +212,7 @@ def markdown(runs: list[Run], protocol: dict, command: str, claims: list[Claim],
             "(train with `--likelihood logistic` for bits/dim)."
         ]
     lines += ["", "Values are mean ± sd over seeds; ratios are of means. img/s: median over epochs.", ""]
-    lines += ["## The study's claims", ""]
+    lines += ["## The claims (1-3: the study's; 4: its next step, where the deep row ran)", ""]
     verdict = {True: "**holds**", False: "**does not hold**", None: "not measured yet"}
     lines += [f"{c.name}. {c.text}: {verdict[c.holds]} — {c.detail}" for c in claims]
     return "\n".join(lines) + "\n"
@@ -206,7 +241,10 @@ def to_json(runs: list[Run], protocol: dict, command: str, claims: list[Claim], 
                 "study": {"recon": e["row"].study_recon, "fid": e["row"].study_fid},
                 "metrics": e["metrics"],
                 "runs": [
-                    {"seed": r.seed, "status": r.status, "error": r.error} | run_metrics(r) for r in e["runs"]
+                    {"seed": r.seed, "status": r.status, "error": r.error}
+                    | ({"imported_from": r.source} if r.source else {})
+                    | run_metrics(r)
+                    for r in e["runs"]
                 ],
             }
             for name, e in rows.items()
@@ -217,13 +255,18 @@ def to_json(runs: list[Run], protocol: dict, command: str, claims: list[Claim], 
 
 
 def write_tables(
-    out: Path, runs: list[Run], protocol: dict, command: str, machines: list[str] | None = None
+    out: Path,
+    runs: list[Run],
+    protocol: dict,
+    command: str,
+    machines: list[str] | None = None,
+    notes: list[str] = (),
 ) -> list[Claim]:
     """study.md, study.csv and study.json in ``out``; returns the claims' verdicts. ``machines``: those
-    that trained the runs (protocol.json records them), else this one."""
+    that trained the runs (protocol.json records them), else this one; ``notes``: lines for study.md."""
     claims = evaluate_claims(claim_values(runs))
     trained_on = "; ".join(machines or [machine()])
-    write_text_atomic(markdown(runs, protocol, command, claims, trained_on), out / "study.md")
+    write_text_atomic(markdown(runs, protocol, command, claims, trained_on, list(notes)), out / "study.md")
     write_text_atomic(to_csv(runs), out / "study.csv")
     write_text_atomic(to_json(runs, protocol, command, claims, trained_on), out / "study.json")
     return claims

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fasthvae.env import machine
-from fasthvae.study.rows import Row, select_rows
+from fasthvae.study.rows import ROWS, Row, select_rows
 from fasthvae.train import TrainConfig, Trainer
 from fasthvae.training.checkpoint import write_text_atomic
 from fasthvae.training.preemption import Preempted
@@ -57,6 +57,8 @@ class Run:
     summary: dict | None = None
     history: list[dict] = field(default_factory=list)
     error: str | None = None
+    measured: dict | None = None  # an imported run: its numbers from another table (no folder)
+    source: str | None = None  # an imported run: the command that made that table
 
 
 def run_folder(out: Path, row: str, seed: int) -> Path:
@@ -78,6 +80,44 @@ def read_run(out: Path, row: Row, seed: int) -> Run:
         run.error = (folder / "error.txt").read_text().strip().splitlines()[-1]
         run.status = "failed"
     return run
+
+
+RUN_FIELDS = ("seed", "status", "error", "imported_from")  # a study.json run's fields that are no metric
+
+
+def import_table(path: Path, protocol: dict) -> tuple[list[Run], list[str], list[str]]:
+    """The finished runs of another study's ``study.json`` made under the same protocol (a row that
+    ran elsewhere): their measured numbers, without curves or checkpoints; the rows left out (one
+    whose config is not today's row of that name measured another model); the machines that
+    trained them."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise StudyError(f"cannot read the study table {path}: {err}") from None
+    if record.get("protocol") != protocol:
+        raise StudyError(f"{path} was made under another protocol than --out's; its runs cannot be pooled")
+    runs, left_out = [], []
+    for name, entry in record["rows"].items():
+        if name not in ROWS or dict(ROWS[name].config) != entry["config"]:
+            left_out.append(name)
+            continue
+        for r in entry["runs"]:
+            if r["status"] == "done":
+                measured = {k: v for k, v in r.items() if k not in RUN_FIELDS}
+                source = r.get("imported_from", record["command"])
+                folder = Path(path).parent
+                runs.append(Run(ROWS[name], r["seed"], folder, "done", measured=measured, source=source))
+    return runs, left_out, [record["machine"]] if record.get("machine") else []
+
+
+def pool(own: list[Run], imported: list[Run]) -> list[Run]:
+    """``own`` runs, with imported ones for the (row, seed) that ``own`` has not finished, in the rows'
+    registration order."""
+    done = {(r.row.name, r.seed) for r in own if r.status == "done"}
+    runs = {(r.row.name, r.seed): r for r in own}
+    runs |= {(r.row.name, r.seed): r for r in imported if (r.row.name, r.seed) not in done}
+    order = list(ROWS)
+    return sorted(runs.values(), key=lambda r: (order.index(r.row.name), r.seed))
 
 
 def read_protocol(out: Path) -> dict:
@@ -133,12 +173,15 @@ def check_protocol(out: Path, protocol: dict, rows: list[str], seeds: list[int],
     return record
 
 
-def run_config(out: Path, row: Row, seed: int, shared: dict) -> TrainConfig:
-    """The trainer config of one run: the shared protocol and runtime, the row's own fields, the seed."""
+def run_config(out: Path, row: Row, seed: int, shared: dict, budget: float | None = None) -> TrainConfig:
+    """The trainer config of one run: the shared protocol and runtime, the row's own fields, the seed.
+
+    A row with a ``budget_row`` trains for ``budget`` minutes when given (that row ran elsewhere),
+    else for the training time of the budget row's run in ``out``."""
     folder = run_folder(out, row.name, seed)
     fields = {**shared, **row.config, "seed": seed, "out": str(folder)}
     if row.budget_row is not None:
-        fields["time_limit"] = budget_minutes(out, row, seed)
+        fields["time_limit"] = budget if budget is not None else budget_minutes(out, row, seed)
     return TrainConfig(**fields, resume=(folder / "checkpoint.pt").is_file())
 
 
@@ -156,7 +199,12 @@ def budget_minutes(out: Path, row: Row, seed: int) -> float:
 
 
 def train_run(
-    out: Path, row: Row, seed: int, shared: dict, on_epoch: Callable[[dict], None] | None = None
+    out: Path,
+    row: Row,
+    seed: int,
+    shared: dict,
+    on_epoch: Callable[[dict], None] | None = None,
+    budget: float | None = None,
 ) -> Run:
     """Train and evaluate one run to its end (resuming it if begun); failures land in ``error.txt``."""
     folder = run_folder(out, row.name, seed)
@@ -166,7 +214,7 @@ def train_run(
     # keeps their graphs from adding up to dynamo's recompile limit (past it, runs go eager).
     torch._dynamo.reset()
     try:
-        config = run_config(out, row, seed, shared)
+        config = run_config(out, row, seed, shared, budget)
         Trainer(config, given=set(asdict(config))).run(on_epoch)
     except Preempted:  # a signal stops the whole study (the run saved where it was)
         raise
