@@ -119,7 +119,8 @@ class Study:
         self.machines = record.get("machines")
 
     def report(self, pictures: bool = True) -> list:
-        """Rewrite the tables (and, when asked, the PNGs) from every run of the study in --out."""
+        """Rewrite the tables (and, when asked, the PNGs) from every run of the study in --out, with
+        the runs of --import-table that --out has not finished."""
         if not self.dist.is_main:
             return []
         runs, notes, machines = plan(self.out, self.all_rows, self.all_seeds), [], self.machines
