@@ -8,8 +8,9 @@ spread over seeds are reported with it.
 import statistics
 from dataclasses import dataclass
 
+from fasthvae.study.rows import STUDY_ROWS
+
 RECON, FID = "recon_bce", "fid"
-STUDY_ROWS = ("vae", "hvae-beta", "hvae-alpha-beta")
 
 
 @dataclass(frozen=True)
