@@ -51,13 +51,29 @@ def test_every_preset_layout_gives_shapes_and_samples(preset, likelihood):
         assert samples.shape == (3, 3, 32, 32) and samples.min() >= 0 and samples.max() <= 1
 
 
+def test_layout_cells_without_a_latent_run_in_order_and_add_no_kl():
+    assert deep.parse_blocks("1x2,8d1,32x1") == [(1, True), (1, True), (8, False), (32, True)]
+    assert deep.parse_layout("1x2,8d1,32x1") == [1, 1, 32]
+    model = DeepHVAE(replace(TINY, layout="1x2,8d1,32x1"))
+    assert [(r, type(b).__name__) for r, b in model.top_down] == [
+        (1, "LatentGroup"),
+        (1, "LatentGroup"),
+        (8, "Cell"),
+        (32, "LatentGroup"),
+    ]
+    assert list(model(images(2)).kls) == ["kl_00_1x1", "kl_01_1x1", "kl_02_32x32"]
+    assert model.num_levels == 2, "the staggered schedule's levels count latent resolutions only"
+
+
 def test_layout_errors_are_clear():
     for bad, message in [
         ("1x1,4y2", "not RxN"),
         ("1x1,3x2,32x1", "must be one of"),
         ("4x1,1x1,32x1", "must rise"),
         ("1x1,4x2", "last resolution must be 32"),
-        ("1x1,32x0", "has no group"),
+        ("1x1,32x0", "has no block"),
+        ("1x1d1,32d1", "not RxN"),
+        ("1d1,32d1", "no latent group"),
     ]:
         with pytest.raises(ValueError, match=message):
             deep.parse_layout(bad)
@@ -67,9 +83,9 @@ def test_layout_errors_are_clear():
 
 def test_preset_sizes():
     """small is sized for a 2-core CPU, base for a GPU (parameters in millions, see README)."""
-    assert sum(p.numel() for p in DeepHVAE("small").parameters()) / 1e6 == pytest.approx(0.26, abs=0.01)
+    assert sum(p.numel() for p in DeepHVAE("small").parameters()) / 1e6 == pytest.approx(0.32, abs=0.01)
     groups = {name: len(deep.parse_layout(spec.layout)) for name, spec in PRESETS.items()}
-    assert groups["base"] > 4 * groups["small"]
+    assert groups["base"] > 3 * groups["small"]
 
 
 def test_group_kls_sum_to_the_kl_of_all_latents(monkeypatch):
@@ -133,7 +149,7 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(data):
 
 def test_compiles_whole_with_fullgraph():
     torch.manual_seed(0)
-    model = DeepHVAE(replace(TINY, layout="4x1,32x1"))  # every kind of step, a small graph
+    model = DeepHVAE(replace(TINY, layout="4x1,16d1,32x1"))  # every kind of step, a small graph
     x = images(4)
     weights = torch.ones(model.num_levels)
     compiled = torch.compile(model.loss, fullgraph=True)

@@ -11,10 +11,11 @@ The study's next step, built after VDVAE (Child, 2021) and NVAE (Vahdat & Kautz,
   the prior's features and the projected z and goes through a residual cell.
 - Generation samples each group from its prior (its standard deviation times a temperature).
 
-The layout is one string of top-down groups, ``"RxN"`` = N latent groups at resolution R x R, for
-example ``"1x1,4x2,8x3,16x3,32x2"``; the resolutions rise to the image size (32), upsampling by
-nearest neighbour between them. Log-variances are soft-clamped to (-LOGVAR_BOUND, LOGVAR_BOUND), so
-exp(+-logvar / 2) stays finite in fp16 and bf16.
+The layout is one string of top-down blocks: ``"RxN"`` = N latent groups at resolution R x R,
+``"RdN"`` = N residual cells without a latent (NVAE's post-process cells), for example
+``"1x1,4x2,8x3,16x3,32x2"`` or ``"1x1,4x3,8x6,16x2,32d1"``; the resolutions rise to the image size
+(32), upsampling by nearest neighbour between them. Log-variances are soft-clamped to
+(-LOGVAR_BOUND, LOGVAR_BOUND), so exp(+-logvar / 2) stays finite in fp16 and bf16.
 
 Reconstruction plus the analytic KLs (each with z_<i drawn from q) is an unbiased estimate of the
 negative ELBO: the KL of group i is the expectation over z_i given the very z_<i that later groups
@@ -34,7 +35,7 @@ from fasthvae.models.base import LatentVariableModel, Output, gaussian_log_prob,
 
 IMAGE_SIZE = 32
 LOGVAR_BOUND = 10.0  # sigma in (e^-5, e^5), as NVAE's soft clamp of log sigma at 5
-_TOKEN = re.compile(r"^(\d+)x(\d+)$")
+_TOKEN = re.compile(r"^(\d+)([xd])(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,19 @@ class DeepSpec:
             raise ValueError(f"deep model: bottleneck must be in (0, 1], got {self.bottleneck}")
 
 
-def parse_layout(layout: str) -> list[int]:
-    """``"1x1,4x2,..."`` -> the resolution of each group, top first; a clear error when malformed."""
-    resolutions: list[int] = []
+def parse_blocks(layout: str) -> list[tuple[int, bool]]:
+    """``"1x1,4x2,...,32d1"`` -> (resolution, has a latent) of each top-down block, top first; a
+    clear error when malformed."""
+    blocks: list[tuple[int, bool]] = []
     previous = 0
     for token in layout.replace(" ", "").split(","):
         match = _TOKEN.match(token)
         if not match:
-            raise ValueError(f"deep layout {layout!r}: {token!r} is not RxN (N groups at resolution R)")
-        res, count = int(match[1]), int(match[2])
+            raise ValueError(
+                f"deep layout {layout!r}: {token!r} is not RxN (N latent groups at resolution R) "
+                "or RdN (N cells without a latent)"
+            )
+        res, latent, count = int(match[1]), match[2] == "x", int(match[3])
         if res not in (1, 2, 4, 8, 16, 32):
             raise ValueError(f"deep layout {layout!r}: resolution {res} must be one of 1, 2, 4, 8, 16, 32")
         if res <= previous:
@@ -74,18 +79,26 @@ def parse_layout(layout: str) -> list[int]:
                 f"deep layout {layout!r}: resolutions must rise from the top (got {res} after {previous})"
             )
         if count < 1:
-            raise ValueError(f"deep layout {layout!r}: {token} has no group")
-        resolutions += [res] * count
+            raise ValueError(f"deep layout {layout!r}: {token} has no block")
+        blocks += [(res, latent)] * count
         previous = res
     if previous != IMAGE_SIZE:
         raise ValueError(f"deep layout {layout!r}: the last resolution must be {IMAGE_SIZE} (the image size)")
-    return resolutions
+    if not any(latent for _, latent in blocks):
+        raise ValueError(f"deep layout {layout!r}: it has no latent group (RxN)")
+    return blocks
+
+
+def parse_layout(layout: str) -> list[int]:
+    """The resolution of each latent group, top first."""
+    return [res for res, latent in parse_blocks(layout) if latent]
 
 
 PRESETS = {
-    # ~1.0 M parameters, 11 groups; trains on a 2-core CPU (see README, "The deep HVAE").
-    "small": DeepSpec("1x1,4x2,8x3,16x3,32x2", width=64, zdim=8, encoder_blocks=1),
-    # ~40 M parameters, 47 groups, VDVAE-like depth for a GPU.
+    # 0.32 M parameters, 14 groups, latents up to 16x16 and one cell without a latent at 32x32;
+    # trains on a 2-core CPU (see README, "The deep HVAE").
+    "small": DeepSpec("1x2,4x4,8x6,16x2,32d1", width=64, zdim=8, encoder_blocks=1),
+    # ~37 M parameters, 47 groups, VDVAE-like depth for a GPU.
     "base": DeepSpec("1x2,4x4,8x8,16x16,32x17", width=384, zdim=16, encoder_blocks=3),
 }
 
@@ -127,8 +140,9 @@ class Cell(nn.Module):
 class LatentGroup(nn.Module):
     """One top-down step: prior and posterior of z_i, then the state update."""
 
-    def __init__(self, spec: DeepSpec, res: int, depth_scale: float) -> None:
+    def __init__(self, spec: DeepSpec, res: int, depth_scale: float, name: str) -> None:
         super().__init__()
+        self.name = name
         w, z, mid = spec.width, spec.zdim, max(1, int(spec.width * spec.bottleneck))
         self.zdim = z
         self.posterior = Cell(2 * w, mid, 2 * z, res, residual=False)
@@ -164,12 +178,16 @@ class DeepHVAE(LatentVariableModel):
                 raise ValueError(f"unknown deep preset {spec!r}; choose one of {', '.join(PRESETS)}")
             spec = PRESETS[spec]
         self.spec = spec
-        self.resolutions = parse_layout(spec.layout)
-        scales = sorted(set(self.resolutions))  # top (coarsest) first
+        blocks = parse_blocks(spec.layout)
+        self.resolutions = [res for res, latent in blocks if latent]
+        scales = sorted({res for res, _ in blocks})  # top (coarsest) first
+        latent_scales = sorted(set(self.resolutions))
         self.group_names = [f"kl_{i:02d}_{r}x{r}" for i, r in enumerate(self.resolutions)]
-        self.kl_levels = {n: scales.index(r) for n, r in zip(self.group_names, self.resolutions, strict=True)}
+        self.kl_levels = {
+            n: latent_scales.index(r) for n, r in zip(self.group_names, self.resolutions, strict=True)
+        }
         w, mid = spec.width, max(1, int(spec.width * spec.bottleneck))
-        depth_scale = 1 / math.sqrt(len(self.resolutions))
+        depth_scale = 1 / math.sqrt(len(blocks))
         enc_scale = 1 / math.sqrt(spec.encoder_blocks * len(scales))
 
         self.stem = nn.Conv2d(3, w, 3, padding=1)
@@ -181,7 +199,18 @@ class DeepHVAE(LatentVariableModel):
             for r in self.encoder_scales
         )
         self.top = nn.Parameter(torch.zeros(1, w, scales[0], scales[0]))
-        self.groups = nn.ModuleList(LatentGroup(spec, r, depth_scale) for r in self.resolutions)
+        self.groups = nn.ModuleList(
+            LatentGroup(spec, r, depth_scale, name)
+            for r, name in zip(self.resolutions, self.group_names, strict=True)
+        )
+        self.cells = nn.ModuleList(
+            Cell(w, mid, w, r, residual=True, out_scale=depth_scale) for r, latent in blocks if not latent
+        )
+        groups, cells = iter(self.groups), iter(self.cells)
+        # The top-down pass in order: (resolution, a LatentGroup or a Cell without a latent).
+        self.top_down: list[tuple[int, nn.Module]] = [
+            (r, next(groups) if latent else next(cells)) for r, latent in blocks
+        ]
         self.head = nn.Conv2d(w, likelihoods.out_channels(likelihood), 1)
 
     # ---- the two passes
@@ -208,11 +237,14 @@ class DeepHVAE(LatentVariableModel):
         activations = self.bottom_up(x)
         h = self._start(len(x))
         kls = {}
-        for name, res, group in zip(self.group_names, self.resolutions, self.groups, strict=True):
+        for res, group in self.top_down:
             h = self._fit(h, res)
+            if isinstance(group, Cell):
+                h = group(h)
+                continue
             mu_p, logvar_p, features = group.prior_params(h)
             mu_q, logvar_q = group.posterior_params(h, activations[res])
-            z, kls[name] = ops.sample_and_kl(mu_q, logvar_q, mu_p, logvar_p, reduction=kl_reduction)
+            z, kls[group.name] = ops.sample_and_kl(mu_q, logvar_q, mu_p, logvar_p, reduction=kl_reduction)
             h = group.advance(h, features, z)
         return Output(self.head(h), kls)
 
@@ -223,11 +255,14 @@ class DeepHVAE(LatentVariableModel):
         activations = self.bottom_up(x)
         h = self._start(len(x))
         posteriors = {}
-        for name, res, group in zip(self.group_names, self.resolutions, self.groups, strict=True):
+        for res, group in self.top_down:
             h = self._fit(h, res)
+            if isinstance(group, Cell):
+                h = group(h)
+                continue
             _, _, features = group.prior_params(h)
             mu_q, logvar_q = group.posterior_params(h, activations[res])
-            posteriors[name] = (mu_q, logvar_q)
+            posteriors[group.name] = (mu_q, logvar_q)
             h = group.advance(h, features, ops.reparameterize(mu_q, logvar_q))
         return posteriors
 
@@ -235,8 +270,11 @@ class DeepHVAE(LatentVariableModel):
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         """Mean images of z_i ~ p(z_i | z_<i) with each standard deviation times T, top down."""
         h = self._start(n).to(self.head.weight.dtype)
-        for res, group in zip(self.resolutions, self.groups, strict=True):
+        for res, group in self.top_down:
             h = self._fit(h, res)
+            if isinstance(group, Cell):
+                h = group(h)
+                continue
             mu_p, logvar_p, features = group.prior_params(h)
             z = mu_p if temperature == 0 else ops.reparameterize(mu_p, logvar_p + 2 * math.log(temperature))
             h = group.advance(h, features, z)
@@ -248,8 +286,11 @@ class DeepHVAE(LatentVariableModel):
         activations = self.bottom_up(x)
         h = self._start(len(x))
         log_ratio = torch.zeros(len(x), device=x.device)
-        for res, group in zip(self.resolutions, self.groups, strict=True):
+        for res, group in self.top_down:
             h = self._fit(h, res)
+            if isinstance(group, Cell):
+                h = group(h)
+                continue
             mu_p, logvar_p, features = group.prior_params(h)
             mu_q, logvar_q = group.posterior_params(h, activations[res])
             z = sample_gaussian(mu_q.float(), logvar_q.float())

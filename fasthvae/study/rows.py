@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from fasthvae.models.deep import PRESETS
+
 
 @dataclass(frozen=True)
 class Row:
@@ -69,7 +71,8 @@ STUDY_ROWS = ("vae", "hvae-beta", "hvae-alpha-beta")
 # (the time limit stops it before an epoch that would not fit), trained as VDVAE trains (plain ELBO,
 # discretized mixture of logistics, so bits/dim; its reconstruction metrics are of the mixture's
 # mean image, the same BCE and MSE as the other rows). The first 2,000 test images' bits/dim after
-# every epoch give its bits/dim against training time (test_curve.png).
+# every epoch give its bits/dim against training time (test_curve.png). The row names the preset's
+# layout, width and zdim too, so a table made with another `small` is not pooled with this one.
 register_row(
     Row(
         "deep",
@@ -78,6 +81,9 @@ register_row(
             "model": "deep",
             "schedule": "constant",
             "preset": "small",
+            "layout": PRESETS["small"].layout,
+            "width": PRESETS["small"].width,
+            "zdim": PRESETS["small"].zdim,
             "likelihood": "mixture",
             "test_every_epoch": 2000,
         },
