@@ -81,6 +81,11 @@ def test_the_deep_claim_compares_with_the_best_study_row_on_each_metric():
     )
     assert deep(960, 99).holds is False, "worse than the best row's reconstruction"
     assert deep(940, 101).holds is False, "worse than the best row's FID"
+    both = evaluate_claims(
+        values | {row: {0: {"recon_bce": 940, "fid": 101}} for row in ("deep", "deep-bce")}
+    )
+    assert [c.name for c in both[3:]] == ["4", "4 (deep-bce)"], "a claim for each deep row"
+    assert "FID, deep-bce vs vae: +1.0%" in both[4].detail and both[4].holds is False
 
 
 def test_rows_are_registered_by_name():

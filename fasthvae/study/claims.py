@@ -1,4 +1,4 @@
-"""The study's three claims, and ours for its next step (the deep row), checked on measured numbers.
+"""The study's three claims, and ours for its next step (each deep row), checked on measured numbers.
 
 Each claim compares rows seed by seed (every row trains with the same seeds, so seed k of one row
 pairs with seed k of another); the verdict is on the mean over seeds, and the margin and its
@@ -8,7 +8,7 @@ spread over seeds are reported with it.
 import statistics
 from dataclasses import dataclass
 
-from fasthvae.study.rows import STUDY_ROWS
+from fasthvae.study.rows import DEEP_ROWS, ROWS, STUDY_ROWS
 
 RECON, FID = "recon_bce", "fid"
 
@@ -57,17 +57,17 @@ def _best(values: dict[str, dict[int, dict]], metric: str) -> str | None:
     return min(means, key=means.__getitem__) if means else None
 
 
-def _deep_claim(values: dict[str, dict[int, dict]]) -> Claim:
+def _deep_claim(values: dict[str, dict[int, dict]], row: str) -> Claim:
     comparisons = {}
     for metric, name in ((RECON, "recon"), (FID, "FID")):
         best = _best(values, metric)
-        comparisons[f"{name}, deep vs {best or 'the best study row'}"] = (
-            _paired(values, "deep", best, metric) if best else []
+        comparisons[f"{name}, {row} vs {best or 'the best study row'}"] = (
+            _paired(values, row, best, metric) if best else []
         )
     return _claim(
-        "4",
-        "(fasthvae, the study's next step) the deep HVAE beats the best of the study's rows on "
-        "reconstruction and on FID",
+        "4" if row == DEEP_ROWS[0] else f"4 ({row})",
+        f"(fasthvae, the study's next step) the {ROWS[row].label} beats the best of the study's rows "
+        "on reconstruction and on FID",
         -1,
         comparisons,
     )
@@ -75,7 +75,7 @@ def _deep_claim(values: dict[str, dict[int, dict]]) -> Claim:
 
 def evaluate_claims(values: dict[str, dict[int, dict]]) -> list[Claim]:
     """The claims from ``values[row][seed] = {"recon_bce": ..., "fid": ...}`` (rows by study name);
-    the fourth only where the deep row has finished runs."""
+    the fourth for each deep row that has finished runs."""
     recon_ab = _paired(values, "hvae-alpha-beta", "vae", RECON)
     recon_b = _paired(values, "hvae-beta", "vae", RECON)
     fid_ab = _paired(values, "hvae-alpha-beta", "vae", FID)
@@ -99,4 +99,4 @@ def evaluate_claims(values: dict[str, dict[int, dict]]) -> list[Claim]:
             +1,
             {"FID, HVAE (beta only) vs VAE": fid_b, "FID, HVAE (alpha-beta) vs VAE": fid_ab},
         ),
-    ] + ([_deep_claim(values)] if values.get("deep") else [])
+    ] + [_deep_claim(values, row) for row in DEEP_ROWS if values.get(row)]

@@ -212,7 +212,7 @@ def markdown(
             "(train with `--likelihood logistic` for bits/dim)."
         ]
     lines += ["", "Values are mean ± sd over seeds; ratios are of means. img/s: median over epochs.", ""]
-    lines += ["## The claims (1-3: the study's; 4: its next step, where the deep row ran)", ""]
+    lines += ["## The claims (1-3: the study's; 4: its next step, for each deep row that ran)", ""]
     verdict = {True: "**holds**", False: "**does not hold**", None: "not measured yet"}
     lines += [f"{c.name}. {c.text}: {verdict[c.holds]} — {c.detail}" for c in claims]
     return "\n".join(lines) + "\n"
