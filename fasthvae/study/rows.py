@@ -73,20 +73,18 @@ STUDY_ROWS = ("vae", "hvae-beta", "hvae-alpha-beta")
 # mean image, the same BCE and MSE as the other rows). The first 2,000 test images' bits/dim after
 # every epoch give its bits/dim against training time (test_curve.png). The row names the preset's
 # layout, width and zdim too, so a table made with another `small` is not pooled with this one.
+SMALL_DEEP = {
+    "model": "deep",
+    "preset": "small",
+    "layout": PRESETS["small"].layout,
+    "width": PRESETS["small"].width,
+    "zdim": PRESETS["small"].zdim,
+}
 register_row(
     Row(
         "deep",
         "Deep HVAE (small)",
-        {
-            "model": "deep",
-            "schedule": "constant",
-            "preset": "small",
-            "layout": PRESETS["small"].layout,
-            "width": PRESETS["small"].width,
-            "zdim": PRESETS["small"].zdim,
-            "likelihood": "mixture",
-            "test_every_epoch": 2000,
-        },
+        SMALL_DEEP | {"schedule": "constant", "likelihood": "mixture", "test_every_epoch": 2000},
         budget_row="vae",
     )
 )
@@ -96,15 +94,7 @@ register_row(
     Row(
         "deep-bce",
         "Deep HVAE (small), BCE, staggered",
-        {
-            "model": "deep",
-            "schedule": "staggered",
-            "preset": "small",
-            "layout": PRESETS["small"].layout,
-            "width": PRESETS["small"].width,
-            "zdim": PRESETS["small"].zdim,
-            "epochs": 10,
-        },
+        SMALL_DEEP | {"schedule": "staggered", "epochs": 10},
         budget_row="vae",
     )
 )
