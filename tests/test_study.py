@@ -11,6 +11,7 @@ from fasthvae.env import machine
 from fasthvae.study import __main__ as study_cli
 from fasthvae.study.claims import evaluate_claims
 from fasthvae.study.rows import ROWS, Row, register_row, select_rows
+from fasthvae.study.runner import read_protocol
 from fasthvae.training.checkpoint import load_checkpoint
 
 TINY_STUDY = [
@@ -202,6 +203,33 @@ def test_study_refuses_another_protocol_and_unknown_rows(data, tmp_path, capsys)
     assert set(ROWS) >= {"vae", "hvae-beta", "hvae-alpha-beta"}
 
 
+def test_the_folder_keeps_the_seeds_asked_of_each_row_and_every_command(data, tmp_path, monkeypatch):
+    tiny = {"model": "vae", "schedule": "beta"}
+    for name in ("tiny-a", "tiny-b"):  # rows that fail at once (their budget row never ran): nothing trains
+        monkeypatch.setitem(ROWS, name, Row(name, name, tiny, budget_row="vae"))
+    out = tmp_path / "study"
+    assert study(data, out, "--rows", "tiny-a") == 1
+    assert study(data, out, "--rows", "tiny-b", "--seeds", "1") == 1
+    assert study(data, out, "--rows", "tiny-b", "--seeds", "1") == 1, "a rerun adds no command"
+    record = json.loads((out / "protocol.json").read_text())
+    assert record["runs"] == {"tiny-a": [0], "tiny-b": [1]}
+    assert len(record["commands"]) == 2 and record["commands"][1].endswith("--rows tiny-b --seeds 1")
+    table = (out / "study.md").read_text()
+    assert [line for line in table.splitlines() if line.startswith("Command: ")] == [
+        f"Command: `{command}`  " for command in record["commands"]
+    ]
+    assert "pending" not in table, "a seed not asked of a row is not a run of it"
+    rows = json.loads((out / "study.json").read_text())["rows"]
+    assert {n: [r["seed"] for r in row["runs"]] for n, row in rows.items()} == {"tiny-a": [0], "tiny-b": [1]}
+
+
+def test_a_folder_from_before_per_row_seeds_asked_every_seed_of_every_row(tmp_path):
+    old = {"protocol": {"epochs": 2}, "rows": ["vae", "hvae-beta"], "seeds": [0, 1], "command": "x"}
+    (tmp_path / "protocol.json").write_text(json.dumps(old))
+    record = read_protocol(tmp_path)
+    assert record["runs"] == {"vae": [0, 1], "hvae-beta": [0, 1]} and record["commands"] == ["x"]
+
+
 def test_a_row_with_a_time_budget_trains_for_its_budget_rows_time(data, tmp_path, monkeypatch):
     tiny_deep = {"model": "deep", "schedule": "staggered", "layout": "1x1,32x1", "width": 8, "zdim": 2}
     tiny_deep |= {"likelihood": "mixture"}  # its own likelihood, like the real deep row
@@ -240,8 +268,9 @@ def test_a_row_with_a_time_budget_trains_for_its_budget_rows_time(data, tmp_path
     table = json.loads((pooled / "study.json").read_text())
     assert list(table["rows"]) == ["vae", "deep-tiny"]
     first = json.loads((out / "study.json").read_text())
+    assert len(first["commands"]) == 2, "the failed first command and the one that ran the vae row"
     assert table["rows"]["vae"]["runs"][0] == first["rows"]["vae"]["runs"][0] | {
-        "imported_from": first["command"]
+        "imported_from": " && ".join(first["commands"])
     }
     assert "Imported (numbers only, no curves or samples)" in (pooled / "study.md").read_text()
     changed = first | {"rows": first["rows"] | {"vae": first["rows"]["vae"] | {"config": {"model": "vae"}}}}
@@ -249,6 +278,10 @@ def test_a_row_with_a_time_budget_trains_for_its_budget_rows_time(data, tmp_path
     report = ("--report-only", "--import-table", str(tmp_path / "changed.json"))
     assert study(data, pooled, *report) == 0
     assert "Not imported (its row has changed since): vae" in (pooled / "study.md").read_text()
+    older = {k: v for k, v in first.items() if k != "commands"} | {"command": "python -m fasthvae.study x"}
+    (tmp_path / "older.json").write_text(json.dumps(older))  # a table from before "commands"
+    assert study(data, pooled, "--report-only", "--import-table", str(tmp_path / "older.json")) == 0
+    assert "from the table of `python -m fasthvae.study x`: vae seed 0" in (pooled / "study.md").read_text()
     (tmp_path / "other.json").write_text(json.dumps(first | {"protocol": first["protocol"] | {"lr": 1.0}}))
     assert study(data, pooled, "--report-only", "--import-table", str(tmp_path / "other.json")) == 2
 

@@ -106,7 +106,8 @@ class Study:
         select_rows(self.rows)  # unknown names fail before anything runs
         self.protocol = {k: getattr(args, k) for k in PROTOCOL_FIELDS}
         self.shared = self.protocol | {k: getattr(args, k) for k in RUNTIME_FIELDS}
-        self.all_rows, self.all_seeds, self.command = self.rows, args.seeds, command
+        self.asked = {row: list(args.seeds) for row in self.rows}
+        self.all_runs, self.commands = self.asked, [command]
         self.machines: list[str] | None = None
         if args.report_only:
             record = read_protocol(self.out)
@@ -115,7 +116,7 @@ class Study:
             record = check_protocol(self.out, self.protocol, self.rows, args.seeds, command)
         else:
             return
-        self.all_rows, self.all_seeds, self.command = record["rows"], record["seeds"], record["command"]
+        self.all_runs, self.commands = record["runs"], record["commands"]
         self.machines = record.get("machines")
 
     def report(self, pictures: bool = True) -> list:
@@ -123,13 +124,13 @@ class Study:
         the runs of --import-table that --out has not finished."""
         if not self.dist.is_main:
             return []
-        runs, notes, machines = plan(self.out, self.all_rows, self.all_seeds), [], self.machines
+        runs, notes, machines = plan(self.out, self.all_runs), [], self.machines
         if self.args.import_table is not None:
             imported, left_out, elsewhere = import_table(self.args.import_table, self.protocol)
             runs = pool(runs, imported)
             machines = [*(machines or []), *(m for m in elsewhere if m and m not in (machines or []))]
             notes = [f"Not imported (its row has changed since): {', '.join(left_out)}."] if left_out else []
-        claims = write_tables(self.out, runs, self.protocol, self.command, machines, notes)
+        claims = write_tables(self.out, runs, self.protocol, self.commands, machines, notes)
         if pictures:
             plots.save_curves(runs, self.out / "study.png")
             test = load_dataset(self.protocol["data"], root=self.args.data_root).test.images
@@ -137,7 +138,7 @@ class Study:
         return claims
 
     def run(self) -> int:
-        runs = plan(self.out, self.rows, self.args.seeds)
+        runs = plan(self.out, self.asked)
         todo = [r for r in runs if r.status != "done"]
 
         def epochs(run: Run) -> int:

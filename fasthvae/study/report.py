@@ -113,7 +113,7 @@ def _imported(runs: list[Run]) -> list[str]:
 
 
 def markdown(
-    runs: list[Run], protocol: dict, command: str, claims: list[Claim], machines: str, notes: list[str]
+    runs: list[Run], protocol: dict, commands: list[str], claims: list[Claim], machines: str, notes: list[str]
 ) -> str:
     rows = aggregate(runs)
     base = rows.get(BASELINE)
@@ -121,7 +121,7 @@ def markdown(
     lines = [
         "# The study, reproduced with fasthvae",
         "",
-        f"Command: `{command}`  ",
+        *(f"Command: `{command}`  " for command in commands),
         f"Machine: {machines}  ",
         *_imported(runs),
         *(f"{note}  " for note in notes),
@@ -228,10 +228,10 @@ def to_csv(runs: list[Run]) -> str:
     return buf.getvalue()
 
 
-def to_json(runs: list[Run], protocol: dict, command: str, claims: list[Claim], machines: str) -> str:
+def to_json(runs: list[Run], protocol: dict, commands: list[str], claims: list[Claim], machines: str) -> str:
     rows = aggregate(runs)
     record = {
-        "command": command,
+        "commands": commands,
         "machine": machines,
         "protocol": protocol,
         "rows": {
@@ -258,7 +258,7 @@ def write_tables(
     out: Path,
     runs: list[Run],
     protocol: dict,
-    command: str,
+    commands: list[str],
     machines: list[str] | None = None,
     notes: list[str] = (),
 ) -> list[Claim]:
@@ -266,7 +266,7 @@ def write_tables(
     that trained the runs (protocol.json records them), else this one; ``notes``: lines for study.md."""
     claims = evaluate_claims(claim_values(runs))
     trained_on = "; ".join(machines or [machine()])
-    write_text_atomic(markdown(runs, protocol, command, claims, trained_on, list(notes)), out / "study.md")
+    write_text_atomic(markdown(runs, protocol, commands, claims, trained_on, list(notes)), out / "study.md")
     write_text_atomic(to_csv(runs), out / "study.csv")
-    write_text_atomic(to_json(runs, protocol, command, claims, trained_on), out / "study.json")
+    write_text_atomic(to_json(runs, protocol, commands, claims, trained_on), out / "study.json")
     return claims

@@ -3,7 +3,8 @@
 Each run lives in ``OUT/<row>/seed<k>/`` and is an ordinary trainer run folder. A run with a
 ``summary.json`` is finished and skipped; one with a checkpoint is resumed (mid-row); a run that
 raises is recorded in its ``error.txt`` and the others still run. ``OUT/protocol.json`` pins the
-protocol: rerunning with a different one is refused, while rows and seeds may be added.
+protocol: rerunning with a different one is refused, while rows and seeds may be added (it keeps
+the seeds asked of each row and every command that added runs).
 """
 
 import contextlib
@@ -104,7 +105,7 @@ def import_table(path: Path, protocol: dict) -> tuple[list[Run], list[str], list
         for r in entry["runs"]:
             if r["status"] == "done":
                 measured = {k: v for k, v in r.items() if k not in RUN_FIELDS}
-                source = r.get("imported_from", record["command"])
+                source = r.get("imported_from", " && ".join(record.get("commands") or [record["command"]]))
                 folder = Path(path).parent
                 runs.append(Run(ROWS[name], r["seed"], folder, "done", measured=measured, source=source))
     return runs, left_out, [record["machine"]] if record.get("machine") else []
@@ -121,11 +122,18 @@ def pool(own: list[Run], imported: list[Run]) -> list[Run]:
 
 
 def read_protocol(out: Path) -> dict:
-    """``OUT/protocol.json``: the protocol, rows, seeds and first command of the study in ``out``."""
+    """``OUT/protocol.json``: the protocol of the study in ``out``, the seeds asked of each row
+    (``runs``), every command that added runs (``commands``, in order) and the training machines.
+    A record from before ``runs`` asked every seed of every row and kept only its first command."""
     path = out / "protocol.json"
     if not path.is_file():
         raise StudyError(f"{out} holds no study (no protocol.json)")
-    return json.loads(path.read_text())
+    record = json.loads(path.read_text())
+    if "runs" not in record:
+        seeds = record.pop("seeds")
+        record["runs"] = {row: list(seeds) for row in record.pop("rows")}
+        record["commands"] = [record.pop("command")]
+    return record
 
 
 @contextlib.contextmanager
@@ -149,10 +157,10 @@ def study_lock(out: Path) -> Iterator[None]:
 
 
 def check_protocol(out: Path, protocol: dict, rows: list[str], seeds: list[int], command: str) -> dict:
-    """Write ``OUT/protocol.json``, or check it against ``protocol`` and add rows, seeds and this
-    machine (the one that trains now) to it."""
+    """Write ``OUT/protocol.json``, or check it against ``protocol`` and add these rows' seeds, this
+    command and this machine (the one that trains now) to it."""
     path = out / "protocol.json"
-    record = {"protocol": protocol, "rows": [], "seeds": [], "command": command}
+    record = {"protocol": protocol, "runs": {}, "commands": []}
     if path.is_file():
         record = read_protocol(out)
         before = record["protocol"]
@@ -165,8 +173,9 @@ def check_protocol(out: Path, protocol: dict, rows: list[str], seeds: list[int],
                 f"{out} holds a study with another protocol ({listed}); rerun with its settings to "
                 "resume it, or pick another --out"
             )
-    record["rows"] += [r for r in rows if r not in record["rows"]]
-    record["seeds"] = sorted(set(record["seeds"]) | set(seeds))
+    for row in rows:
+        record["runs"][row] = sorted(set(record["runs"].get(row, [])) | set(seeds))
+    record["commands"] += [command] if command not in record["commands"] else []
     record["machines"] = [*(m for m in record.get("machines", []) if m != machine()), machine()]
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(json.dumps(record, indent=2) + "\n", path)
@@ -223,6 +232,9 @@ def train_run(
     return read_run(out, row, seed)
 
 
-def plan(out: Path, rows: list[str], seeds: list[int]) -> list[Run]:
-    """Every (row, seed) asked for, seed-major (all rows of seed 0 first), with its state."""
-    return [read_run(out, row, seed) for seed in seeds for row in select_rows(rows)]
+def plan(out: Path, asked: dict[str, list[int]]) -> list[Run]:
+    """Every (row, seed) asked for (``asked[row]``: that row's seeds), seed-major (the rows of the
+    lowest seed first), with its state."""
+    seeds = sorted({seed for row_seeds in asked.values() for seed in row_seeds})
+    rows = select_rows(list(asked))
+    return [read_run(out, row, seed) for seed in seeds for row in rows if seed in asked[row.name]]
