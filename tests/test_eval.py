@@ -193,6 +193,15 @@ def test_eval_command(tmp_path, capsys, monkeypatch):
     assert result["test"]["images"] == 40 and "neg_iw_bound_k2_bits_per_dim" in result["test"]
     assert [f["temperature"] for f in result["fid"]] == [0.7, 1.0]
     assert "fid (T=0.7, n=50)" in capsys.readouterr().out
+    again = ["--fid-samples", "50", "--fid-extractor", TINY, "--iw-samples", "2", "--limit-test", "40"]
+    assert eval_cli.main([str(run), *again]) == 0
+    first = json.loads((run / "eval.json").read_text())
+    assert eval_cli.main([str(run), *again]) == 0
+    assert json.loads((run / "eval.json").read_text()) == first, "the same seed gives the same numbers"
+    assert eval_cli.main([str(run), *again, "--seed", "1"]) == 0
+    other = json.loads((run / "eval.json").read_text())
+    assert other["seed"] == 1 and other["fid"][0]["fid"] != first["fid"][0]["fid"]
+    assert other["test"]["neg_iw_bound_k2"] != first["test"]["neg_iw_bound_k2"], "other draws"
     (tmp_path / "bad.pt").write_bytes(b"junk")
     assert eval_cli.main([str(tmp_path / "bad.pt"), "--fid-samples", "0"]) == 2
 

@@ -1,11 +1,14 @@
 """Evaluate a trained run: test reconstruction, KLs, ELBO, IW bound, bits/dim and FID.
 
     python -m fasthvae.eval RUN_DIR_OR_CHECKPOINT [--fid-samples 10000] [--fid-ref test|train]
-        [--fid-weights PATH] [--temperature 1.0 [0.8 ...]] [--iw-samples K] [--batch-size N]
+        [--fid-weights PATH] [--temperature 1.0 [0.8 ...]] [--iw-samples K] [--batch-size N] [--seed S]
 
 Prints a table and writes eval.json next to the checkpoint. Several --temperature values give an
-FID-vs-temperature sweep. --fid-extractor fasthvae-tiny runs the FID path with a tiny extractor
-(seconds; numbers not comparable with Inception FIDs).
+FID-vs-temperature sweep. --seed fixes the random draws (the test pass's posterior samples, and
+each temperature's samples, drawn afresh from the seed): the same seed gives the same numbers on
+the same machine; other seeds show how far the figures move with the draws. --fid-extractor
+fasthvae-tiny runs the FID path with a tiny extractor (seconds; numbers not comparable with
+Inception FIDs).
 """
 
 import argparse
@@ -54,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit-test", type=int, default=None)
     p.add_argument("--data", default=None, help="default: the data the run trained on")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for sampling and the test pass")
+    p.add_argument("--seed", type=int, default=0, help="seeds the test pass and each temperature's samples")
     p.add_argument(
         "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
     )
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         data = args.data or config["data"]
         test = load_dataset(data, root=config["data_root"]).test.limit(args.limit_test)
         amp_dtype, _ = choose_amp_dtype(args.amp, "bf16", device)
+        torch.manual_seed(args.seed)
         metrics = evaluate_model(
             model,
             image_batches(test.images, device, args.batch_size),
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DataError) as err:
         print(f"fasthvae.eval: error: {err}", file=sys.stderr)
         return 2
-    result = {"checkpoint": str(checkpoint), "test": metrics}
+    result = {"checkpoint": str(checkpoint), "seed": args.seed, "test": metrics}
     out = checkpoint.parent / "eval.json"
     write_text_atomic(json.dumps(result, indent=2) + "\n", out)  # kept whatever happens to FID
     code = 0
@@ -82,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             reference, name = reference_images(args.fid_ref, data, config["data_root"])
             for temperature in args.temperature:
+                torch.manual_seed(args.seed)
                 samples = generate(model, args.fid_samples, temperature, args.batch_size, amp_dtype)
                 fid = fid_against(
                     samples,
