@@ -5,8 +5,9 @@
 
 Prints a table and writes eval.json next to the checkpoint. Several --temperature values give an
 FID-vs-temperature sweep. --seed fixes the random draws (the test pass's posterior samples, and
-each temperature's samples, drawn afresh from the seed): the same seed gives the same numbers on
-the same machine; other seeds show how far the figures move with the draws. --fid-extractor
+each temperature's samples, drawn afresh from the seed): on CPU the same seed gives the same
+numbers (tested; GPU kernels need not be deterministic); other seeds show how far the figures move
+with the draws. --fid-extractor
 fasthvae-tiny runs the FID path with a tiny extractor (seconds; numbers not comparable with
 Inception FIDs).
 """
