@@ -26,6 +26,10 @@ With t the (stretched) epoch and E = 100 the end of the schedule:
                 the finest follows alpha, and each level between ramps later, peaks later and ends
                 lower. With L = 2 (the HVAE: z2, then z1) ``staggered`` is ``alpha-beta``.
 
+The learning rate has a schedule of its own (``lr_factor``), over the same stretched length:
+``constant`` keeps ``--lr``; ``cosine`` multiplies it by (1 + cos(pi * epoch / total_epochs)) / 2,
+from 1 at the start to 0 at the end (annealing to zero suits a run whose length is fixed in advance).
+
 Models weight their KLs by level (:meth:`Schedule.level_weights`): the VAE has one level, the HVAE
 two (z2 on top, z1 below), the deep model one per resolution. ``beta`` puts beta on every level;
 ``alpha-beta`` puts beta on the top level and alpha on every level below it. For the VAE, whose
@@ -36,6 +40,7 @@ import math
 from dataclasses import dataclass
 
 SCHEDULES = ("constant", "beta", "alpha-beta", "staggered")
+LR_SCHEDULES = ("constant", "cosine")
 REFERENCE_EPOCHS = 100
 BETA_RAMP_END, BETA_HOLD_END, BETA_FLOOR = 20.0, 30.0, 0.4
 ALPHA_RAMP_START, ALPHA_PEAK, ALPHA_FLOOR = 10.0, 40.0, 0.25
@@ -108,3 +113,14 @@ class Schedule:
         if self.name == "alpha-beta":
             return [beta_curve(t)] + [alpha_curve(t)] * (levels - 1)
         return [staggered_curve(t, level / max(levels - 1, 1)) for level in range(levels)]
+
+
+def lr_factor(name: str, epoch: float, total_epochs: float) -> float:
+    """The factor on ``--lr`` at a fractional epoch of a ``total_epochs`` schedule (module doc);
+    ``cosine`` stays at 0 after the end."""
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {name!r}; choose one of {', '.join(LR_SCHEDULES)}")
+    if name == "constant":
+        return 1.0
+    progress = min(max(epoch / total_epochs, 0.0), 1.0)
+    return (1 + math.cos(math.pi * progress)) / 2

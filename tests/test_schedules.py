@@ -2,7 +2,7 @@
 
 import pytest
 
-from fasthvae.schedules import Schedule
+from fasthvae.schedules import Schedule, lr_factor
 
 APPROX = pytest.approx
 
@@ -83,3 +83,16 @@ def test_level_weights_of_each_schedule():
     assert Schedule("alpha-beta").level_weights(20, 3) == [APPROX(1.0), APPROX(1 / 3), APPROX(1 / 3)]
     with pytest.raises(ValueError, match="levels"):
         Schedule("beta").level_weights(1, 0)
+
+
+@pytest.mark.parametrize(
+    ("epoch", "factor"), [(0, 1.0), (2.5, 0.853553), (5, 0.5), (7.5, 0.146447), (10, 0.0), (12, 0.0)]
+)
+def test_cosine_learning_rate_falls_from_one_to_zero_over_the_run(epoch, factor):
+    assert lr_factor("cosine", epoch, total_epochs=10) == APPROX(factor, abs=1e-6)
+    assert lr_factor("constant", epoch, total_epochs=10) == 1.0
+
+
+def test_unknown_learning_rate_schedule():
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'linear'"):
+        lr_factor("linear", 1.0, 10)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -109,6 +110,7 @@ def run_process(*argv: str, code: str | None = None) -> subprocess.CompletedProc
 def test_resume_equals_an_uninterrupted_run(data, tmp_path):
     common = ["--data", data, "--epochs", "2", *SMALL, "--limit-train", "96", "--no-compile", "--seed", "3"]
     common += ["--loader", "torch"]  # worker processes with their own RNGs: the harder case
+    common += ["--lr-schedule", "cosine"]  # the learning rate too resumes where it was
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_process(*common, "--out", str(straight)).returncode == 0
     killed = run_process(*common, "--out", str(split), code=KILL_AFTER_FIRST_CHECKPOINT)
@@ -228,6 +230,21 @@ def test_resume_keeps_the_runs_epochs_unless_extended(data, tmp_path, capsys):
     assert {(r["alpha"], r["beta"]) for r in rows[1:]} == {("0.25", "0.4")}
     assert train.main([*base, "--resume", "--epochs", "2"]) == 2
     assert "below the 3 epochs" in capsys.readouterr().err
+
+
+def test_cosine_learning_rate_per_step_and_its_end(data, tmp_path, capsys):
+    base = ["--data", data, "--out", str(tmp_path), *SMALL, "--limit-train", "64", "--no-compile"]
+    assert train.main([*base, "--epochs", "2", "--lr", "0.002", "--lr-schedule", "cosine"]) == 0
+    rows = read_metrics(tmp_path)  # 2 steps an epoch; each epoch's row has its last step's rate
+    assert [float(r["lr"]) for r in rows] == pytest.approx(
+        [0.002 * (1 + math.cos(math.pi * t / 2)) / 2 for t in (0.5, 1.5)]
+    )
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(float(rows[-1]["lr"]))
+    assert train.main([*base, "--resume", "--epochs", "3"]) == 2  # epoch 3 would train at lr 0
+    assert "goes past the cosine learning rate's end (epoch 2)" in capsys.readouterr().err
+    assert train.main([*base, "--overwrite", "--epochs", "1"]) == 0  # constant: the rate stays
+    assert [float(r["lr"]) for r in read_metrics(tmp_path)] == [0.001]
 
 
 def test_discretized_likelihood_reports_bits_per_dim(data, tmp_path):

@@ -20,7 +20,7 @@ from fasthvae.data import LOADERS
 from fasthvae.eval.fid import INCEPTION, TINY
 from fasthvae.likelihoods import LIKELIHOODS
 from fasthvae.models import MODELS, PRESETS, deep_spec
-from fasthvae.schedules import REFERENCE_EPOCHS, SCHEDULES
+from fasthvae.schedules import LR_SCHEDULES, REFERENCE_EPOCHS, SCHEDULES
 from fasthvae.training.grad_skip import SKIP_PATIENCE
 
 RESUME_RULES = ("keep", "epochs", "change")
@@ -86,6 +86,12 @@ class TrainConfig:
     )
     batch_size: int = option(128, "per process", on_resume="keep")
     lr: float = option(1e-3, "AdamW learning rate", on_resume="keep")
+    lr_schedule: str = option(
+        "constant",
+        "constant, or cosine: from --lr down to 0 over the epochs the KL schedule is stretched to",
+        on_resume="keep",
+        choices=LR_SCHEDULES,
+    )
     weight_decay: float = option(0.0, "AdamW weight decay", on_resume="keep")
     grad_clip: float = option(100.0, "max gradient norm (0: no clipping)", on_resume="keep")
     amp: bool = option(False, "mixed precision (autocast)", on_resume="keep")
@@ -275,6 +281,12 @@ def merge_resumed(config: TrainConfig, saved: dict, given: set[str]) -> TrainCon
         if config.epochs < saved["epoch"]:
             raise TrainingError(
                 f"--epochs {config.epochs} is below the {saved['epoch']} epochs the checkpoint has done"
+            )
+        if merged["lr_schedule"] == "cosine" and config.epochs > merged["schedule_epochs"]:
+            raise TrainingError(
+                f"--epochs {config.epochs} goes past the cosine learning rate's end (epoch "
+                f"{merged['schedule_epochs']}), where it is 0: the added epochs would not train; start "
+                f"a new run (another --out) with --epochs {config.epochs}"
             )
         merged["epochs"] = config.epochs
         print(

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fasthvae.data import BatchLoader
-from fasthvae.schedules import Schedule
+from fasthvae.schedules import Schedule, lr_factor
 from fasthvae.training import forensics
 from fasthvae.training.config import TrainConfig, TrainingError
 from fasthvae.training.distributed import DistInfo, all_reduce_sum
@@ -152,6 +152,10 @@ class EpochRun:
         sums = p.sums.to(device)
         weights = [self.schedule.level_weights(state.epoch + i / n_batches, levels) for i in range(n_batches)]
         weights_table = torch.tensor(weights, device=device)  # one copy per epoch
+        lr_name, total = self.config.lr_schedule, self.schedule.total_epochs
+        lrs = [
+            self.config.lr * lr_factor(lr_name, state.epoch + i / n_batches, total) for i in range(n_batches)
+        ]
         self.loader.set_epoch(state.epoch, start_batch=p.batch)
         self.start, self.first = time.perf_counter() - p.seconds, p.batch
         self.bar = tqdm(
@@ -163,6 +167,8 @@ class EpochRun:
             dynamic_ncols=True,
         )
         for i, (x, _) in enumerate(self.loader, start=p.batch):
+            for group in state.optimizer.param_groups:
+                group["lr"] = lrs[i]
             result = self.stepper(x, weights_table[i])
             state.step += 1
             taken = result.taken
@@ -233,7 +239,8 @@ class EpochRun:
 def epoch_row(
     state: TrainState, schedule: Schedule, names: list[str], sums: torch.Tensor, seconds: float
 ) -> dict:
-    """The epoch's line of metrics.csv: per-image means of the taken steps, weights, speed, skips."""
+    """The epoch's line of metrics.csv: per-image means of the taken steps, weights, learning rate,
+    speed, skips."""
     levels = state.model.num_levels
     images, skipped = float(sums[-2]), int(sums[-1])
     row: dict = {"epoch": state.epoch + 1}
@@ -242,6 +249,7 @@ def epoch_row(
     row.update({"alpha": weights[-1], "beta": weights[0]})  # the finest and the top level
     if levels > 2:
         row.update({f"weight_level{level}": w for level, w in enumerate(weights)})
+    row["lr"] = state.optimizer.param_groups[0]["lr"]  # the epoch's last step's
     row.update({"images_per_s": images / seconds, "seconds": seconds, "skipped_steps": skipped})
     return row
 
