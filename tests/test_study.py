@@ -234,7 +234,9 @@ def test_a_row_with_a_time_budget_trains_for_its_budget_rows_time(data, tmp_path
     tiny_deep = {"model": "deep", "schedule": "staggered", "layout": "1x1,32x1", "width": 8, "zdim": 2}
     tiny_deep |= {"likelihood": "mixture"}  # its own likelihood, like the real deep row
     monkeypatch.setitem(
-        ROWS, "deep-tiny", Row("deep-tiny", "tiny deep", tiny_deep | {"epochs": 6}, budget_row="vae")
+        ROWS,
+        "deep-tiny",
+        Row("deep-tiny", "tiny deep", tiny_deep | {"epochs": 6, "schedule_epochs": 4}, budget_row="vae"),
     )
     out = tmp_path / "study"
     assert study(data, out, "--rows", "deep-tiny") == 1, "without the budget row's run it cannot start"
@@ -257,7 +259,11 @@ def test_a_row_with_a_time_budget_trains_for_its_budget_rows_time(data, tmp_path
     assert config["time_limit"] == pytest.approx(2 * (seconds[0] + seconds[1]) / 2 / 60)  # 2 x median
     summary = json.loads((deep / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["stopped_by_time_limit"], "a third epoch would pass 100%"
-    assert "up to 6 epochs" in (out / "study.md").read_text()
+    assert config["schedule_epochs"] == 4
+    assert (
+        "up to 6 epochs (the schedule stretched to the first 4, its final weights held after)"
+        in (out / "study.md").read_text()
+    )
     assert "Its -ELBO is of the 8-bit images under the mixture likelihood" in (out / "study.md").read_text()
     assert "Bits/dim (-ELBO), tiny deep:" in (out / "study.md").read_text()
     assert "seed 0: 2 epochs in" in (out / "study.md").read_text()

@@ -195,9 +195,15 @@ def markdown(
                 if own.get("likelihood", protocol["likelihood"]) != protocol["likelihood"]
                 else ""
             )
+            held = row.config.get("schedule_epochs")
+            stretch = (
+                f"stretched to the first {held}, its final weights held after"
+                if held
+                else "stretched to them"
+            )
             lines.append(
                 f"{row.label}: {overrides}up to {row.epochs(protocol['epochs'])} epochs (the schedule "
-                f"stretched to them){budget}; trained: {trained or 'none yet'}.{own_likelihood}"
+                f"{stretch}){budget}; trained: {trained or 'none yet'}.{own_likelihood}"
             )
     bpd = [e for e in rows.values() if "neg_elbo_bits_per_dim" in e["metrics"]]
     lines += [""]
