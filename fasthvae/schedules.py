@@ -28,7 +28,7 @@ With t the (stretched) epoch and E = 100 the end of the schedule:
 
 The learning rate has a schedule of its own (``lr_factor``), over the same stretched length:
 ``constant`` keeps ``--lr``; ``cosine`` multiplies it by (1 + cos(pi * epoch / total_epochs)) / 2,
-from 1 at the start to 0 at the end (annealing to zero suits a run whose length is fixed in advance).
+from 1 at the start to 0 at the end (a usual recipe for a run whose length is fixed in advance).
 
 Models weight their KLs by level (:meth:`Schedule.level_weights`): the VAE has one level, the HVAE
 two (z2 on top, z1 below), the deep model one per resolution. ``beta`` puts beta on every level;
