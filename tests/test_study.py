@@ -63,6 +63,10 @@ def test_claims_use_the_mean_over_seeds_and_report_the_spread():
     }
     claim = evaluate_claims(values)[0]
     assert claim.holds is True and "-3.0%" in claim.detail and "seeds: -10.0%, +4.0%" in claim.detail
+    small = {"vae": values["vae"], "hvae-alpha-beta": {s: {"recon_bce": 99.96, "fid": 60.0} for s in (0, 1)}}
+    assert "-0.040% (seeds: -0.040%, -0.040%; sd 0.0%)" in evaluate_claims(small)[0].detail, (
+        "a margin under 0.05% is not printed as -0.0%"
+    )
     missing = evaluate_claims({"vae": values["vae"]})
     assert [c.holds for c in missing] == [None, None, None]
 

@@ -32,11 +32,17 @@ def _paired(values: dict[str, dict[int, dict]], a: str, b: str, metric: str) -> 
     return out
 
 
+def _percent(x: float, sign: str = "+") -> str:
+    """``x`` as a percentage, one decimal; three where one would round a nonzero margin to 0.0%."""
+    return f"{x:{sign}.1%}" if x == 0 or abs(x) >= 0.0005 else f"{x:{sign}.3%}"
+
+
 def _spread(diffs: list[float]) -> str:
     mean = statistics.fmean(diffs)
     if len(diffs) == 1:
-        return f"{mean:+.1%} (1 seed)"
-    return f"{mean:+.1%} (seeds: {', '.join(f'{d:+.1%}' for d in diffs)}; sd {statistics.stdev(diffs):.1%})"
+        return f"{_percent(mean)} (1 seed)"
+    seeds = ", ".join(_percent(d) for d in diffs)
+    return f"{_percent(mean)} (seeds: {seeds}; sd {_percent(statistics.stdev(diffs), '')})"
 
 
 def _claim(name: str, text: str, sign: int, comparisons: dict[str, list[float]]) -> Claim:
