@@ -29,6 +29,7 @@ With t the (stretched) epoch and E = 100 the end of the schedule:
 The learning rate has a schedule of its own (``lr_factor``), over the same stretched length:
 ``constant`` keeps ``--lr``; ``cosine`` multiplies it by (1 + cos(pi * epoch / total_epochs)) / 2,
 from 1 at the start to 0 at the end (a usual recipe for a run whose length is fixed in advance).
+A warm-up of W epochs (``--lr-warmup``) multiplies either by min(1, epoch / W): a linear ramp from 0.
 
 Models weight their KLs by level (:meth:`Schedule.level_weights`): the VAE has one level, the HVAE
 two (z2 on top, z1 below), the deep model one per resolution. ``beta`` puts beta on every level;
@@ -115,12 +116,13 @@ class Schedule:
         return [staggered_curve(t, level / max(levels - 1, 1)) for level in range(levels)]
 
 
-def lr_factor(name: str, epoch: float, total_epochs: float) -> float:
-    """The factor on ``--lr`` at a fractional epoch of a ``total_epochs`` schedule (module doc);
-    ``cosine`` stays at 0 after the end."""
+def lr_factor(name: str, epoch: float, total_epochs: float, warmup: float = 0.0) -> float:
+    """The factor on ``--lr`` at a fractional epoch of a ``total_epochs`` schedule with a linear
+    warm-up over the first ``warmup`` epochs (module doc); ``cosine`` stays at 0 after the end."""
     if name not in LR_SCHEDULES:
         raise ValueError(f"unknown learning-rate schedule {name!r}; choose one of {', '.join(LR_SCHEDULES)}")
+    ramp = min(epoch / warmup, 1.0) if warmup > 0 else 1.0
     if name == "constant":
-        return 1.0
+        return ramp
     progress = min(max(epoch / total_epochs, 0.0), 1.0)
-    return (1 + math.cos(math.pi * progress)) / 2
+    return ramp * (1 + math.cos(math.pi * progress)) / 2

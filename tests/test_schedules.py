@@ -93,6 +93,14 @@ def test_cosine_learning_rate_falls_from_one_to_zero_over_the_run(epoch, factor)
     assert lr_factor("constant", epoch, total_epochs=10) == 1.0
 
 
+@pytest.mark.parametrize(("epoch", "ramp"), [(0, 0.0), (0.5, 0.25), (1, 0.5), (2, 1.0), (6, 1.0)])
+def test_learning_rate_warm_up_ramps_either_schedule_from_zero(epoch, ramp):
+    assert lr_factor("constant", epoch, total_epochs=10, warmup=2) == APPROX(ramp)
+    assert lr_factor("cosine", epoch, total_epochs=10, warmup=2) == APPROX(
+        ramp * lr_factor("cosine", epoch, 10)
+    )
+
+
 def test_unknown_learning_rate_schedule():
     with pytest.raises(ValueError, match="unknown learning-rate schedule 'linear'"):
         lr_factor("linear", 1.0, 10)

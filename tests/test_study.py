@@ -9,9 +9,10 @@ import torch
 from fasthvae import train
 from fasthvae.env import machine
 from fasthvae.study import __main__ as study_cli
+from fasthvae.study import plots
 from fasthvae.study.claims import evaluate_claims
 from fasthvae.study.rows import ROWS, Row, register_row, select_rows
-from fasthvae.study.runner import read_protocol
+from fasthvae.study.runner import Run, read_protocol
 from fasthvae.training.checkpoint import load_checkpoint
 
 TINY_STUDY = [
@@ -175,6 +176,20 @@ def test_study_end_to_end_resumes_and_reports_failures(data, tmp_path, monkeypat
     finally:
         torch.set_num_threads(threads)
     assert (out / "samples.png").is_file() and undated(out / "study.md") == table
+
+
+def test_bits_per_dim_picture_only_for_runs_that_measured_it_each_epoch(tmp_path):
+    epochs = [
+        {"epoch": 1.0, "seconds": 300.0, "test_bits_per_dim": 5.1},
+        {"epoch": 2.0, "seconds": 290.0, "test_bits_per_dim": 4.9},
+    ]
+    without = Run(ROWS["vae"], 0, tmp_path, history=[{"epoch": 1.0, "seconds": 60.0}])
+    assert not plots.save_bits_per_dim([without], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+    assert plots.save_bits_per_dim(
+        [without, Run(ROWS["deep"], 0, tmp_path, history=epochs)], tmp_path / "b.png", 4.0
+    )
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def undated(path) -> list[str]:

@@ -22,7 +22,7 @@ from fasthvae.data import LOADERS, load_dataset
 from fasthvae.eval.fid import INCEPTION, TINY
 from fasthvae.study import plots
 from fasthvae.study.report import write_tables
-from fasthvae.study.rows import ROWS, STUDY_ROWS, select_rows
+from fasthvae.study.rows import BITS_PER_DIM_TARGET, ROWS, STUDY_ROWS, select_rows
 from fasthvae.study.runner import (
     PROTOCOL_FIELDS,
     RUNTIME_FIELDS,
@@ -133,6 +133,7 @@ class Study:
         claims = write_tables(self.out, runs, self.protocol, self.commands, machines, notes)
         if pictures:
             plots.save_curves(runs, self.out / "study.png")
+            plots.save_bits_per_dim(runs, self.out / "bits_per_dim.png", target=BITS_PER_DIM_TARGET)
             test = load_dataset(self.protocol["data"], root=self.args.data_root).test.images
             plots.save_samples(runs, test, self.out / "samples.png")
         return claims

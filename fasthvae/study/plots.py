@@ -1,5 +1,6 @@
-"""The study's pictures: study.png (every row's curves on shared axes, the schedules underneath)
-and samples.png (per row a strip of samples and a strip of reconstructions of the same inputs)."""
+"""The study's pictures: study.png (every row's curves on shared axes, the schedules underneath),
+samples.png (per row a strip of samples and a strip of reconstructions of the same inputs) and
+bits_per_dim.png (test bits/dim against training time, for the runs that measured it each epoch)."""
 
 from pathlib import Path
 
@@ -65,6 +66,37 @@ def save_curves(runs: list[Run], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save_bits_per_dim(runs: list[Run], path: Path, target: float | None = None) -> bool:
+    """Test bits/dim after each epoch (``--test-every-epoch``) against training minutes, one line per
+    run, with ``target`` as a dashed line; False (and no file) when no run has such a curve."""
+    curves = [r for r in runs if any("test_bits_per_dim" in e for e in r.history)]
+    if not curves:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors: dict[str, str] = {}
+    for run in curves:
+        color = colors.setdefault(run.row.name, f"C{len(colors)}")
+        minutes = np.cumsum([e["seconds"] for e in run.history]) / 60
+        points = [
+            (m, e["test_bits_per_dim"])
+            for m, e in zip(minutes, run.history, strict=True)
+            if "test_bits_per_dim" in e
+        ]
+        ax.plot(*zip(*points, strict=True), "o-", color=color, label=f"{run.row.label}, seed {run.seed}")
+    if target is not None:
+        ax.axhline(target, linestyle="--", color="grey", label=f"target {target}")
+    ax.set_xlabel("training time (minutes, evaluation excluded)")
+    ax.set_ylabel("test bits/dim (-ELBO)")
+    ax.set_title("Bits/dim of the test images measured after each epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 @torch.no_grad()

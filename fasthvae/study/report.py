@@ -18,6 +18,18 @@ from fasthvae.study.rows import BASELINE
 from fasthvae.study.runner import Run
 from fasthvae.training.checkpoint import write_text_atomic
 
+# Row config fields the label, the epochs clause or the curves already say; every other is printed.
+_SHOWN_ELSEWHERE = {
+    "model",
+    "schedule",
+    "preset",
+    "layout",
+    "width",
+    "zdim",
+    "epochs",
+    "schedule_epochs",
+    "test_every_epoch",
+}
 METRICS = ("recon_bce", "recon_mse", "neg_elbo", "neg_elbo_bits_per_dim", "fid")
 
 
@@ -174,7 +186,7 @@ def markdown(
     lines += [""]
     for entry in rows.values():
         row = entry["row"]
-        own = {k: v for k, v in row.config.items() if k in protocol and k != "epochs"}
+        own = {k: v for k, v in row.config.items() if k not in _SHOWN_ELSEWHERE}
         if row.budget_row or "epochs" in row.config or own:
             overrides = "".join(f"{k} {v}, " for k, v in own.items())
             budget = (

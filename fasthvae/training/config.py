@@ -92,6 +92,9 @@ class TrainConfig:
         on_resume="keep",
         choices=LR_SCHEDULES,
     )
+    lr_warmup: float = option(
+        0.0, "epochs of a linear learning-rate warm-up from 0 (0: none)", on_resume="keep"
+    )
     weight_decay: float = option(0.0, "AdamW weight decay", on_resume="keep")
     grad_clip: float = option(100.0, "max gradient norm (0: no clipping)", on_resume="keep")
     amp: bool = option(False, "mixed precision (autocast)", on_resume="keep")
@@ -317,6 +320,7 @@ def validate(config: TrainConfig) -> None:
             raise TrainingError(f"--{name.replace('_', '-')} must be positive, got {value}")
     for name in (
         "lr",
+        "lr_warmup",
         "weight_decay",
         "grad_clip",
         "workers",

@@ -152,9 +152,10 @@ class EpochRun:
         sums = p.sums.to(device)
         weights = [self.schedule.level_weights(state.epoch + i / n_batches, levels) for i in range(n_batches)]
         weights_table = torch.tensor(weights, device=device)  # one copy per epoch
-        lr_name, total = self.config.lr_schedule, self.schedule.total_epochs
+        lr_name, total, warmup = self.config.lr_schedule, self.schedule.total_epochs, self.config.lr_warmup
         lrs = [
-            self.config.lr * lr_factor(lr_name, state.epoch + i / n_batches, total) for i in range(n_batches)
+            self.config.lr * lr_factor(lr_name, state.epoch + i / n_batches, total, warmup)
+            for i in range(n_batches)
         ]
         self.loader.set_epoch(state.epoch, start_batch=p.batch)
         self.start, self.first = time.perf_counter() - p.seconds, p.batch
