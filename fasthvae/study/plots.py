@@ -11,6 +11,7 @@ from torchvision.utils import make_grid
 from fasthvae.data import image_batches
 from fasthvae.eval.runs import load_run
 from fasthvae.study.runner import Run
+from fasthvae.training.plots import training_minutes
 
 
 def _pyplot():
@@ -79,7 +80,7 @@ def save_bits_per_dim(runs: list[Run], path: Path, target: float | None = None) 
     colors: dict[str, str] = {}
     for run in curves:
         color = colors.setdefault(run.row.name, f"C{len(colors)}")
-        minutes = np.cumsum([e["seconds"] for e in run.history]) / 60
+        minutes = training_minutes(run.history)
         points = [
             (m, e["test_bits_per_dim"])
             for m, e in zip(minutes, run.history, strict=True)

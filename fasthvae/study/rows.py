@@ -128,13 +128,13 @@ register_row(
         budget_row="vae",
     )
 )
-# The `deep` row trained for more updates in the same time: batch 32 instead of 128 (143 against 190
-# images/s on the study's CPU, but four times the steps per epoch), a learning rate raised to 3e-3
-# after a linear warm-up over the first 0.1 epoch, and annealed to 0 by a cosine over the 8 epochs
-# that fit in the VAE's time. Screened at seed 0 on the first 2,000 test images (bits/dim after the
-# first epoch at batch 32: lr 1e-3 5.153, 2e-3 5.080, 3e-3 4.909,
-# 5e-3 (warm-up 0.2 epoch) 4.960; the `deep` row: 5.85 after its
-# first epoch, 4.86 after 10); results/study/README.md.
+# The `deep` row trained for more updates in the same time: batch 32 instead of 128 (157-169 against
+# 178-197 images/s after the first epoch on the study's CPU, but four times the steps per epoch), a
+# learning rate raised to 3e-3 after a linear warm-up over the first 0.1 epoch, and annealed to 0 by
+# a cosine over the 8 epochs that fit in the VAE's time. Screened at seed 0 on the first 2,000 test
+# images (bits/dim after the first epoch at batch 32: lr 1e-3 5.153, 2e-3 5.080, 3e-3 4.909, 5e-3
+# with a 0.2-epoch warm-up 4.960; the `deep` row: 5.85 after its first epoch, 4.86 after 10; the
+# cosine was not screened); results/study/README.md.
 register_row(
     Row(
         "deep-fast",

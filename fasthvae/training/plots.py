@@ -1,5 +1,6 @@
 """PNGs a person would rather look at than read: image grids and loss curves."""
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -45,6 +46,11 @@ def save_loss_curves(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def training_minutes(history: list[dict]) -> list[float]:
+    """The training time (minutes, evaluation excluded) at the end of each epoch of ``history``."""
+    return [m / 60 for m in itertools.accumulate(row["seconds"] for row in history)]
+
+
 def save_test_curve(history: list[dict[str, float]], path: Path) -> None:
     """The test -ELBO after each epoch (bits/dim where the likelihood is discrete) against the
     training time so far."""
@@ -54,10 +60,7 @@ def save_test_curve(history: list[dict[str, float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     key = "test_bits_per_dim" if "test_bits_per_dim" in history[0] else "test_neg_elbo"
-    minutes, elapsed = [], 0.0
-    for row in history:
-        elapsed += row["seconds"]
-        minutes.append(elapsed / 60)
+    minutes = training_minutes(history)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(minutes, [row[key] for row in history], "o-")
     for row, x in zip(history, minutes, strict=True):
