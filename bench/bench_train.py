@@ -13,17 +13,24 @@ the fused ops). Compiled variants also report the compile time (the first step's
 timed step's) and dynamo's graph breaks (0: the whole step is one graph, as ``fullgraph=True``
 demands). Writes ``train_<device>_<model>.{csv,md}``.
 
+``--top-ops N`` also writes where each variant's step spends its time: the N entries of the profiled
+window with the most self time (device time on CUDA), per step and as a share of the window, in
+``train_<device>_<model>_top_ops.{csv,md}``. Compiled code is named by its kernels there (on CPU,
+Inductor's ``cpp.enable_kernel_profile`` is switched on for this, which adds a record per kernel).
+
     python bench/bench_train.py [--model hvae|vae|deep] [--preset small] [--batch-size 128]
-                                [--device cpu|cuda]
+                                [--device cpu|cuda] [--top-ops 15]
 """
 
 import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 
 from fasthvae.env import machine
 from fasthvae.ops import use_backend
@@ -51,20 +58,56 @@ def variants(device: str) -> dict[str, tuple[dict, bool]]:
     return table
 
 
+def self_time(device: str) -> str:
+    """The profiler's self-time field that measures ``device``."""
+    return "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+
+
 def ops_share(profile: torch.profiler.profile, device: str) -> float:
     """Share of the profiled self time spent in fasthvae's ops (device time on CUDA)."""
-    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    attr = self_time(device)
     events = profile.key_averages()
     total = sum(getattr(e, attr) for e in events)
     ours = sum(getattr(e, attr) for e in events if e.key.startswith("fasthvae::"))
     return ours / total if total else 0.0
 
 
+def top_entries(profile: torch.profiler.profile, device: str, steps: int, count: int) -> list[dict]:
+    """The ``count`` profiled entries with the most self time: ms and calls per step, share."""
+    attr = self_time(device)
+    events = [e for e in profile.key_averages() if getattr(e, attr) > 0]
+    total = sum(getattr(e, attr) for e in events)
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [
+        {
+            "name": e.key,
+            "self_ms_per_step": round(getattr(e, attr) / 1000 / steps, 3),
+            "share": round(getattr(e, attr) / total, 4),
+            "calls_per_step": round(e.count / steps, 1),
+        }
+        for e in events[:count]
+    ]
+
+
+@dataclass
+class Timing:
+    """One variant's measurements: seconds per timed window, the fused ops' share of a profiled
+    window (None without them), the first step's seconds, dynamo's graph breaks (-1: eager) and
+    the profiled window's top entries (when asked)."""
+
+    windows: list[float]
+    share: float | None
+    first_step: float
+    graph_breaks: int
+    top: list[dict] = field(default_factory=list)
+
+
 def time_variant(
-    config: TrainConfig, fused_ops: bool, warmup: int, steps: int, repeats: int
-) -> tuple[list[float], float | None, float, int]:
-    """Seconds per window of ``steps`` training steps (data loading included), the fused ops' share
-    of a profiled window (None without them), the first step's seconds and dynamo's graph breaks."""
+    config: TrainConfig, fused_ops: bool, warmup: int, steps: int, repeats: int, top_ops: int = 0
+) -> Timing:
+    """Times ``repeats`` windows of ``steps`` training steps (data loading included) after
+    ``warmup`` steps, then profiles one more window when the fused ops' share or ``top_ops``
+    entries are asked for."""
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -96,8 +139,8 @@ def time_variant(
                 trainer.step_fn(next(stream), weights)
             sync()
             windows.append(time.perf_counter() - start)
-        share = None
-        if fused_ops:
+        share, top = None, []
+        if fused_ops or top_ops:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if trainer.rt.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -105,9 +148,10 @@ def time_variant(
                 for _ in range(steps):
                     trainer.step_fn(next(stream), weights)
                 sync()
-            share = ops_share(profile, trainer.rt.device.type)
+            share = ops_share(profile, trainer.rt.device.type) if fused_ops else None
+            top = top_entries(profile, trainer.rt.device.type, steps, top_ops)
         compiled = trainer.rt.compile
-    return windows, share, first_step, graph_breaks if compiled else -1
+    return Timing(windows, share, first_step, graph_breaks if compiled else -1, top)
 
 
 def main() -> None:
@@ -123,12 +167,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="run only these variants")
+    parser.add_argument("--top-ops", type=int, default=0, metavar="N",
+                        help="also write each variant's N entries with the most self time")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the first step compiles)")
+    if args.top_ops < 0:
+        parser.error("--top-ops must be at least 0")
+    if args.top_ops and args.device == "cpu":
+        inductor_config.cpp.enable_kernel_profile = True  # name compiled kernels in the profile
 
-    rows = []
+    rows, top_rows = [], []
     name_suffix = f"_{args.preset}" if args.model == "deep" else ""
     for name, (overrides, fused_ops) in variants(args.device).items():
         if args.only and name not in args.only:
@@ -144,9 +194,9 @@ def main() -> None:
                 out=tmp,
                 **overrides,
             )
-            windows, share, first_step, breaks = time_variant(
-                config, fused_ops, args.warmup, args.steps, args.repeats
-            )
+            timing = time_variant(config, fused_ops, args.warmup, args.steps, args.repeats, args.top_ops)
+        windows, share, breaks = timing.windows, timing.share, timing.graph_breaks
+        top_rows += [{"variant": name, "rank": rank, **entry} for rank, entry in enumerate(timing.top, 1)]
         median = statistics.median(windows)
         rows.append(
             {
@@ -157,7 +207,7 @@ def main() -> None:
                 "step_ms_median": round(1000 * median / args.steps, 2),
                 "images_per_s": round(args.steps * args.batch_size / median, 1),
                 "fused_ops_share": None if share is None else round(share, 4),
-                "compile_s": round(first_step - median / args.steps, 1) if breaks >= 0 else None,
+                "compile_s": round(timing.first_step - median / args.steps, 1) if breaks >= 0 else None,
                 "graph_breaks": breaks if breaks >= 0 else None,
             }
         )
@@ -185,6 +235,27 @@ def main() -> None:
             title=f"Training step, {args.model}{name_suffix}, batch {args.batch_size}, {machine()}",
         )
     )
+    if top_rows:
+        print(
+            write_report(
+                top_rows,
+                args.out / f"train_{args.device}_{args.model}{name_suffix}_top_ops",
+                ["variant", "rank", "entry", "self ms per step", "share of the step", "calls per step"],
+                lambda r: [
+                    r["variant"],
+                    str(r["rank"]),
+                    f"`{r['name'][:90]}`",
+                    str(r["self_ms_per_step"]),
+                    f"{100 * r['share']:.1f}%",
+                    str(r["calls_per_step"]),
+                ],
+                title=f"Where the step's time goes, {args.model}{name_suffix}, batch {args.batch_size}, "
+                f"{machine()}",
+                intro=f"Self time of one profiled window of {args.steps} steps after the timed ones "
+                "(device time on CUDA); the top entries of each variant. Compiled code appears as its "
+                "kernels (`graph_N_cpp_fused_...` on CPU, named by the ops each fuses).",
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ The learning rate has a schedule of its own (``lr_factor``), over the same stret
 from 1 at the start to 0 at the end (a usual recipe for a run whose length is fixed in advance).
 A warm-up of W epochs (``--lr-warmup``) multiplies either by min(1, epoch / W): a linear ramp from 0.
 
+A KL warm-up of W epochs (``--kl-warmup``, NVAE's remedy for groups that collapse early) multiplies
+every level's weight by min(1, epoch / W): a linear ramp from 0, after which the schedule is as above.
+
 Models weight their KLs by level (:meth:`Schedule.level_weights`): the VAE has one level, the HVAE
 two (z2 on top, z1 below), the deep model one per resolution. ``beta`` puts beta on every level;
 ``alpha-beta`` puts beta on the top level and alpha on every level below it. For the VAE, whose
@@ -83,16 +86,20 @@ def alpha_curve(t: float) -> float:
 
 @dataclass(frozen=True)
 class Schedule:
-    """``weights(epoch)`` -> (alpha, beta) at a fractional epoch of a ``total_epochs`` run."""
+    """``weights(epoch)`` -> (alpha, beta) at a fractional epoch of a ``total_epochs`` run, ramped
+    from 0 over the first ``warmup`` epochs (not stretched)."""
 
     name: str
     total_epochs: float = REFERENCE_EPOCHS
+    warmup: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.name!r}; choose one of {', '.join(SCHEDULES)}")
         if self.total_epochs <= 0:
             raise ValueError(f"total_epochs must be positive, got {self.total_epochs}")
+        if not self.warmup >= 0:
+            raise ValueError(f"the KL warm-up must be >= 0 epochs, got {self.warmup}")
 
     def _t(self, epoch: float) -> float:
         return epoch * REFERENCE_EPOCHS / self.total_epochs
@@ -106,6 +113,10 @@ class Schedule:
         """The KL weight of each of ``levels`` levels, the top (coarsest) first."""
         if levels < 1:
             raise ValueError(f"levels must be positive, got {levels}")
+        ramp = min(epoch / self.warmup, 1.0) if self.warmup > 0 else 1.0
+        return [ramp * w for w in self._scheduled(epoch, levels)]
+
+    def _scheduled(self, epoch: float, levels: int) -> list[float]:
         if self.name == "constant":
             return [1.0] * levels
         t = self._t(epoch)

@@ -136,7 +136,9 @@ class Trainer:
         self.state = build_state(self.config, self.rt)
         if saved is not None:
             self.state.restore(saved, self.dist.rank, self.checkpoint_path)
-        self.schedule = Schedule(self.config.schedule, self.config.schedule_epochs or self.config.epochs)
+        self.schedule = Schedule(
+            self.config.schedule, self.config.schedule_epochs or self.config.epochs, self.config.kl_warmup
+        )
         objective: nn.Module = Objective(self.state.model)
         if self.dist.enabled:
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None

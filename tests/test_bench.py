@@ -85,6 +85,12 @@ def test_bench_train(tmp_path, images):
 
 def test_bench_train_deep(tmp_path, images):
     run_bench("bench_train.py", "--model", "deep", "--data", images, "--batch-size", "4", "--warmup", "1",
-              "--steps", "1", "--repeats", "1", "--only", "+fused-ops", "--out", str(tmp_path))  # fmt: skip
+              "--steps", "1", "--repeats", "1", "--only", "+fused-ops", "--top-ops", "3",
+              "--out", str(tmp_path))  # fmt: skip
     rows = read_rows(tmp_path / "train_cpu_deep_small.csv")
     assert rows[0]["model"] == "deep" and 0 < float(rows[0]["fused_ops_share"]) < 1
+    top = read_rows(tmp_path / "train_cpu_deep_small_top_ops.csv")
+    assert [(r["variant"], r["rank"]) for r in top] == [("+fused-ops", str(rank)) for rank in (1, 2, 3)]
+    times = [float(r["self_ms_per_step"]) for r in top]
+    assert times == sorted(times, reverse=True) and times[-1] > 0, "the most self time first"
+    assert 0 < sum(float(r["share"]) for r in top) <= 1

@@ -101,6 +101,15 @@ def test_learning_rate_warm_up_ramps_either_schedule_from_zero(epoch, ramp):
     )
 
 
+@pytest.mark.parametrize("name", ["constant", "beta", "staggered"])
+@pytest.mark.parametrize(("epoch", "ramp"), [(0, 0.0), (0.5, 0.25), (1, 0.5), (2, 1.0), (6, 1.0)])
+def test_kl_warm_up_ramps_every_level_of_any_schedule_from_zero(name, epoch, ramp):
+    warm, plain = Schedule(name, 10, warmup=2), Schedule(name, 10)
+    assert warm.level_weights(epoch, 3) == APPROX([ramp * w for w in plain.level_weights(epoch, 3)])
+    with pytest.raises(ValueError, match="KL warm-up must be >= 0 epochs, got -1"):
+        Schedule(name, 10, warmup=-1)
+
+
 def test_unknown_learning_rate_schedule():
     with pytest.raises(ValueError, match="unknown learning-rate schedule 'linear'"):
         lr_factor("linear", 1.0, 10)

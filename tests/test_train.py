@@ -247,6 +247,13 @@ def test_cosine_learning_rate_per_step_and_its_end(data, tmp_path, capsys):
     assert [float(r["lr"]) for r in read_metrics(tmp_path)] == [0.001]
 
 
+def test_kl_warm_up_reaches_the_steps_weights(data, tmp_path):
+    base = ["--data", data, "--out", str(tmp_path), *SMALL, "--limit-train", "64", "--no-compile"]
+    assert train.main([*base, "--epochs", "2", "--schedule", "constant", "--kl-warmup", "4"]) == 0
+    rows = read_metrics(tmp_path)  # each epoch's row has the weights at its end
+    assert [(float(r["alpha"]), float(r["beta"])) for r in rows] == [(0.25, 0.25), (0.5, 0.5)]
+
+
 def test_discretized_likelihood_reports_bits_per_dim(data, tmp_path):
     summary = run(
         data,

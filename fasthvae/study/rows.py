@@ -134,7 +134,8 @@ register_row(
 # a cosine over the 8 epochs that fit in the VAE's time. Screened at seed 0 on the first 2,000 test
 # images (bits/dim after the first epoch at batch 32: lr 1e-3 5.153, 2e-3 5.080, 3e-3 4.909, 5e-3
 # with a 0.2-epoch warm-up 4.960; the `deep` row: 5.85 after its first epoch, 4.86 after 10; the
-# cosine was not screened); results/study/README.md.
+# cosine was not screened). Measured: 4.420 (seed 0) and 4.513 bits/dim (seed 1: 7 epochs fitted on
+# a slower day, one of its two 16x16 groups collapsed from the first epoch); results/study/README.md.
 register_row(
     Row(
         "deep-fast",

@@ -95,6 +95,9 @@ class TrainConfig:
     lr_warmup: float = option(
         0.0, "epochs of a linear learning-rate warm-up from 0 (0: none)", on_resume="keep"
     )
+    kl_warmup: float = option(
+        0.0, "epochs of a linear warm-up of every KL weight from 0 (0: none)", on_resume="keep"
+    )
     weight_decay: float = option(0.0, "AdamW weight decay", on_resume="keep")
     grad_clip: float = option(100.0, "max gradient norm (0: no clipping)", on_resume="keep")
     amp: bool = option(False, "mixed precision (autocast)", on_resume="keep")
@@ -321,6 +324,7 @@ def validate(config: TrainConfig) -> None:
     for name in (
         "lr",
         "lr_warmup",
+        "kl_warmup",
         "weight_decay",
         "grad_clip",
         "workers",
