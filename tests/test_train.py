@@ -252,6 +252,11 @@ def test_kl_warm_up_reaches_the_steps_weights(data, tmp_path):
     assert train.main([*base, "--epochs", "2", "--schedule", "constant", "--kl-warmup", "4"]) == 0
     rows = read_metrics(tmp_path)  # each epoch's row has the weights at its end
     assert [(float(r["alpha"]), float(r["beta"])) for r in rows] == [(0.25, 0.25), (0.5, 0.5)]
+    # Epoch 1's two steps weigh the KLs by 0 and 0.125 (epochs 0 and 0.5 of a 4-epoch ramp): the
+    # loss carries at most 0.125 of the epoch's mean KL (all of it without the warm-up).
+    first = rows[0]
+    kl = sum(float(v) for k, v in first.items() if k.startswith("kl"))
+    assert kl > 0 and 0 <= float(first["loss"]) - float(first["recon"]) <= 0.125 * kl * (1 + 1e-6)
 
 
 def test_discretized_likelihood_reports_bits_per_dim(data, tmp_path):
