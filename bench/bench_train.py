@@ -195,9 +195,8 @@ def main() -> None:
                 **overrides,
             )
             timing = time_variant(config, fused_ops, args.warmup, args.steps, args.repeats, args.top_ops)
-        windows, share, breaks = timing.windows, timing.share, timing.graph_breaks
         top_rows += [{"variant": name, "rank": rank, **entry} for rank, entry in enumerate(timing.top, 1)]
-        median = statistics.median(windows)
+        median, share, breaks = statistics.median(timing.windows), timing.share, timing.graph_breaks
         rows.append(
             {
                 "variant": name,

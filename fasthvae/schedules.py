@@ -55,6 +55,12 @@ def _cosine_decay(t: float, start: float, end: float, floor: float) -> float:
     return floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2
 
 
+def warm_up(epoch: float, warmup: float) -> float:
+    """min(1, epoch / warmup): the linear ramp from 0 of ``--lr-warmup`` and ``--kl-warmup`` (1
+    throughout when ``warmup`` is 0)."""
+    return min(epoch / warmup, 1.0) if warmup > 0 else 1.0
+
+
 def _lerp(a: float, b: float, f: float) -> float:
     return a + (b - a) * f
 
@@ -113,7 +119,7 @@ class Schedule:
         """The KL weight of each of ``levels`` levels, the top (coarsest) first."""
         if levels < 1:
             raise ValueError(f"levels must be positive, got {levels}")
-        ramp = min(epoch / self.warmup, 1.0) if self.warmup > 0 else 1.0
+        ramp = warm_up(epoch, self.warmup)
         return [ramp * w for w in self._scheduled(epoch, levels)]
 
     def _scheduled(self, epoch: float, levels: int) -> list[float]:
@@ -132,7 +138,7 @@ def lr_factor(name: str, epoch: float, total_epochs: float, warmup: float = 0.0)
     warm-up over the first ``warmup`` epochs (module doc); ``cosine`` stays at 0 after the end."""
     if name not in LR_SCHEDULES:
         raise ValueError(f"unknown learning-rate schedule {name!r}; choose one of {', '.join(LR_SCHEDULES)}")
-    ramp = min(epoch / warmup, 1.0) if warmup > 0 else 1.0
+    ramp = warm_up(epoch, warmup)
     if name == "constant":
         return ramp
     progress = min(max(epoch / total_epochs, 0.0), 1.0)
