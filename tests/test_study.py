@@ -12,8 +12,9 @@ from fasthvae.study import __main__ as study_cli
 from fasthvae.study import plots
 from fasthvae.study.claims import evaluate_claims
 from fasthvae.study.rows import ROWS, Row, register_row, select_rows
-from fasthvae.study.runner import Run, read_protocol
+from fasthvae.study.runner import Run, read_protocol, run_config
 from fasthvae.training.checkpoint import load_checkpoint
+from fasthvae.training.config import validate, with_model_defaults
 
 TINY_STUDY = [
     "--epochs",
@@ -220,6 +221,15 @@ def test_study_refuses_another_protocol_and_unknown_rows(data, tmp_path, capsys)
     assert study(data, tmp_path / "other", "--rows", "vae,gan") == 2
     assert "unknown study row(s) gan" in capsys.readouterr().err
     assert set(ROWS) >= {"vae", "hvae-beta", "hvae-alpha-beta"}
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_every_registered_row_is_a_trainer_config_that_validates(name, tmp_path):
+    row = ROWS[name]
+    budget = 1.0 if row.budget_row else None
+    config = with_model_defaults(run_config(tmp_path, row, 3, {"epochs": 30}, budget))
+    validate(config)
+    assert {k: getattr(config, k) for k in row.config} == row.config and config.seed == 3
 
 
 def test_the_folder_keeps_the_seeds_asked_of_each_row_and_every_command(data, tmp_path, monkeypatch):
