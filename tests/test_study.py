@@ -2,6 +2,7 @@
 
 import fcntl
 import json
+import re
 
 import pytest
 import torch
@@ -308,6 +309,12 @@ def test_a_row_with_a_time_budget_trains_for_its_budget_rows_time(data, tmp_path
         "imported_from": " && ".join(first["commands"])
     }
     assert "Imported (numbers only, no curves or samples)" in (pooled / "study.md").read_text()
+    bare = tmp_path / "bare"  # the pooled study without its run folders: every run imported
+    bare.mkdir()
+    (bare / "protocol.json").write_text((pooled / "protocol.json").read_text())
+    assert study(data, bare, "--report-only", "--import-table", str(pooled / "study.json")) == 0
+    described = (bare / "study.md").read_text()
+    assert re.search(r"trained: seed 0: 2 epochs in \d+\.\d min \(imported\)\.", described), described
     changed = first | {"rows": first["rows"] | {"vae": first["rows"]["vae"] | {"config": {"model": "vae"}}}}
     (tmp_path / "changed.json").write_text(json.dumps(changed))
     report = ("--report-only", "--import-table", str(tmp_path / "changed.json"))

@@ -43,6 +43,7 @@ def run_metrics(run: Run) -> dict[str, float]:
     values = {k: test[k] for k in METRICS if k in test}
     if "fid" in run.summary:
         values["fid"] = run.summary["fid"]["fid"]
+    values["epochs"] = run.summary.get("epochs", len(run.history))
     values["train_seconds"] = run.summary.get("train_seconds", sum(r["seconds"] for r in run.history))
     values["eval_seconds"] = run.summary.get("eval_seconds")
     if run.history:
@@ -97,6 +98,17 @@ def _ratio(value: float | None, base: float | None) -> str:
 
 def _minutes(history: list[dict]) -> float:
     return sum(r["seconds"] for r in history) / 60
+
+
+def _trained(run: Run) -> str | None:
+    """How far a run trained: its epochs and minutes (an imported run's from its table's numbers)."""
+    if run.history:
+        return f"seed {run.seed}: {len(run.history)} epochs in {_minutes(run.history):.1f} min"
+    measured = run.measured or {}
+    if "train_seconds" not in measured:
+        return None
+    epochs = f"{measured['epochs']:.0f} epochs in " if "epochs" in measured else ""
+    return f"seed {run.seed}: {epochs}{measured['train_seconds'] / 60:.1f} min (imported)"
 
 
 def _mean(entry: dict | None, key: str) -> float | None:
@@ -195,11 +207,7 @@ def markdown(
                 if row.budget_row
                 else ""
             )
-            trained = ", ".join(
-                f"seed {r.seed}: {len(r.history)} epochs in {_minutes(r.history):.1f} min"
-                for r in entry["runs"]
-                if r.history
-            )
+            trained = ", ".join(text for text in map(_trained, entry["runs"]) if text)
             own_likelihood = (
                 f" Its -ELBO is of the 8-bit images under the {own['likelihood']} likelihood (bits/dim "
                 f"below), not comparable with the {protocol['likelihood']} rows'; its recon BCE and MSE "
@@ -237,7 +245,7 @@ def markdown(
 
 
 def to_csv(runs: list[Run]) -> str:
-    keys = ["row", "seed", "status", *METRICS, "train_seconds", "eval_seconds", "images_per_s"]
+    keys = ["row", "seed", "status", *METRICS, "epochs", "train_seconds", "eval_seconds", "images_per_s"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys)
     writer.writeheader()
