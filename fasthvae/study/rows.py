@@ -149,7 +149,8 @@ register_row(
 # (`--kl-warmup 1`, NVAE's warm-up), against the collapse of a 16x16 group that cost `deep-fast`'s
 # seed 1 most of its 0.09 bits/dim behind seed 0. Screened on the first 2,000 test images after
 # epochs 1 and 2: seed 1 4.973, 4.747 (`deep-fast` 5.028, 4.841; both 16x16 groups active, one
-# collapsed without it), seed 0 4.921, 4.703 (`deep-fast` 4.978, 4.687).
+# collapsed without it), seed 0 4.921, 4.703 (`deep-fast` 4.978, 4.687). Measured: 4.390 (seed 0)
+# and 4.406 bits/dim (seed 1, no group collapsed), 7 epochs each; results/study/README.md.
 register_row(
     Row(
         "deep-fast-klw",
