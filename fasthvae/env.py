@@ -33,10 +33,21 @@ def cpu_name() -> str:
     return names[0] if names else platform.processor() or platform.machine() or "unknown"
 
 
+def simd_level(flags: set[str]) -> str:
+    """The widest x86 vector level these CPU flags give, as figures differ by it: "AVX-512 + bf16",
+    "AVX-512", "AVX2", or "" (none of them, or not x86)."""
+    if "avx512f" in flags:
+        return "AVX-512 + bf16" if flags & {"avx512_bf16", "amx_bf16"} else "AVX-512"
+    return "AVX2" if "avx2" in flags else ""
+
+
 def machine() -> str:
-    """One line naming the CPU, the threads torch uses, the GPU and torch: what a figure ran on."""
+    """One line naming the CPU, its SIMD level, the threads torch uses, the GPU and torch: what a
+    figure ran on."""
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu_name()} ({torch.get_num_threads()} threads){gpu}; torch {torch.__version__}"
+    simd = simd_level(cpu_flags())
+    cpu = f"{cpu_name()} ({simd + ', ' if simd else ''}{torch.get_num_threads()} threads)"
+    return f"{cpu}{gpu}; torch {torch.__version__}"
 
 
 def _extension() -> tuple[str, object | None]:

@@ -143,8 +143,13 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+        # dynamic=False: an epoch's last partial batch (kept on one CPU process) gets a static graph
+        # of its own. Left to dynamo's automatic dynamic shapes, it would recompile the step with a
+        # symbolic batch size, which every later full batch then runs (bench/bench_recompile.py).
         compiled = self.rt.compile
-        self.objective = torch.compile(objective, mode=self.config.compile_mode) if compiled else objective
+        self.objective = (
+            torch.compile(objective, mode=self.config.compile_mode, dynamic=False) if compiled else objective
+        )
         # Skips decided on the device need the fused AdamW (its found_inf): then the step never waits.
         sync_free = self.rt.fused_optimizer
         self.step_fn = Stepper(self.state, self.objective, self.config, self.rt, sync_free=sync_free)

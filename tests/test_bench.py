@@ -94,3 +94,15 @@ def test_bench_train_deep(tmp_path, images):
     times = [float(r["self_ms_per_step"]) for r in top]
     assert times == sorted(times, reverse=True) and times[-1] > 0, "the most self time first"
     assert 0 < sum(float(r["share"]) for r in top) <= 1
+
+
+@pytest.mark.slow  # four compiles of the step: ~1 min on 2 cores
+def test_bench_recompile(tmp_path, images):
+    run_bench("bench_recompile.py", "--model", "vae", "--data", images, "--batch-size", "4",
+              "--odd-batch", "3", "--steps", "1", "--repeats", "1", "--out", str(tmp_path))  # fmt: skip
+    rows = read_rows(tmp_path / "recompile_cpu_vae.csv")
+    assert [r["mode"].split(" (")[0] for r in rows] == ["automatic dynamic", "static"]
+    for row in rows:
+        assert all(
+            float(row[k]) > 0 for k in ("first_step_s", "step_ms_before", "odd_batch_step_s", "step_ms_after")
+        )

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fasthvae
-from fasthvae import cli
+from fasthvae import cli, env
 from fasthvae.training.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from tests.test_train import SMALL
 
@@ -55,6 +55,26 @@ def test_unknown_subcommands_and_missing_benches(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "BENCH_DIR", tmp_path)
     assert cli.main(["bench", "ops"]) == 2
     assert "the benchmarks live in the source checkout" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, level",
+    [
+        ({"avx2", "fma", "avx512f", "avx512_bf16"}, "AVX-512 + bf16"),
+        ({"avx2", "avx512f", "amx_bf16"}, "AVX-512 + bf16"),
+        ({"avx2", "avx512f", "avx512bw"}, "AVX-512"),
+        ({"avx2", "fma", "f16c"}, "AVX2"),
+        ({"sse4_2"}, ""),
+        ({"fp", "asimd", "bf16"}, ""),
+    ],
+)
+def test_the_machine_line_names_the_simd_level_figures_differ_by(monkeypatch, flags, level):
+    assert env.simd_level(flags) == level
+    monkeypatch.setattr(env, "cpu_flags", lambda: flags)
+    line = env.machine()
+    assert line.startswith(
+        f"{env.cpu_name()} ({level + ', ' if level else ''}{torch.get_num_threads()} threads)"
+    )
 
 
 def test_env_names_what_a_bug_report_needs(capsys):

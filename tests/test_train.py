@@ -385,6 +385,25 @@ def test_every_config_field_has_a_resume_rule_and_an_option():
     assert train.parse_args([]) == TrainConfig(), "the parser's defaults are the dataclass's"
 
 
+def test_an_odd_last_batch_leaves_the_compiled_step_static(data, tmp_path, monkeypatch):
+    """The epoch's last partial batch gets its own static graph; no graph of the step is ever
+    compiled with a symbolic batch size (which the full batches after it would run)."""
+    symbolic = []
+
+    def record(gm, example_inputs):
+        values = [node.meta.get("example_value") for node in gm.graph.find_nodes(op="placeholder")]
+        sizes = [d for v in values if isinstance(v, torch.Tensor) for d in v.shape]
+        symbolic.append(any(isinstance(v, torch.SymInt) for v in values + sizes))
+        return gm.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(train.torch, "compile", lambda m, mode=None, **kw: compile_(m, backend=record, **kw))
+    torch._dynamo.reset()
+    run(data, tmp_path, "--limit-train", "80", "--compile", "--no-tensorboard", "--fid-samples", "0")
+    torch._dynamo.reset()
+    assert len(symbolic) >= 2 and not any(symbolic), symbolic  # 80 = 2 x 32 + 16: two shapes, both static
+
+
 def test_epochs_drop_their_last_partial_batch_with_ddp_and_on_cuda():
     """Static shapes where they matter: DDP ranks take equal steps; on CUDA an odd last batch would
     recompile the step and re-benchmark cuDNN each epoch. On one CPU process every image trains."""
