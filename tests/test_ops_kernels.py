@@ -121,19 +121,26 @@ def check(kernel, op, shape, dtype, reduction, prior, scale=1.0, transform=None)
         assert_close(got, want, dtype, name)
 
 
+def checked_shape(kernel: str) -> tuple[int, ...]:
+    """Rows of 2,807 elements: three Triton column blocks of TILE, the last one partial, and odd
+    sizes throughout. 41 rows, or 5 for Triton in its interpreter, whose time grows with the
+    elements (~4.5 s a case at 41 rows on 2 CPU cores); test_large runs Triton on a large shape."""
+    return (5, 401, 7) if kernel == "triton" and TRITON_DEVICE == "cpu" else (41, 401, 7)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("prior", [False, True], ids=["std", "prior"])
 @pytest.mark.parametrize("op", ["gaussian_kl", "sample_and_kl"])
 def test_values_and_grads(kernel, op, dtype, reduction, prior):
-    check(kernel, op, (41, 401, 7), dtype, reduction, prior)
+    check(kernel, op, checked_shape(kernel), dtype, reduction, prior)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_reparameterize(kernel, dtype):
-    check(kernel, "reparameterize", (41, 401, 7), dtype, "sample", False)
+    check(kernel, "reparameterize", checked_shape(kernel), dtype, "sample", False)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
