@@ -1,12 +1,17 @@
-"""Builds fasthvae._C: the CPU kernels always, the CUDA kernels when asked or when a GPU is visible.
+"""Builds fasthvae._C: the CPU kernels always, the CUDA kernels when they can be built and are wanted.
 
-FASTHVAE_BUILD_CUDA=1 forces the CUDA kernels (needs nvcc), 0 skips them, auto (default)
-builds them when CUDA_HOME is found and torch sees a GPU. TORCH_CUDA_ARCH_LIST picks the
-architectures (default 8.0;9.0+PTX). No --use_fast_math: the CUDA noise must equal the other
-backends' (precise logf/sinf/cosf/sqrtf).
+FASTHVAE_BUILD_CUDA=1 asks for the CUDA kernels, 0 skips them, auto (default) builds them when a
+GPU is visible. They need a CUDA build of torch and an nvcc (CUDA_HOME) of the same CUDA major
+version; when that is missing, the CPU kernels are built alone and the build says why (the tests
+then skip the ``cuda`` backend). TORCH_CUDA_ARCH_LIST picks the architectures (default
+8.0;9.0+PTX). No --use_fast_math: the CUDA noise must equal the other backends' (precise
+logf/sinf/cosf/sqrtf).
 """
 
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -15,18 +20,55 @@ ROOT = Path(__file__).parent
 CSRC = "csrc"
 
 
+def cuda_build_plan(
+    choice: str, torch_cuda: str | None, nvcc_version: str | None, gpu_visible: bool
+) -> tuple[bool, str]:
+    """Whether to build the CUDA kernels, and why not when they are skipped.
+
+    ``choice``: FASTHVAE_BUILD_CUDA (``1``, ``0`` or ``auto``); ``torch_cuda``: torch.version.cuda;
+    ``nvcc_version``: the toolkit's ``major.minor``, None without one."""
+    choice = choice.lower()
+    if choice in ("0", "false", "no"):
+        return False, "FASTHVAE_BUILD_CUDA=0"
+    if torch_cuda is None:
+        return False, "torch is a CPU-only build"
+    if nvcc_version is None:
+        return False, "no CUDA toolkit found (nvcc under CUDA_HOME)"
+    if nvcc_version.split(".")[0] != torch_cuda.split(".")[0]:
+        return False, f"nvcc is CUDA {nvcc_version} but torch was built with CUDA {torch_cuda}"
+    if choice in ("1", "true", "yes") or gpu_visible:
+        return True, ""
+    return False, "no GPU is visible (FASTHVAE_BUILD_CUDA=1 builds them anyway)"
+
+
+def _nvcc_version(cuda_home: str | None) -> str | None:
+    """``major.minor`` of ``CUDA_HOME/bin/nvcc``, None when it is missing or does not run."""
+    if cuda_home is None:
+        return None
+    try:
+        out = subprocess.run(
+            [str(Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True, timeout=60
+        ).stdout
+    except OSError:
+        return None
+    found = re.search(r"release (\d+\.\d+)", out)
+    return found.group(1) if found else None
+
+
 def _want_cuda() -> bool:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
-    choice = os.environ.get("FASTHVAE_BUILD_CUDA", "auto").lower()
-    if choice in ("1", "true", "yes"):
-        if CUDA_HOME is None:
-            raise RuntimeError("FASTHVAE_BUILD_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
-        return True
-    if choice in ("0", "false", "no"):
-        return False
-    return CUDA_HOME is not None and torch.cuda.is_available()
+    choice = os.environ.get("FASTHVAE_BUILD_CUDA", "auto")
+    build, why_not = cuda_build_plan(
+        choice, torch.version.cuda, _nvcc_version(CUDA_HOME), torch.cuda.is_available()
+    )
+    if not build:
+        loud = choice.lower() in ("1", "true", "yes")
+        print(
+            f"fasthvae build: {'WARNING: ' if loud else ''}CUDA kernels skipped: {why_not}", file=sys.stderr
+        )
+    return build
 
 
 def _extensions():

@@ -4,7 +4,7 @@ The baseline is ``torch.utils.data.DataLoader`` with ``--workers`` workers and t
 (what most training scripts use). Each loader runs one warm-up epoch, then ``--epochs`` timed epochs;
 the median epoch gives images/s. Writes ``loader_<device>.{csv,md}``.
 
-    python bench/bench_loader.py [--data ../shared/data/cifar10/cifar10.npz] [--device cpu|cuda]
+    python -m bench.bench_loader [--data ../shared/data/cifar10/cifar10.npz] [--device cpu|cuda]
 """
 
 import argparse
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from bench.report import write_report
 from fasthvae.data import LOADERS, LoaderOptions, load_dataset, make_loader
 from fasthvae.data.dali import dali_available
-from report import write_report
 
 
 def time_epochs(loader, epochs: int, device: torch.device) -> list[float]:

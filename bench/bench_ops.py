@@ -6,11 +6,11 @@ reports medians, speed-ups over eager and memory. Memory: on CUDA the peak alloc
 pass; on CPU the activation memory the op keeps for backward (its outputs plus saved tensors),
 which is what a training step holds. Writes CSV and a Markdown table.
 
-    python bench/bench_ops.py [--device cpu|cuda] [--repeats 20] [--isa avx512|avx2|baseline]
+    python -m bench.bench_ops [--device cpu|cuda] [--repeats 20] [--isa avx512|avx2|baseline]
 
 On CPU the title names the CPU, its SIMD flags and the ISA path of the fused kernels (``--isa``
 forces one the CPU has; the file names carry it then). Every run also writes the GPU on paper
-(bench/on_paper.py): ``ops_on_paper_<dtype>.csv/.md``; ``--on-paper-only`` writes just that.
+(bench.on_paper): ``ops_on_paper_<dtype>.csv/.md``; ``--on-paper-only`` writes just that.
 """
 
 import argparse
@@ -19,14 +19,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import on_paper
 import torch
 
+from bench import on_paper
+from bench.report import write_report
 from fasthvae import ops
 from fasthvae.env import cpu_name
 from fasthvae.ops import backend, reference
 from fasthvae.training.precision import cpu_flags
-from report import write_report
 
 SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
 

@@ -7,7 +7,7 @@ Per mode, in one process: the first step (compiles), ``--repeats`` windows of ``
 batches, one step at ``--odd-batch`` images (recompiles), ``--repeats`` windows again; medians.
 Writes ``recompile_<device>_<model>[_<preset>].{csv,md}``.
 
-    python bench/bench_recompile.py [--model deep] [--preset small] [--batch-size 32] [--odd-batch 16]
+    python -m bench.bench_recompile [--model deep] [--preset small] [--batch-size 32] [--odd-batch 16]
 """
 
 import argparse
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from bench.report import write_report
 from fasthvae.env import machine
 from fasthvae.train import TrainConfig, Trainer
 from fasthvae.training.loop import Objective, Stepper
-from report import write_report
 
 MODES = {"automatic dynamic (dynamic=None)": None, "static (dynamic=False, the trainer's)": False}
 

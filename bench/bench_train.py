@@ -18,7 +18,7 @@ window with the most self time (device time on CUDA), per step and as a share of
 ``train_<device>_<model>_top_ops.{csv,md}``. Compiled code is named by its kernels there (on CPU,
 Inductor's ``cpp.enable_kernel_profile`` is switched on for this, which adds a record per kernel).
 
-    python bench/bench_train.py [--model hvae|vae|deep] [--preset small] [--batch-size 128]
+    python -m bench.bench_train [--model hvae|vae|deep] [--preset small] [--batch-size 128]
                                 [--device cpu|cuda] [--top-ops 15]
 """
 
@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 import torch._inductor.config as inductor_config
 
+from bench.report import write_report
 from fasthvae.env import machine
 from fasthvae.ops import use_backend
 from fasthvae.train import TrainConfig, Trainer
-from report import write_report
 
 PLAIN = {"compile": False, "amp": False, "loader": "torch", "channels_last": False, "fused_optimizer": False}
 FEATURES = {

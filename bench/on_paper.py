@@ -1,15 +1,28 @@
 """The fused ops on a GPU, on paper: bytes each kernel moves, the time that takes at full memory
-bandwidth, and the Triton kernels' registers, spills and occupancy from the ahead-of-time compile.
+bandwidth, the programs a Triton launch spreads over the SMs, and the Triton kernels' registers,
+spills and occupancy from the ahead-of-time compile.
 
 The fused kernels are memory-bound (a few dozen flops per element against 8-36 bytes), so the
 bytes they must move over the bandwidth is the time they cannot beat. Bytes counted: every tensor
 the kernel reads or writes once (its inputs, outputs and gradients) plus the float32 row sums.
+
+Launch shape: one program per TILE (1,024) elements, whole rows up to TILE wide. A latent with
+fewer than TILE x SMs elements leaves SMs idle (a [256, 128] latent: 32 programs on an H200's 132
+SMs), but such a latent moves under 1 MB, 0.2 µs at 4.3 TB/s, less than a kernel launch's own
+latency of a few µs: more programs are not expected to shorten it (bench_ops on the GPU measures
+it). The sampling kernels on rows a multiple of 4 draw one Philox call per four elements and put
+its outputs back in element order with ``tl.interleave``, which costs 4 KB of shared memory per
+program (the AOT report's shared bytes): no limit at 8 programs per SM against 228 KB. Other rows
+draw one call per element, four times the Philox work.
 """
 
 import math
 from dataclasses import dataclass
 
-BANDWIDTH = {"H100 SXM": 3.35e12, "A100 80GB": 2.0e12}  # bytes/s of HBM
+# Bytes/s: H200, the device-to-device copy measured on the GPU the self-check meets; H100 and
+# A100, HBM bandwidth from the data sheets.
+BANDWIDTH = {"H200": 4.3e12, "H100 SXM": 3.35e12, "A100 80GB": 2.0e12}
+SMS = {"H200": 132}
 ARCHS = (80, 90)
 
 
@@ -63,6 +76,14 @@ def kernel_flags(op: str, shape: tuple[int, ...]) -> tuple[dict, dict]:
     return {**forward, **tile}, {**backward, **tile}
 
 
+def programs(op: str, shape: tuple[int, ...]) -> int:
+    """Programs of the Triton forward launch for ``op`` on a ``shape`` input."""
+    from fasthvae.ops import triton_kernels as tk
+
+    block_r, block_c = tk.tile_shape(math.prod(shape[1:]))
+    return math.ceil(shape[0] / block_r) * math.ceil(math.prod(shape[1:]) / block_c)
+
+
 def registers(op: str, shape: tuple[int, ...], dtype: str) -> str:
     """The forward and backward kernels' registers and occupancy per arch (and spills, if any), or
     why they could not be compiled."""
@@ -93,6 +114,7 @@ def rows(ops: list[str], shapes: dict[str, tuple[int, ...]], dtype: str) -> list
             for gpu, bandwidth in BANDWIDTH.items():
                 row[f"{gpu} forward_us"] = round(fwd / bandwidth * 1e6, 2)
                 row[f"{gpu} backward_us"] = round(bwd / bandwidth * 1e6, 2)
+            row["programs"] = programs(op, shape)
             row["triton"] = registers(op, shape, dtype)
             table.append(row)
     return table
@@ -107,9 +129,10 @@ INTRO = (
     "`ptxas -v` on the ahead-of-time compile (`python -m fasthvae.ops.triton_aot --report`)."
 )
 HEADER = ["op", "shape", "dtype", "fwd MB", "bwd MB", *(f"{g} fwd / bwd µs" for g in BANDWIDTH)]
-HEADER.append("Triton kernels (AOT)")
+HEADER += ["programs", "Triton kernels (AOT)"]
 
 
 def cells(r: dict) -> list[str]:
     times = [f"{r[f'{g} forward_us']} / {r[f'{g} backward_us']}" for g in BANDWIDTH]
-    return [r["op"], r["shape"], r["dtype"], str(r["forward_MB"]), str(r["backward_MB"]), *times, r["triton"]]
+    sizes = [r["op"], r["shape"], r["dtype"], str(r["forward_MB"]), str(r["backward_MB"])]
+    return [*sizes, *times, str(r["programs"]), r["triton"]]

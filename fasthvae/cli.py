@@ -1,10 +1,10 @@
 """The ``fasthvae`` command: one entry point for everything, each subcommand the same as its
-``python -m`` (or ``python bench/...``) form.
+``python -m`` form.
 
     fasthvae train ...            = python -m fasthvae.train ...
     fasthvae eval RUN ...         = python -m fasthvae.eval RUN ...
     fasthvae study ...            = python -m fasthvae.study ...
-    fasthvae bench ops|train|loader ...  = python bench/bench_ops.py ... (a source checkout's bench/)
+    fasthvae bench ops|train|loader ...  = python -m bench.bench_ops ... (a source checkout's bench/)
     fasthvae env                  what a bug report needs
     fasthvae --version
 """
@@ -51,9 +51,9 @@ def _bench(argv: list[str]) -> int:
         )
         return 2
     sys.argv = [str(script), *argv[1:]]
-    sys.path.insert(0, str(BENCH_DIR))  # as `python bench/bench_*.py` has it
+    sys.path.insert(0, str(BENCH_DIR.parent))  # as `python -m bench...` from the checkout has it
     try:
-        runpy.run_path(str(script), run_name="__main__")
+        runpy.run_module(f"bench.bench_{argv[0]}", run_name="__main__", alter_sys=True)
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     return 0

@@ -294,8 +294,8 @@ class Trainer:
         finally:
             if tb is not None:
                 tb.close()
-        # Rank 0 alone evaluates (FID and the IW bound can take long): the other ranks leave now
-        # rather than wait in a barrier under NCCL's timeout.
+        # Rank 0 alone evaluates (FID and the IW bound can take long); the other ranks wait for it in
+        # distributed.shutdown, on a group whose timeout outlasts any evaluation.
         summary = {}
         if self.dist.is_main:
             summary = self.summarize()

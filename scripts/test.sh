@@ -22,7 +22,8 @@ PYTHON="$PY" bash scripts/check_cuda_build.sh 2>&1 | grep -v "is ignored" | tail
 
 echo "== Triton ahead-of-time compile (sm_80, sm_90; fp32, fp16, bf16; fails on spills or occupancy < 50%)"
 mkdir -p build
-env -u TRITON_INTERPRET "$PY" -m fasthvae.ops.triton_aot --arch 80 90 --report build --strict \
+env -u TRITON_INTERPRET "$PY" -m fasthvae.ops.triton_aot --arch 80 90 --also tests.triton_kernels \
+  --report build --strict \
   > build/triton_aot.log || { tail -n 5 build/triton_aot.log; echo "see build/triton_resources.md"; exit 1; }
 tail -n 1 build/triton_aot.log
 

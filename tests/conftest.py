@@ -3,13 +3,12 @@ the small data set that trainer and study tests share; ``slow`` tests run only w
 ``gpu`` tests only where torch sees a CUDA GPU (skipped with the reason elsewhere)."""
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10/cifar10.npz"
+from tests.helpers import CIFAR10
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -30,11 +29,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
+def cifar10_npz() -> str:
+    """The real CIFAR-10 .npz (skips the test where the checkout has no ../shared beside it)."""
+    if not CIFAR10.is_file():
+        pytest.skip(f"the shared CIFAR-10 file is not here ({CIFAR10})")
+    return str(CIFAR10)
+
+
+@pytest.fixture(scope="session")
 def data(tmp_path_factory) -> str:
     """The first 256 real CIFAR-10 images when the shared file is there, generated images otherwise."""
     path = tmp_path_factory.mktemp("data") / "small.npz"
-    if SHARED.is_file():
-        with np.load(SHARED) as f:
+    if CIFAR10.is_file():
+        with np.load(CIFAR10) as f:
             x, y, xt, yt = f["x_train"][:256], f["y_train"][:256], f["x_test"][:64], f["y_test"][:64]
     else:
         rng = np.random.default_rng(0)

@@ -1,15 +1,30 @@
-"""Shared test helpers: per-dtype tolerances and a float64 ground truth for the ops; injected bad
-training steps for the trainer."""
+"""Shared test helpers: per-dtype tolerances and a float64 ground truth for the ops; a small model
+that uses every op; the trainer's small configuration, runs in a fresh process and injected bad
+steps; optional packages a test needs."""
 
+import importlib.util
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
+from fasthvae import ops
+from fasthvae.nn import GaussianKL
 from fasthvae.ops import backend, reference
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+CIFAR10 = ROOT.parent / "shared/data/cifar10/cifar10.npz"  # the real data set, where the checkout has it
 GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.gpu  # skipped without a GPU (conftest.py), selected by gpu_check.sh
+# The cuda backend also needs fasthvae._C built with its CUDA kernels (setup.py says why it was not).
+CUDA_KERNELS = GPU and backend.available("cuda", torch.device("cuda"))
+needs_cuda_kernels = [
+    needs_gpu,
+    pytest.mark.skipif(GPU and not CUDA_KERNELS, reason="fasthvae._C was built without its CUDA kernels"),
+]
 # Triton runs compiled on CUDA tensors where there is a GPU, in its interpreter on CPU tensors
 # elsewhere (TRITON_INTERPRET=1, set by conftest.py on machines without a GPU).
 TRITON_DEVICE = "cuda" if GPU and not backend.triton_interpreted() else "cpu"
@@ -19,6 +34,24 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # few float32 operations inside. ATOL is relative to the largest expected magnitude.
 RTOL = {torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float64: 1e-12}
 ATOL = 1e-6
+
+
+# Noise of two kernels differs by the transcendental functions of Box-Muller: r = sqrt(-2 log u),
+# r cos(theta), r sin(theta). Compiled Triton uses sqrt.approx / ex2.approx and libdevice log, cos
+# and sin (1-2 ulp each), the C++ kernels glibc's vector libm, the reference PyTorch's. Each term's
+# error scales with the pair's radius r, not with the value (r cos(theta) near 0 is still off by
+# about r * ulp(1)), so the tolerance is a number of float32 ulps of the radius.
+NOISE_ULPS = 8
+
+
+def noise_tolerance(seed: int, numel: int) -> torch.Tensor:
+    """Per element of ``philox_randn(seed, numel)``: NOISE_ULPS ulps of its Box-Muller pair's radius."""
+    from fasthvae.ops.philox import philox_randn
+
+    pairs = philox_randn(seed, numel + (-numel) % 4).view(-1, 2).double()
+    radius = pairs.norm(dim=1).repeat_interleave(2)[:numel]
+    ulp = torch.finfo(torch.float32).eps * torch.exp2(torch.floor(torch.log2(radius)))
+    return NOISE_ULPS * ulp
 
 
 def subnormal_ulp(dtype: torch.dtype) -> float:
@@ -93,3 +126,80 @@ def scale_loss_by_step(monkeypatch: pytest.MonkeyPatch, factor: Callable[[int], 
 
     monkeypatch.setattr(train.Objective, "forward", scaled)
     return calls
+
+
+def requires(*modules: str) -> pytest.MarkDecorator:
+    """Skip, naming them, when optional packages are missing (or hidden from the import system)."""
+
+    def missing(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except ImportError:
+            return True
+
+    absent = [m for m in modules if missing(m)]
+    return pytest.mark.skipif(bool(absent), reason=f"needs {', '.join(absent)} (not installed)")
+
+
+class TinyHVAE(torch.nn.Module):
+    """Two latent levels with a learned prior, using every op."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(12, 16)
+        self.enc2 = torch.nn.Linear(8, 8)
+        self.prior = torch.nn.Linear(4, 16)
+        self.kl = GaussianKL(reduction="batchmean")
+
+    def forward(self, x):
+        mu1, lv1 = self.enc(x).chunk(2, dim=1)
+        z1 = ops.reparameterize(mu1, lv1)
+        mu2, lv2 = self.enc2(z1).chunk(2, dim=1)
+        z2, kl2 = ops.sample_and_kl(mu2, lv2, reduction="batchmean")
+        mu_p, lv_p = self.prior(z2).chunk(2, dim=1)
+        return z1.square().mean() + self.kl(mu1, lv1, mu_p, lv_p) + kl2
+
+
+# The trainer's small configuration: a few seconds an epoch on a 256-image set.
+SMALL = [
+    "--channels",
+    "8",
+    "--latent",
+    "16",
+    "--z1-channels",
+    "4",
+    "--batch-size",
+    "32",
+    "--limit-test",
+    "64",
+]
+SMALL += ["--loader", "resident"]
+
+
+KILL_AFTER_FIRST_CHECKPOINT = """
+import sys
+from fasthvae import train
+from fasthvae.data.dali import dali_available
+real_save = train.Trainer._save
+def save_then_die(self):
+    real_save(self)
+    raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+train.Trainer._save = save_then_die
+train.main(sys.argv[1:])
+"""
+
+
+def run_process(*argv: str, code: str | None = None) -> subprocess.CompletedProcess:
+    """The trainer in a fresh process, as a user would run (and resume) it."""
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "fasthvae.train"]
+    return subprocess.run([*cmd, *argv], capture_output=True, text=True, timeout=300)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Model and optimizer states of two checkpoints are equal, bit for bit."""
+    assert a["model"].keys() == b["model"].keys()
+    for key, value in a["model"].items():
+        assert torch.equal(b["model"][key], value), key
+    for index, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(b["optimizer"]["state"][index][name], value), (index, name)

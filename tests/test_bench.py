@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_bench(script: str, *args: str) -> None:
     """Run as a user would: no Triton interpreter (which tests/conftest.py turns on)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], check=True, cwd=ROOT, env=env)
+    module = "bench." + script.removesuffix(".py")
+    subprocess.run([sys.executable, "-m", module, *args], check=True, cwd=ROOT, env=env)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -60,6 +61,8 @@ def test_bench_ops_writes_the_gpu_on_paper(tmp_path):
     assert float(row["forward_MB"]) == round((5 * tensor + sums) / 1e6, 3)
     assert float(row["backward_MB"]) == round((9 * tensor + sums) / 1e6, 3)
     assert float(row["H100 SXM forward_us"]) == round((5 * tensor + sums) / 3.35e12 * 1e6, 2)
+    assert float(row["H200 forward_us"]) == round((5 * tensor + sums) / 4.3e12 * 1e6, 2)
+    assert int(row["programs"]) == 256 // 8  # 8 rows of 128 per 1,024-element program
     assert "sm_80: forward" in row["triton"] and "sm_90: forward" in row["triton"], row["triton"]
     assert not list(tmp_path.glob("ops_cpu_*"))  # no timing with --on-paper-only
 

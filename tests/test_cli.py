@@ -13,7 +13,7 @@ import torch
 import fasthvae
 from fasthvae import cli, env
 from fasthvae.training.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from tests.test_train import SMALL
+from tests.helpers import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "fasthvae"  # installed by pip from [project.scripts]
@@ -36,9 +36,9 @@ def test_the_console_script_is_installed_and_knows_its_version():
         (["train"], ["-m", "fasthvae.train"]),
         (["eval"], ["-m", "fasthvae.eval"]),
         (["study"], ["-m", "fasthvae.study"]),
-        (["bench", "ops"], ["bench/bench_ops.py"]),
-        (["bench", "train"], ["bench/bench_train.py"]),
-        (["bench", "loader"], ["bench/bench_loader.py"]),
+        (["bench", "ops"], ["-m", "bench.bench_ops"]),
+        (["bench", "train"], ["-m", "bench.bench_train"]),
+        (["bench", "loader"], ["-m", "bench.bench_loader"]),
     ],
 )
 def test_subcommands_are_their_python_forms(sub, module_form):

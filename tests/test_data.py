@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from fasthvae.data import LOADERS, DataError, LoaderOptions, load_dataset, make_loader
-from fasthvae.data.dali import dali_available
+from fasthvae.data.dali import dali_available, dali_gpu_problem
 
 N, H, W = 203, 8, 12  # odd sizes: partial last batches, non-square images
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali-cuda130 is not installed")
@@ -244,6 +244,15 @@ def test_image_folder_errors(tmp_path):
         load_dataset(tmp_path)
 
 
+def test_dali_names_why_it_cannot_use_the_gpu():
+    """Without a usable GPU (or without DALI) the check returns the reason instead of raising, so a
+    GPU test skips with it."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the GPU tests run DALI there")
+    problem = dali_gpu_problem()
+    assert isinstance(problem, str) and problem
+
+
 @needs_dali
 def test_dali_image_folder_reads_every_file_once(image_folder):
     from fasthvae.data.dali import DaliFolderLoader
@@ -254,6 +263,9 @@ def test_dali_image_folder_reads_every_file_once(image_folder):
         x, idx = epoch(ld, e)
         assert x.shape == (21, 3, 16, 16) and sorted(idx.tolist()) == list(range(21))
         torch.testing.assert_close(x, as_float(ds.train.images)[idx], rtol=0, atol=1e-6)
+    window = DaliFolderLoader(ds.files, LoaderOptions(batch_size=8, seed=3), size=16, shuffle_buffer=4)
+    orders = [epoch(window, e)[1].tolist() for e in range(2)]  # a shuffle window smaller than the folder
+    assert all(sorted(order) == list(range(21)) for order in orders) and orders[0] != list(range(21))
     small = DaliFolderLoader(ds.files, LoaderOptions(batch_size=8), size=8)
     x, idx = epoch(small)
     resized = as_float(load_dataset(image_folder, image_size=8).train.images)[idx]

@@ -17,8 +17,7 @@ from fasthvae.ops import reference
 from fasthvae.training.checkpoint import load_checkpoint
 from fasthvae.training.grad_skip import AdaptiveSkip
 from fasthvae.training.latent_health import HealthMonitor
-from tests.helpers import scale_loss_by_step
-from tests.test_train import KILL_AFTER_FIRST_CHECKPOINT, assert_same_state, run_process
+from tests.helpers import KILL_AFTER_FIRST_CHECKPOINT, assert_same_state, run_process, scale_loss_by_step
 
 TINY = deep.DeepSpec("1x1,4x1,8x1,16x1,32x1", width=8, zdim=2, encoder_blocks=1)
 TINY_ARGS = ["--model", "deep", "--layout", "1x1,4x1,8x1,16x1,32x1", "--width", "8", "--zdim", "2"]

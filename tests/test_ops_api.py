@@ -1,6 +1,8 @@
 """The public drop-in API: reproducibility, noise statistics, torch.library, torch.compile, errors."""
 
+import ast
 import csv
+import itertools
 import os
 import re
 import subprocess
@@ -9,13 +11,12 @@ import warnings
 
 import pytest
 import torch
-from scipy import stats
 
 from fasthvae import ops
 from fasthvae.nn import GaussianKL, Reparameterize, SampleAndKL
 from fasthvae.ops import backend, library, reference
 from fasthvae.ops.philox import philox_randn_at, philox_uint32
-from tests.helpers import TRITON_DEVICE
+from tests.helpers import ROOT, TRITON_DEVICE, TinyHVAE
 
 
 def gaussians(shape=(8, 16), seed=0, dtype=torch.float32):
@@ -42,21 +43,7 @@ def test_cpu_loops_call_vector_libm():
 def test_philox_matches_triton_bitwise():
     """The PyTorch Philox equals Triton's tl.randint4x, and its noise tl.randn4x (element i is output
     i % 4 of group i // 4), for seeds and offsets past 2**32."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def draw(out_ptr, ints_ptr, offs_ptr, seed, n, BLOCK: tl.constexpr):
-        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = idx < n
-        offs = tl.load(offs_ptr + idx, mask=mask)
-        c0, c1, c2, c3 = tl.randint4x(seed, offs)
-        for k, c in enumerate((c0, c1, c2, c3)):
-            tl.store(ints_ptr + 4 * idx + k, c.to(tl.int64) & 0xFFFFFFFF, mask=mask)
-        n0, n1, n2, n3 = tl.randn4x(seed, offs // 4)
-        lane = offs % 4
-        noise = tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
-        tl.store(out_ptr + idx, noise, mask=mask)
+    kernels = pytest.importorskip("tests.triton_kernels", reason="Triton is not installed")
 
     offsets = torch.cat(
         [torch.arange(300), torch.tensor([2**31 - 1, 2**32 - 1, 2**32, 2**40 + 7, 2**42 + 2])]
@@ -64,13 +51,49 @@ def test_philox_matches_triton_bitwise():
     for seed in (0, 1, 2**32 + 5, 2**63 - 25):
         out = torch.empty(len(offsets), device=TRITON_DEVICE)
         ints = torch.empty(4 * len(offsets), dtype=torch.int64, device=TRITON_DEVICE)
-        draw[(1,)](out, ints, offsets.to(TRITON_DEVICE), seed, len(offsets), BLOCK=512)
+        kernels.philox_draw_kernel[(1,)](
+            out,
+            ints,
+            offsets.to(TRITON_DEVICE),
+            seed,
+            len(offsets),
+            BLOCK=kernels.DRAW_BLOCK,
+            **kernels.DRAW_OPTIONS,
+        )
         assert torch.equal(ints.cpu().view(-1, 4), torch.stack(philox_uint32(seed, offsets), 1))
         torch.testing.assert_close(out.cpu(), philox_randn_at(seed, offsets), rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2**32 + 5, 2**63 - 25, -5])
+def test_philox_reads_a_tensor_seed_as_its_integer(seed):
+    """A one-element int64 seed tensor (negative ones as their unsigned 64 bits) keys Philox as the
+    same integer does."""
+    offsets = torch.cat([torch.arange(64), torch.tensor([2**32 + 3])])
+    for a, b in zip(
+        philox_uint32(torch.tensor([seed]), offsets), philox_uint32(seed % 2**64, offsets), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+def test_reference_kernels_read_the_seed_where_it_lies(monkeypatch):
+    """The reference fallback (float64 inputs, or a device without fused kernels) draws its noise
+    from the seed tensor on the inputs' device: never ``Tensor.item()``, which on CUDA is a host
+    sync per op and fails under CUDA-graph capture."""
+    mu, lv = (torch.randn(4, 9, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    expected = ops.sample_and_kl(mu, lv, generator=torch.Generator().manual_seed(1))[0]
+
+    def host_read(self):
+        raise AssertionError("the reference kernels read the seed on the host")
+
+    monkeypatch.setattr(torch.Tensor, "item", host_read)
+    z, kl = ops.sample_and_kl(mu, lv, generator=torch.Generator().manual_seed(1), reduction="sum")
+    (z.sum() + kl).backward()
+    assert torch.equal(z, expected) and torch.isfinite(lv.grad).all()
+
+
 @pytest.mark.parametrize("kernel", ["cpu", "reference"])
 def test_noise_is_standard_normal(kernel):
+    stats = pytest.importorskip("scipy.stats")
     n = 1 << 20
     with backend.use_backend(kernel):
         eps = library.reparameterize(torch.zeros(n), torch.zeros(n), torch.tensor(2024)).double()
@@ -160,25 +183,6 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda m, v: library.reparameterize(m, v, seed), (mu, lv))
 
 
-class TinyHVAE(torch.nn.Module):
-    """Two latent levels with a learned prior, using every op."""
-
-    def __init__(self):
-        super().__init__()
-        self.enc = torch.nn.Linear(12, 16)
-        self.enc2 = torch.nn.Linear(8, 8)
-        self.prior = torch.nn.Linear(4, 16)
-        self.kl = GaussianKL(reduction="batchmean")
-
-    def forward(self, x):
-        mu1, lv1 = self.enc(x).chunk(2, dim=1)
-        z1 = ops.reparameterize(mu1, lv1)
-        mu2, lv2 = self.enc2(z1).chunk(2, dim=1)
-        z2, kl2 = ops.sample_and_kl(mu2, lv2, reduction="batchmean")
-        mu_p, lv_p = self.prior(z2).chunk(2, dim=1)
-        return z1.square().mean() + self.kl(mu1, lv1, mu_p, lv_p) + kl2
-
-
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     model = TinyHVAE()
@@ -266,6 +270,57 @@ def test_triton_compiles_ahead_of_time_for_sm80_without_spills_or_low_occupancy(
         usages = list(csv.DictReader(f))
     assert len(usages) == 56 and all(0 < int(u["registers"]) <= 64 for u in usages)
     assert "| sm_80 | bf16 | `backward[8x128," in (tmp_path / "triton_resources.md").read_text()
+
+
+def _is_triton_jit(decorator: ast.expr) -> bool:
+    target = decorator.func if isinstance(decorator, ast.Call) else decorator
+    if isinstance(target, ast.Attribute):
+        return target.attr == "jit" and isinstance(target.value, ast.Name) and target.value.id == "triton"
+    return isinstance(target, ast.Name) and target.id == "jit"
+
+
+def _jit_functions(tree: ast.Module) -> tuple[dict[str, ast.FunctionDef], list[str]]:
+    """A module's top-level ``@triton.jit`` functions by name, and the names of nested ones."""
+    functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+    jit = [n for n in functions if any(map(_is_triton_jit, n.decorator_list))]
+    top = {n.name: n for n in jit if n in tree.body}
+    return top, [n.name for n in jit if n not in tree.body]
+
+
+def _aot_modules_in_ci() -> tuple[str, ...]:
+    """The modules scripts/test.sh passes to the ahead-of-time compile with ``--also``."""
+    script = (ROOT / "scripts/test.sh").read_text().replace("\\\n", " ")
+    line = next(line for line in script.splitlines() if "-m fasthvae.ops.triton_aot" in line)
+    words = line.split()
+    start = words.index("--also") + 1
+    return tuple(itertools.takewhile(lambda w: not w.startswith(("-", ">")), words[start:]))
+
+
+def test_every_triton_kernel_is_compiled_ahead_of_time():
+    """Every ``@triton.jit`` function in the tree (package, tests and benchmarks) is at module level
+    and reached by a specialization the CI's ahead-of-time compile lowers: a kernel the
+    interpreter accepts but compiled Triton rejects (e.g. ``enumerate`` in a kernel) fails in CI."""
+    pytest.importorskip("triton")
+    from fasthvae.ops.triton_aot import specs
+
+    also = _aot_modules_in_ci()
+    compiled = [s.kernel.fn for dtype in ("fp32", "fp16", "bf16") for s in specs(dtype, also)]
+    roots = {(fn.__module__, fn.__name__) for fn in compiled}
+    missing = []
+    for path in sorted(p for folder in ("fasthvae", "tests", "bench") for p in (ROOT / folder).rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        top, nested = _jit_functions(tree)
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        missing += [f"{module}.{name} (nested: move it to module level)" for name in nested]
+        reached = [name for name in top if (module, name) in roots]
+        seen = set(reached)
+        while reached:  # helpers the compiled kernels call, transitively
+            body = top[reached.pop()]
+            for name in {n.id for n in ast.walk(body) if isinstance(n, ast.Name)} & set(top) - seen:
+                seen.add(name)
+                reached.append(name)
+        missing += [f"{module}.{name}" for name in top if name not in seen]
+    assert not missing, f"@triton.jit functions no ahead-of-time compile reaches: {missing}"
 
 
 @pytest.mark.parametrize(

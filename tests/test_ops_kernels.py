@@ -8,13 +8,23 @@ import torch
 from fasthvae.ops import backend, library
 from fasthvae.ops.philox import philox_randn
 from fasthvae.ops.reference import REDUCTIONS
-from tests.helpers import DTYPES, TRITON_DEVICE, assert_close, exact, needs_gpu
+from tests.helpers import (
+    CUDA_KERNELS,
+    DTYPES,
+    NOISE_ULPS,
+    TRITON_DEVICE,
+    assert_close,
+    exact,
+    needs_cuda_kernels,
+    needs_gpu,
+    noise_tolerance,
+)
 
 # The CPU kernels once per ISA path this CPU has ("cpu-avx2" runs the AVX2 loops on an AVX-512
 # machine too), Triton (on CUDA tensors where there is a GPU, in its interpreter on CPU tensors
 # elsewhere), the CUDA C++ kernels (GPU only) and the reference kernels.
 CPU_KERNELS = tuple(f"cpu-{isa}" for isa in backend.cpu_isas()) if backend.extension() else ("cpu",)
-KERNELS = (*CPU_KERNELS, "triton", pytest.param("cuda", marks=needs_gpu), "reference")
+KERNELS = (*CPU_KERNELS, "triton", pytest.param("cuda", marks=needs_cuda_kernels), "reference")
 
 
 def device_of(kernel: str) -> str:
@@ -158,7 +168,8 @@ def test_shapes(kernel, shape):
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_large(kernel):
     """More than 2**20 elements, rows spanning many blocks, in each dtype."""
-    dtypes = DTYPES if kernel != "triton" else (torch.float32,)  # the interpreter is slow
+    interpreted = kernel == "triton" and TRITON_DEVICE == "cpu"  # the interpreter is slow: fp32 only
+    dtypes = (torch.float32,) if interpreted else DTYPES
     for dtype in dtypes:
         check(kernel, "sample_and_kl", (8, 64, 48, 48), dtype, "sample", True)
 
@@ -231,7 +242,7 @@ def ops_that_copy(kernel: str, transform) -> set[str]:
     device = device_of(kernel)
     mu, lv, mu_p, lv_p = (transform(t.to(device)) for t in make_inputs(shape, torch.float32, prior=True))
     grad_z = transform(torch.randn(shape, device=device))
-    seed = torch.tensor(SEED)
+    seed = torch.tensor(SEED, device=device)  # where the custom ops keep it: no copy to count
     with (
         kernel_in_use(kernel),
         torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof,
@@ -242,7 +253,8 @@ def ops_that_copy(kernel: str, transform) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "kernel", (*CPU_KERNELS, *(pytest.param(k, marks=needs_gpu) for k in ("cuda", "triton")))
+    "kernel",
+    (*CPU_KERNELS, pytest.param("cuda", marks=needs_cuda_kernels), pytest.param("triton", marks=needs_gpu)),
 )  # Triton's interpreter copies every argument to NumPy and back; the reference computes in float32
 def test_channels_last_inputs_are_not_copied(kernel):
     assert ops_that_copy(kernel, channels_last) == set()
@@ -282,20 +294,24 @@ def test_extreme_log_variances(kernel, dtype):
     [(3, 5000), (3, 4999), (37, 128), (37, 10)],
     ids=["rows-aligned-to-4", "rows-unaligned", "narrow-rows-aligned", "narrow-rows-unaligned"],
 )
-def test_kernels_agree_bitwise_on_noise(shape):
-    """CPU C++, Triton and the PyTorch Philox give the same noise for the same seed and offsets
-    (Triton draws whole groups of four when rows start at multiples of 4, single lanes otherwise)."""
+def test_kernels_agree_on_noise(shape):
+    """CPU C++, Triton, CUDA and the PyTorch Philox give the same noise for the same seed and
+    offsets (Triton draws whole groups of four when rows start at multiples of 4, single lanes
+    otherwise), within a few ulps of each Box-Muller radius: the uint32 draws are equal bit for bit
+    (test_philox_matches_triton_bitwise), the transcendental functions differ in their last bits."""
     mu = torch.zeros(shape)
     lv = torch.zeros(shape)
     seed = torch.tensor(2**40 + 12345)
     noise = {}
-    for kernel in (*CPU_KERNELS, "triton", *(("cuda",) if torch.cuda.is_available() else ()), "reference"):
+    for kernel in (*CPU_KERNELS, "triton", *(("cuda",) if CUDA_KERNELS else ()), "reference"):
         device = device_of(kernel)
         with kernel_in_use(kernel):
-            noise[kernel] = library.reparameterize(mu.to(device), lv.to(device), seed).cpu()
+            noise[kernel] = library.reparameterize(mu.to(device), lv.to(device), seed.to(device)).cpu()
     expected = philox_randn(int(seed), mu.numel()).view(mu.shape)
+    tolerance = noise_tolerance(int(seed), mu.numel()).view(mu.shape)
     for kernel, z in noise.items():
-        torch.testing.assert_close(z, expected, rtol=0, atol=2e-6, msg=lambda m, k=kernel: f"{k}: {m}")
+        worst = ((z - expected).abs() / tolerance).max().item()
+        assert worst <= 1, f"{kernel}: noise off by {worst:.2f}x the tolerance of {NOISE_ULPS} ulps"
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

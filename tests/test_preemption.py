@@ -17,7 +17,7 @@ from fasthvae import train
 from fasthvae.training.checkpoint import load_checkpoint
 from fasthvae.training.loop import Stepper
 from fasthvae.training.preemption import PREEMPTED_EXIT
-from tests.test_train import SMALL, assert_same_state
+from tests.helpers import SMALL, assert_same_state
 
 # 256 images, batch 32: 8 steps per epoch, 24 in all.
 COMMON = [*SMALL, "--epochs", "3", "--limit-train", "256", "--no-compile", "--seed", "5", "--no-tensorboard"]

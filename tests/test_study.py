@@ -16,6 +16,7 @@ from fasthvae.study.rows import ROWS, Row, register_row, select_rows
 from fasthvae.study.runner import Run, read_protocol, run_config
 from fasthvae.training.checkpoint import load_checkpoint
 from fasthvae.training.config import validate, with_model_defaults
+from tests.helpers import requires
 
 TINY_STUDY = [
     "--epochs",
@@ -110,6 +111,7 @@ def study(data, out, *extra) -> int:
     return study_cli.main(["--data", data, "--out", str(out), *TINY_STUDY, *extra])
 
 
+@requires("torch_fidelity")  # the study and eval commands compute FID
 def test_study_end_to_end_resumes_and_reports_failures(data, tmp_path, monkeypatch):
     out = tmp_path / "study"
     real_save = train.Trainer._save
@@ -260,6 +262,7 @@ def test_a_folder_from_before_per_row_seeds_asked_every_seed_of_every_row(tmp_pa
     assert record["runs"] == {"vae": [0, 1], "hvae-beta": [0, 1]} and record["commands"] == ["x"]
 
 
+@requires("torch_fidelity")  # the study and eval commands compute FID
 def test_a_row_with_a_time_budget_trains_for_its_budget_rows_time(data, tmp_path, monkeypatch):
     tiny_deep = {"model": "deep", "schedule": "staggered", "layout": "1x1,32x1", "width": 8, "zdim": 2}
     tiny_deep |= {"likelihood": "mixture"}  # its own likelihood, like the real deep row
@@ -308,7 +311,7 @@ def test_a_row_with_a_time_budget_trains_for_its_budget_rows_time(data, tmp_path
     assert table["rows"]["vae"]["runs"][0] == first["rows"]["vae"]["runs"][0] | {
         "imported_from": " && ".join(first["commands"])
     }
-    assert "Imported (numbers only, no curves or samples)" in (pooled / "study.md").read_text()
+    assert f"| vae | 0 | `{out}/study.json` |" in (pooled / "study.md").read_text()
     bare = tmp_path / "bare"  # the pooled study without its run folders: every run imported
     bare.mkdir()
     (bare / "protocol.json").write_text((pooled / "protocol.json").read_text())
@@ -323,7 +326,7 @@ def test_a_row_with_a_time_budget_trains_for_its_budget_rows_time(data, tmp_path
     older = {k: v for k, v in first.items() if k != "commands"} | {"command": "python -m fasthvae.study x"}
     (tmp_path / "older.json").write_text(json.dumps(older))  # a table from before "commands"
     assert study(data, pooled, "--report-only", "--import-table", str(tmp_path / "older.json")) == 0
-    assert "from the table of `python -m fasthvae.study x`: vae seed 0" in (pooled / "study.md").read_text()
+    assert "| vae | 0 | `runs/study/study.json` |" in (pooled / "study.md").read_text()
     (tmp_path / "other.json").write_text(json.dumps(first | {"protocol": first["protocol"] | {"lr": 1.0}}))
     assert study(data, pooled, "--report-only", "--import-table", str(tmp_path / "other.json")) == 2
 
@@ -336,6 +339,7 @@ def test_a_row_with_a_time_budget_trains_for_its_budget_rows_time(data, tmp_path
     assert "seed 0: 2 epochs in 0.2 min" in (elsewhere / "study.md").read_text()
 
 
+@requires("torch_fidelity")  # the study and eval commands compute FID
 def test_sigterm_stops_the_whole_study_and_a_rerun_goes_on(data, tmp_path, monkeypatch, capsys):
     """A signal in the second row saves that run mid-epoch and stops the study (exit 75, no row
     marked failed); the same command then finishes it."""

@@ -9,8 +9,7 @@ import torch
 
 from fasthvae import train
 from fasthvae.training.checkpoint import load_checkpoint
-from tests.helpers import scale_loss_by_step
-from tests.test_train import SMALL, assert_same_state
+from tests.helpers import SMALL, assert_same_state, scale_loss_by_step
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
 

@@ -18,21 +18,13 @@ from fasthvae.models import build_model
 from fasthvae.training.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from fasthvae.training.distributed import DistInfo
 from fasthvae.training.precision import cpu_flags
-from tests.helpers import scale_loss_by_step
-
-SMALL = [
-    "--channels",
-    "8",
-    "--latent",
-    "16",
-    "--z1-channels",
-    "4",
-    "--batch-size",
-    "32",
-    "--limit-test",
-    "64",
-]
-SMALL += ["--loader", "resident"]
+from tests.helpers import (
+    KILL_AFTER_FIRST_CHECKPOINT,
+    SMALL,
+    assert_same_state,
+    run_process,
+    scale_loss_by_step,
+)
 
 
 def run(data: str, out: Path, *extra: str) -> dict:
@@ -88,25 +80,6 @@ def test_loss_decreases_on_a_fixed_batch(data):
     assert losses[-1] < 0.9 * losses[0], losses  # BCE falls ~16% in 30 steps; no learning: ~0%
 
 
-KILL_AFTER_FIRST_CHECKPOINT = """
-import sys
-from fasthvae import train
-from fasthvae.data.dali import dali_available
-real_save = train.Trainer._save
-def save_then_die(self):
-    real_save(self)
-    raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
-train.Trainer._save = save_then_die
-train.main(sys.argv[1:])
-"""
-
-
-def run_process(*argv: str, code: str | None = None) -> subprocess.CompletedProcess:
-    """The trainer in a fresh process, as a user would run (and resume) it."""
-    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "fasthvae.train"]
-    return subprocess.run([*cmd, *argv], capture_output=True, text=True, timeout=300)
-
-
 def test_resume_equals_an_uninterrupted_run(data, tmp_path):
     common = ["--data", data, "--epochs", "2", *SMALL, "--limit-train", "96", "--no-compile", "--seed", "3"]
     common += ["--loader", "torch"]  # worker processes with their own RNGs: the harder case
@@ -124,16 +97,6 @@ def test_resume_equals_an_uninterrupted_run(data, tmp_path):
     timing = {"seconds": 0, "images_per_s": 0}
     assert [r | timing for r in a["history"]] == [r | timing for r in b["history"]]
     assert_same_state(a, b)
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    """Model and optimizer states of two checkpoints are equal, bit for bit."""
-    assert a["model"].keys() == b["model"].keys()
-    for key, value in a["model"].items():
-        assert torch.equal(b["model"][key], value), key
-    for index, state in a["optimizer"]["state"].items():
-        for name, value in state.items():
-            assert torch.equal(b["optimizer"]["state"][index][name], value), (index, name)
 
 
 def test_refuses_to_overwrite_and_checks_resume(data, tmp_path, capsys):
@@ -276,6 +239,44 @@ def test_discretized_likelihood_reports_bits_per_dim(data, tmp_path):
     assert 0 < test["neg_elbo_bits_per_dim"] < 16
     assert test["neg_elbo_bits_per_dim"] == pytest.approx(test["neg_elbo"] / (3072 * np.log(2)))
     assert "neg_iw_bound_k3_bits_per_dim" in test
+
+
+SLOW_RANK_0_EVALUATION = """
+import datetime, sys, time
+import torch.distributed as dist
+from fasthvae import train
+real_init, real_summarize = dist.init_process_group, train.Trainer.summarize
+def short_timeout(*args, **kwargs):
+    real_init(*args, **{**kwargs, "timeout": datetime.timedelta(seconds=8)})
+def slow_summarize(self):
+    time.sleep(15)
+    return real_summarize(self)
+dist.init_process_group, train.Trainer.summarize = short_timeout, slow_summarize
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_ddp_ranks_wait_for_a_rank_0_evaluation_longer_than_the_group_timeout(data, tmp_path):
+    """Rank 0 evaluates alone for longer than the process group's timeout (NCCL's is 10 minutes;
+    8 s here): the other rank waits for it without timing out, and both exit 0 with the summary."""
+    script = tmp_path / "slow_rank_0.py"
+    script.write_text(SLOW_RANK_0_EVALUATION)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+    ]
+    cmd += ["--data", data, "--out", str(tmp_path / "run"), "--epochs", "1", *SMALL, "--limit-train", "64"]
+    cmd += ["--no-compile", "--fid-samples", "0", "--no-tensorboard"]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "summary.json").is_file()
 
 
 def test_ddp_two_gloo_processes(data, tmp_path):

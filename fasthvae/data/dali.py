@@ -21,6 +21,9 @@ import torch
 from fasthvae.data.common import LoaderOptions, batches_per_epoch, shard_order
 from fasthvae.data.sources import check_images
 
+# Encoded files the folder reader holds to shuffle from: a window, so folders larger than memory
+# stream through it (each file is still read once per epoch).
+SHUFFLE_BUFFER = 4096
 INSTALL_HINT = "DALI is not installed: pip install 'fasthvae[dali]' (package nvidia-dali-cuda130)"
 
 
@@ -41,6 +44,28 @@ def dali_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def dali_gpu_problem(device_id: int = 0) -> str | None:
+    """Why DALI cannot run GPU operators on GPU ``device_id`` (not installed, no GPU, a driver older
+    than the CUDA DALI was built for), or None when a one-operator GPU pipeline runs."""
+    try:
+        fn, pipeline_def, _, _, _ = _dali()
+    except ImportError as err:
+        return str(err)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=device_id)
+    def probe():
+        return fn.external_source(source=lambda: [np.zeros(4, np.uint8)], batch=True, device="gpu")
+
+    try:
+        pipe = probe()
+        pipe.build()
+        pipe.run()
+    except Exception as err:  # DALI raises RuntimeError and others, with the driver's message
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        return f"DALI cannot run on GPU {device_id}: {type(err).__name__}: {first_line}"
+    return None
 
 
 class _EpochFeeder:
@@ -197,6 +222,7 @@ class DaliFolderLoader(_DaliBase):
         size: int = 32,
         device: str | torch.device = "cpu",
         num_threads: int = 2,
+        shuffle_buffer: int = SHUFFLE_BUFFER,
     ) -> None:
         fn, pipeline_def, types, iterator_cls, last_batch = _dali()
         if not files:
@@ -212,7 +238,7 @@ class DaliFolderLoader(_DaliBase):
                 files=self.files,
                 labels=list(range(len(self.files))),
                 random_shuffle=options.shuffle,
-                initial_fill=len(self.files),
+                initial_fill=min(len(self.files), shuffle_buffer),
                 shard_id=options.rank,
                 num_shards=options.world_size,
                 stick_to_shard=True,

@@ -23,13 +23,12 @@ from torch import nn
 from tqdm import tqdm
 
 from fasthvae.eval.convert_inception import weights_tag
+from fasthvae.fid_extractors import INCEPTION, TINY
 from fasthvae.models import LatentVariableModel
 from fasthvae.training.precision import autocast
 
 WEIGHTS_ENV = "FASTHVAE_FID_WEIGHTS"
 CACHE_ENV = "FASTHVAE_CACHE"
-INCEPTION = "inception-v3-compat"
-TINY = "fasthvae-tiny"
 INCEPTION_CHANNELS_LAST = "fasthvae-inception-v3-compat-channels-last"
 EVAL_EXTRA = "pip install 'fasthvae[eval]'"
 

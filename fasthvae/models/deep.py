@@ -22,8 +22,11 @@ negative ELBO: the KL of group i is the expectation over z_i given the very z_<i
 condition on.
 """
 
+from __future__ import annotations  # the walk's nested functions are traced by dynamo: no evaluated hints
+
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +109,11 @@ PRESETS = {
 def soft_clamp(x: Tensor, bound: float = LOGVAR_BOUND) -> Tensor:
     """bound * tanh(x / bound): the identity near 0, smoothly bounded by +-bound."""
     return bound * torch.tanh(x / bound)
+
+
+Gaussian = tuple[Tensor, Tensor]  # (mu, logvar)
+# How a latent group draws its z in a top-down walk: (group, prior, posterior or None) -> z.
+Draw = Callable[["LatentGroup", Gaussian, Gaussian | None], Tensor]
 
 
 class Cell(nn.Module):
@@ -233,67 +241,68 @@ class DeepHVAE(LatentVariableModel):
     def _fit(h: Tensor, res: int) -> Tensor:
         return h if h.shape[-1] == res else F.interpolate(h, scale_factor=res // h.shape[-1], mode="nearest")
 
-    def forward(self, x: Tensor, kl_reduction: str = "sample") -> Output:
-        activations = self.bottom_up(x)
-        h = self._start(len(x))
-        kls = {}
-        for res, group in self.top_down:
+    def _walk(self, h: Tensor, activations: dict[int, Tensor] | None, draw: Draw) -> Tensor:
+        """The top-down pass from state ``h``, returning the last state. Cells advance the state;
+        each latent group computes its prior and, given the bottom-up ``activations``, its
+        posterior, and continues with ``draw(group, (mu_p, logvar_p), (mu_q, logvar_q) or None)``:
+        the z that training, encoding, sampling and the importance weights each draw their way."""
+        for res, block in self.top_down:
             h = self._fit(h, res)
-            if isinstance(group, Cell):
-                h = group(h)
+            if isinstance(block, Cell):
+                h = block(h)
                 continue
-            mu_p, logvar_p, features = group.prior_params(h)
-            mu_q, logvar_q = group.posterior_params(h, activations[res])
-            z, kls[group.name] = ops.sample_and_kl(mu_q, logvar_q, mu_p, logvar_p, reduction=kl_reduction)
-            h = group.advance(h, features, z)
+            mu_p, logvar_p, features = block.prior_params(h)
+            posterior = None if activations is None else block.posterior_params(h, activations[res])
+            h = block.advance(h, features, draw(block, (mu_p, logvar_p), posterior))
+        return h
+
+    def forward(self, x: Tensor, kl_reduction: str = "sample") -> Output:
+        kls = {}
+
+        def from_posterior(group: LatentGroup, prior: Gaussian, posterior: Gaussian | None) -> Tensor:
+            z, kls[group.name] = ops.sample_and_kl(*posterior, *prior, reduction=kl_reduction)
+            return z
+
+        h = self._walk(self._start(len(x)), self.bottom_up(x), from_posterior)
         return Output(self.head(h), kls)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """q(z_i | x, z_<i) per group, top down: (mu, logvar), each [B, zdim, res, res], along one
         posterior sample (each group's posterior depends on the samples above it)."""
-        activations = self.bottom_up(x)
-        h = self._start(len(x))
         posteriors = {}
-        for res, group in self.top_down:
-            h = self._fit(h, res)
-            if isinstance(group, Cell):
-                h = group(h)
-                continue
-            _, _, features = group.prior_params(h)
-            mu_q, logvar_q = group.posterior_params(h, activations[res])
-            posteriors[group.name] = (mu_q, logvar_q)
-            h = group.advance(h, features, ops.reparameterize(mu_q, logvar_q))
+
+        def keep_posterior(group: LatentGroup, prior: Gaussian, posterior: Gaussian | None) -> Tensor:
+            posteriors[group.name] = posterior
+            return ops.reparameterize(*posterior)
+
+        self._walk(self._start(len(x)), self.bottom_up(x), keep_posterior)
         return posteriors
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         """Mean images of z_i ~ p(z_i | z_<i) with each standard deviation times T, top down."""
-        h = self._start(n).to(self.head.weight.dtype)
-        for res, group in self.top_down:
-            h = self._fit(h, res)
-            if isinstance(group, Cell):
-                h = group(h)
-                continue
-            mu_p, logvar_p, features = group.prior_params(h)
-            z = mu_p if temperature == 0 else ops.reparameterize(mu_p, logvar_p + 2 * math.log(temperature))
-            h = group.advance(h, features, z)
+
+        def from_prior(group: LatentGroup, prior: Gaussian, posterior: Gaussian | None) -> Tensor:
+            mu_p, logvar_p = prior
+            return (
+                mu_p if temperature == 0 else ops.reparameterize(mu_p, logvar_p + 2 * math.log(temperature))
+            )
+
+        h = self._walk(self._start(n).to(self.head.weight.dtype), None, from_prior)
         return self.decode_mean(self.head(h))
 
     @torch.no_grad()
     def log_weight(self, x: Tensor) -> Tensor:
         """One importance weight log p(x, z) - log q(z | x), z drawn from q group by group: float32 [B]."""
-        activations = self.bottom_up(x)
-        h = self._start(len(x))
         log_ratio = torch.zeros(len(x), device=x.device)
-        for res, group in self.top_down:
-            h = self._fit(h, res)
-            if isinstance(group, Cell):
-                h = group(h)
-                continue
-            mu_p, logvar_p, features = group.prior_params(h)
-            mu_q, logvar_q = group.posterior_params(h, activations[res])
+
+        def weigh(group: LatentGroup, prior: Gaussian, posterior: Gaussian | None) -> Tensor:
+            nonlocal log_ratio
+            mu_q, logvar_q = posterior
             z = sample_gaussian(mu_q.float(), logvar_q.float())
-            log_ratio += gaussian_log_prob(z, mu_p, logvar_p) - gaussian_log_prob(z, mu_q, logvar_q)
-            h = group.advance(h, features, z.to(h.dtype))
+            log_ratio = log_ratio + gaussian_log_prob(z, *prior) - gaussian_log_prob(z, mu_q, logvar_q)
+            return z.to(mu_q.dtype)
+
+        h = self._walk(self._start(len(x)), self.bottom_up(x), weigh)
         return -likelihoods.nll(self.likelihood, self.head(h), x) + log_ratio

@@ -75,11 +75,6 @@ def _empty_like_op(t: Tensor) -> Tensor:
     return _restore(t.new_empty([t.shape[d] for d in order]), order)
 
 
-def _seed_value(seed: Tensor | None) -> int:
-    """The seed as a host integer (CPU and reference kernels; a device-to-host read on CUDA)."""
-    return 0 if seed is None else int(seed.item())
-
-
 def _seed_on(seed: Tensor | None, device: torch.device) -> Tensor | None:
     """The seed where the kernels read it: on the inputs' device (a copy only if it is elsewhere)."""
     return None if seed is None else seed.reshape(1).to(device=device, dtype=torch.int64)
@@ -121,7 +116,7 @@ def _forward(mu, logvar, mu_p, logvar_p, seed: Tensor | None, sample: bool, kl_m
         kernels = backend.triton_kernels() if name == "triton" else backend.extension()
         z, kl = kernels.forward(mu, logvar, mu_p, logvar_p, _seed_on(seed, mu.device), sample, kl_mode)
     else:
-        z, kl = _reference_forward(mu, logvar, mu_p, logvar_p, _seed_value(seed), sample, kl_mode)
+        z, kl = _reference_forward(mu, logvar, mu_p, logvar_p, _seed_on(seed, mu.device), sample, kl_mode)
     return _restore(z, order), (_restore(kl, order) if kl_mode == KL_ELEMENTWISE else kl)
 
 
@@ -223,7 +218,7 @@ def _backward(mu, logvar, mu_p, logvar_p, seed, grad_z, grad_kl, grad_kl_rows) -
         )
     eps = None
     if grad_z is not None:
-        eps = philox_randn(_seed_value(seed), logvar.numel(), logvar.device).view(logvar.shape)
+        eps = philox_randn(_seed_on(seed, logvar.device), logvar.numel(), logvar.device).view(logvar.shape)
     return reference.gaussian_backward(mu, logvar, mu_p, logvar_p, eps, grad_z, grad_kl, grad_kl_rows)
 
 

@@ -27,12 +27,17 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox_uint32(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def philox_uint32(seed: int | torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The four Philox outputs for counters (offset_lo, offset_hi, 0, 0) and key seed (int64 tensors):
-    Triton's ``tl.randint4x(seed, offsets)``."""
-    seed &= (1 << 64) - 1
-    k0, k1 = seed & _MASK32, seed >> 32
+    Triton's ``tl.randint4x(seed, offsets)``. ``seed``: a Python int or a one-element int64 tensor
+    (read where it lies: no device-to-host copy), its 64 bits taken as unsigned."""
     offsets = offsets.to(torch.int64)
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(()).to(device=offsets.device, dtype=torch.int64)
+        k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32  # the shift is arithmetic: mask the sign away
+    else:
+        seed &= (1 << 64) - 1
+        k0, k1 = seed & _MASK32, seed >> 32
     c0 = offsets & _MASK32
     c1 = (offsets >> 32) & _MASK32
     c2 = torch.zeros_like(c0)
@@ -59,7 +64,7 @@ def _pair_to_normal(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tor
     return r * torch.cos(theta), r * torch.sin(theta)
 
 
-def philox_randn_at(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+def philox_randn_at(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Standard normal float32 noise of elements ``offsets``: output i % 4 of ``randn4x(seed, i // 4)``."""
     offsets = offsets.to(torch.int64)
     c0, c1, c2, c3 = philox_uint32(seed, offsets >> 2)
@@ -69,7 +74,7 @@ def philox_randn_at(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     return torch.where(lane % 2 == 1, n_sin, n_cos)
 
 
-def philox_randn(seed: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def philox_randn(seed: int | torch.Tensor, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Standard normal float32 noise of elements ``0 .. numel - 1`` (see :func:`philox_randn_at`).
 
     Draws whole groups: one Philox call and both Box-Muller branches per four elements.

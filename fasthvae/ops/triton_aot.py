@@ -4,6 +4,9 @@
 flag combination, float32/float16/bfloat16) to PTX and a cubin, catching what the interpreter
 forgives (types, layouts, unsupported ops). Must run without ``TRITON_INTERPRET``.
 
+``--also MODULE`` compiles the kernels of another module too (the tests' own kernels): a module
+with ``@triton.jit`` kernels gives ``aot_specs(dtype)``, an iterator of :class:`Spec`.
+
 ``--report DIR`` also writes ``triton_resources.md`` and ``.csv``: each kernel's registers, stack
 and spills (``ptxas -v`` with Triton's own flags on Triton's PTX), shared memory and the occupancy
 they allow, flagging a kernel that spills or stays below 50% occupancy.
@@ -11,6 +14,7 @@ they allow, flagging a kernel that spills or stays below 50% occupancy.
 
 import argparse
 import csv
+import importlib
 import itertools
 import math
 import os
@@ -20,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fasthvae.ops.reference import KL_ELEMENTWISE, KL_NONE, KL_ROWS
@@ -31,6 +35,25 @@ DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 ROW_WIDTHS = (None, 128)
 
 
+@dataclass(frozen=True)
+class Spec:
+    """One kernel specialization to compile: the ``@triton.jit`` function, its signature (argument
+    name to Triton type, ``constexpr`` for compile-time ones), the constexpr values and the launch
+    options (``num_warps``, ``maxnreg``)."""
+
+    name: str
+    kernel: object
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    options: dict[str, int] = field(default_factory=lambda: {"num_warps": 4})
+
+
+def _package_options() -> dict[str, int]:
+    from fasthvae.ops import triton_kernels as tk
+
+    return {"num_warps": tk.NUM_WARPS, "maxnreg": tk.MAX_REGISTERS}
+
+
 def _tiles() -> Iterator[tuple[int, int]]:
     from fasthvae.ops import triton_kernels as tk
 
@@ -38,7 +61,9 @@ def _tiles() -> Iterator[tuple[int, int]]:
         yield tk.tile_shape(width or tk.TILE)
 
 
-def _forward_specs(dtype: str) -> Iterator[tuple[str, dict, dict]]:
+def _forward_specs(dtype: str) -> Iterator[Spec]:
+    from fasthvae.ops import triton_kernels as tk
+
     for (block_r, block_c), sample, kl_mode, prior, aligned in itertools.product(
         _tiles(), (False, True), (KL_NONE, KL_ELEMENTWISE, KL_ROWS), (False, True), (False, True)
     ):
@@ -59,10 +84,12 @@ def _forward_specs(dtype: str) -> Iterator[tuple[str, dict, dict]]:
         consts = {**flags, "BLOCK_R": block_r, "BLOCK_C": block_c}
         consts.update({k: None for k, v in sig.items() if v == "constexpr" and k.endswith("_ptr")})
         name = f"forward[{block_r}x{block_c},sample={sample},kl={kl_mode},prior={prior},aligned={aligned}]"
-        yield name, sig, consts
+        yield Spec(name, tk.gaussian_forward_kernel, sig, consts, _package_options())
 
 
-def _backward_specs(dtype: str) -> Iterator[tuple[str, dict, dict]]:
+def _backward_specs(dtype: str) -> Iterator[Spec]:
+    from fasthvae.ops import triton_kernels as tk
+
     for (block_r, block_c), (sample, kl, prior, rows, aligned) in itertools.product(
         _tiles(), itertools.product((False, True), repeat=5)
     ):
@@ -85,7 +112,7 @@ def _backward_specs(dtype: str) -> Iterator[tuple[str, dict, dict]]:
         consts.update({k: None for k, v in sig.items() if v == "constexpr" and k.endswith("_ptr")})
         tile = f"{block_r}x{block_c}"
         name = f"backward[{tile},sample={sample},kl={kl},prior={prior},rows={rows},aligned={aligned}]"
-        yield name, sig, consts
+        yield Spec(name, tk.gaussian_backward_kernel, sig, consts, _package_options())
 
 
 # Per-SM limits of sm_80 (A100) and sm_90 (H100), from NVIDIA's CUDA occupancy calculator.
@@ -154,7 +181,7 @@ def ptxas_resources(ptx: str, arch: int) -> dict[str, int]:
     return {k: int(m.group(1)) for k, m in found.items()}
 
 
-def _compile(kind: str, sig: dict, consts: dict, arch: int):
+def _compile(spec: Spec, arch: int):
     """One kernel specialization compiled for compute capability ``arch``."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset")
@@ -162,54 +189,63 @@ def _compile(kind: str, sig: dict, consts: dict, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fasthvae.ops import triton_kernels as tk
-
-    fn = {"forward": tk.gaussian_forward_kernel, "backward": tk.gaussian_backward_kernel}[kind]
     return triton.compile(
-        ASTSource(fn=fn, signature=sig, constexprs=consts),
+        ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs),
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": tk.NUM_WARPS, "maxnreg": tk.MAX_REGISTERS},
+        options=spec.options,
     )
 
 
-def _resources(compiled, arch: int, dtype: str, name: str) -> Resources:
-    from fasthvae.ops import triton_kernels as tk
-
+def _resources(compiled, arch: int, dtype: str, spec: Spec) -> Resources:
     usage = ptxas_resources(compiled.asm["ptx"], arch)
     shared = compiled.metadata.shared
-    share = occupancy(usage["registers"], tk.NUM_WARPS, shared, arch)
-    return Resources(arch, dtype, name, **usage, shared_bytes=shared, num_warps=tk.NUM_WARPS, occupancy=share)
+    warps = spec.options.get("num_warps", 4)
+    share = occupancy(usage["registers"], warps, shared, arch)
+    return Resources(arch, dtype, spec.name, **usage, shared_bytes=shared, num_warps=warps, occupancy=share)
 
 
 SPECS = {"forward": _forward_specs, "backward": _backward_specs}
 
 
+def specs(dtype: str, also: tuple[str, ...] = ()) -> Iterator[Spec]:
+    """Every specialization of the package's kernels in ``dtype``, then those of each module in
+    ``also`` (its ``aot_specs(dtype)``)."""
+    for kind_specs in SPECS.values():
+        yield from kind_specs(dtype)
+    for module in also:
+        yield from importlib.import_module(module).aot_specs(dtype)
+
+
 def kernel_resources(kind: str, dtype: str, arch: int, **consts: object) -> Resources:
     """Resources of the ``kind`` kernel ("forward" or "backward") specialized with ``consts``
     (every flag and both tile sizes, e.g. as :mod:`fasthvae.ops.triton_kernels` launches it)."""
-    matches = [spec for spec in SPECS[kind](dtype) if all(spec[2].get(k) == v for k, v in consts.items())]
+    matches = [s for s in SPECS[kind](dtype) if all(s.constexprs.get(k) == v for k, v in consts.items())]
     if len(matches) != 1:
         raise ValueError(f"{len(matches)} {kind} kernels match {consts} (give every flag and the tile)")
-    name, sig, spec_consts = matches[0]
-    return _resources(_compile(kind, sig, spec_consts, arch), arch, dtype, name)
+    return _resources(_compile(matches[0], arch), arch, dtype, matches[0])
 
 
 def compile_all(
-    archs: list[int], dtypes: list[str], out_dir: Path | None = None, resources: bool = False
+    archs: list[int],
+    dtypes: list[str],
+    out_dir: Path | None = None,
+    resources: bool = False,
+    also: tuple[str, ...] = (),
 ) -> list[Resources | None]:
-    """Compile every specialization for each arch and dtype; one entry per kernel compiled, its
-    :class:`Resources` when ``resources`` is asked for."""
+    """Compile every specialization (the package's, then those of the modules in ``also``) for
+    each arch and dtype; one entry per kernel compiled, its :class:`Resources` when ``resources``
+    is asked for."""
     compiled_kernels: list[Resources | None] = []
-    for arch, dtype, kind in itertools.product(archs, dtypes, SPECS):
-        for name, sig, consts in SPECS[kind](dtype):
+    for arch, dtype in itertools.product(archs, dtypes):
+        for spec in specs(dtype, also):
             start = time.perf_counter()
-            compiled = _compile(kind, sig, consts, arch)
-            assert compiled.asm["cubin"], f"no cubin for {name}"
+            compiled = _compile(spec, arch)
+            assert compiled.asm["cubin"], f"no cubin for {spec.name}"
             if out_dir is not None:
-                stem = f"sm{arch}_{dtype}_{name}".replace("[", "_").replace("]", "").replace(",", "_")
+                stem = f"sm{arch}_{dtype}_{spec.name}".replace("[", "_").replace("]", "").replace(",", "_")
                 (out_dir / f"{stem}.ptx").write_text(compiled.asm["ptx"])
-            compiled_kernels.append(_resources(compiled, arch, dtype, name) if resources else None)
-            print(f"sm_{arch} {dtype:5s} {name}: ok ({time.perf_counter() - start:.1f}s)", flush=True)
+            compiled_kernels.append(_resources(compiled, arch, dtype, spec) if resources else None)
+            print(f"sm_{arch} {dtype:5s} {spec.name}: ok ({time.perf_counter() - start:.1f}s)", flush=True)
     return compiled_kernels
 
 
@@ -251,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument(
+        "--also", nargs="+", default=[], metavar="MODULE", help="also compile these modules' aot_specs"
+    )
     parser.add_argument("--out", type=Path, help="write the PTX of every kernel here")
     parser.add_argument("--report", type=Path, help="write triton_resources.md/.csv (registers, spills) here")
     parser.add_argument(
@@ -260,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     for folder in (args.out, args.report):
         if folder:
             folder.mkdir(parents=True, exist_ok=True)
-    compiled = compile_all(args.arch, args.dtype, args.out, resources=args.report is not None)
+    compiled = compile_all(args.arch, args.dtype, args.out, args.report is not None, tuple(args.also))
     print(f"compiled {len(compiled)} kernels for sm_{', sm_'.join(map(str, args.arch))}")
     if args.report:
         command = "python -m fasthvae.ops.triton_aot " + " ".join(argv if argv is not None else sys.argv[1:])

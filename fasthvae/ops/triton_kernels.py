@@ -11,6 +11,8 @@ captured it replays fresh noise with each new seed. Arithmetic is float32.
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -166,6 +168,11 @@ def gaussian_backward_kernel(
     tl.store(dlv_ptr + offs, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
 
 
+def _device_guard(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on ``x``'s GPU: Triton launches on the current device, which may be another one."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _layout(x: torch.Tensor, sample: bool) -> tuple[int, int, int, int, dict[str, object]]:
     """rows, inner, column blocks per row, programs and tile constants of a launch on ``x``."""
     rows = x.shape[0] if x.dim() > 0 else 1
@@ -194,11 +201,12 @@ def forward(
         partials = torch.empty if mu.numel() else torch.zeros
         kl = partials(rows, max(col_blocks, 1), dtype=torch.float32, device=mu.device)
     if mu.numel():
-        gaussian_forward_kernel[(programs,)](
-            mu, logvar, mu_p, logvar_p, z, kl, seed if sample else None, rows, inner, col_blocks,
-            SAMPLE=sample, KL_MODE=kl_mode, PRIOR=mu_p is not None, **tile,
-            num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
-        )  # fmt: skip
+        with _device_guard(mu):
+            gaussian_forward_kernel[(programs,)](
+                mu, logvar, mu_p, logvar_p, z, kl, seed if sample else None, rows, inner, col_blocks,
+                SAMPLE=sample, KL_MODE=kl_mode, PRIOR=mu_p is not None, **tile,
+                num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
+            )  # fmt: skip
     if kl_mode == KL_ROWS:
         kl = kl.sum(1) if kl.shape[1] > 1 else kl.view(rows)
     return z, kl
@@ -221,10 +229,11 @@ def backward(
     dmu_p = torch.empty_like(logvar) if prior else None
     dlv_p = torch.empty_like(logvar) if prior else None
     if logvar.numel():
-        gaussian_backward_kernel[(programs,)](
-            mu, logvar, mu_p, logvar_p, grad_z, grad_kl, dmu, dlv, dmu_p, dlv_p,
-            seed if grad_z is not None else None, rows, inner, col_blocks,
-            SAMPLE=grad_z is not None, KL=grad_kl is not None, PRIOR=prior, GRAD_ROWS=grad_kl_rows,
-            **tile, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
-        )  # fmt: skip
+        with _device_guard(logvar):
+            gaussian_backward_kernel[(programs,)](
+                mu, logvar, mu_p, logvar_p, grad_z, grad_kl, dmu, dlv, dmu_p, dlv_p,
+                seed if grad_z is not None else None, rows, inner, col_blocks,
+                SAMPLE=grad_z is not None, KL=grad_kl is not None, PRIOR=prior, GRAD_ROWS=grad_kl_rows,
+                **tile, num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS,
+            )  # fmt: skip
     return [dmu, dlv] + ([dmu_p, dlv_p] if prior else [])

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from fasthvae.data import LOADERS, load_dataset
-from fasthvae.eval.fid import INCEPTION, TINY
+from fasthvae.data import load_dataset
 from fasthvae.study import plots
 from fasthvae.study.report import write_tables
 from fasthvae.study.rows import BITS_PER_DIM_TARGET, ROWS, STUDY_ROWS, select_rows
@@ -36,8 +35,12 @@ from fasthvae.study.runner import (
     study_lock,
     train_run,
 )
+from fasthvae.training.config import add_options
 from fasthvae.training.distributed import DistInfo, init_distributed, shutdown
 from fasthvae.training.preemption import PREEMPTED_EXIT, Preempted
+
+# The study's protocol where it differs from a single run's defaults: its likelihood, and FID.
+STUDY_DEFAULTS = {"likelihood": "bernoulli", "fid_samples": 10000}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,30 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--rows", default=",".join(STUDY_ROWS), help=f"comma-separated, from: {', '.join(ROWS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--epochs", type=int, default=100, help="per run; the schedules are stretched to it")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--likelihood", default="bernoulli", help="the study's: bernoulli (BCE)")
-    p.add_argument("--limit-train", type=int, default=None, help="train on the first N images")
-    p.add_argument("--limit-test", type=int, default=None, help="test metrics on the first N test images")
-    p.add_argument("--fid-samples", type=int, default=10000, help="0: no FID")
-    p.add_argument("--fid-extractor", choices=[INCEPTION, TINY], default=INCEPTION)
-    p.add_argument("--fid-weights", default=None)
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (fp32 on CPUs without native bf16)")
-    p.add_argument("--data", default=None, help="as for python -m fasthvae.train")
-    p.add_argument("--data-root", default="data")
     p.add_argument("--out", type=Path, default=Path("runs/study"))
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--loader", choices=LOADERS, default=None)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument(
-        "--checkpoint-every",
-        type=float,
-        default=None,
-        metavar="MINUTES",
-        help="mid-epoch checkpoints on a clock (SIGTERM and SIGINT always save one, then stop the study)",
-    )
+    add_options(p, PROTOCOL_FIELDS + RUNTIME_FIELDS, STUDY_DEFAULTS)
     p.add_argument(
         "--budget-minutes",
         type=float,

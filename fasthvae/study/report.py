@@ -8,6 +8,7 @@ cancels the study's unknown units.
 import csv
 import io
 import json
+import shlex
 import statistics
 from datetime import datetime, timezone
 from pathlib import Path
@@ -124,16 +125,32 @@ def claim_values(runs: list[Run]) -> dict[str, dict[int, dict]]:
     return values
 
 
+def _study_table(command: str) -> str:
+    """The study.json that a study command wrote: its ``--out`` (the last command's, of a chain)."""
+    words = shlex.split(command.split(" && ")[-1])
+    out = next((words[i + 1] for i, w in enumerate(words[:-1]) if w == "--out"), "runs/study")
+    home = str(Path.home())
+    return f"{'~' + out[len(home) :] if out.startswith(home + '/') else out}/study.json"
+
+
 def _imported(runs: list[Run]) -> list[str]:
-    """One line per table that runs were imported from, naming them."""
-    sources: dict[str, list[str]] = {}
+    """The provenance of imported runs as a short table: row, seeds, the study table they came from
+    (the full commands stay in study.json)."""
+    seeds: dict[tuple[str, str], list[int]] = {}
     for run in runs:
         if run.source:
-            sources.setdefault(run.source, []).append(f"{run.row.name} seed {run.seed}")
-    return [
-        f"Imported (numbers only, no curves or samples) from the table of `{source}`: {', '.join(names)}.  "
-        for source, names in sources.items()
+            seeds.setdefault((run.row.name, _study_table(run.source)), []).append(run.seed)
+    if not seeds:
+        return []
+    lines = [
+        "",
+        "Runs imported from other studies made under this protocol (numbers only, no curves or samples; "
+        "the commands that trained them are in study.json):",
+        "",
+        "| row | seeds | imported from |",
+        "|---|---|---|",
     ]
+    return lines + [f"| {row} | {', '.join(map(str, s))} | `{table}` |" for (row, table), s in seeds.items()]
 
 
 def markdown(
@@ -147,9 +164,9 @@ def markdown(
         "",
         *(f"Command: `{command}`  " for command in commands),
         f"Machine: {machines}  ",
-        *_imported(runs),
         *(f"{note}  " for note in notes),
         f"Written: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        *_imported(runs),
         "",
         f"Protocol (every row): {protocol['limit_train'] or 'all'} training images, {protocol['epochs']} "
         f"epochs (the schedules' 100-epoch anchors stretched to {protocol['epochs']}), batch "

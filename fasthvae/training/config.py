@@ -17,7 +17,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replac
 from typing import Any
 
 from fasthvae.data import LOADERS
-from fasthvae.eval.fid import INCEPTION, TINY
+from fasthvae.fid_extractors import EXTRACTORS, INCEPTION, TINY
 from fasthvae.likelihoods import LIKELIHOODS
 from fasthvae.models import MODELS, PRESETS, deep_spec
 from fasthvae.schedules import LR_SCHEDULES, REFERENCE_EPOCHS, SCHEDULES
@@ -159,10 +159,10 @@ class TrainConfig:
         INCEPTION,
         f"FID features; {TINY} is a tiny fixed extractor for tests (numbers not comparable)",
         on_resume="change",
-        choices=[INCEPTION, TINY],
+        choices=list(EXTRACTORS),
     )
     fid_weights: str | None = option(
-        None, "Inception weights (default: see README, Evaluation)", on_resume="change"
+        None, "Inception weights (default: see docs/evaluation.md)", on_resume="change"
     )
     schedule_epochs: int | None = option(
         None, "the length the schedule is stretched to (None: epochs)", on_resume="keep", cli=False
@@ -208,6 +208,33 @@ def _base_type(f: Field) -> type:
     return f.type
 
 
+def add_options(
+    parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None, defaults: dict | None = None
+) -> None:
+    """Add the options of TrainConfig's fields ``names`` (default: every command-line field) to
+    ``parser``, with their help, choices and types; ``defaults`` overrides some defaults (a command
+    with a protocol of its own, such as the study's)."""
+    chosen = [f for f in fields(TrainConfig) if f.metadata["cli"] and (names is None or f.name in names)]
+    for f in chosen:
+        meta = f.metadata
+        flag = "--" + f.name.replace("_", "-")
+        default = (defaults or {}).get(f.name, f.default)
+        kind = _base_type(f)
+        if kind is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"]
+            )
+        else:
+            parser.add_argument(
+                flag,
+                type=kind,
+                default=default,
+                choices=meta["choices"],
+                metavar=meta["metavar"],
+                help=meta["help"],
+            )
+
+
 def build_parser(
     prog: str = "python -m fasthvae.train", description: str | None = None
 ) -> argparse.ArgumentParser:
@@ -215,24 +242,38 @@ def build_parser(
     p = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_options(p)
+    return p
+
+
+def options_page() -> str:
+    """docs/options.md: every option of ``python -m fasthvae.train``, its default and resume rule."""
+    lines = [
+        "# Training options",
+        "",
+        "Generated from `fasthvae.training.config.TrainConfig` by `python -m fasthvae.training.config`;",
+        "a test keeps this page equal to it. Resume rules: **keep** defines what is trained (a resumed",
+        "run takes the checkpoint's value; a different given value is an error), **epochs** the",
+        "checkpoint's unless given, **change** takes the new value.",
+        "",
+        "| option | default | on resume | what |",
+        "|---|---|---|---|",
+    ]
     for f in fields(TrainConfig):
         meta = f.metadata
         if not meta["cli"]:
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = _base_type(f)
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
-        else:
-            p.add_argument(
-                flag,
-                type=kind,
-                default=f.default,
-                choices=meta["choices"],
-                metavar=meta["metavar"],
-                help=meta["help"],
-            )
-    return p
+        if _base_type(f) is bool:
+            flag += f" / --no-{f.name.replace('_', '-')}"
+        elif meta["choices"]:
+            flag += " " + "\\|".join(map(str, meta["choices"]))
+        elif meta["metavar"]:
+            flag += f" {meta['metavar']}"
+        default = "—" if f.default is None else f"`{f.default}`"
+        what = meta["help"].replace("|", "\\|")
+        lines.append(f"| `{flag}` | {default} | {meta['on_resume']} | {what} |")
+    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -349,3 +390,7 @@ def validate(config: TrainConfig) -> None:
             deep_spec(asdict(config))
         except ValueError as err:
             raise TrainingError(str(err)) from err
+
+
+if __name__ == "__main__":
+    print(options_page(), end="")

@@ -2,9 +2,15 @@
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+# How long ranks wait at exit for rank 0, which evaluates alone (FID, the IW bound): long enough
+# for any evaluation, on a gloo group of its own, so NCCL's 10-minute default never applies to it.
+EXIT_WAIT = timedelta(days=1)
+_exit_group: dist.ProcessGroup | None = None
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,9 @@ def init_distributed(device_type: str) -> DistInfo:
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
+    global _exit_group
+    if _exit_group is None:
+        _exit_group = dist.new_group(backend="gloo", timeout=EXIT_WAIT)
     return info
 
 
@@ -50,11 +59,18 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
-    """Leave the process group, after a barrier: a gloo worker thread frees the work of the last
-    collective after the caller's wait returns, and freeing Python-owned tensors needs the GIL. Were
-    the main thread tearing the group down by then (it holds the GIL while it joins the workers),
-    the two would wait for each other: torch 2.11 hangs so at exit. The barrier waits with the GIL
-    released, so the worker finishes first; its own work holds no Python tensor."""
+    """Leave the process group once every rank is done (rank 0 with its evaluation).
+
+    The ranks first meet on the exit group, whose timeout outlasts any evaluation, then on the
+    default group before it is torn down: a gloo worker thread frees the work of the last
+    collective after the caller's wait returns, and freeing Python-owned tensors needs the GIL.
+    Were the main thread tearing the group down by then (it holds the GIL while it joins the
+    workers), the two would wait for each other: torch 2.11 hangs so at exit. The barrier waits
+    with the GIL released, so the worker finishes first; its own work holds no Python tensor."""
+    global _exit_group
     if info.enabled and dist.is_initialized():
+        if _exit_group is not None:
+            dist.barrier(group=_exit_group)
         dist.barrier()
         dist.destroy_process_group()
+        _exit_group = None

