@@ -1,7 +1,9 @@
 """Training images/s: the study's plain PyTorch loop against fasthvae's path, and each speed feature
 switched on alone, same model and batch, in one process.
 
-Variants (all through the trainer's own step):
+Variants (all but ``bare`` through the trainer's own step):
+- ``bare``: the plain model in a bare eager loop, ``model.loss`` + backward + ``torch.optim.AdamW``
+  (no gradient norms, skip decisions, EMA or records): what the trainer's bookkeeping costs
 - ``plain``: eager, unfused KL and sampling (plain PyTorch ops), torch DataLoader with workers
 - ``+fused-ops``, ``+compile``, ``+amp``, ``+loader``, ``+channels-last``, ``+fused-adamw``: plain plus
   one feature
@@ -13,12 +15,19 @@ the fused ops). Compiled variants also report the compile time (the first step's
 timed step's) and dynamo's graph breaks (0: the whole step is one graph, as ``fullgraph=True``
 demands). Writes ``train_<device>_<model>.{csv,md}``.
 
+Every row is also on the machine's scale (``bench/machine_scale.py``): the FLOPs of a step per
+image (counted once, on the plain variant's eager step: convolutions and matrix products, forward
+and backward), the GFLOP/s that makes at the row's speed, and its share of two peaks measured in
+the same process before the variants: an fp32 sgemm (2048^2) and the model's commonest
+convolution (the conv shape holding most of the step's FLOPs) at the same batch, forward and
+backward. ``--model deep`` runs each ``--preset`` given, a table each.
+
 ``--top-ops N`` also writes where each variant's step spends its time: the N entries of the profiled
 window with the most self time (device time on CUDA), per step and as a share of the window, in
 ``train_<device>_<model>_top_ops.{csv,md}``. Compiled code is named by its kernels there (on CPU,
 Inductor's ``cpp.enable_kernel_profile`` is switched on for this, which adds a record per kernel).
 
-    python -m bench.bench_train [--model hvae|vae|deep] [--preset small] [--batch-size 128]
+    python -m bench.bench_train [--model hvae|vae|deep] [--preset small [base]] [--batch-size 128]
                                 [--device cpu|cuda] [--top-ops 15]
 """
 
@@ -26,12 +35,14 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch._inductor.config as inductor_config
 
+from bench.machine_scale import ConvShape, commonest_conv, conv_gflops, count_flops, sgemm_gflops
 from bench.report import write_report
 from fasthvae.env import machine
 from fasthvae.ops import use_backend
@@ -48,9 +59,12 @@ FEATURES = {
 }
 
 
+BARE = "bare"
+
+
 def variants(device: str) -> dict[str, tuple[dict, bool]]:
     """name -> (config overrides, fused ops on)."""
-    table = {"plain": (PLAIN, False)}
+    table = {BARE: (PLAIN, False), "plain": (PLAIN, False)}
     for name, change in FEATURES.items():
         table[name] = ({**PLAIN, **change}, name == "+fused-ops")
     defaults = {k: None for k in ("compile", "channels_last", "fused_optimizer", "loader")}
@@ -102,18 +116,37 @@ class Timing:
     top: list[dict] = field(default_factory=list)
 
 
+def bare_step(model: torch.nn.Module, lr: float) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """One step of a bare eager loop: ``model.loss``, backward, AdamW."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def step(x: torch.Tensor, weights: torch.Tensor) -> None:
+        model.loss(x, weights)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def time_variant(
-    config: TrainConfig, fused_ops: bool, warmup: int, steps: int, repeats: int, top_ops: int = 0
+    config: TrainConfig,
+    fused_ops: bool,
+    warmup: int,
+    steps: int,
+    repeats: int,
+    top_ops: int = 0,
+    bare: bool = False,
 ) -> Timing:
     """Times ``repeats`` windows of ``steps`` training steps (data loading included) after
     ``warmup`` steps, then profiles one more window when the fused ops' share or ``top_ops``
-    entries are asked for."""
+    entries are asked for. ``bare``: the trainer's model and loader in a bare loop instead of its step."""
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
     with use_backend("auto" if fused_ops else "reference"):
         trainer = Trainer(config)
         weights = torch.ones(trainer.model.num_levels, device=trainer.rt.device)
+        step = bare_step(trainer.model, config.lr) if bare else trainer.step_fn
 
         def batches():
             epoch = 0
@@ -125,18 +158,18 @@ def time_variant(
         stream = batches()
         sync = torch.cuda.synchronize if trainer.rt.device.type == "cuda" else (lambda: None)
         start = time.perf_counter()
-        trainer.step_fn(next(stream), weights)
+        step(next(stream), weights)
         sync()
         first_step = time.perf_counter() - start
         for _ in range(warmup - 1):
-            trainer.step_fn(next(stream), weights)
+            step(next(stream), weights)
         sync()
         graph_breaks = sum(counters["graph_break"].values())
         windows = []
         for _ in range(repeats):
             start = time.perf_counter()
             for _ in range(steps):
-                trainer.step_fn(next(stream), weights)
+                step(next(stream), weights)
             sync()
             windows.append(time.perf_counter() - start)
         share, top = None, []
@@ -146,7 +179,7 @@ def time_variant(
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             with torch.profiler.profile(activities=activities) as profile:
                 for _ in range(steps):
-                    trainer.step_fn(next(stream), weights)
+                    step(next(stream), weights)
                 sync()
             share = ops_share(profile, trainer.rt.device.type) if fused_ops else None
             top = top_entries(profile, trainer.rt.device.type, steps, top_ops)
@@ -154,47 +187,75 @@ def time_variant(
     return Timing(windows, share, first_step, graph_breaks if compiled else -1, top)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="hvae", choices=["vae", "hvae", "deep"])
-    parser.add_argument("--preset", default="small", help="deep: the preset")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--data", default=None, help="CIFAR-10 .npz or folder (default: $FASTHVAE_DATA)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps, at least 1 (compiles)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", nargs="*", help="run only these variants")
-    parser.add_argument("--top-ops", type=int, default=0, metavar="N",
-                        help="also write each variant's N entries with the most self time")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    args = parser.parse_args()
-    if args.warmup < 1:
-        parser.error("--warmup must be at least 1 (the first step compiles)")
-    if args.top_ops < 0:
-        parser.error("--top-ops must be at least 0")
-    if args.top_ops and args.device == "cpu":
-        inductor_config.cpp.enable_kernel_profile = True  # name compiled kernels in the profile
+@dataclass
+class Scale:
+    """The machine's scale of one model and batch: FLOPs per image of a step, the commonest conv,
+    and the peaks measured here (GFLOP/s)."""
 
+    flops_per_image: float
+    conv: ConvShape
+    sgemm_peak: float
+    conv_peak: float
+
+    def row(self, images_per_s: float) -> dict:
+        gflops = self.flops_per_image * images_per_s / 1e9
+        return {
+            "mflop_per_image": round(self.flops_per_image / 1e6, 1),
+            "gflops": round(gflops, 1),
+            "share_of_sgemm": round(gflops / self.sgemm_peak, 3),
+            "share_of_conv": round(gflops / self.conv_peak, 3),
+        }
+
+
+def measure_scale(config: TrainConfig, repeats: int) -> Scale:
+    """Count the FLOPs of one eager step of ``config`` (plain PyTorch ops) and measure the peaks."""
+    torch._dynamo.reset()
+    with use_backend("reference"):
+        trainer = Trainer(config)
+        trainer.loader.set_epoch(0)
+        x, _ = next(iter(trainer.loader))
+        weights = torch.ones(trainer.model.num_levels, device=trainer.rt.device)
+        flops = count_flops(lambda: trainer.step_fn(x, weights))
+        conv = commonest_conv(trainer.model, lambda: trainer.model(x))
+    device = trainer.rt.device
+    sgemm, conv_peak = sgemm_gflops(device, repeats=repeats), conv_gflops(conv, len(x), device, repeats)
+    return Scale(flops / len(x), conv, sgemm, conv_peak)
+
+
+def run_model(args: argparse.Namespace, preset: str) -> None:
+    """Every variant of ``args.model`` (``preset`` for deep): its table, and the top ops when asked."""
     rows, top_rows = [], []
-    name_suffix = f"_{args.preset}" if args.model == "deep" else ""
+    name_suffix = f"_{preset}" if args.model == "deep" else ""
+
+    def config(tmp: str, overrides: dict) -> TrainConfig:
+        return TrainConfig(
+            model=args.model,
+            preset=preset,
+            batch_size=args.batch_size,
+            device=args.device,
+            data=args.data,
+            limit_train=20 * args.batch_size,
+            out=tmp,
+            **overrides,
+        )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        scale = measure_scale(config(tmp, PLAIN), args.peak_repeats)
+    print(f"{scale.flops_per_image / 1e6:.1f} MFLOP per image; peaks: sgemm {scale.sgemm_peak:.1f}, "
+          f"{scale.conv} {scale.conv_peak:.1f} GFLOP/s", flush=True)  # fmt: skip
     for name, (overrides, fused_ops) in variants(args.device).items():
         if args.only and name not in args.only:
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            config = TrainConfig(
-                model=args.model,
-                preset=args.preset,
-                batch_size=args.batch_size,
-                device=args.device,
-                data=args.data,
-                limit_train=20 * args.batch_size,
-                out=tmp,
-                **overrides,
+            timing = time_variant(
+                config(tmp, overrides),
+                fused_ops,
+                args.warmup,
+                args.steps,
+                args.repeats,
+                args.top_ops,
+                name == BARE,
             )
-            timing = time_variant(config, fused_ops, args.warmup, args.steps, args.repeats, args.top_ops)
         top_rows += [{"variant": name, "rank": rank, **entry} for rank, entry in enumerate(timing.top, 1)]
         median, share, breaks = statistics.median(timing.windows), timing.share, timing.graph_breaks
         rows.append(
@@ -208,6 +269,7 @@ def main() -> None:
                 "fused_ops_share": None if share is None else round(share, 4),
                 "compile_s": round(timing.first_step - median / args.steps, 1) if breaks >= 0 else None,
                 "graph_breaks": breaks if breaks >= 0 else None,
+                **scale.row(args.steps * args.batch_size / median),
             }
         )
         print(rows[-1], flush=True)
@@ -216,7 +278,7 @@ def main() -> None:
         row["speedup_vs_plain"] = round(row["images_per_s"] / base, 3)
 
     header = ["variant", "step ms (median)", "images/s", "vs plain", "fused ops' share of the step"]
-    header += ["compile s", "graph breaks"]
+    header += ["compile s", "graph breaks", "MFLOP / image", "GFLOP/s", "of sgemm peak", "of conv peak"]
     print(
         write_report(
             rows,
@@ -230,8 +292,16 @@ def main() -> None:
                 "—" if r["fused_ops_share"] is None else f"{100 * r['fused_ops_share']:.1f}%",
                 "—" if r["compile_s"] is None else str(r["compile_s"]),
                 "—" if r["graph_breaks"] is None else str(r["graph_breaks"]),
+                str(r["mflop_per_image"]),
+                str(r["gflops"]),
+                f"{100 * r['share_of_sgemm']:.0f}%",
+                f"{100 * r['share_of_conv']:.0f}%",
             ],
             title=f"Training step, {args.model}{name_suffix}, batch {args.batch_size}, {machine()}",
+            intro=f"Peaks measured in this process before the variants: fp32 sgemm 2048^2 "
+            f"{scale.sgemm_peak:.1f} GFLOP/s; the model's commonest convolution, {scale.conv}, batch "
+            f"{args.batch_size}, forward and backward, {scale.conv_peak:.1f} GFLOP/s. FLOPs per image: "
+            "convolutions and matrix products of one eager step, forward and backward (FlopCounterMode).",
         )
     )
     if top_rows:
@@ -255,6 +325,34 @@ def main() -> None:
                 "kernels (`graph_N_cpp_fused_...` on CPU, named by the ops each fuses).",
             )
         )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="hvae", choices=["vae", "hvae", "deep"])
+    parser.add_argument("--preset", nargs="+", default=["small"], help="deep: the presets, a table each")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data", default=None, help="CIFAR-10 .npz or folder (default: $FASTHVAE_DATA)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps, at least 1 (compiles)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="*", help="run only these variants")
+    parser.add_argument("--top-ops", type=int, default=0, metavar="N",
+                        help="also write each variant's N entries with the most self time")  # fmt: skip
+    parser.add_argument("--peak-repeats", type=int, default=5, help="timed runs of each peak (median)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1 (the first step compiles)")
+    if args.top_ops < 0:
+        parser.error("--top-ops must be at least 0")
+    if args.top_ops and args.device == "cpu":
+        inductor_config.cpp.enable_kernel_profile = True  # name compiled kernels in the profile
+    for preset in args.preset if args.model == "deep" else ["small"]:
+        run_model(args, preset)
 
 
 if __name__ == "__main__":

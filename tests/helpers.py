@@ -3,6 +3,7 @@ that uses every op; the trainer's small configuration, runs in a fresh process a
 steps; optional packages a test needs."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -193,6 +194,13 @@ def run_process(*argv: str, code: str | None = None) -> subprocess.CompletedProc
     """The trainer in a fresh process, as a user would run (and resume) it."""
     cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "fasthvae.train"]
     return subprocess.run([*cmd, *argv], capture_output=True, text=True, timeout=300)
+
+
+def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 ARGS`` (gloo on CPU, one thread a rank)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def assert_same_state(a: dict, b: dict) -> None:

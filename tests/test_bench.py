@@ -76,14 +76,25 @@ def test_bench_loader(tmp_path, images):
 
 
 def test_bench_train(tmp_path, images):
-    variants = ["plain", "+fused-ops", "+compile"]
+    variants = ["bare", "plain", "+fused-ops", "+compile"]
     run_bench("bench_train.py", "--data", images, "--batch-size", "8", "--warmup", "1", "--steps", "2",
-              "--repeats", "1", "--only", *variants, "--out", str(tmp_path))  # fmt: skip
+              "--repeats", "1", "--peak-repeats", "1", "--only", *variants,
+              "--out", str(tmp_path))  # fmt: skip
     rows = read_rows(tmp_path / "train_cpu_hvae.csv")
     assert [r["variant"] for r in rows] == variants
-    assert rows[0]["fused_ops_share"] == "" and 0 < float(rows[1]["fused_ops_share"]) < 1
-    assert rows[0]["compile_s"] == rows[0]["graph_breaks"] == "", "eager: no compile figures"
-    assert float(rows[2]["compile_s"]) > 0 and rows[2]["graph_breaks"] == "0", "the step is one graph"
+    bare, plain, fused, compiled = rows
+    assert (
+        plain["fused_ops_share"] == bare["fused_ops_share"] == "" and 0 < float(fused["fused_ops_share"]) < 1
+    )
+    assert plain["compile_s"] == plain["graph_breaks"] == "", "eager: no compile figures"
+    assert float(compiled["compile_s"]) > 0 and compiled["graph_breaks"] == "0", "the step is one graph"
+    # On the machine's scale: one FLOP count for the model and batch, GFLOP/s = FLOPs x images/s.
+    assert len({r["mflop_per_image"] for r in rows}) == 1 and float(plain["mflop_per_image"]) > 100
+    for row in rows:
+        gflops = float(row["mflop_per_image"]) * float(row["images_per_s"]) / 1e3
+        assert float(row["gflops"]) == pytest.approx(gflops, rel=0.01, abs=0.1)
+        assert float(row["share_of_sgemm"]) > 0 and float(row["share_of_conv"]) > 0
+    assert "fp32 sgemm 2048^2" in (tmp_path / "train_cpu_hvae.md").read_text()
 
 
 def test_bench_train_deep(tmp_path, images):

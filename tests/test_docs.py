@@ -2,11 +2,12 @@
 command it is written after, the options page is generated from the config, every test the docs
 name exists, and the project's text speaks of the project (not of how it was made)."""
 
-import os
+import contextlib
+import io
 import re
+import runpy
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -67,16 +68,24 @@ def mentions(page: Path) -> list[tuple[str, str]]:
 
 @cache
 def help_text(module: str) -> str:
-    command = [sys.executable, "-m", module, "--help"]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300).stdout
+    """``python -m module --help``: run in this process (the modules are imported already), pytest's
+    in a subprocess (its help lists the options of this repository's conftest.py)."""
+    if module == "pytest":
+        command = [sys.executable, "-m", "pytest", "--help"]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300).stdout
+    out, argv = io.StringIO(), sys.argv
+    sys.argv = [module, "--help"]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+            runpy.run_module(module, run_name="__main__", alter_sys=False)
+    finally:
+        sys.argv = argv
+    return out.getvalue()
 
 
 def test_every_flag_in_the_docs_exists_in_its_command():
     found = {(page.name, module, flag) for page in PAGES for module, flag in mentions(page)}
-    modules = sorted({module for _, module, _ in found})
-    with ThreadPoolExecutor(4) as pool:
-        helps = dict(zip(modules, pool.map(help_text, modules), strict=True))
+    helps = {module: help_text(module) for module in sorted({module for _, module, _ in found})}
     assert all(helps.values()), [m for m, text in helps.items() if not text]
     missing = sorted(
         f"{page}: {flag} ({module})" for page, module, flag in found if flag not in helps[module]

@@ -4,6 +4,9 @@ CUDA graphs, device placement, the loaders on CUDA. The kernels on CUDA against 
 Philox across backends, are in test_ops_kernels.py (its ``cuda`` and, on a GPU, ``triton`` cases);
 training runs on CUDA in test_gpu_training.py."""
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -13,6 +16,16 @@ from fasthvae.data.dali import dali_gpu_problem
 from tests.helpers import TinyHVAE, needs_cuda_kernels
 
 pytestmark = pytest.mark.gpu
+
+
+@contextlib.contextmanager
+def host_syncs_fail() -> Iterator[None]:
+    """Every host-device synchronization inside raises (torch.cuda.set_sync_debug_mode)."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def test_compile_fullgraph_on_cuda():
@@ -43,12 +56,9 @@ def test_a_cuda_graph_replays_fresh_noise_without_host_syncs(backend):
     lv = torch.zeros_like(mu)
     leaves = [t.clone().requires_grad_() for t in (mu, lv)]
     with ops.use_backend(backend):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with host_syncs_fail():
             z, kl = ops.sample_and_kl(*leaves)
             (z.sum() + kl.sum()).backward()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -83,13 +93,9 @@ def test_reference_kernels_on_cuda_never_sync():
     """The reference fallback on CUDA tensors (here forced; float64 takes it too) reads the seed on
     the GPU: no host sync in the forward or the backward."""
     leaves = [torch.randn(64, 128, device="cuda", requires_grad=True) for _ in range(2)]
-    with ops.use_backend("reference"):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            z, kl = ops.sample_and_kl(*leaves)
-            (z.sum() + kl.sum()).backward()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+    with ops.use_backend("reference"), host_syncs_fail():
+        z, kl = ops.sample_and_kl(*leaves)
+        (z.sum() + kl.sum()).backward()
     assert all(torch.isfinite(t.grad).all() for t in leaves)
 
 

@@ -17,7 +17,7 @@ from fasthvae import train
 from fasthvae.training.checkpoint import load_checkpoint
 from fasthvae.training.loop import Stepper
 from fasthvae.training.preemption import PREEMPTED_EXIT
-from tests.helpers import SMALL, assert_same_state
+from tests.helpers import SMALL, assert_same_state, torchrun
 
 # 256 images, batch 32: 8 steps per epoch, 24 in all.
 COMMON = [*SMALL, "--epochs", "3", "--limit-train", "256", "--no-compile", "--seed", "5", "--no-tensorboard"]
@@ -159,11 +159,6 @@ def signal_rank_1(self, x, weights):
 Stepper.__call__ = signal_rank_1
 sys.exit(train.main(sys.argv[1:]))
 """
-
-
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=ENV, timeout=300)
 
 
 def test_ddp_ranks_stop_at_the_same_step_and_resume_exactly(data, tmp_path):

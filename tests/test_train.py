@@ -3,9 +3,6 @@
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +21,7 @@ from tests.helpers import (
     assert_same_state,
     run_process,
     scale_loss_by_step,
+    torchrun,
 )
 
 
@@ -261,35 +259,15 @@ def test_ddp_ranks_wait_for_a_rank_0_evaluation_longer_than_the_group_timeout(da
     8 s here): the other rank waits for it without timing out, and both exit 0 with the summary."""
     script = tmp_path / "slow_rank_0.py"
     script.write_text(SLOW_RANK_0_EVALUATION)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-    ]
-    cmd += ["--data", data, "--out", str(tmp_path / "run"), "--epochs", "1", *SMALL, "--limit-train", "64"]
-    cmd += ["--no-compile", "--fid-samples", "0", "--no-tensorboard"]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    args = ["--data", data, "--out", str(tmp_path / "run"), "--epochs", "1", *SMALL, "--limit-train", "64"]
+    proc = torchrun(str(script), *args, "--no-compile", "--fid-samples", "0", "--no-tensorboard")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "summary.json").is_file()
 
 
 def test_ddp_two_gloo_processes(data, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "fasthvae.train",
+    args = [
         "--data",
         data,
         "--out",
@@ -301,8 +279,7 @@ def test_ddp_two_gloo_processes(data, tmp_path):
         "128",
         "--no-compile",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun("-m", "fasthvae.train", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(out)
     assert len(rows) == 1

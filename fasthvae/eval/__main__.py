@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from fasthvae.data import DataError, image_batches, load_dataset
-from fasthvae.eval.fid import INCEPTION, TINY, FidError, fid_against, generate, reference_images
+from fasthvae.eval.fid import FidError, fid_against, generate, reference_images
 from fasthvae.eval.metrics import evaluate_model
 from fasthvae.eval.runs import load_run
 from fasthvae.training.checkpoint import CheckpointError, write_text_atomic
+from fasthvae.training.config import add_options
 from fasthvae.training.precision import choose_amp_dtype
 
 
@@ -44,18 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run", type=Path, help="a run folder (with checkpoint.pt) or a checkpoint file")
-    p.add_argument("--fid-samples", type=int, default=10000, help="0 skips FID")
+    # The options a training run has too, as TrainConfig declares them (10,000 FID samples here).
+    add_options(
+        p, ("fid_samples", "fid_extractor", "fid_weights", "iw_samples", "limit_test"), {"fid_samples": 10000}
+    )
     p.add_argument("--fid-ref", choices=["test", "train"], default="test")
-    p.add_argument(
-        "--fid-weights", default=None, help="torch-fidelity Inception weights (or $FASTHVAE_FID_WEIGHTS)"
-    )
-    p.add_argument("--fid-extractor", choices=[INCEPTION, TINY], default=INCEPTION)
     p.add_argument("--temperature", type=float, nargs="+", default=[1.0])
-    p.add_argument(
-        "--iw-samples", type=int, default=0, help="importance samples K for the IW bound (0: skip)"
-    )
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--limit-test", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=500, help="images per evaluation batch")
     p.add_argument("--data", default=None, help="default: the data the run trained on")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for sampling and the test pass")
     p.add_argument("--seed", type=int, default=0, help="seeds the test pass and each temperature's samples")
