@@ -83,9 +83,12 @@ def plan(
         pytest, parallel = [*base, "--collect-only", "-q"], []
         steps.append(Step("collect the whole suite", pytest, 90, pytest=True))
     steps.append(Step("environment", [python, "-m", "fasthvae.cli", "env"], 15))
-    kernels = [*pytest, *parallel, "tests/test_ops_kernels.py", "tests/test_ops_api.py", "-k", KERNEL_TESTS]
+    kernel_files = ["tests/test_ops_kernels.py", "tests/test_ops_api.py"]
+    kernels = [*pytest, *parallel, *kernel_files, "-k", KERNEL_TESTS]
     steps.append(Step("kernels on CUDA", kernels, 100, gpu, pytest=True))
-    others = [*pytest, "-m", "gpu", "--ignore", "tests/test_gpu_training.py"]
+    # Every other gpu-marked test: the kernel files ran in the step above, the training runs below.
+    skipped = [arg for path in (*kernel_files, "tests/test_gpu_training.py") for arg in ("--ignore", path)]
+    others = [*pytest, "-m", "gpu", *skipped]
     steps.append(Step("gpu tests", others, 45, gpu, pytest=True))
     training = [*pytest, *parallel, "tests/test_gpu_training.py"]
     steps.append(Step("training runs on CUDA", training, 90, gpu, pytest=True))
