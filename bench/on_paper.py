@@ -19,8 +19,8 @@ draw one call per element, four times the Philox work.
 import math
 from dataclasses import dataclass
 
-# Bytes/s: H200, the device-to-device copy measured on the GPU the self-check meets; H100 and
-# A100, HBM bandwidth from the data sheets.
+# Bytes/s: H200, the device-to-device copy reported for the GPU machine the self-check meets (not
+# yet measured by this project); H100 and A100, HBM bandwidth from the data sheets.
 BANDWIDTH = {"H200": 4.3e12, "H100 SXM": 3.35e12, "A100 80GB": 2.0e12}
 SMS = {"H200": 132}
 ARCHS = (80, 90)

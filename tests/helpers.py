@@ -2,7 +2,6 @@
 that uses every op; the trainer's small configuration, runs in a fresh process and injected bad
 steps; optional packages a test needs."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import torch
 from fasthvae import ops
 from fasthvae.nn import GaussianKL
 from fasthvae.ops import backend, reference
+from fasthvae.selfcheck.plan import missing_packages
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 CIFAR10 = ROOT.parent / "shared/data/cifar10/cifar10.npz"  # the real data set, where the checkout has it
@@ -131,14 +131,7 @@ def scale_loss_by_step(monkeypatch: pytest.MonkeyPatch, factor: Callable[[int], 
 
 def requires(*modules: str) -> pytest.MarkDecorator:
     """Skip, naming them, when optional packages are missing (or hidden from the import system)."""
-
-    def missing(name: str) -> bool:
-        try:
-            return importlib.util.find_spec(name) is None
-        except ImportError:
-            return True
-
-    absent = [m for m in modules if missing(m)]
+    absent = missing_packages(modules)
     return pytest.mark.skipif(bool(absent), reason=f"needs {', '.join(absent)} (not installed)")
 
 
