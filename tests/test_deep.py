@@ -284,3 +284,19 @@ def test_deep_resume_equals_an_uninterrupted_run(data, tmp_path):
     for key, value in a["ema"]["model"].items():
         assert torch.equal(b["ema"]["model"][key], value), key
     assert a["skip"] == b["skip"] and a["health"] == b["health"]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize(("shape", "factor"), [((3, 5, 4, 4), 2), ((2, 7, 1, 1), 4), ((2, 6, 8, 8), 4)])
+def test_nearest_upsampling_equals_interpolate_and_keeps_channels_last(layout, shape, factor):
+    """The top-down pass's upsampling: the values of ``F.interpolate(mode="nearest")`` bit for bit,
+    its gradient (a sum over each block) in float64, and a channels_last input stays channels_last."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    h = torch.randn(*shape, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    ours = deep.upsample_nearest(h, factor)
+    theirs = torch.nn.functional.interpolate(h, scale_factor=factor, mode="nearest")
+    assert torch.equal(ours, theirs)
+    grad = torch.randn_like(theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours, h, grad)[0], torch.autograd.grad(theirs, h, grad)[0])
+    if layout == "channels_last" and shape[-1] > 1:
+        assert ours.is_contiguous(memory_format=torch.channels_last)

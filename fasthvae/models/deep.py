@@ -116,6 +116,19 @@ Gaussian = tuple[Tensor, Tensor]  # (mu, logvar)
 Draw = Callable[["LatentGroup", Gaussian, Gaussian | None], Tensor]
 
 
+def upsample_nearest(h: Tensor, factor: int) -> Tensor:
+    """Nearest-neighbour upsampling by an integer ``factor``, in ``h``'s own memory format: each
+    pixel broadcast to a factor x factor block and laid out as ``h`` is (channels_last stays
+    channels_last, where ``F.interpolate`` on CPU copies it to NCHW and back), so the backward pass
+    is a sum over the blocks instead of a scatter-add."""
+    b, c, height, width = h.shape
+    if h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous():
+        nhwc = h.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(b, height, factor, width, factor, c)
+        return nhwc.reshape(b, height * factor, width * factor, c).permute(0, 3, 1, 2)
+    blocks = h[:, :, :, None, :, None].expand(b, c, height, factor, width, factor)
+    return blocks.reshape(b, c, height * factor, width * factor)
+
+
 class Cell(nn.Module):
     """A residual bottleneck cell: GELU, 1x1 conv to ``mid``, two 3x3 convs (1x1 below 3x3
     resolution), 1x1 conv to ``c_out``, each after a GELU; added to the input when shapes allow.
@@ -239,7 +252,7 @@ class DeepHVAE(LatentVariableModel):
 
     @staticmethod
     def _fit(h: Tensor, res: int) -> Tensor:
-        return h if h.shape[-1] == res else F.interpolate(h, scale_factor=res // h.shape[-1], mode="nearest")
+        return h if h.shape[-1] == res else upsample_nearest(h, res // h.shape[-1])
 
     def _walk(self, h: Tensor, activations: dict[int, Tensor] | None, draw: Draw) -> Tensor:
         """The top-down pass from state ``h``, returning the last state. Cells advance the state;
