@@ -189,6 +189,24 @@ def run_process(*argv: str, code: str | None = None) -> subprocess.CompletedProc
     return subprocess.run([*cmd, *argv], capture_output=True, text=True, timeout=300)
 
 
+def slow_rank_0_evaluation(module: str) -> str:
+    """A script that runs ``python -m module`` (its ``main``) with the process group's timeout cut to
+    8 s and rank 0's end-of-run evaluation taking 15 s: longer than the timeout."""
+    return f"""
+import datetime, importlib, sys, time
+import torch.distributed as dist
+from fasthvae import train
+real_init, real_summarize = dist.init_process_group, train.Trainer.summarize
+def short_timeout(*args, **kwargs):
+    real_init(*args, **{{**kwargs, "timeout": datetime.timedelta(seconds=8)}})
+def slow_summarize(self):
+    time.sleep(15)
+    return real_summarize(self)
+dist.init_process_group, train.Trainer.summarize = short_timeout, slow_summarize
+sys.exit(importlib.import_module("{module}").main(sys.argv[1:]))
+"""
+
+
 def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node 2 ARGS`` (gloo on CPU, one thread a rank)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]

@@ -16,7 +16,7 @@ from fasthvae.study.rows import ROWS, Row, register_row, select_rows
 from fasthvae.study.runner import Run, read_protocol, run_config
 from fasthvae.training.checkpoint import load_checkpoint
 from fasthvae.training.config import validate, with_model_defaults
-from tests.helpers import requires
+from tests.helpers import requires, slow_rank_0_evaluation, torchrun
 
 TINY_STUDY = [
     "--epochs",
@@ -35,6 +35,20 @@ TINY_STUDY = [
     "--loader",
     "resident",
 ]
+
+
+def test_ddp_study_ranks_wait_for_rank_0_between_runs(data, tmp_path):
+    """Two runs under DDP, rank 0 evaluating each for longer than the process group's timeout: the
+    other rank waits before the next run's first collective, and both runs finish."""
+    script = tmp_path / "slow_rank_0.py"
+    script.write_text(slow_rank_0_evaluation("fasthvae.study.__main__"))
+    args = ["--data", data, "--out", str(tmp_path / "study"), "--rows", "vae,hvae-beta", "--epochs", "1"]
+    args += ["--limit-train", "64", "--limit-test", "32", "--batch-size", "32", "--fid-samples", "0"]
+    proc = torchrun(str(script), *args, "--no-compile", "--loader", "resident", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in ("vae", "hvae-beta"):
+        assert (tmp_path / "study" / row / "seed0" / "summary.json").is_file(), row
+        assert not (tmp_path / "study" / row / "seed0" / "error.txt").exists(), row
 
 
 def claims_of(vae, hvae_beta, hvae_ab):

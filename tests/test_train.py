@@ -21,6 +21,7 @@ from tests.helpers import (
     assert_same_state,
     run_process,
     scale_loss_by_step,
+    slow_rank_0_evaluation,
     torchrun,
 )
 
@@ -239,26 +240,11 @@ def test_discretized_likelihood_reports_bits_per_dim(data, tmp_path):
     assert "neg_iw_bound_k3_bits_per_dim" in test
 
 
-SLOW_RANK_0_EVALUATION = """
-import datetime, sys, time
-import torch.distributed as dist
-from fasthvae import train
-real_init, real_summarize = dist.init_process_group, train.Trainer.summarize
-def short_timeout(*args, **kwargs):
-    real_init(*args, **{**kwargs, "timeout": datetime.timedelta(seconds=8)})
-def slow_summarize(self):
-    time.sleep(15)
-    return real_summarize(self)
-dist.init_process_group, train.Trainer.summarize = short_timeout, slow_summarize
-sys.exit(train.main(sys.argv[1:]))
-"""
-
-
 def test_ddp_ranks_wait_for_a_rank_0_evaluation_longer_than_the_group_timeout(data, tmp_path):
     """Rank 0 evaluates alone for longer than the process group's timeout (NCCL's is 10 minutes;
     8 s here): the other rank waits for it without timing out, and both exit 0 with the summary."""
     script = tmp_path / "slow_rank_0.py"
-    script.write_text(SLOW_RANK_0_EVALUATION)
+    script.write_text(slow_rank_0_evaluation("fasthvae.train"))
     args = ["--data", data, "--out", str(tmp_path / "run"), "--epochs", "1", *SMALL, "--limit-train", "64"]
     proc = torchrun(str(script), *args, "--no-compile", "--fid-samples", "0", "--no-tensorboard")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -24,6 +24,7 @@ from fasthvae.env import machine
 from fasthvae.study.rows import ROWS, Row, select_rows
 from fasthvae.train import TrainConfig, Trainer
 from fasthvae.training.checkpoint import write_text_atomic
+from fasthvae.training.distributed import wait_for_main
 from fasthvae.training.preemption import Preempted
 
 # The TrainConfig fields every row shares and a resumed study may not change.
@@ -229,6 +230,7 @@ def train_run(
         raise
     except Exception:  # a failing row is reported, the study goes on
         write_text_atomic(traceback.format_exc(), folder / "error.txt")
+    wait_for_main()  # with DDP: the next run's collectives start after rank 0's evaluation
     return read_run(out, row, seed)
 
 

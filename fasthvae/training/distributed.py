@@ -58,6 +58,13 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def wait_for_main() -> None:
+    """Every rank waits here until all arrive, however long rank 0's evaluation takes (the exit
+    group's timeout); nothing without DDP."""
+    if _exit_group is not None and dist.is_initialized():
+        dist.barrier(group=_exit_group)
+
+
 def shutdown(info: DistInfo) -> None:
     """Leave the process group once every rank is done (rank 0 with its evaluation).
 
@@ -69,8 +76,7 @@ def shutdown(info: DistInfo) -> None:
     with the GIL released, so the worker finishes first; its own work holds no Python tensor."""
     global _exit_group
     if info.enabled and dist.is_initialized():
-        if _exit_group is not None:
-            dist.barrier(group=_exit_group)
+        wait_for_main()
         dist.barrier()
         dist.destroy_process_group()
         _exit_group = None
