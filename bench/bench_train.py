@@ -42,7 +42,14 @@ from pathlib import Path
 import torch
 import torch._inductor.config as inductor_config
 
-from bench.machine_scale import ConvShape, commonest_conv, conv_gflops, count_flops, sgemm_gflops
+from bench.machine_scale import (
+    ConvShape,
+    commonest_conv,
+    conv_gflops,
+    count_flops,
+    device_sync,
+    sgemm_gflops,
+)
 from bench.report import write_report
 from fasthvae.env import machine
 from fasthvae.ops import use_backend
@@ -156,7 +163,7 @@ def time_variant(
                 epoch += 1
 
         stream = batches()
-        sync = torch.cuda.synchronize if trainer.rt.device.type == "cuda" else (lambda: None)
+        sync = device_sync(trainer.rt.device)
         start = time.perf_counter()
         step(next(stream), weights)
         sync()

@@ -76,14 +76,15 @@ def _median_seconds(run: Callable[[], object], sync: Callable[[], None], repeats
     return statistics.median(times)
 
 
-def _sync(device: torch.device) -> Callable[[], None]:
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """What waits for ``device``'s queued work (nothing on CPU)."""
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
 def sgemm_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
     """GFLOP/s of an fp32 n x n matrix product (2 n^3 FLOPs), median of ``repeats``."""
     a, b = (torch.randn(n, n, device=device) for _ in range(2))
-    return 2 * n**3 / _median_seconds(lambda: a @ b, _sync(device), repeats) / 1e9
+    return 2 * n**3 / _median_seconds(lambda: a @ b, device_sync(device), repeats) / 1e9
 
 
 def conv_gflops(shape: ConvShape, batch: int, device: torch.device, repeats: int = 5) -> float:
@@ -99,4 +100,4 @@ def conv_gflops(shape: ConvShape, batch: int, device: torch.device, repeats: int
         conv(x).sum().backward()
 
     flops = count_flops(step)
-    return flops / _median_seconds(step, _sync(device), repeats) / 1e9
+    return flops / _median_seconds(step, device_sync(device), repeats) / 1e9

@@ -97,10 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         write_report(out, top, missing, results, running=step.name)
         result = run_step(step, cwd, out / "logs", deadline - time.monotonic(), env)
         results.append(result)
-        counts = ", ".join(f"{n} {k.lower()}" for k, n in sorted(result.counts().items()))
-        print(
-            f"fasthvae.selfcheck: {step.name}: {result.status} ({result.seconds:.0f} s) {counts}", flush=True
-        )
+        line = f"fasthvae.selfcheck: {step.name}: {result.status} ({result.seconds:.0f} s) {result.counts()}"
+        print(line, flush=True)
     report = write_report(out, top, missing, results)
     print(f"fasthvae.selfcheck: wrote {report}")
     return 0 if all(r.status == "passed" for r in results) else 1

@@ -4,7 +4,6 @@ hidden from the import system, in the check's own process and in every step's.""
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 HIDE_ENV = "FASTHVAE_HIDE_MODULES"
@@ -22,15 +21,24 @@ class HiddenModules:
     def __init__(self, names):
         self.names = tuple(names)
 
+    def hides(self, name):
+        return any(name == hidden or name.startswith(hidden + ".") for hidden in self.names)
+
     def find_spec(self, name, path=None, target=None):
-        if any(name == hidden or name.startswith(hidden + ".") for hidden in self.names):
+        if self.hides(name):
             raise ModuleNotFoundError(f"No module named {name!r} (hidden by the rehearsal)", name=name)
         return None
 
 
 def hide(names):
-    if names and not any(isinstance(f, HiddenModules) for f in sys.meta_path):
-        sys.meta_path.insert(0, HiddenModules(names))
+    """Install the finder (once) and forget the hidden modules already imported; returns it."""
+    finder = next((f for f in sys.meta_path if isinstance(f, HiddenModules)), None)
+    if names and finder is None:
+        finder = HiddenModules(names)
+        sys.meta_path.insert(0, finder)
+        for name in [name for name in sys.modules if finder.hides(name)]:
+            del sys.modules[name]
+    return finder
 
 
 hide([n for n in os.environ.get("FASTHVAE_HIDE_MODULES", "").split(",") if n])
@@ -68,6 +76,3 @@ def hide_in_this_process(folder: Path, hidden: tuple[str, ...]) -> None:
     namespace: dict = {}
     exec(compile((folder / "sitecustomize.py").read_text(), "sitecustomize.py", "exec"), namespace)
     namespace["hide"](list(hidden))
-    for name in list(sys.modules):
-        if any(name == h or name.startswith(h + ".") for h in hidden):
-            del sys.modules[name]

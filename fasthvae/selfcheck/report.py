@@ -11,11 +11,6 @@ from fasthvae.selfcheck.steps import StepResult
 _FAILING = ("FAILED", "ERROR", "XPASS")
 
 
-def _tests_cell(result: StepResult) -> str:
-    counts = result.counts()
-    return ", ".join(f"{n} {outcome.lower()}" for outcome, n in sorted(counts.items())) or ""
-
-
 def _section(result: StepResult, out: Path) -> list[str]:
     lines = ["", f"## {result.step.name}", "", f"Command: `{shlex.join(result.step.command)}`  "]
     if result.step.env:
@@ -44,7 +39,7 @@ def write_report(
         lines.append("Missing packages: none.")
     lines += ["", "| step | result | seconds | cap | tests |", "|---|---|---|---|---|"]
     lines += [
-        f"| {r.step.name} | {r.status} | {r.seconds:.0f} | {r.step.cap_s:.0f} | {_tests_cell(r)} |"
+        f"| {r.step.name} | {r.status} | {r.seconds:.0f} | {r.step.cap_s:.0f} | {r.counts()} |"
         for r in results
     ]
     if running:

@@ -34,8 +34,10 @@ class StepResult:
     tests: dict[str, str] = field(default_factory=dict)
     log: Path | None = None
 
-    def counts(self) -> Counter:
-        return Counter(self.tests.values())
+    def counts(self) -> str:
+        """The finished tests by outcome, e.g. "1 failed, 3 passed" ("" for a step without tests)."""
+        by_outcome = Counter(self.tests.values())
+        return ", ".join(f"{n} {outcome.lower()}" for outcome, n in sorted(by_outcome.items()))
 
 
 def slug(name: str) -> str:
