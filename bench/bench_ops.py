@@ -1,10 +1,13 @@
-"""Benchmark the fused Gaussian ops against eager and torch.compile'd PyTorch, in one process.
+"""Benchmark the fused ops against eager and torch.compile'd PyTorch, in one process.
 
-For each op, shape and pass (forward, backward, forward+backward) it times eager PyTorch (the
-reference), the torch.compile'd reference and every fused backend available on the device, and
-reports medians, speed-ups over eager and memory. Memory: on CUDA the peak allocated during the
-pass; on CPU the activation memory the op keeps for backward (its outputs plus saved tensors),
-which is what a training step holds. Writes CSV and a Markdown table.
+Ops: the Gaussian ones on latent shapes, and the discretized-logistic likelihoods (per image sums)
+on CIFAR-10 decoder outputs (``cifar-b32``: a [32, 100, 32, 32] mixture of 10 logistics, or six
+channels for the single logistic; ``-cl``: channels_last). For each op, shape and pass (forward,
+backward, forward+backward) it times eager PyTorch (the reference), the torch.compile'd reference
+and every fused backend available on the device, and reports medians, speed-ups over eager and
+memory. Memory: on CUDA the peak allocated during the pass; on CPU the activation memory the op
+keeps for backward (its outputs plus saved tensors), which is what a training step holds. Writes
+CSV and a Markdown table.
 
     python -m bench.bench_ops [--device cpu|cuda] [--repeats 20] [--isa avx512|avx2|baseline]
 
@@ -39,12 +42,39 @@ SHAPES = {
 # Shapes whose Gaussians come as a channels_last conv layer gives them: mean and log-variance the
 # two channel halves (``chunk(2, 1)``) of one channels_last output, the prior's likewise.
 CHANNELS_LAST_HALVES = {"hvae-conv-cl"}
-OPS = ("kl-std", "kl-prior", "reparameterize", "sample_and_kl-prior")
+GAUSSIAN_OPS = ("kl-std", "kl-prior", "reparameterize", "sample_and_kl-prior")
+# Images [B, H, W] of 3 channels; the decoder output has 10 K = 100 channels (mixture) or 6.
+IMAGE_SHAPES = {"cifar-b32": (32, 32, 32), "cifar-b32-cl": (32, 32, 32), "cifar-b128": (128, 32, 32)}
+LIKELIHOOD_OPS = ("mixture-nll", "logistic-nll")
+OPS = GAUSSIAN_OPS + LIKELIHOOD_OPS
 PASSES = ("forward", "backward", "forward+backward")
+
+
+def shapes_of(op: str, names: list[str]) -> list[str]:
+    """The shapes among ``names`` that ``op`` runs on."""
+    return [n for n in names if (n in IMAGE_SHAPES) == (op in LIKELIHOOD_OPS)]
+
+
+def likelihood_fn(op: str, fused: bool) -> Callable:
+    """-log p(x) summed per image: the reference formula (plain PyTorch) or the fused op."""
+
+    def fn(x, decoded):
+        if op == "mixture-nll":
+            if fused:
+                return (ops.mixture_nll(x, decoded),)
+            return (reference.reduce(reference.mixture_nll(x, decoded), "sample", decoded.dtype),)
+        mean, log_scale = decoded[:, :3], decoded[:, 3:]
+        if fused:
+            return (ops.logistic_nll(x, mean, log_scale),)
+        return (reference.reduce(reference.logistic_nll(x, mean, log_scale), "sample", decoded.dtype),)
+
+    return fn
 
 
 def reference_fn(op: str) -> Callable:
     """Plain PyTorch: what a user writes without fasthvae (eager noise from torch.randn)."""
+    if op in LIKELIHOOD_OPS:
+        return likelihood_fn(op, fused=False)
 
     def fn(mu, lv, mu_p, lv_p):
         if op == "kl-std":
@@ -60,6 +90,9 @@ def reference_fn(op: str) -> Callable:
 
 
 def fused_fn(op: str) -> Callable:
+    if op in LIKELIHOOD_OPS:
+        return likelihood_fn(op, fused=True)
+
     def fn(mu, lv, mu_p, lv_p):
         if op == "kl-std":
             return (ops.gaussian_kl(mu, lv),)
@@ -70,6 +103,16 @@ def fused_fn(op: str) -> Callable:
         return ops.sample_and_kl(mu, lv, mu_p, lv_p)
 
     return fn
+
+
+def image_inputs(op: str, shape_name: str, device: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    """8-bit images x [B, 3, H, W] and a decoder output that requires grad (channels_last for -cl)."""
+    b, h, w = IMAGE_SHAPES[shape_name]
+    x = torch.randint(0, 256, (b, 3, h, w), device=device).float() / 255
+    decoded = torch.randn(b, 100 if op == "mixture-nll" else 6, h, w, device=device, dtype=dtype)
+    if shape_name.endswith("-cl"):
+        decoded = decoded.contiguous(memory_format=torch.channels_last)
+    return [x, decoded.requires_grad_()]
 
 
 def inputs(
@@ -91,7 +134,7 @@ def _sync(device: str) -> None:
 
 def time_pass(fn: Callable, args: list, which: str, device: str, repeats: int, warmup: int = 3) -> float:
     """Median seconds of one pass."""
-    leaves = [a for a in args if a is not None]
+    leaves = [a for a in args if a is not None and a.requires_grad]
 
     def forward():
         return fn(*args)
@@ -125,7 +168,8 @@ def memory_bytes(fn: Callable, args: list, device: str) -> int:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         outs = fn(*args)
-        torch.autograd.grad(outs, [a for a in args if a is not None], [torch.ones_like(o) for o in outs])
+        leaves = [a for a in args if a is not None and a.requires_grad]
+        torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     leaves = {a.untyped_storage().data_ptr() for a in args if a is not None}
@@ -169,16 +213,23 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    names = [*SHAPES, *IMAGE_SHAPES]
+    parser.add_argument("--shapes", nargs="+", default=names, choices=names, help="each op takes its kind")
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--isa", default=None, help="CPU: the fused kernels' ISA path (default: the best)")
     parser.add_argument("--on-paper-only", action="store_true", help="only bytes, ideal GPU times, registers")
     args = parser.parse_args()
-    paper = on_paper.rows(args.ops, {name: SHAPES[name] for name in args.shapes}, args.dtype)
+    gaussian = [op for op in args.ops if op in GAUSSIAN_OPS]
+    latents = {name: SHAPES[name] for name in args.shapes if name in SHAPES}
+    paper = on_paper.rows(gaussian, latents, args.dtype)
+    if "mixture-nll" in args.ops:
+        images = {n: IMAGE_SHAPES[n] for n in args.shapes if n in IMAGE_SHAPES and not n.endswith("-cl")}
+        paper += on_paper.mixture_rows(images, args.dtype)
     paper_stem = args.out / f"ops_on_paper_{args.dtype}"
-    write_report(paper, paper_stem, on_paper.HEADER, on_paper.cells, on_paper.TITLE, on_paper.INTRO)
-    print(f"wrote {paper_stem}.csv and .md")
+    if paper:
+        write_report(paper, paper_stem, on_paper.HEADER, on_paper.cells, on_paper.TITLE, on_paper.INTRO)
+        print(f"wrote {paper_stem}.csv and .md")
     if args.on_paper_only:
         return
     if args.isa:
@@ -186,10 +237,12 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     rows = []
     for op in args.ops:
-        for shape_name in args.shapes:
+        for shape_name in shapes_of(op, args.shapes):
             impls = implementations(op, args.device)
-            shape = SHAPES[shape_name]
-            x = inputs(op, shape, args.device, dtype, shape_name in CHANNELS_LAST_HALVES)
+            if op in LIKELIHOOD_OPS:
+                x = image_inputs(op, shape_name, args.device, dtype)
+            else:
+                x = inputs(op, SHAPES[shape_name], args.device, dtype, shape_name in CHANNELS_LAST_HALVES)
             eager_ms: dict[str, float] = {}
             compiled_ms: dict[str, float] = {}
             eager_mem = memory_bytes(impls["eager"], x, args.device)

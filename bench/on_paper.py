@@ -2,8 +2,11 @@
 bandwidth, the programs a Triton launch spreads over the SMs, and the Triton kernels' registers,
 spills and occupancy from the ahead-of-time compile.
 
-The fused kernels are memory-bound (a few dozen flops per element against 8-36 bytes), so the
-bytes they must move over the bandwidth is the time they cannot beat. Bytes counted: every tensor
+The Gaussian kernels are memory-bound (a few dozen flops per element against 8-36 bytes), so the
+bytes they must move over the bandwidth is the time they cannot beat. The mixture likelihood's
+compute some 35-40 transcendental functions per component and pixel against 420 bytes per pixel
+forward (float32, 10 components): they may be bound by compute instead, so their bytes are a
+floor, and the GPU bench shows where they land. Bytes counted: every tensor
 the kernel reads or writes once (its inputs, outputs and gradients) plus the float32 row sums.
 
 Launch shape: one program per TILE (1,024) elements, whole rows up to TILE wide. A latent with
@@ -101,6 +104,54 @@ def registers(op: str, shape: tuple[int, ...], dtype: str) -> str:
         return "; ".join(parts) + (f"; {spilled} B spilled" if spilled else "; no spills")
     except (ImportError, RuntimeError) as error:  # no Triton, or its interpreter is on
         return f"not compiled ({str(error).splitlines()[0]})"
+
+
+MIXTURE_COMPONENTS = 10
+
+
+def mixture_bytes(pixels: int, dtype: str) -> tuple[int, int]:
+    """(forward, backward) bytes of the mixture kernels on ``pixels`` pixels: per pixel the forward
+    reads x (3 float32) and 10 K parameters and writes -log p and the logsumexp of the logits
+    (float32 each); the backward reads all of those and the upstream gradient (float32) and writes
+    the parameters' gradient."""
+    params = 10 * MIXTURE_COMPONENTS * ELEMENT_BYTES[dtype]
+    forward = 3 * 4 + params + 2 * 4
+    return pixels * forward, pixels * (forward + 4 + params)
+
+
+def mixture_registers(dtype: str) -> str:
+    """The mixture kernels' registers and occupancy per arch, or why they could not be compiled."""
+    try:
+        from fasthvae.ops.triton_aot import kernel_resources
+
+        parts = []
+        for arch in ARCHS:
+            kernels = []
+            for kind in ("forward", "backward"):
+                usage = kernel_resources("likelihoods", AOT_DTYPES[dtype], arch, name=f"mixture_{kind}")
+                kernels.append(f"{kind} {usage.registers} regs {usage.occupancy:.0%}")
+            parts.append(f"sm_{arch}: {', '.join(kernels)}")
+        return "; ".join(parts)
+    except (ImportError, RuntimeError) as error:
+        return f"not compiled ({str(error).splitlines()[0]})"
+
+
+def mixture_rows(images: dict[str, tuple[int, int, int]], dtype: str) -> list[dict]:
+    """The mixture likelihood's rows: images [B, H, W] of a decoder with 10 components."""
+    from fasthvae.ops.triton_likelihoods import BLOCK_PIXELS
+
+    table = []
+    for shape_name, shape in images.items():
+        fwd, bwd = mixture_bytes(math.prod(shape), dtype)
+        row: dict = {"op": "mixture-nll", "shape": shape_name, "dtype": dtype,
+                     "forward_MB": round(fwd / 1e6, 3), "backward_MB": round(bwd / 1e6, 3)}  # fmt: skip
+        for gpu, bandwidth in BANDWIDTH.items():
+            row[f"{gpu} forward_us"] = round(fwd / bandwidth * 1e6, 2)
+            row[f"{gpu} backward_us"] = round(bwd / bandwidth * 1e6, 2)
+        row["programs"] = math.ceil(math.prod(shape) / BLOCK_PIXELS)
+        row["triton"] = mixture_registers(dtype)
+        table.append(row)
+    return table
 
 
 def rows(ops: list[str], shapes: dict[str, tuple[int, ...]], dtype: str) -> list[dict]:

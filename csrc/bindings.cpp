@@ -1,19 +1,20 @@
-// Python bindings of the fused Gaussian ops: argument checks, then dispatch
+// Python bindings of the fused ops: argument checks, then dispatch
 // to the CPU loops or (when built with CUDA) the CUDA kernels.
 #include <torch/extension.h>
 
 #include "gaussian_ops.h"
+#include "mixture_ops.h"
 
 namespace fasthvae {
 namespace {
 
-void check_like(const at::Tensor& ref, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.sizes() == ref.sizes(), "fasthvae: ", name, " has shape ", t.sizes(),
-              " but mu has shape ", ref.sizes());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fasthvae: ", name, " has dtype ",
-              t.scalar_type(), " but mu has dtype ", ref.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), "fasthvae: ", name, " is on ", t.device(),
-              " but mu is on ", ref.device());
+void check_like(const at::Tensor& ref, const at::Tensor& t, const char* name, const char* ref_name = "mu") {
+  TORCH_CHECK(t.sizes() == ref.sizes(), "fasthvae: ", name, " has shape ", t.sizes(), " but ", ref_name,
+              " has shape ", ref.sizes());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fasthvae: ", name, " has dtype ", t.scalar_type(),
+              " but ", ref_name, " has dtype ", ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), "fasthvae: ", name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device());
   TORCH_CHECK(t.is_contiguous(), "fasthvae: ", name, " must be contiguous");
 }
 
@@ -101,6 +102,73 @@ std::vector<at::Tensor> backward(const at::Tensor& mu, const at::Tensor& logvar,
   return backward_cpu(mu, logvar, mu_p, logvar_p, host_seed(seed), grad_z, grad_kl, grad_kl_rows);
 }
 
+// ---- the discretized-logistic likelihoods (CPU kernels only) ----
+
+void check_cpu_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "fasthvae: ", name, " must be a CPU tensor (the likelihood kernels of "
+              "fasthvae._C run on the CPU; CUDA tensors take the Triton kernels), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
+              "fasthvae: ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+void check_pixels(const at::Tensor& t, const at::Tensor& params, int64_t channels, const char* name) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == params.size(0) && t.size(1) == channels &&
+                  t.size(2) == params.size(2) && t.size(3) == params.size(3),
+              "fasthvae: ", name, " must be [", params.size(0), ", ", channels, ", ", params.size(2), ", ",
+              params.size(3), "], got ", t.sizes());
+}
+
+void check_pixel_rows(const at::Tensor& t, const at::Tensor& params, const char* name) {
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == params.size(0) && t.size(1) == params.size(2) &&
+                  t.size(2) == params.size(3) && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                  t.device().is_cpu(),
+              "fasthvae: ", name, " must be a contiguous float32 CPU tensor [", params.size(0), ", ",
+              params.size(2), ", ", params.size(3), "]");
+}
+
+void check_mixture(const at::Tensor& x, const at::Tensor& params) {
+  check_cpu_floating(params, "params");
+  TORCH_CHECK(params.dim() == 4 && params.size(1) > 0 && params.size(1) % kMixtureParamBlocks == 0,
+              "fasthvae: mixture params must be [B, 10K, H, W], got ", params.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "fasthvae: x must be a float32 CPU tensor");
+  check_pixels(x, params, 3, "x");
+}
+
+std::vector<at::Tensor> mixture_forward(const at::Tensor& x, const at::Tensor& params) {
+  check_mixture(x, params);
+  return mixture_forward_cpu(x, params);
+}
+
+at::Tensor mixture_backward(const at::Tensor& x, const at::Tensor& params, const at::Tensor& nll,
+                            const at::Tensor& lse_logits, const at::Tensor& grad) {
+  check_mixture(x, params);
+  check_pixel_rows(nll, params, "nll");
+  check_pixel_rows(lse_logits, params, "lse_logits");
+  check_pixel_rows(grad, params, "grad");
+  return mixture_backward_cpu(x, params, nll, lse_logits, grad);
+}
+
+void check_logistic(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_scale) {
+  check_cpu_floating(mean, "mean");
+  TORCH_CHECK(mean.is_contiguous(), "fasthvae: mean must be contiguous");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.is_contiguous() &&
+                  x.sizes() == mean.sizes(),
+              "fasthvae: x must be a contiguous float32 CPU tensor of mean's shape ", mean.sizes());
+  check_like(mean, log_scale, "log_scale", "mean");
+}
+
+at::Tensor logistic_forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_scale) {
+  check_logistic(x, mean, log_scale);
+  return logistic_forward_cpu(x, mean, log_scale);
+}
+
+std::vector<at::Tensor> logistic_backward(const at::Tensor& x, const at::Tensor& mean,
+                                          const at::Tensor& log_scale, const at::Tensor& grad) {
+  check_logistic(x, mean, log_scale);
+  check_like(mean, grad, "grad", "mean");
+  return logistic_backward_cpu(x, mean, log_scale, grad);
+}
+
 bool has_cuda() {
 #ifdef FASTHVAE_WITH_CUDA
   return true;
@@ -113,9 +181,13 @@ bool has_cuda() {
 }  // namespace fasthvae
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fasthvae fused Gaussian ops (CPU and CUDA kernels)";
+  m.doc() = "fasthvae fused ops: Gaussian (CPU and CUDA kernels), discretized logistic likelihoods (CPU)";
   m.def("forward", &fasthvae::forward, "fused reparameterize / Gaussian KL forward");
   m.def("backward", &fasthvae::backward, "fused reparameterize / Gaussian KL backward");
+  m.def("mixture_forward", &fasthvae::mixture_forward, "discretized logistic mixture: nll and lse of logits per pixel");
+  m.def("mixture_backward", &fasthvae::mixture_backward, "discretized logistic mixture: gradient in params");
+  m.def("logistic_forward", &fasthvae::logistic_forward, "discretized logistic: nll per sub-pixel");
+  m.def("logistic_backward", &fasthvae::logistic_backward, "discretized logistic: gradients in mean, log-scale");
   m.def("has_cuda", &fasthvae::has_cuda, "whether the CUDA kernels were built");
   m.def("cpu_isa", &fasthvae::cpu_isa, "the CPU loops' active ISA path");
   m.def("cpu_isas", &fasthvae::cpu_isas, "the ISA paths this CPU can run, best first");

@@ -1,10 +1,7 @@
 // CPU loops of the fused Gaussian ops: the elementwise math of gaussian_math.h
-// in SIMD loops (GCC `omp simd` with glibc's vector libm), compiled once per
-// x86-64 ISA level (AVX-512 = x86-64-v4, AVX2 = x86-64-v3, baseline) and
-// dispatched at run time: the best level the CPU has, or the one named by
-// FASTHVAE_CPU_ISA / set_cpu_isa (so every path can be tested on any machine
-// that has it). Threaded with at::parallel_for over fixed blocks so that
-// reductions are deterministic whatever the thread count.
+// in SIMD loops, one wrapper per ISA level (cpu_common.h). Threaded with
+// at::parallel_for over fixed blocks so that reductions are deterministic
+// whatever the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -12,109 +9,13 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cstdlib>
-#include <cstring>
-#include <string>
 #include <type_traits>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
-
-// Vector variants of libm from glibc's libmvec; <math.h> only declares them
-// under -ffast-math, which we do not want (it breaks inf handling).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-extern "C" {
-#pragma omp declare simd notinbranch
-float expf(float);
-#pragma omp declare simd notinbranch
-float expm1f(float);
-#pragma omp declare simd notinbranch
-float logf(float);
-#pragma omp declare simd notinbranch
-float cosf(float);
-#pragma omp declare simd notinbranch
-float sinf(float);
-}
-#define FHV_X86_LEVELS 1
-#define FHV_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
-#define FHV_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
-#else
-#define FHV_X86_LEVELS 0
-#endif
-// The chunk loops are inlined into one wrapper per ISA level, which vectorizes them for it.
-#define FHV_INLINE inline __attribute__((always_inline))
-
+#include "cpu_common.h"
 #include "gaussian_math.h"
 #include "gaussian_ops.h"
 
 namespace fasthvae {
-
-// ---- ISA levels -----------------------------------------------------------
-
-namespace {
-
-enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
-constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512"};
-
-bool cpu_has(Isa isa) {
-#if FHV_X86_LEVELS
-  __builtin_cpu_init();
-  if (isa == Isa::kAvx512) return __builtin_cpu_supports("x86-64-v4");
-  if (isa == Isa::kAvx2) return __builtin_cpu_supports("x86-64-v3");
-  return true;
-#else
-  return isa == Isa::kBaseline;
-#endif
-}
-
-Isa parse_isa(const std::string& name) {
-  for (int i = 0; i < 3; ++i) {
-    if (name == kIsaNames[i]) {
-      const Isa isa = static_cast<Isa>(i);
-      TORCH_CHECK(cpu_has(isa), "fasthvae: CPU ISA path '", name,
-                  "' was asked for (FASTHVAE_CPU_ISA or set_cpu_isa) but this CPU lacks it");
-      return isa;
-    }
-  }
-  TORCH_CHECK(false, "fasthvae: unknown CPU ISA path '", name, "'; choose avx512, avx2 or baseline");
-}
-
-Isa best_isa() {
-  for (Isa isa : {Isa::kAvx512, Isa::kAvx2}) {
-    if (cpu_has(isa)) return isa;
-  }
-  return Isa::kBaseline;
-}
-
-std::atomic<int> g_isa{-1};  // -1: not chosen yet (FASTHVAE_CPU_ISA, else the best level)
-
-Isa active_isa() {
-  int isa = g_isa.load(std::memory_order_relaxed);
-  if (isa < 0) {
-    const char* env = std::getenv("FASTHVAE_CPU_ISA");
-    isa = static_cast<int>(env != nullptr && *env != '\0' ? parse_isa(env) : best_isa());
-    g_isa.store(isa, std::memory_order_relaxed);
-  }
-  return static_cast<Isa>(isa);
-}
-
-}  // namespace
-
-std::string cpu_isa() { return kIsaNames[static_cast<int>(active_isa())]; }
-
-void set_cpu_isa(const std::string& name) {
-  g_isa.store(static_cast<int>(name.empty() ? best_isa() : parse_isa(name)), std::memory_order_relaxed);
-}
-
-std::vector<std::string> cpu_isas() {
-  std::vector<std::string> names;
-  for (int i = 2; i >= 0; --i) {
-    if (cpu_has(static_cast<Isa>(i))) names.emplace_back(kIsaNames[i]);
-  }
-  return names;
-}
 
 namespace {
 
@@ -347,96 +248,6 @@ void backward_chunk(const float* mu, const float* lv, const float* mu_p, const f
                                                           dmu, dlv, dmu_p, dlv_p);
 }
 
-// ---- dtype staging ------------------------------------------------------
-
-// at::Half <-> float, 8 at a time with F16C where the CPU has it (round to nearest even, like
-// at::Half's own scalar conversion, which is bit manipulation and slower: README, Benchmarks).
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FHV_F16C 1
-__attribute__((target("avx2,f16c"))) void half_to_float_f16c(const at::Half* src, int64_t n, float* dst) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
-  }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-__attribute__((target("avx2,f16c"))) void float_to_half_f16c(const float* src, int64_t n, at::Half* dst) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h =
-        _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
-  }
-  for (; i < n; ++i) dst[i] = static_cast<at::Half>(src[i]);
-}
-
-bool has_f16c() {
-  static const bool has =
-      (__builtin_cpu_init(), __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2"));
-  return has;
-}
-#else
-#define FHV_F16C 0
-#endif
-
-// A float view of src[0:n]: the pointer itself for float, else a converted copy.
-template <typename T>
-inline const float* load_float(const T* src, int64_t n, float* buf) {
-  if constexpr (std::is_same_v<T, float>) {
-    return src;
-  } else {
-    if (src == nullptr) return nullptr;
-#if FHV_F16C
-    if constexpr (std::is_same_v<T, at::Half>) {
-      if (has_f16c()) {
-        half_to_float_f16c(src, n, buf);
-        return buf;
-      }
-    }
-#endif
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
-    return buf;
-  }
-}
-
-// Where a float result for dst[0:n] goes: dst itself for float, else buf.
-template <typename T>
-inline float* out_float(T* dst, float* buf) {
-  if constexpr (std::is_same_v<T, float>) {
-    return dst;
-  } else {
-    return dst == nullptr ? nullptr : buf;
-  }
-}
-
-template <typename T>
-inline void store_float(T* dst, const float* src, int64_t n) {
-  if constexpr (!std::is_same_v<T, float>) {
-    if (dst == nullptr) return;
-#if FHV_F16C
-    if constexpr (std::is_same_v<T, at::Half>) {
-      if (has_f16c()) {
-        float_to_half_f16c(src, n, dst);
-        return;
-      }
-    }
-#endif
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-  }
-}
-
-template <typename T>
-inline const T* ptr_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->const_data_ptr<T>() : nullptr;
-}
-
-template <typename T>
-inline T* mut_ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
-}
-
 // Runs fn(row, begin, end) over the fixed blocks of every row, in parallel.
 template <typename Fn>
 void for_each_block(int64_t rows, int64_t inner, Fn&& fn) {
@@ -538,16 +349,6 @@ void backward_typed(const at::Tensor& mu, const at::Tensor& lv,
       }
     }
   });
-}
-
-// Calls fn with std::integral_constant<bool, flag>.
-template <typename Fn>
-void with_flag(bool flag, Fn&& fn) {
-  if (flag) {
-    fn(std::true_type{});
-  } else {
-    fn(std::false_type{});
-  }
 }
 
 }  // namespace

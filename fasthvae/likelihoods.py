@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fasthvae import ops
+from fasthvae.ops.reference import split_mixture
+
 LIKELIHOODS = ("bernoulli", "gaussian", "logistic", "mixture")
 DISCRETE = {"logistic", "mixture"}
 PIXELS_PER_IMAGE = 3 * 32 * 32
 MIXTURES = 10  # components of ``mixture`` (PixelCNN++ and VDVAE use 10 on CIFAR-10)
-MIN_LOG_SCALE = -7.0
 
 
 def out_channels(likelihood: str) -> int:
@@ -46,47 +48,15 @@ def mean_image(likelihood: str, decoded: Tensor) -> Tensor:
 
 
 def discretized_logistic_nll(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
-    """-log P(x) per element for x in {0, 1/255, ..., 1}, mean in [-1, 1] space, 256 bins."""
-    x = x * 2 - 1  # [-1, 1]; bin half-width 1/255
-    log_scale = log_scale.clamp(min=MIN_LOG_SCALE)
-    centered = x - mean
-    inv_s = torch.exp(-log_scale)
-    plus = inv_s * (centered + 1 / 255)
-    minus = inv_s * (centered - 1 / 255)
-    log_cdf_plus = plus - F.softplus(plus)  # log sigmoid(plus), for the x = 0 bin
-    log_one_minus_cdf_minus = -F.softplus(minus)  # log (1 - sigmoid(minus)), for the x = 255 bin
-    cdf_delta = torch.sigmoid(plus) - torch.sigmoid(minus)
-    mid = minus + 1 / 255 * inv_s  # the bin centre, for the density approximation when delta is tiny
-    log_pdf_mid = mid - log_scale - 2 * F.softplus(mid) - math.log(127.5)
-    log_mid = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid)
-    log_p = torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, log_mid))
-    return -log_p
-
-
-def split_mixture(params: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``mixture`` decoder output [B, 10K, H, W] -> (logits [B, K, H, W], means, log-scales and
-    channel coefficients, each [B, 3, K, H, W]); coefficients in (-1, 1) by tanh."""
-    b, c, h, w = params.shape
-    k = c // 10
-    logits = params[:, :k]
-    means, log_scales, coeffs = params[:, k:].reshape(b, 3, 3, k, h, w).unbind(1)
-    return logits, means, log_scales, torch.tanh(coeffs)
-
-
-def _coupled_means(means: Tensor, coeffs: Tensor, red: Tensor, green: Tensor) -> Tensor:
-    """Each component's channel means given red and green values ([-1, 1] space): [B, 3, K, H, W]."""
-    m_r, m_g, m_b = means.unbind(1)
-    a, b, c = coeffs.unbind(1)
-    return torch.stack([m_r, m_g + a * red, m_b + b * red + c * green], 1)
+    """-log P(x) per element, x in {0, 1/255, ..., 1}, mean in [-1, 1] space (the fused
+    :func:`fasthvae.ops.logistic_nll`)."""
+    return ops.logistic_nll(x, mean, log_scale, reduction="none")
 
 
 def mixture_nll(x: Tensor, params: Tensor) -> Tensor:
-    """-log P(x) per pixel [B, H, W] of the discretized logistic mixture, x in {0, 1/255, ..., 1}."""
-    logits, means, log_scales, coeffs = split_mixture(params)
-    x2 = (x * 2 - 1).unsqueeze(2)  # [B, 3, 1, H, W]
-    mean = _coupled_means(means, coeffs, x2[:, 0], x2[:, 1])
-    log_p_channels = -discretized_logistic_nll(x.unsqueeze(2), mean, log_scales).sum(1)  # [B, K, H, W]
-    return -torch.logsumexp(log_p_channels + F.log_softmax(logits, 1), 1)
+    """-log P(x) per pixel [B, H, W] of the discretized logistic mixture (the fused
+    :func:`fasthvae.ops.mixture_nll`)."""
+    return ops.mixture_nll(x, params, reduction="none")
 
 
 def mixture_mean(params: Tensor) -> Tensor:
@@ -100,16 +70,17 @@ def mixture_mean(params: Tensor) -> Tensor:
 
 
 def nll(likelihood: str, decoded: Tensor, x: Tensor) -> Tensor:
-    """-log p(x | z) summed per image, float32, shape [B]."""
+    """-log p(x | z) summed per image, float32, shape [B]. The discrete likelihoods run the fused
+    ops (:mod:`fasthvae.ops`), which read ``decoded`` in its own dtype and layout."""
+    if likelihood == "logistic":
+        return ops.logistic_nll(x, decoded[:, :3], decoded[:, 3:])
+    if likelihood == "mixture":
+        return ops.mixture_nll(x, decoded)
     decoded = decoded.float()
     if likelihood == "bernoulli":
         per = F.binary_cross_entropy_with_logits(decoded, x, reduction="none")
     elif likelihood == "gaussian":
         per = (torch.sigmoid(decoded) - x).square()
-    elif likelihood == "logistic":
-        per = discretized_logistic_nll(x, decoded[:, :3], decoded[:, 3:])
-    elif likelihood == "mixture":
-        per = mixture_nll(x, decoded)
     else:
         check_likelihood(likelihood)
     return per.flatten(1).sum(1)

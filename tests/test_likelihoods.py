@@ -1,28 +1,16 @@
-"""The discretized logistic mixture: a probability over the 256^3 values of a pixel, the single
-logistic as its one-component case, and its mean image."""
+"""The discretized logistic mixture: conditionals that are distributions, the single logistic as
+its one-component case, and its mean image (the 256^3 normalisation: tests/test_likelihood_ops.py)."""
 
 import pytest
 import torch
 
 from fasthvae import likelihoods
+from fasthvae.ops.reference import split_mixture
 
 
 def random_params(k: int, h: int = 1, w: int = 1, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(1, 10 * k, h, w, generator=g, dtype=torch.float64) * 0.7
-
-
-@pytest.mark.slow  # 16.7 million pixel evaluations: ~1-2 min on 2 cores
-def test_mixture_sums_to_one_over_every_value_of_a_pixel():
-    """Sum of P(r, g, b) over all 256^3 triples of one pixel (2 components, coupled channels)."""
-    params = random_params(2).float()
-    values = torch.arange(256, dtype=torch.float32) / 255
-    green, blue = torch.meshgrid(values, values, indexing="ij")
-    total = 0.0
-    for red in values:  # one red value per call: an image of 256 x 256 (green, blue) pixels
-        x = torch.stack([torch.full_like(green, red), green, blue])[None]
-        total += torch.exp(-likelihoods.mixture_nll(x, params.expand(-1, -1, 256, 256))).double().sum().item()
-    assert total == pytest.approx(1.0, abs=1e-4)
 
 
 def test_each_channel_sums_to_one_given_the_channels_before_it():
@@ -36,7 +24,7 @@ def test_each_channel_sums_to_one_given_the_channels_before_it():
         joint = torch.exp(-likelihoods.mixture_nll(x[None, :, :, None], params.expand(-1, -1, 256, 1)))
         blue_sum = joint.sum().item()
         x_rg = torch.tensor([red, green, 0.0], dtype=torch.float64)[None, :, None, None]
-        _, means, log_scales, coeffs = likelihoods.split_mixture(params)
+        _, means, log_scales, coeffs = split_mixture(params)
         p_r = torch.exp(
             -likelihoods.discretized_logistic_nll(x_rg[:, 0], means[:, 0, 0], log_scales[:, 0, 0])
         )
@@ -56,7 +44,7 @@ def test_one_component_without_coupling_is_the_single_logistic():
 
 def test_mixture_mean_is_the_weighted_mean_of_the_coupled_components():
     params = random_params(2, 3, 3)
-    logits, means, _, coeffs = likelihoods.split_mixture(params)
+    logits, means, _, coeffs = split_mixture(params)
     w = torch.softmax(logits, 1)
     red = means[:, 0]
     green = means[:, 1] + coeffs[:, 0] * red

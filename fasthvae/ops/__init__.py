@@ -15,7 +15,7 @@ The backend is chosen per device (see :mod:`fasthvae.ops.backend`).
 import torch
 from torch import Tensor
 
-from fasthvae.ops import library, reference
+from fasthvae.ops import library, library_likelihoods, reference
 from fasthvae.ops.backend import (
     BACKENDS,
     cpu_isa,
@@ -35,6 +35,8 @@ __all__ = [
     "cpu_isas",
     "gaussian_kl",
     "get_backend",
+    "logistic_nll",
+    "mixture_nll",
     "reparameterize",
     "sample_and_kl",
     "set_backend",
@@ -135,3 +137,70 @@ def sample_and_kl(
         eps = torch.randn(mu.shape, generator=generator, device=mu.device)
         return reference.sample_and_kl(mu, logvar, eps, mu_p, logvar_p, reduction)
     return library.sample_and_kl(mu, logvar, mu_p, logvar_p, _seed(generator, mu.device), reduction)
+
+
+def _check_image(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _pixels_in(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x as the kernels read it: float32 (float64 beside float64 parameters); values k / 255 are
+    not all representable in float16 or bfloat16, so x is never computed in those."""
+    return x.to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def mixture_nll(x: Tensor, params: Tensor, *, reduction: str = "sample") -> Tensor:
+    """-log P(x) of 8-bit images under a discretized mixture of K logistics per pixel (PixelCNN++,
+    VDVAE), in nats.
+
+    ``x``: [B, 3, H, W] in [0, 1], values k / 255. ``params``: [B, 10K, H, W], channel blocks of K:
+    logits; means of R, G, B; log-scales of R, G, B (clamped below at -7); raw coefficients (tanh
+    inside: G's mean is m_G + a R, B's is m_B + b R + c G) — means and x in [-1, 1] space. Edge bins
+    are open; a bin with mass <= 1e-5 takes the log density at its centre. ``reduction``: ``none``
+    (per pixel [B, H, W], params' dtype), ``sample`` ([B], float32), ``sum``, ``mean`` (over pixels),
+    ``batchmean``. Gradients flow to ``params`` only. Any strides (channels_last included)."""
+    reference.check_reduction(reduction)
+    _check_image("x", x)
+    _check_image("params", params)
+    if params.dim() != 4 or params.shape[1] == 0 or params.shape[1] % reference.MIXTURE_BLOCKS:
+        raise ValueError(f"params must be [B, 10K, H, W] (K components), got {tuple(params.shape)}")
+    b, _, h, w = params.shape
+    if tuple(x.shape) != (b, 3, h, w):
+        raise ValueError(
+            f"x must be [{b}, 3, {h}, {w}] to match params {tuple(params.shape)}, got {tuple(x.shape)}"
+        )
+    if x.device != params.device:
+        raise ValueError(f"x is on {x.device} but params on {params.device}")
+    x = _pixels_in(x, params.dtype)
+    if _plain_reference():
+        nll = reference.mixture_nll(x, params)
+    else:
+        nll, _ = library_likelihoods.mixture_nll(x, params)
+    return reference.reduce(nll, reduction, params.dtype)
+
+
+def logistic_nll(x: Tensor, mean: Tensor, log_scale: Tensor, *, reduction: str = "sample") -> Tensor:
+    """-log P(x) of 8-bit values under a discretized logistic each (one per sub-pixel), in nats.
+
+    ``x`` in [0, 1] (values k / 255), ``mean`` in [-1, 1] space, ``log_scale`` clamped below at -7;
+    shapes broadcast. Edge bins open, the density stand-in below a bin mass of 1e-5, as
+    :func:`mixture_nll`. Reductions as the Gaussian ops'. Gradients flow to mean and log_scale."""
+    reference.check_reduction(reduction)
+    for name, t in (("x", x), ("mean", mean), ("log_scale", log_scale)):
+        _check_image(name, t)
+    mean, log_scale, _, _ = _prepare(mean, log_scale, None, None)
+    try:
+        shape = torch.broadcast_shapes(x.shape, mean.shape)
+    except RuntimeError as err:
+        raise ValueError(f"x{tuple(x.shape)} does not broadcast with mean{tuple(mean.shape)}") from err
+    if x.device != mean.device:
+        raise ValueError(f"x is on {x.device} but mean on {mean.device}")
+    x, mean, log_scale = _pixels_in(x, mean.dtype).expand(shape), mean.expand(shape), log_scale.expand(shape)
+    if _plain_reference():
+        nll = reference.logistic_nll(x, mean, log_scale)
+    else:
+        nll = library_likelihoods.logistic_nll(x, mean, log_scale)
+    return reference.reduce(nll.to(reference.compute_dtype(mean.dtype)), reduction, mean.dtype)

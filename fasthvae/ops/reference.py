@@ -1,4 +1,5 @@
-"""Plain-PyTorch reference implementations of every fused op.
+"""Plain-PyTorch reference implementations of every fused op: the Gaussian ops and the discretized
+logistic likelihoods.
 
 They are the ground truth of the tests, the eager baseline of the benchmarks, and the kernels the
 custom ops fall back to (float64 inputs, devices without a fused backend). Arithmetic runs in
@@ -8,7 +9,10 @@ reductions in float32 (float64 for float64 inputs).
 ``*_backward`` functions are the hand-written gradients the fused kernels implement, in PyTorch.
 """
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 REDUCTIONS = ("none", "sample", "sum", "mean", "batchmean")
 # What the kernels write for the KL, in every backend (csrc/gaussian_ops.h takes the same ints):
@@ -151,3 +155,55 @@ def gaussian_backward(
     if mu_p is not None and not grads:
         out += [torch.zeros_like(dmu), torch.zeros_like(dmu)]
     return [t.expand(shape).to(logvar.dtype).contiguous() for t in out]
+
+
+# ---- discretized logistic likelihoods -------------------------------------------------------
+
+MIN_LOG_SCALE = -7.0
+MIXTURE_BLOCKS = 10  # params per mixture component: logit, 3 means, 3 log-scales, 3 coefficients
+
+
+def logistic_nll(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """-log P(x) per element for x in {0, 1/255, ..., 1}, mean in [-1, 1] space, 256 bins (edge
+    bins open), log-scale clamped below at -7; where a bin's mass is <= 1e-5, the log density at
+    its centre (PixelCNN++). In the compute dtype."""
+    ct = compute_dtype(mean.dtype)
+    x, mean, log_scale = x.to(ct) * 2 - 1, mean.to(ct), log_scale.to(ct)  # bin half-width 1/255
+    log_scale = log_scale.clamp(min=MIN_LOG_SCALE)
+    centered = x - mean
+    inv_s = torch.exp(-log_scale)
+    plus = inv_s * (centered + 1 / 255)
+    minus = inv_s * (centered - 1 / 255)
+    log_cdf_plus = plus - F.softplus(plus)  # log sigmoid(plus), for the x = 0 bin
+    log_one_minus_cdf_minus = -F.softplus(minus)  # log (1 - sigmoid(minus)), for the x = 255 bin
+    cdf_delta = torch.sigmoid(plus) - torch.sigmoid(minus)
+    mid = minus + 1 / 255 * inv_s  # the bin centre, for the density approximation when delta is tiny
+    log_pdf_mid = mid - log_scale - 2 * F.softplus(mid) - math.log(127.5)
+    log_mid = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid)
+    log_p = torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, log_mid))
+    return -log_p
+
+
+def split_mixture(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mixture parameters [B, 10K, H, W] -> (logits [B, K, H, W], means, log-scales and channel
+    coefficients, each [B, 3, K, H, W]); coefficients in (-1, 1) by tanh."""
+    b, c, h, w = params.shape
+    k = c // MIXTURE_BLOCKS
+    logits = params[:, :k]
+    means, log_scales, coeffs = params[:, k:].reshape(b, 3, 3, k, h, w).unbind(1)
+    return logits, means, log_scales, torch.tanh(coeffs)
+
+
+def mixture_nll(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """-log P(x) per pixel [B, H, W] of the discretized logistic mixture (PixelCNN++), x [B, 3, H, W]
+    in {0, 1/255, ..., 1}: green's mean moves with red, blue's with red and green. Compute dtype."""
+    params = params.to(compute_dtype(params.dtype))
+    x = x.to(params.dtype)
+    logits, means, log_scales, coeffs = split_mixture(params)
+    x2 = (x * 2 - 1).unsqueeze(2)  # [B, 3, 1, H, W]
+    red, green = x2[:, 0], x2[:, 1]
+    m_r, m_g, m_b = means.unbind(1)
+    a, b, c = coeffs.unbind(1)
+    mean = torch.stack([m_r, m_g + a * red, m_b + b * red + c * green], 1)
+    log_p_channels = -logistic_nll(x.unsqueeze(2), mean, log_scales).sum(1)  # [B, K, H, W]
+    return -torch.logsumexp(log_p_channels + F.log_softmax(logits, 1), 1)

@@ -115,6 +115,25 @@ def _backward_specs(dtype: str) -> Iterator[Spec]:
         yield Spec(name, tk.gaussian_backward_kernel, sig, consts, _package_options())
 
 
+def _likelihood_specs(dtype: str) -> Iterator[Spec]:
+    from fasthvae.ops import triton_likelihoods as tl_
+
+    options = {"num_warps": tl_.NUM_WARPS}
+    ptr, ints = f"*{dtype}", lambda *names: dict.fromkeys(names, "i32")
+    strides = [f"{t}s{d}" for t in "xpd" for d in "bchw"]
+    mixture = {"x_ptr": "*fp32", "p_ptr": ptr, "nll_ptr": "*fp32", "lse_ptr": "*fp32"}
+    sig = {**mixture, **ints("pixels", "hw", "width", "K", *strides[:8]), "BLOCK": "constexpr"}
+    yield Spec("mixture_forward", tl_.mixture_forward_kernel, sig, {"BLOCK": tl_.BLOCK_PIXELS}, options)
+    sig = {**mixture, "g_ptr": "*fp32", "d_ptr": ptr, **ints("pixels", "hw", "width", "K", *strides)}
+    sig["BLOCK"] = "constexpr"
+    yield Spec("mixture_backward", tl_.mixture_backward_kernel, sig, {"BLOCK": tl_.BLOCK_PIXELS}, options)
+    sig = {"x_ptr": "*fp32", "mean_ptr": ptr, "ls_ptr": ptr, "nll_ptr": ptr, "n": "i32", "BLOCK": "constexpr"}
+    yield Spec("logistic_forward", tl_.logistic_forward_kernel, sig, {"BLOCK": tl_.BLOCK_ELEMENTS}, options)
+    sig = {"x_ptr": "*fp32", "mean_ptr": ptr, "ls_ptr": ptr, "g_ptr": ptr, "dm_ptr": ptr, "dl_ptr": ptr}
+    sig.update({"n": "i32", "BLOCK": "constexpr"})
+    yield Spec("logistic_backward", tl_.logistic_backward_kernel, sig, {"BLOCK": tl_.BLOCK_ELEMENTS}, options)
+
+
 # Per-SM limits of sm_80 (A100) and sm_90 (H100), from NVIDIA's CUDA occupancy calculator.
 SM_REGISTERS = 65536
 SM_MAX_WARPS = 64
@@ -204,7 +223,7 @@ def _resources(compiled, arch: int, dtype: str, spec: Spec) -> Resources:
     return Resources(arch, dtype, spec.name, **usage, shared_bytes=shared, num_warps=warps, occupancy=share)
 
 
-SPECS = {"forward": _forward_specs, "backward": _backward_specs}
+SPECS = {"forward": _forward_specs, "backward": _backward_specs, "likelihoods": _likelihood_specs}
 
 
 def specs(dtype: str, also: tuple[str, ...] = ()) -> Iterator[Spec]:
@@ -216,10 +235,17 @@ def specs(dtype: str, also: tuple[str, ...] = ()) -> Iterator[Spec]:
         yield from importlib.import_module(module).aot_specs(dtype)
 
 
-def kernel_resources(kind: str, dtype: str, arch: int, **consts: object) -> Resources:
-    """Resources of the ``kind`` kernel ("forward" or "backward") specialized with ``consts``
-    (every flag and both tile sizes, e.g. as :mod:`fasthvae.ops.triton_kernels` launches it)."""
-    matches = [s for s in SPECS[kind](dtype) if all(s.constexprs.get(k) == v for k, v in consts.items())]
+def kernel_resources(
+    kind: str, dtype: str, arch: int, name: str | None = None, **consts: object
+) -> Resources:
+    """Resources of the ``kind`` kernel ("forward", "backward" or "likelihoods", then ``name``:
+    "mixture_forward", ...) specialized with ``consts`` (every flag and both tile sizes, e.g. as
+    :mod:`fasthvae.ops.triton_kernels` launches it)."""
+    matches = [
+        s
+        for s in SPECS[kind](dtype)
+        if (name is None or s.name == name) and all(s.constexprs.get(k) == v for k, v in consts.items())
+    ]
     if len(matches) != 1:
         raise ValueError(f"{len(matches)} {kind} kernels match {consts} (give every flag and the tile)")
     return _resources(_compile(matches[0], arch), arch, dtype, matches[0])
