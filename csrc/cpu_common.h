@@ -119,14 +119,4 @@ inline T* mut_ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
 }
 
-// Calls fn with std::integral_constant<bool, flag>.
-template <typename Fn>
-void with_flag(bool flag, Fn&& fn) {
-  if (flag) {
-    fn(std::true_type{});
-  } else {
-    fn(std::false_type{});
-  }
-}
-
 }  // namespace fasthvae

@@ -197,15 +197,6 @@ T* out_ptr(const at::Tensor& t) {
   return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
 }
 
-template <typename Fn>
-void with_flag(bool flag, Fn&& fn) {
-  if (flag) {
-    fn(std::true_type{});
-  } else {
-    fn(std::false_type{});
-  }
-}
-
 }  // namespace
 
 std::vector<at::Tensor> forward_cuda(const at::Tensor& mu, const at::Tensor& logvar,

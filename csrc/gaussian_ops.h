@@ -15,6 +15,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -69,5 +70,15 @@ std::vector<std::string> cpu_isas();
 void set_cpu_isa(const std::string& name);
 
 inline int64_t num_rows(const at::Tensor& t) { return t.dim() == 0 ? 1 : t.size(0); }
+
+// Calls fn with std::integral_constant<bool, flag>.
+template <typename Fn>
+void with_flag(bool flag, Fn&& fn) {
+  if (flag) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
 
 }  // namespace fasthvae

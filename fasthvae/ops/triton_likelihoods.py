@@ -128,15 +128,23 @@ def _load_x(x_ptr, x_off, xsc, mask):
 
 
 @triton.jit
+def _pixel_block(x_ptr, pixels, hw, width, xsb, xsc, xsh, xsw, psb, psh, psw, BLOCK: tl.constexpr):
+    """Program's pixels (flat indices), their mask, x's channels in [-1, 1] space and the offsets of
+    the pixels' parameters."""
+    q = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = q < pixels
+    x0, x1, x2 = _load_x(x_ptr, _pixel_offsets(q, hw, width, xsb, xsh, xsw), xsc, mask)
+    return q, mask, x0, x1, x2, _pixel_offsets(q, hw, width, psb, psh, psw)
+
+
+@triton.jit
 def mixture_forward_kernel(
     x_ptr, p_ptr, nll_ptr, lse_ptr, pixels, hw, width, K,
     xsb, xsc, xsh, xsw, psb, psc, psh, psw,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    q = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = q < pixels
-    x0, x1, x2 = _load_x(x_ptr, _pixel_offsets(q, hw, width, xsb, xsh, xsw), xsc, mask)
-    p_off = _pixel_offsets(q, hw, width, psb, psh, psw)
+    block = _pixel_block(x_ptr, pixels, hw, width, xsb, xsc, xsh, xsw, psb, psh, psw, BLOCK)
+    q, mask, x0, x1, x2, p_off = block
     top_j = tl.full([BLOCK], -1.0e30, tl.float32)
     top_l = tl.full([BLOCK], -1.0e30, tl.float32)
     sum_j = tl.zeros([BLOCK], tl.float32)
@@ -147,12 +155,8 @@ def mixture_forward_kernel(
         joint = logit + logp
         new_j = tl.maximum(top_j, joint)
         new_l = tl.maximum(top_l, logit)
-        sum_j = sum_j * tl.exp(tl.maximum(top_j - new_j, EXP_FLOOR)) + tl.exp(
-            tl.maximum(joint - new_j, EXP_FLOOR)
-        )
-        sum_l = sum_l * tl.exp(tl.maximum(top_l - new_l, EXP_FLOOR)) + tl.exp(
-            tl.maximum(logit - new_l, EXP_FLOOR)
-        )
+        sum_j = sum_j * _exp_floored(top_j - new_j) + _exp_floored(joint - new_j)
+        sum_l = sum_l * _exp_floored(top_l - new_l) + _exp_floored(logit - new_l)
         top_j = new_j
         top_l = new_l
     lse_l = top_l + tl.log(sum_l)
@@ -166,10 +170,8 @@ def mixture_backward_kernel(
     xsb, xsc, xsh, xsw, psb, psc, psh, psw, dsb, dsc, dsh, dsw,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    q = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = q < pixels
-    x0, x1, x2 = _load_x(x_ptr, _pixel_offsets(q, hw, width, xsb, xsh, xsw), xsc, mask)
-    p_off = _pixel_offsets(q, hw, width, psb, psh, psw)
+    block = _pixel_block(x_ptr, pixels, hw, width, xsb, xsc, xsh, xsw, psb, psh, psw, BLOCK)
+    q, mask, x0, x1, x2, p_off = block
     d_off = _pixel_offsets(q, hw, width, dsb, dsh, dsw)
     lse_l = tl.load(lse_ptr + q, mask=mask, other=0.0)
     lse_j = lse_l - tl.load(nll_ptr + q, mask=mask, other=0.0)
