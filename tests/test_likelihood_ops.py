@@ -141,17 +141,14 @@ def strided(t):
 @pytest.mark.parametrize("layout", [channels_last, strided], ids=["channels_last", "strided"])
 def test_mixture_reads_any_layout_and_returns_the_gradient_in_it(kernel, layout):
     check_mixture(kernel, torch.float32, "none", view=layout)
-    x, params = mixture_inputs(2, 3, 5, 7)
+    x, params = (t.to(device_of(kernel)) for t in mixture_inputs(2, 3, 5, 7))
     with kernel_in_use(kernel):
         plain = ops.mixture_nll(x, params, reduction="none")
         assert torch.equal(ops.mixture_nll(layout(x), layout(params), reduction="none"), plain)
-    if kernel != "reference":  # the op returns the gradient in the parameters' own layout
-        nll, lse = library_likelihoods.mixture_nll(x, channels_last(params))
-        with kernel_in_use(kernel):
-            grad = library_likelihoods.mixture_nll_backward(
-                x, channels_last(params), nll, lse, torch.ones_like(nll)
-            )
-        assert grad.is_contiguous(memory_format=torch.channels_last)
+        nhwc = channels_last(params)
+        nll, lse = library_likelihoods.mixture_nll(x, nhwc)
+        grad = library_likelihoods.mixture_nll_backward(x, nhwc, nll, lse, torch.ones_like(nll))
+    assert grad.is_contiguous(memory_format=torch.channels_last)
 
 
 def logistic_inputs(shape, dtype, seed=0):
@@ -186,7 +183,7 @@ def test_logistic_values_and_grads(kernel, dtype, reduction):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_logistic_channels_last_and_broadcast(kernel):
-    x, mean, log_scale = logistic_inputs((2, 3, 5, 6), torch.float32)
+    x, mean, log_scale = (t.to(device_of(kernel)) for t in logistic_inputs((2, 3, 5, 6), torch.float32))
     with kernel_in_use(kernel):
         plain = ops.logistic_nll(x, mean, log_scale, reduction="none")
         cl = ops.logistic_nll(*(channels_last(t) for t in (x, mean, log_scale)), reduction="none")

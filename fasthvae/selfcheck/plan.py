@@ -83,7 +83,7 @@ def plan(
         pytest, parallel = [*base, "--collect-only", "-q"], []
         steps.append(Step("collect the whole suite", pytest, 90, pytest=True))
     steps.append(Step("environment", [python, "-m", "fasthvae.cli", "env"], 15))
-    kernel_files = ["tests/test_ops_kernels.py", "tests/test_ops_api.py"]
+    kernel_files = ["tests/test_ops_kernels.py", "tests/test_likelihood_ops.py", "tests/test_ops_api.py"]
     kernels = [*pytest, *parallel, *kernel_files, "-k", KERNEL_TESTS]
     steps.append(Step("kernels on CUDA", kernels, 100, gpu, pytest=True))
     # Every other gpu-marked test: the kernel files ran in the step above, the training runs below.
@@ -95,7 +95,8 @@ def plan(
     bench_out = ["--out", str(out / "bench")]
     data_args = ["--data", data] if data else []
     benches = [
-        ("bench_ops", ["--repeats", "10"], 40),
+        # one shape per kind of op: every (op, shape) compiles the reference formula once
+        ("bench_ops", ["--shapes", "hvae-conv", "cifar-b32", "--repeats", "10"], 40),
         ("bench_train", ["--model", "hvae", "--only", "plain", "+fused-ops", "--warmup", "2", "--steps", "10",
                          "--repeats", "2", *data_args], 30),
         ("bench_loader", ["--epochs", "2", *data_args], 10),
