@@ -167,11 +167,12 @@ def test_shapes(kernel, shape):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_large(kernel):
-    """More than 2**20 elements, rows spanning many blocks, in each dtype."""
-    interpreted = kernel == "triton" and TRITON_DEVICE == "cpu"  # the interpreter is slow: fp32 only
+    """More than 2**20 elements, rows spanning many blocks, in each dtype. Triton's interpreter, whose
+    time grows with the elements: float32, a quarter of the rows (still 144 blocks a row)."""
+    interpreted = kernel == "triton" and TRITON_DEVICE == "cpu"
     dtypes = (torch.float32,) if interpreted else DTYPES
     for dtype in dtypes:
-        check(kernel, "sample_and_kl", (8, 64, 48, 48), dtype, "sample", True)
+        check(kernel, "sample_and_kl", (2 if interpreted else 8, 64, 48, 48), dtype, "sample", True)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
