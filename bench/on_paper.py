@@ -87,23 +87,40 @@ def programs(op: str, shape: tuple[int, ...]) -> int:
     return math.ceil(shape[0] / block_r) * math.ceil(math.prod(shape[1:]) / block_c)
 
 
-def registers(op: str, shape: tuple[int, ...], dtype: str) -> str:
-    """The forward and backward kernels' registers and occupancy per arch (and spills, if any), or
-    why they could not be compiled."""
+def _resources(kernels: list[tuple[str, str, dict]], dtype: str) -> str:
+    """Registers and occupancy per arch (and spills, if any) of ``kernels`` ((label, AOT kind, the
+    selection kernel_resources takes)), or why they could not be compiled."""
     try:
         from fasthvae.ops.triton_aot import kernel_resources
 
         parts, spilled = [], 0
         for arch in ARCHS:
-            kernels = []
-            for kind, consts in zip(("forward", "backward"), kernel_flags(op, shape), strict=True):
-                usage = kernel_resources(kind, AOT_DTYPES[dtype], arch, **consts)
+            described = []
+            for label, kind, selection in kernels:
+                usage = kernel_resources(kind, AOT_DTYPES[dtype], arch, **selection)
                 spilled += usage.spill_stores + usage.spill_loads
-                kernels.append(f"{kind} {usage.registers} regs {usage.occupancy:.0%}")
-            parts.append(f"sm_{arch}: {', '.join(kernels)}")
+                described.append(f"{label} {usage.registers} regs {usage.occupancy:.0%}")
+            parts.append(f"sm_{arch}: {', '.join(described)}")
         return "; ".join(parts) + (f"; {spilled} B spilled" if spilled else "; no spills")
     except (ImportError, RuntimeError) as error:  # no Triton, or its interpreter is on
         return f"not compiled ({str(error).splitlines()[0]})"
+
+
+def registers(op: str, shape: tuple[int, ...], dtype: str) -> str:
+    """The forward and backward kernels ``op`` launches at ``shape``: :func:`_resources`."""
+    forward, backward = kernel_flags(op, shape)
+    return _resources([("forward", "forward", forward), ("backward", "backward", backward)], dtype)
+
+
+def _row(op: str, shape_name: str, dtype: str, moved: tuple[int, int], programs: int, triton: str) -> dict:
+    """A table row: (forward, backward) bytes, ideal microseconds per GPU and pass, the launch."""
+    fwd, bwd = moved
+    row: dict = {"op": op, "shape": shape_name, "dtype": dtype, "forward_MB": round(fwd / 1e6, 3),
+                 "backward_MB": round(bwd / 1e6, 3)}  # fmt: skip
+    for gpu, bandwidth in BANDWIDTH.items():
+        row[f"{gpu} forward_us"] = round(fwd / bandwidth * 1e6, 2)
+        row[f"{gpu} backward_us"] = round(bwd / bandwidth * 1e6, 2)
+    return {**row, "programs": programs, "triton": triton}
 
 
 MIXTURE_COMPONENTS = 10
@@ -119,56 +136,26 @@ def mixture_bytes(pixels: int, dtype: str) -> tuple[int, int]:
     return pixels * forward, pixels * (forward + 4 + params)
 
 
-def mixture_registers(dtype: str) -> str:
-    """The mixture kernels' registers and occupancy per arch, or why they could not be compiled."""
-    try:
-        from fasthvae.ops.triton_aot import kernel_resources
-
-        parts = []
-        for arch in ARCHS:
-            kernels = []
-            for kind in ("forward", "backward"):
-                usage = kernel_resources("likelihoods", AOT_DTYPES[dtype], arch, name=f"mixture_{kind}")
-                kernels.append(f"{kind} {usage.registers} regs {usage.occupancy:.0%}")
-            parts.append(f"sm_{arch}: {', '.join(kernels)}")
-        return "; ".join(parts)
-    except (ImportError, RuntimeError) as error:
-        return f"not compiled ({str(error).splitlines()[0]})"
-
-
 def mixture_rows(images: dict[str, tuple[int, int, int]], dtype: str) -> list[dict]:
     """The mixture likelihood's rows: images [B, H, W] of a decoder with 10 components."""
     from fasthvae.ops.triton_likelihoods import BLOCK_PIXELS
 
-    table = []
-    for shape_name, shape in images.items():
-        fwd, bwd = mixture_bytes(math.prod(shape), dtype)
-        row: dict = {"op": "mixture-nll", "shape": shape_name, "dtype": dtype,
-                     "forward_MB": round(fwd / 1e6, 3), "backward_MB": round(bwd / 1e6, 3)}  # fmt: skip
-        for gpu, bandwidth in BANDWIDTH.items():
-            row[f"{gpu} forward_us"] = round(fwd / bandwidth * 1e6, 2)
-            row[f"{gpu} backward_us"] = round(bwd / bandwidth * 1e6, 2)
-        row["programs"] = math.ceil(math.prod(shape) / BLOCK_PIXELS)
-        row["triton"] = mixture_registers(dtype)
-        table.append(row)
-    return table
+    kernels = [(kind, "likelihoods", {"name": f"mixture_{kind}"}) for kind in ("forward", "backward")]
+    triton = _resources(kernels, dtype)
+    return [
+        _row("mixture-nll", name, dtype, mixture_bytes(math.prod(shape), dtype),
+             math.ceil(math.prod(shape) / BLOCK_PIXELS), triton)
+        for name, shape in images.items()
+    ]  # fmt: skip
 
 
 def rows(ops: list[str], shapes: dict[str, tuple[int, ...]], dtype: str) -> list[dict]:
     """One row per op and shape: bytes, ideal microseconds per GPU and pass, Triton resources."""
-    table = []
-    for op in ops:
-        for shape_name, shape in shapes.items():
-            fwd, bwd = bytes_moved(op, shape, dtype)
-            row: dict = {"op": op, "shape": shape_name, "dtype": dtype, "forward_MB": round(fwd / 1e6, 3),
-                         "backward_MB": round(bwd / 1e6, 3)}  # fmt: skip
-            for gpu, bandwidth in BANDWIDTH.items():
-                row[f"{gpu} forward_us"] = round(fwd / bandwidth * 1e6, 2)
-                row[f"{gpu} backward_us"] = round(bwd / bandwidth * 1e6, 2)
-            row["programs"] = programs(op, shape)
-            row["triton"] = registers(op, shape, dtype)
-            table.append(row)
-    return table
+    return [
+        _row(op, name, dtype, bytes_moved(op, shape, dtype), programs(op, shape), registers(op, shape, dtype))
+        for op in ops
+        for name, shape in shapes.items()
+    ]
 
 
 TITLE = "The fused ops on a GPU, on paper"

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "gaussian_ops.h"  // FHV_DISPATCH_KERNEL_TYPES
 #include "logistic_math.h"
 #include "mixture_ops.h"
 
@@ -276,8 +277,8 @@ void for_each_chunk(int64_t total, int64_t chunk, Fn&& fn) {
   });
 }
 
-// Channels [0, rows) of pixels [first, first + n) as float rows of kPix: plane runs load as
-// vectors, channels_last pixels channel after channel, anything else through per-pixel offsets.
+// Channels [0, rows) of pixels [first, first + n) as float rows of kPix: plane runs (NCHW) load
+// as vectors, any other layout (channels_last included) pixel by pixel through its offset.
 template <typename T>
 void gather(const T* src, const PixelLayout& l, int64_t rows, int64_t first, int64_t n, float* dst) {
   if (l.plane_run(first, n)) {
@@ -371,7 +372,7 @@ void logistic_typed(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
   T* o0 = out0.mutable_data_ptr<T>();
   T* o1 = out1.defined() ? out1.mutable_data_ptr<T>() : nullptr;
   for_each_chunk(x.numel(), kElems, [&](int64_t first, int64_t n) {
-    alignas(64) float buf[6][kElems];
+    alignas(64) float buf[5][kElems];
     const float* m = load_float(m_d + first, n, buf[0]);
     const float* s = load_float(s_d + first, n, buf[1]);
     const float* g = g_d != nullptr ? load_float(g_d + first, n, buf[2]) : nullptr;
@@ -389,16 +390,12 @@ void logistic_typed(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
 
 }  // namespace
 
-#define FHV_FLOATING_TYPES(TYPE, NAME, ...)                                                        \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                         \
-                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
 std::vector<at::Tensor> mixture_forward_cpu(const at::Tensor& x, const at::Tensor& params) {
   const auto shape = std::vector<int64_t>{params.size(0), params.size(2), params.size(3)};
   at::Tensor nll = at::empty(shape, params.options().dtype(at::kFloat));
   at::Tensor lse_logits = at::empty(shape, params.options().dtype(at::kFloat));
   if (nll.numel() > 0) {
-    FHV_FLOATING_TYPES(params.scalar_type(), "fasthvae_mixture_forward_cpu",
+    FHV_DISPATCH_KERNEL_TYPES(params.scalar_type(), "fasthvae_mixture_forward_cpu",
                        [&] { mixture_forward_typed<scalar_t>(x, params, nll, lse_logits); });
   }
   return {nll, lse_logits};
@@ -408,7 +405,7 @@ at::Tensor mixture_backward_cpu(const at::Tensor& x, const at::Tensor& params, c
                                 const at::Tensor& lse_logits, const at::Tensor& grad) {
   at::Tensor d_params = at::empty_like(params);
   if (nll.numel() > 0) {
-    FHV_FLOATING_TYPES(params.scalar_type(), "fasthvae_mixture_backward_cpu",
+    FHV_DISPATCH_KERNEL_TYPES(params.scalar_type(), "fasthvae_mixture_backward_cpu",
                        [&] { mixture_backward_typed<scalar_t>(x, params, nll, lse_logits, grad, d_params); });
   }
   return d_params;
@@ -417,7 +414,7 @@ at::Tensor mixture_backward_cpu(const at::Tensor& x, const at::Tensor& params, c
 at::Tensor logistic_forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_scale) {
   at::Tensor nll = at::empty_like(mean);
   if (nll.numel() > 0) {
-    FHV_FLOATING_TYPES(mean.scalar_type(), "fasthvae_logistic_forward_cpu",
+    FHV_DISPATCH_KERNEL_TYPES(mean.scalar_type(), "fasthvae_logistic_forward_cpu",
                        [&] { logistic_typed<scalar_t>(x, mean, log_scale, nullptr, nll, at::Tensor()); });
   }
   return nll;
@@ -427,7 +424,7 @@ std::vector<at::Tensor> logistic_backward_cpu(const at::Tensor& x, const at::Ten
                                               const at::Tensor& log_scale, const at::Tensor& grad) {
   at::Tensor d_mean = at::empty_like(mean), d_ls = at::empty_like(mean);
   if (d_mean.numel() > 0) {
-    FHV_FLOATING_TYPES(mean.scalar_type(), "fasthvae_logistic_backward_cpu",
+    FHV_DISPATCH_KERNEL_TYPES(mean.scalar_type(), "fasthvae_logistic_backward_cpu",
                        [&] { logistic_typed<scalar_t>(x, mean, log_scale, &grad, d_mean, d_ls); });
   }
   return {d_mean, d_ls};

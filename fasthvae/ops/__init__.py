@@ -48,6 +48,13 @@ __all__ = [
 _SEED_HIGH = 2**63 - 1
 
 
+def _check_floating(name: str, t: object) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
 def _prepare(
     mu: Tensor, logvar: Tensor, mu_p: Tensor | None, logvar_p: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
@@ -55,10 +62,7 @@ def _prepare(
     named = {"mu": mu, "logvar": logvar, "mu_p": mu_p, "logvar_p": logvar_p}
     given = {k: v for k, v in named.items() if v is not None}
     for name, t in given.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        _check_floating(name, t)
     devices = {t.device for t in given.values()}
     if len(devices) > 1:
         raise ValueError(f"all inputs must be on one device, got {', '.join(map(str, devices))}")
@@ -139,13 +143,6 @@ def sample_and_kl(
     return library.sample_and_kl(mu, logvar, mu_p, logvar_p, _seed(generator, mu.device), reduction)
 
 
-def _check_image(name: str, t: Tensor) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-
-
 def _pixels_in(x: Tensor, dtype: torch.dtype) -> Tensor:
     """x as the kernels read it: float32 (float64 beside float64 parameters); values k / 255 are
     not all representable in float16 or bfloat16, so x is never computed in those."""
@@ -163,8 +160,8 @@ def mixture_nll(x: Tensor, params: Tensor, *, reduction: str = "sample") -> Tens
     (per pixel [B, H, W], params' dtype), ``sample`` ([B], float32), ``sum``, ``mean`` (over pixels),
     ``batchmean``. Gradients flow to ``params`` only. Any strides (channels_last included)."""
     reference.check_reduction(reduction)
-    _check_image("x", x)
-    _check_image("params", params)
+    _check_floating("x", x)
+    _check_floating("params", params)
     if params.dim() != 4 or params.shape[1] == 0 or params.shape[1] % reference.MIXTURE_BLOCKS:
         raise ValueError(f"params must be [B, 10K, H, W] (K components), got {tuple(params.shape)}")
     b, _, h, w = params.shape
@@ -190,7 +187,7 @@ def logistic_nll(x: Tensor, mean: Tensor, log_scale: Tensor, *, reduction: str =
     :func:`mixture_nll`. Reductions as the Gaussian ops'. Gradients flow to mean and log_scale."""
     reference.check_reduction(reduction)
     for name, t in (("x", x), ("mean", mean), ("log_scale", log_scale)):
-        _check_image(name, t)
+        _check_floating(name, t)
     mean, log_scale, _, _ = _prepare(mean, log_scale, None, None)
     try:
         shape = torch.broadcast_shapes(x.shape, mean.shape)
