@@ -27,9 +27,8 @@ import torch
 from bench import on_paper
 from bench.report import write_report
 from fasthvae import ops
-from fasthvae.env import cpu_name
+from fasthvae.hardware import cpu_flags, cpu_name
 from fasthvae.ops import backend, reference
-from fasthvae.training.precision import cpu_flags
 
 SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bench.report import write_report
-from fasthvae.env import machine
+from fasthvae.hardware import machine
 from fasthvae.train import TrainConfig, Trainer
 from fasthvae.training.loop import Objective, Stepper
 

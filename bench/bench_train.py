@@ -7,7 +7,9 @@ Variants (all but ``bare`` through the trainer's own step):
 - ``plain``: eager, unfused KL and sampling (plain PyTorch ops), torch DataLoader with workers
 - ``+fused-ops``, ``+compile``, ``+amp``, ``+loader``, ``+channels-last``, ``+fused-adamw``: plain plus
   one feature
-- ``fasthvae``: the trainer's defaults for this device with ``--amp`` (the README's main command)
+- ``fasthvae``: the trainer's defaults for this device with ``--amp`` (the README's main command):
+  ``--speed auto`` chooses compile, channels_last and the fused AdamW by its probe (or its cache,
+  ``fasthvae/training/speed.py``); the ``switches on`` column shows each row's, and where they came from
 Each variant runs ``--warmup`` steps (compilation included), then ``--steps`` timed steps; the median
 of ``--repeats`` timed windows gives images/s. One more window under ``torch.profiler`` gives the
 fused ops' share of the step (self time of the ``fasthvae::`` ops over all ops; for variants with
@@ -24,8 +26,10 @@ backward. ``--model deep`` runs each ``--preset`` given, a table each.
 
 ``--top-ops N`` also writes where each variant's step spends its time: the N entries of the profiled
 window with the most self time (device time on CUDA), per step and as a share of the window, in
-``train_<device>_<model>_top_ops.{csv,md}``. Compiled code is named by its kernels there (on CPU,
-Inductor's ``cpp.enable_kernel_profile`` is switched on for this, which adds a record per kernel).
+``train_<device>_<model>_top_ops.{csv,md}``, and the window's time by resolution (of each entry's
+first 4-D input) in ``train_<device>_<model>_by_resolution.{csv,md}``. Compiled code is named by its
+kernels there (on CPU, Inductor's ``cpp.enable_kernel_profile`` is switched on for this, which adds a
+record per kernel).
 
     python -m bench.bench_train [--model hvae|vae|deep] [--preset small [base]] [--batch-size 128]
                                 [--device cpu|cuda] [--top-ops 15]
@@ -51,9 +55,10 @@ from bench.machine_scale import (
     sgemm_gflops,
 )
 from bench.report import write_report
-from fasthvae.env import machine
+from fasthvae.hardware import machine
 from fasthvae.ops import use_backend
 from fasthvae.train import TrainConfig, Trainer
+from fasthvae.training.speed import PROBE_MIN_STEPS, SWITCHES
 
 PLAIN = {"compile": False, "amp": False, "loader": "torch", "channels_last": False, "fused_optimizer": False}
 FEATURES = {
@@ -110,17 +115,38 @@ def top_entries(profile: torch.profiler.profile, device: str, steps: int, count:
     ]
 
 
+def by_resolution(profile: torch.profiler.profile, device: str, steps: int, batch: int) -> list[dict]:
+    """Self time per step by the resolution (H x W) of each entry's first 4-D input of ``batch``
+    images, smallest first; entries without one (compiled kernels, the optimizer and other work on
+    the weights, autograd's bookkeeping) as ``other``. Needs a profile with ``record_shapes``."""
+    attr = self_time(device)
+    totals: dict[tuple[int, str], float] = {}
+    for event in profile.key_averages(group_by_input_shape=True):
+        shape = next((s for s in event.input_shapes if len(s) == 4 and s[0] == batch), None)
+        key = (shape[-2] * shape[-1], f"{shape[-2]}x{shape[-1]}") if shape else (1 << 62, "other")
+        totals[key] = totals.get(key, 0.0) + getattr(event, attr)
+    total = sum(totals.values())
+    return [
+        {"resolution": name, "self_ms_per_step": round(t / 1000 / steps, 3), "share": round(t / total, 4)}
+        for (_, name), t in sorted(totals.items())
+        if t > 0
+    ]
+
+
 @dataclass
 class Timing:
     """One variant's measurements: seconds per timed window, the fused ops' share of a profiled
-    window (None without them), the first step's seconds, dynamo's graph breaks (-1: eager) and
-    the profiled window's top entries (when asked)."""
+    window (None without them), the first step's seconds, dynamo's graph breaks (-1: eager), the
+    speed switches the trainer ran with (and how ``--speed`` chose them) and the profiled window's
+    top entries (when asked)."""
 
     windows: list[float]
     share: float | None
     first_step: float
     graph_breaks: int
+    switches: str
     top: list[dict] = field(default_factory=list)
+    resolutions: list[dict] = field(default_factory=list)
 
 
 def bare_step(model: torch.nn.Module, lr: float) -> Callable[[torch.Tensor, torch.Tensor], None]:
@@ -179,19 +205,28 @@ def time_variant(
                 step(next(stream), weights)
             sync()
             windows.append(time.perf_counter() - start)
-        share, top = None, []
+        share, top, resolutions = None, [], []
         if fused_ops or top_ops:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if trainer.rt.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            with torch.profiler.profile(activities=activities) as profile:
+            with torch.profiler.profile(activities=activities, record_shapes=bool(top_ops)) as profile:
                 for _ in range(steps):
                     step(next(stream), weights)
                 sync()
             share = ops_share(profile, trainer.rt.device.type) if fused_ops else None
-            top = top_entries(profile, trainer.rt.device.type, steps, top_ops)
+            if top_ops:
+                top = top_entries(profile, trainer.rt.device.type, steps, top_ops)
+                resolutions = by_resolution(profile, trainer.rt.device.type, steps, config.batch_size)
         compiled = trainer.rt.compile
-    return Timing(windows, share, first_step, graph_breaks if compiled else -1, top)
+    breaks = graph_breaks if compiled else -1
+    return Timing(windows, share, first_step, breaks, switches_of(trainer), top, resolutions)
+
+
+def switches_of(trainer: Trainer) -> str:
+    """The speed switches a trainer runs with, and where ``--speed`` took them from."""
+    on = [name for name in SWITCHES if getattr(trainer.rt, name)] or ["none"]
+    return f"{', '.join(on)} ({trainer.speed['source'].split(':')[0]})"
 
 
 @dataclass
@@ -231,7 +266,7 @@ def measure_scale(config: TrainConfig, repeats: int) -> Scale:
 
 def run_model(args: argparse.Namespace, preset: str) -> None:
     """Every variant of ``args.model`` (``preset`` for deep): its table, and the top ops when asked."""
-    rows, top_rows = [], []
+    rows, top_rows, resolution_rows = [], [], []
     name_suffix = f"_{preset}" if args.model == "deep" else ""
 
     def config(tmp: str, overrides: dict) -> TrainConfig:
@@ -242,6 +277,7 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
             device=args.device,
             data=args.data,
             limit_train=20 * args.batch_size,
+            epochs=PROBE_MIN_STEPS,  # a long run (none is trained): the fasthvae row's --speed auto probes
             out=tmp,
             **overrides,
         )
@@ -264,6 +300,7 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
                 name == BARE,
             )
         top_rows += [{"variant": name, "rank": rank, **entry} for rank, entry in enumerate(timing.top, 1)]
+        resolution_rows += [{"variant": name, **entry} for entry in timing.resolutions]
         median, share, breaks = statistics.median(timing.windows), timing.share, timing.graph_breaks
         rows.append(
             {
@@ -276,6 +313,7 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
                 "fused_ops_share": None if share is None else round(share, 4),
                 "compile_s": round(timing.first_step - median / args.steps, 1) if breaks >= 0 else None,
                 "graph_breaks": breaks if breaks >= 0 else None,
+                "switches": timing.switches,
                 **scale.row(args.steps * args.batch_size / median),
             }
         )
@@ -285,7 +323,8 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
         row["speedup_vs_plain"] = round(row["images_per_s"] / base, 3)
 
     header = ["variant", "step ms (median)", "images/s", "vs plain", "fused ops' share of the step"]
-    header += ["compile s", "graph breaks", "MFLOP / image", "GFLOP/s", "of sgemm peak", "of conv peak"]
+    header += ["compile s", "graph breaks", "switches on", "MFLOP / image", "GFLOP/s", "of sgemm peak"]
+    header += ["of conv peak"]
     print(
         write_report(
             rows,
@@ -299,6 +338,7 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
                 "—" if r["fused_ops_share"] is None else f"{100 * r['fused_ops_share']:.1f}%",
                 "—" if r["compile_s"] is None else str(r["compile_s"]),
                 "—" if r["graph_breaks"] is None else str(r["graph_breaks"]),
+                r["switches"],
                 str(r["mflop_per_image"]),
                 str(r["gflops"]),
                 f"{100 * r['share_of_sgemm']:.0f}%",
@@ -330,6 +370,25 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
                 intro=f"Self time of one profiled window of {args.steps} steps after the timed ones "
                 "(device time on CUDA); the top entries of each variant. Compiled code appears as its "
                 "kernels (`graph_N_cpp_fused_...` on CPU, named by the ops each fuses).",
+            )
+        )
+        print(
+            write_report(
+                resolution_rows,
+                args.out / f"train_{args.device}_{args.model}{name_suffix}_by_resolution",
+                ["variant", "resolution", "self ms per step", "share of the step"],
+                lambda r: [
+                    r["variant"],
+                    r["resolution"],
+                    str(r["self_ms_per_step"]),
+                    f"{100 * r['share']:.1f}%",
+                ],
+                title=f"The step's time by resolution, {args.model}{name_suffix}, batch {args.batch_size}, "
+                f"{machine()}",
+                intro="The profiled window's self time of every entry, by the resolution of its first "
+                "4-D input of a batch of images (forward and backward alike); `other`: entries without "
+                "one (compiled kernels, which the profiler records without shapes, the optimizer and "
+                "other work on the weights, autograd).",
             )
         )
 

@@ -9,8 +9,8 @@ import sys
 import torch
 
 from fasthvae import __version__
+from fasthvae.hardware import cpu_flags, cpu_name
 from fasthvae.ops import backend
-from fasthvae.training.precision import cpu_flags
 
 PACKAGES = ("torch", "torchvision", "triton", "nvidia-dali-cuda130", "torch-fidelity", "tensorboard", "numpy")
 SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16")
@@ -21,33 +21,6 @@ def _version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else the platform's processor string."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else platform.processor() or platform.machine() or "unknown"
-
-
-def simd_level(flags: set[str]) -> str:
-    """The widest x86 vector level these CPU flags give, as figures differ by it: "AVX-512 + bf16",
-    "AVX-512", "AVX2", or "" (none of them, or not x86)."""
-    if "avx512f" in flags:
-        return "AVX-512 + bf16" if flags & {"avx512_bf16", "amx_bf16"} else "AVX-512"
-    return "AVX2" if "avx2" in flags else ""
-
-
-def machine() -> str:
-    """One line naming the CPU, its SIMD level, the threads torch uses, the GPU and torch: what a
-    figure ran on."""
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    simd = simd_level(cpu_flags())
-    cpu = f"{cpu_name()} ({simd + ', ' if simd else ''}{torch.get_num_threads()} threads)"
-    return f"{cpu}{gpu}; torch {torch.__version__}"
 
 
 def _extension() -> tuple[str, object | None]:

@@ -12,6 +12,7 @@ TensorBoard events and summary.json. A run stopped by a signal exits with status
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -22,7 +23,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fasthvae.data import DataError, FileSplit, LoaderOptions, image_batches, load_dataset, make_loader
+from fasthvae.data import (
+    DataError,
+    Dataset,
+    FileSplit,
+    LoaderOptions,
+    image_batches,
+    load_dataset,
+    make_loader,
+)
 from fasthvae.data.sources import DATA_ENV
 from fasthvae.eval.fid import FidError, model_fid
 from fasthvae.eval.metrics import evaluate_model
@@ -41,9 +50,10 @@ from fasthvae.training.config import (
     with_model_defaults,
 )
 from fasthvae.training.distributed import DistInfo, barrier, init_distributed, shutdown
-from fasthvae.training.loop import EpochRun, Objective, Stepper, StopRequest
+from fasthvae.training.loop import EpochRun, Objective, StopRequest, build_stepper
 from fasthvae.training.preemption import PREEMPTED_EXIT, Preempted, StopPolicy, StopSignals
 from fasthvae.training.runtime import Runtime, device_type, resolve_runtime
+from fasthvae.training.speed import choose_speed
 from fasthvae.training.state import build_state
 
 __all__ = ["Objective", "TrainConfig", "Trainer", "TrainingError", "main", "parse_args"]
@@ -92,10 +102,7 @@ class RunData:
     """The run's splits, its training loader, and the fixed test batches of the PNGs and the latent
     health check."""
 
-    def __init__(self, config: TrainConfig, rt: Runtime, dist: DistInfo) -> None:
-        # An image folder with --loader dali stays on disk: DALI decodes the training images as it
-        # reads them (for folders larger than memory).
-        data = load_dataset(config.data, root=config.data_root, decode_train=rt.loader != "dali")
+    def __init__(self, config: TrainConfig, rt: Runtime, dist: DistInfo, data: Dataset) -> None:
         self.train = data.train.limit(config.limit_train)
         self.test = data.test.limit(config.limit_test)
         self.source = data.source
@@ -129,9 +136,13 @@ class Trainer:
         self.checkpoint_path = self.out / "checkpoint.pt"
         self.config, saved = resolve_config(config, given, self.checkpoint_path)
         self.dist = init_distributed(device_type(self.config))  # NCCL on GPUs, gloo on CPU
-        self.rt = resolve_runtime(self.config, self.dist)
-        seed_and_tune(self.config.seed + self.dist.rank, self.rt.device)
-        self.data = RunData(self.config, self.rt, self.dist)
+        rt = resolve_runtime(self.config, self.dist)
+        seed_and_tune(self.config.seed + self.dist.rank, rt.device)
+        # An image folder with --loader dali stays on disk: DALI decodes the training images as it
+        # reads them (for folders larger than memory).
+        data = load_dataset(self.config.data, root=self.config.data_root, decode_train=rt.loader != "dali")
+        self.rt, self.speed = choose_speed(self.config, rt, self.dist, self._planned_steps(data))
+        self.data = RunData(self.config, self.rt, self.dist, data)
         self.loader = self.data.loader
         self.state = build_state(self.config, self.rt)
         if saved is not None:
@@ -139,21 +150,13 @@ class Trainer:
         self.schedule = Schedule(
             self.config.schedule, self.config.schedule_epochs or self.config.epochs, self.config.kl_warmup
         )
-        objective: nn.Module = Objective(self.state.model)
-        if self.dist.enabled:
-            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
-            objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
-        # dynamic=False: an epoch's last partial batch (kept on one CPU process) gets a static graph
-        # of its own. Left to dynamo's automatic dynamic shapes, it would recompile the step with a
-        # symbolic batch size, which every later full batch then runs (bench/bench_recompile.py).
-        compiled = self.rt.compile
-        self.objective = (
-            torch.compile(objective, mode=self.config.compile_mode, dynamic=False) if compiled else objective
-        )
-        # Skips decided on the device need the fused AdamW (its found_inf): then the step never waits.
-        sync_free = self.rt.fused_optimizer
-        self.step_fn = Stepper(self.state, self.objective, self.config, self.rt, sync_free=sync_free)
+        self.step_fn = build_stepper(self.state, self.config, self.rt, self.dist)
         self.skips = forensics.SkipLog(self.out / "skips.jsonl" if self.dist.is_main else None)
+
+    def _planned_steps(self, data: Dataset) -> int:
+        """The optimizer steps of the whole run (at most: a time limit may stop it sooner)."""
+        images = len(data.train.limit(self.config.limit_train))
+        return self.config.epochs * math.ceil(images / (self.config.batch_size * self.dist.world_size))
 
     # The state's parts, for code that drives a Trainer (tests, benchmarks, the study).
     @property
@@ -271,8 +274,9 @@ class Trainer:
         return summary
 
     def runtime_record(self) -> dict:
-        """What this process resolved (device, precision, compile, loader), for config and summary."""
-        return self.rt.record(self.dist.world_size)
+        """What this process resolved (device, precision, the speed switches and how they were
+        chosen, loader), for config and summary."""
+        return self.rt.record(self.dist.world_size) | {"speed": self.speed}
 
     def run(self, on_epoch: Callable[[dict], None] | None = None) -> dict:
         """Train to ``config.epochs``, then summarize; ``on_epoch(row)`` after each epoch (rank 0).

@@ -1,8 +1,10 @@
 """Test set-up: Triton runs in its interpreter on CPU-only machines (set before triton is imported),
-the small data set that trainer and study tests share; ``slow`` tests run only with ``--slow``, and
-``gpu`` tests only where torch sees a CUDA GPU (skipped with the reason elsewhere)."""
+the small data set that trainer and study tests share, a fresh cache for speed choices; ``slow``
+tests run only with ``--slow``, and ``gpu`` tests only where torch sees a CUDA GPU (skipped with the
+reason elsewhere)."""
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ from tests.helpers import CIFAR10
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The tests' speed choices are cached apart from the user's (~/.cache/fasthvae), in a fresh folder.
+os.environ["FASTHVAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="fasthvae-tests-")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

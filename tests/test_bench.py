@@ -122,6 +122,12 @@ def test_bench_train_deep(tmp_path, images):
     times = [float(r["self_ms_per_step"]) for r in top]
     assert times == sorted(times, reverse=True) and times[-1] > 0, "the most self time first"
     assert 0 < sum(float(r["share"]) for r in top) <= 1
+    # The whole window by resolution: the model's scales, smallest first, then the rest.
+    rows = read_rows(tmp_path / "train_cpu_deep_small_by_resolution.csv")
+    names = [r["resolution"] for r in rows]
+    assert {"1x1", "4x4", "8x8", "16x16", "32x32"} <= set(names) and names[-1] == "other"
+    assert names.index("1x1") < names.index("4x4") < names.index("32x32")
+    assert sum(float(r["share"]) for r in rows) == pytest.approx(1, abs=0.01)
 
 
 @pytest.mark.slow  # four compiles of the step: ~1 min on 2 cores

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fasthvae
-from fasthvae import cli, env
+from fasthvae import cli, hardware
 from fasthvae.training.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from tests.helpers import SMALL
 
@@ -69,11 +69,11 @@ def test_unknown_subcommands_and_missing_benches(capsys, monkeypatch, tmp_path):
     ],
 )
 def test_the_machine_line_names_the_simd_level_figures_differ_by(monkeypatch, flags, level):
-    assert env.simd_level(flags) == level
-    monkeypatch.setattr(env, "cpu_flags", lambda: flags)
-    line = env.machine()
+    assert hardware.simd_level(flags) == level
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+    line = hardware.machine()
     assert line.startswith(
-        f"{env.cpu_name()} ({level + ', ' if level else ''}{torch.get_num_threads()} threads)"
+        f"{hardware.cpu_name()} ({level + ', ' if level else ''}{torch.get_num_threads()} threads)"
     )
 
 

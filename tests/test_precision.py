@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fasthvae.training.precision import choose_amp_dtype, cpu_flags
+from fasthvae.hardware import cpu_flags
+from fasthvae.training.precision import choose_amp_dtype
 
 CPU = torch.device("cpu")
 AVX2_LAPTOP = {"sse2", "avx", "avx2", "fma", "f16c"}

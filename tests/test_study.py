@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fasthvae import train
-from fasthvae.env import machine
+from fasthvae.hardware import machine
 from fasthvae.study import __main__ as study_cli
 from fasthvae.study import plots
 from fasthvae.study.claims import evaluate_claims

@@ -11,12 +11,13 @@ import torch
 
 from fasthvae import train
 from fasthvae.data.dali import dali_available
+from fasthvae.hardware import cpu_flags
 from fasthvae.models import build_model
 from fasthvae.training.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from fasthvae.training.distributed import DistInfo
-from fasthvae.training.precision import cpu_flags
 from tests.helpers import (
     KILL_AFTER_FIRST_CHECKPOINT,
+    PROBE_ON_RANK_0,
     SMALL,
     assert_same_state,
     run_process,
@@ -251,7 +252,11 @@ def test_ddp_ranks_wait_for_a_rank_0_evaluation_longer_than_the_group_timeout(da
     assert (tmp_path / "run" / "summary.json").is_file()
 
 
-def test_ddp_two_gloo_processes(data, tmp_path):
+def test_ddp_two_gloo_processes(data, tmp_path, monkeypatch):
+    """A DDP run (whose speed probe runs on rank 0 and is taken by both ranks)."""
+    monkeypatch.setenv("FASTHVAE_CACHE_DIR", str(tmp_path / "cache"))
+    script = tmp_path / "probe_on_rank_0.py"
+    script.write_text(PROBE_ON_RANK_0)
     out = tmp_path / "ddp"
     args = [
         "--data",
@@ -265,8 +270,9 @@ def test_ddp_two_gloo_processes(data, tmp_path):
         "128",
         "--no-compile",
     ]
-    proc = torchrun("-m", "fasthvae.train", *args)
+    proc = torchrun(str(script), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0: False True" in proc.stdout and "rank 1: False True" in proc.stdout
     rows = read_metrics(out)
     assert len(rows) == 1
     state = load_checkpoint(out / "checkpoint.pt")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fasthvae import selfcheck
-from fasthvae.env import machine
+from fasthvae.hardware import machine
 from fasthvae.selfcheck.plan import BUDGET_S, OPTIONAL, missing_packages, plan
 from fasthvae.selfcheck.rehearsal import copy_tree, hide_in_this_process, hiding_environment
 from fasthvae.selfcheck.report import write_report

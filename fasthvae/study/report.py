@@ -13,7 +13,7 @@ import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fasthvae.env import machine
+from fasthvae.hardware import machine
 from fasthvae.study.claims import Claim, evaluate_claims
 from fasthvae.study.rows import BASELINE
 from fasthvae.study.runner import Run

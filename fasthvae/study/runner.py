@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fasthvae.env import machine
+from fasthvae.hardware import machine
 from fasthvae.study.rows import ROWS, Row, select_rows
 from fasthvae.train import TrainConfig, Trainer
 from fasthvae.training.checkpoint import write_text_atomic

@@ -113,6 +113,14 @@ class TrainConfig:
         None, "fused AdamW (default: on for CUDA, off for CPU)", on_resume="change"
     )
     channels_last: bool | None = option(None, "channels_last memory format (default: on)", on_resume="change")
+    speed: str = option(
+        "auto",
+        "auto: --compile, --channels-last and --fused-optimizer, where not given, chosen by a short "
+        "probe on this machine, model and batch (cached in ~/.cache/fasthvae/speed; runs under "
+        "2000 steps keep the defaults); fixed: their defaults",
+        on_resume="change",
+        choices=["auto", "fixed"],
+    )
     loader: str | None = option(
         None, "default: resident on CUDA, torch on CPU", on_resume="change", choices=LOADERS
     )

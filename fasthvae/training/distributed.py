@@ -65,6 +65,16 @@ def wait_for_main() -> None:
         dist.barrier(group=_exit_group)
 
 
+def broadcast_from_main(value: object, info: DistInfo) -> object:
+    """Rank 0's ``value`` on every rank (on the exit group, which waits as long as rank 0 takes);
+    ``value`` itself without DDP."""
+    if not info.enabled:
+        return value
+    box = [value if info.is_main else None]
+    dist.broadcast_object_list(box, src=0, group=_exit_group)
+    return box[0]
+
+
 def shutdown(info: DistInfo) -> None:
     """Leave the process group once every rank is done (rank 0 with its evaluation).
 

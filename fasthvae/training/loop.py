@@ -107,6 +107,22 @@ class Stepper:
         }
 
 
+def build_stepper(state: TrainState, config: TrainConfig, rt: Runtime, dist: DistInfo) -> Stepper:
+    """The step of ``state``'s model as ``rt`` runs it: wrapped in DDP under ``dist``, compiled when
+    ``rt.compile``, with device-side skip decisions when the optimizer is fused."""
+    objective: nn.Module = Objective(state.model)
+    if dist.enabled:
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+    if rt.compile:
+        # dynamic=False: an epoch's last partial batch (kept on one CPU process) gets a static graph
+        # of its own. Left to dynamo's automatic dynamic shapes, it would recompile the step with a
+        # symbolic batch size, which every later full batch then runs (bench/bench_recompile.py).
+        objective = torch.compile(objective, mode=config.compile_mode, dynamic=False)
+    # Skips decided on the device need the fused AdamW (its found_inf): then the step never waits.
+    return Stepper(state, objective, config, rt, sync_free=rt.fused_optimizer)
+
+
 @dataclass
 class StopRequest:
     """The loop saved a mid-epoch checkpoint and must stop (a signal)."""

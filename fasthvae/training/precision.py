@@ -9,9 +9,10 @@ says so.
 import contextlib
 import platform
 import warnings
-from pathlib import Path
 
 import torch
+
+from fasthvae.hardware import cpu_flags
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # /proc/cpuinfo flags (x86 "flags", Arm "Features") that mean native arithmetic in each type.
@@ -26,19 +27,6 @@ def autocast(device_type: str, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=dtype)
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The CPU's feature flags as Linux lists them (empty where there is no /proc/cpuinfo)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
 
 
 def cpu_amp_fallback(dtype: torch.dtype, flags: set[str]) -> str | None:

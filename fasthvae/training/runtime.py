@@ -33,6 +33,7 @@ class Runtime:
             "amp_dtype": str(self.amp_dtype),
             "amp_fallback": self.amp_fallback,
             "channels_last": self.channels_last,
+            "fused_optimizer": self.fused_optimizer,
             "loader": self.loader,
             "tensorboard": self.tensorboard,
             "log_every": self.log_every,

@@ -1,0 +1,259 @@
+"""``--speed auto``: the trainer's speed switches chosen by measuring them on this machine, model and
+batch. ``--speed fixed``: the defaults (compile on, channels_last on, the fused AdamW on CUDA only).
+
+The probe tries every combination of the switches the command line left unset (``--compile``,
+``--channels-last``, ``--fused-optimizer``). Each candidate builds the run's model, optimizer and
+step as the trainer does and takes ``WARMUP_STEPS`` steps on a synthetic batch of the run's shape
+(compilation included; candidates with the same memory format share one compiled graph). Then
+``ROUNDS`` rounds time one window of every candidate, the order rotated each round; each window is
+compared with the defaults' window of the same round, so that a drift in the machine's speed
+(whole rounds faster or slower) cancels. A candidate replaces the defaults only if
+it was faster in every round and by ``MIN_GAIN`` or more in the median of its ratios: a choice
+made beyond the run-to-run spread; of such candidates the one with the lowest median ratio wins.
+
+The choice is cached per machine (CPU, flags, threads, GPU), torch and fasthvae version, device,
+model, batch, precision and compile mode in ``~/.cache/fasthvae/speed/`` (``$XDG_CACHE_HOME``
+respected; ``$FASTHVAE_CACHE_DIR`` replaces ``~/.cache/fasthvae``), so a machine probes a model
+once. A run of fewer than ``PROBE_MIN_STEPS`` steps keeps the defaults: the probe would cost more
+than it could save. The choice, where it came from and the probe's times are printed and go into
+config.json (``runtime.speed``). The probe leaves the random state as it found it: a run that
+probed trains as a ``--speed fixed`` run given the chosen switches.
+"""
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from fasthvae import __version__
+from fasthvae.hardware import cpu_flags, cpu_name
+from fasthvae.training.checkpoint import write_text_atomic
+from fasthvae.training.config import TrainConfig
+from fasthvae.training.distributed import DistInfo, broadcast_from_main
+from fasthvae.training.loop import build_stepper
+from fasthvae.training.runtime import Runtime
+from fasthvae.training.state import build_state
+
+SWITCHES = ("compile", "channels_last", "fused_optimizer")
+WARMUP_STEPS = 2  # the first compiles; the second measures a step for the window's length
+ROUNDS = 4
+MIN_GAIN = 0.03  # a candidate must save this share of the defaults' step time to replace them
+TIMING_SECONDS = 30.0  # the timed windows of all candidates together, at most
+PROBE_MIN_STEPS = 2000
+CACHE_ENV = "FASTHVAE_CACHE_DIR"
+IMAGE_SHAPE = (3, 32, 32)
+KEY_CPU_FLAGS = {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16"}
+# What defines a step's cost, from the config (the rest: learning rates, seeds, data, outputs).
+KEY_FIELDS = (
+    "model",
+    "preset",
+    "layout",
+    "width",
+    "zdim",
+    "channels",
+    "latent",
+    "z1_channels",
+    "likelihood",
+    "batch_size",
+    "compile_mode",
+)
+
+
+@dataclass
+class Candidate:
+    """One combination of the switches and its measurements (seconds per step of each window)."""
+
+    switches: dict[str, bool]
+    first_step_s: float = math.nan
+    windows: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.windows)
+
+    def record(self) -> dict:
+        return {
+            **self.switches,
+            "first_step_s": round(self.first_step_s, 2),
+            "step_ms": [round(1000 * w, 2) for w in self.windows],
+        }
+
+
+def cache_dir() -> Path:
+    """Where speed choices are cached: ``$FASTHVAE_CACHE_DIR/speed``, else
+    ``$XDG_CACHE_HOME/fasthvae/speed``, else ``~/.cache/fasthvae/speed``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]) / "speed"
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "fasthvae" / "speed"
+
+
+def cache_key(config: TrainConfig, rt: Runtime, world_size: int) -> dict:
+    """Everything a cached choice depends on."""
+    gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else None
+    return {
+        "machine": {
+            "cpu": cpu_name(),
+            "flags": sorted(
+                cpu_flags() & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16"}
+            ),
+            "threads": torch.get_num_threads(),
+            "gpu": gpu,
+        },
+        "torch": torch.__version__,
+        "fasthvae": __version__,
+        "device": rt.device.type,
+        "world_size": world_size,
+        "amp_dtype": str(rt.amp_dtype),
+        "config": {name: getattr(config, name) for name in KEY_FIELDS}
+        | {"ema": bool(config.ema), "skip": bool(config.skip_factor), "clip": bool(config.grad_clip)},
+        "given": {name: getattr(config, name) for name in SWITCHES if getattr(config, name) is not None},
+    }
+
+
+def cache_path(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / f"{digest}.json"
+
+
+def candidates(config: TrainConfig, rt: Runtime) -> list[dict[str, bool]]:
+    """Every combination of the switches left unset, the defaults (``rt``'s) first."""
+    free = [name for name in SWITCHES if getattr(config, name) is None]
+    default = {name: getattr(rt, name) for name in SWITCHES}
+    return [
+        default | dict(zip(free, values, strict=True))
+        for values in itertools.product(*[(getattr(rt, name), not getattr(rt, name)) for name in free])
+    ]
+
+
+def decide(measured: list[Candidate]) -> dict[str, bool]:
+    """The defaults (``measured[0]``) unless a candidate beat them in every round, by at least
+    ``MIN_GAIN`` in the median of its per-round ratios; of such candidates, the lowest median."""
+    default = measured[0]
+
+    def ratios(c: Candidate) -> list[float]:
+        return [a / b for a, b in zip(c.windows, default.windows, strict=True)]
+
+    faster = [c for c in measured[1:] if max(ratios(c)) < 1 and statistics.median(ratios(c)) <= 1 - MIN_GAIN]
+    return min(faster, key=lambda c: statistics.median(ratios(c))).switches if faster else default.switches
+
+
+def synthetic_batch(config: TrainConfig, rt: Runtime) -> torch.Tensor:
+    """A batch of the run's shape: images quantized to 8 bits in [0, 1], as the loaders give."""
+    pixels = torch.randint(0, 256, (config.batch_size, *IMAGE_SHAPE), device=rt.device)
+    x = pixels.float() / 255
+    return x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(config: TrainConfig, rt: Runtime, switch_sets: list[dict[str, bool]]) -> list[Candidate]:
+    """Warm every candidate up, then time ``ROUNDS`` rotated rounds of windows (see the module doc)."""
+    steps: list[Callable[[], object]] = []
+    measured = []
+    for switches in switch_sets:
+        crt = replace(rt, **switches)
+        state = build_state(config, crt)
+        stepper = build_stepper(state, config, crt, DistInfo())
+        x, weights = synthetic_batch(config, crt), torch.ones(state.model.num_levels, device=rt.device)
+        steps.append(lambda stepper=stepper, x=x, weights=weights: stepper(x, weights))
+        candidate = Candidate(switches)
+        start = time.perf_counter()
+        steps[-1]()
+        _sync(rt.device)
+        candidate.first_step_s = time.perf_counter() - start
+        measured.append(candidate)
+    step_s = []
+    for step in steps:
+        start = time.perf_counter()
+        for _ in range(WARMUP_STEPS - 1):
+            step()
+        _sync(rt.device)
+        step_s.append((time.perf_counter() - start) / max(1, WARMUP_STEPS - 1))
+    window_s = TIMING_SECONDS / (ROUNDS * len(steps))
+    lengths = [max(1, min(50, round(window_s / s))) for s in step_s]
+    for r in range(ROUNDS):
+        for i in [(r + k) % len(steps) for k in range(len(steps))]:
+            start = time.perf_counter()
+            for _ in range(lengths[i]):
+                steps[i]()
+            _sync(rt.device)
+            measured[i].windows.append((time.perf_counter() - start) / lengths[i])
+    return measured
+
+
+def probe(config: TrainConfig, rt: Runtime) -> dict:
+    """Measure the candidates and decide; the random state as before. The record for config.json."""
+    start = time.perf_counter()
+    devices = [rt.device] if rt.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        measured = measure(config, rt, candidates(config, rt))
+    torch._dynamo.reset()  # the probe's graphs hold its models; the run compiles its own (cache-warm)
+    if rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "choice": decide(measured),
+        "probe_s": round(time.perf_counter() - start, 1),
+        "candidates": [c.record() for c in measured],
+    }
+
+
+def describe(record: dict) -> str:
+    """One line: the choice and where it came from."""
+    choice = ", ".join(f"{name} {'on' if on else 'off'}" for name, on in record["choice"].items())
+    source = record["source"]
+    if source == "probe":
+        fastest = min(record["candidates"], key=lambda c: statistics.median(c["step_ms"]))
+        return (
+            f"speed auto: {choice} (probe of {len(record['candidates'])} candidates, "
+            f"{record['probe_s']} s; fastest median {statistics.median(fastest['step_ms']):.1f} ms/step; "
+            f"cached in {record['cache']})"
+        )
+    return f"speed {record['mode']}: {choice} ({source})"
+
+
+def choose_speed(
+    config: TrainConfig, rt: Runtime, dist: DistInfo, planned_steps: int
+) -> tuple[Runtime, dict]:
+    """The runtime with the switches ``config.speed`` picks, and its record (for config.json)."""
+    defaults = {name: getattr(rt, name) for name in SWITCHES}
+    record: dict = {"mode": config.speed, "choice": defaults}
+    if config.speed == "fixed":
+        record["source"] = "fixed defaults"
+    elif all(getattr(config, name) is not None for name in SWITCHES):
+        record["source"] = "every switch given"
+    elif planned_steps < PROBE_MIN_STEPS:
+        record["source"] = f"defaults: a run of {planned_steps} steps is shorter than a probe pays for"
+    else:
+        record = broadcast_from_main(_cached_or_probed(config, rt, dist) if dist.is_main else None, dist)
+    if dist.is_main:
+        print(f"fasthvae.train: {describe(record)}", file=sys.stderr, flush=True)
+    return replace(rt, **record["choice"]), record
+
+
+def _cached_or_probed(config: TrainConfig, rt: Runtime, dist: DistInfo) -> dict:
+    key = cache_key(config, rt, dist.world_size)
+    path = cache_path(key)
+    if path.exists():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("key") == key:
+                return cached["record"] | {"source": "cache", "cache": str(path)}
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: probe again and rewrite it
+    record = {"mode": "auto", **probe(config, rt), "source": "probe", "cache": str(path)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(json.dumps({"key": key, "record": record}, indent=2) + "\n", path)
+    return record

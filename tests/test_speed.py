@@ -1,0 +1,158 @@
+"""``--speed auto``: the candidates, the decision rule, the cache, and a run that probed."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from fasthvae import train
+from fasthvae.training import speed
+from fasthvae.training.config import TrainConfig, with_model_defaults
+from fasthvae.training.distributed import DistInfo
+from fasthvae.training.runtime import resolve_runtime
+from tests.helpers import SMALL
+
+DEFAULTS = {"compile": True, "channels_last": True, "fused_optimizer": False}
+
+
+def measured(*windows: list[float]) -> list[speed.Candidate]:
+    """Candidates with these windows, the first the defaults, the others flipping one switch each."""
+    flips = [{}, {"channels_last": False}, {"compile": False}, {"fused_optimizer": True}]
+    return [
+        speed.Candidate(DEFAULTS | flip, windows=list(w)) for flip, w in zip(flips, windows, strict=False)
+    ]
+
+
+def config(tmp_path, **changes) -> TrainConfig:
+    return TrainConfig(
+        **{"model": "vae", "channels": 8, "latent": 16, "batch_size": 8, "out": str(tmp_path)} | changes
+    )
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.delenv(speed.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "fasthvae" / "speed"
+
+
+def test_a_candidate_replaces_the_defaults_only_when_faster_in_every_round():
+    defaults = [1.0, 1.0, 1.0, 1.0]
+    assert speed.decide(measured(defaults, [0.8, 0.8, 0.8, 1.01])) == DEFAULTS  # slower in one round
+    assert speed.decide(measured(defaults, [0.99, 0.99, 0.98, 0.99])) == DEFAULTS  # under MIN_GAIN
+    assert speed.decide(measured(defaults, [0.9, 0.9, 0.9, 0.9])) == DEFAULTS | {"channels_last": False}
+
+
+def test_the_decision_pairs_rounds_so_that_the_machines_drift_cancels():
+    # Round 4 runs 20% faster for everyone: the ranges overlap, the per-round ratios do not.
+    drift = [1.0, 1.0, 1.0, 0.8]
+    challenger = [0.9 * d for d in drift]
+    assert speed.decide(measured(drift, challenger)) == DEFAULTS | {"channels_last": False}
+    # Of two candidates faster in every round, the one with the lower median ratio.
+    chosen = speed.decide(measured([1.0] * 4, [0.9] * 4, [0.7, 0.7, 0.95, 0.95], [0.8] * 4))
+    assert chosen == DEFAULTS | {"fused_optimizer": True}
+
+
+def test_candidates_vary_only_the_switches_left_unset(tmp_path):
+    rt = resolve_runtime(config(tmp_path), DistInfo())
+    every = speed.candidates(config(tmp_path), rt)
+    assert every[0] == {name: getattr(rt, name) for name in speed.SWITCHES} and len(every) == 8
+    assert len({tuple(c.values()) for c in every}) == 8
+    given = config(tmp_path, compile=False, channels_last=False)
+    rt = resolve_runtime(given, DistInfo())
+    assert speed.candidates(given, rt) == [
+        {"compile": False, "channels_last": False, "fused_optimizer": False},
+        {"compile": False, "channels_last": False, "fused_optimizer": True},
+    ]
+
+
+@pytest.mark.parametrize(
+    "changes, steps, source",
+    [
+        ({"speed": "fixed"}, 10**6, "fixed defaults"),
+        ({"compile": True, "channels_last": False, "fused_optimizer": True}, 10**6, "every switch given"),
+        ({}, speed.PROBE_MIN_STEPS - 1, "defaults: a run of 1999 steps is shorter than a probe pays for"),
+    ],
+)
+def test_no_probe_where_it_cannot_pay(tmp_path, cache, monkeypatch, changes, steps, source):
+    monkeypatch.setattr(speed, "measure", lambda *a: pytest.fail("probed"))
+    c = config(tmp_path, **changes)
+    rt = resolve_runtime(c, DistInfo())
+    chosen, record = speed.choose_speed(c, rt, DistInfo(), steps)
+    assert chosen == rt and record["source"] == source and not cache.exists()
+
+
+def fake_measure(choice: dict):
+    """A ``measure`` whose ``choice`` candidate is 20% faster in every round; counts its calls and
+    draws random numbers, as building the candidates' models does."""
+
+    def measure(config, rt, switch_sets):
+        measure.calls += 1
+        torch.rand(1)
+        return [
+            speed.Candidate(s, first_step_s=0.1, windows=[0.08 if s == choice else 0.1] * speed.ROUNDS)
+            for s in switch_sets
+        ]
+
+    measure.calls = 0
+    return measure
+
+
+def test_a_probe_is_cached_per_machine_model_and_batch(tmp_path, cache, monkeypatch, capsys):
+    choice = DEFAULTS | {"channels_last": False, "fused_optimizer": True}
+    fake = fake_measure(choice)
+    monkeypatch.setattr(speed, "measure", fake)
+    c = config(tmp_path)
+    rt = resolve_runtime(c, DistInfo())
+    chosen, record = speed.choose_speed(c, rt, DistInfo(), 10**6)
+    assert (chosen.channels_last, chosen.fused_optimizer, chosen.compile) == (False, True, True)
+    assert record["source"] == "probe" and len(record["candidates"]) == 8 and fake.calls == 1
+    assert (
+        "speed auto: compile on, channels_last off, fused_optimizer on (probe of 8" in capsys.readouterr().err
+    )
+    again, record = speed.choose_speed(c, rt, DistInfo(), 10**6)
+    assert again == chosen and record["source"] == "cache" and fake.calls == 1
+    # Another batch size is another key; a damaged file is probed again and rewritten.
+    speed.choose_speed(config(tmp_path, batch_size=16), rt, DistInfo(), 10**6)
+    assert fake.calls == 2 and len(list(cache.glob("*.json"))) == 2
+    path = speed.cache_path(speed.cache_key(c, rt, 1))
+    path.write_text("{not json")
+    speed.choose_speed(c, rt, DistInfo(), 10**6)
+    assert fake.calls == 3 and json.loads(path.read_text())["record"]["choice"] == choice
+
+
+def test_a_real_probe_times_every_candidate_and_keeps_the_random_state(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "TIMING_SECONDS", 0.5)
+    c = with_model_defaults(config(tmp_path, compile=False))  # eager: no compilation in a unit test
+    rt = resolve_runtime(c, DistInfo())
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    record = speed.probe(c, rt)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert [(r["channels_last"], r["fused_optimizer"]) for r in record["candidates"]] == [
+        (True, False),
+        (True, True),
+        (False, False),
+        (False, True),
+    ]
+    assert all(len(r["step_ms"]) == speed.ROUNDS and min(r["step_ms"]) > 0 for r in record["candidates"])
+    assert record["choice"] in [{k: r[k] for k in speed.SWITCHES} for r in record["candidates"]]
+
+
+def test_a_run_that_probed_trains_as_a_fixed_run_given_its_choice(data, tmp_path, cache, monkeypatch):
+    choice = {"compile": False, "channels_last": False, "fused_optimizer": True}
+    monkeypatch.setattr(speed, "PROBE_MIN_STEPS", 1)
+    monkeypatch.setattr(speed, "measure", fake_measure(choice))
+    common = ["--data", data, "--epochs", "1", "--limit-train", "64", "--no-compile", *SMALL]
+    assert train.main([*common, "--out", str(tmp_path / "auto")]) == 0
+    fixed = ["--speed", "fixed", "--no-channels-last", "--fused-optimizer"]
+    assert train.main([*common, "--out", str(tmp_path / "fixed"), *fixed]) == 0
+    auto = json.loads((tmp_path / "auto" / "config.json").read_text())["runtime"]
+    assert auto["speed"]["source"] == "probe" and auto["speed"]["choice"] == choice
+    assert (auto["compile"], auto["channels_last"], auto["fused_optimizer"]) == (False, False, True)
+    rows = []
+    for name in ("auto", "fixed"):
+        with open(tmp_path / name / "metrics.csv") as f:
+            rows.append([{k: r[k] for k in ("loss", "recon", "kl_z1", "kl_z2")} for r in csv.DictReader(f)])
+    assert rows[0] == rows[1]
