@@ -13,12 +13,12 @@ from fasthvae.training.distributed import DistInfo
 from fasthvae.training.runtime import resolve_runtime
 from tests.helpers import SMALL
 
-DEFAULTS = {"compile": True, "channels_last": True, "fused_optimizer": False}
+DEFAULTS = {"compile": True, "channels_last": True, "fused_optimizer": True}
 
 
 def measured(*windows: list[float]) -> list[speed.Candidate]:
     """Candidates with these windows, the first the defaults, the others flipping one switch each."""
-    flips = [{}, {"channels_last": False}, {"compile": False}, {"fused_optimizer": True}]
+    flips = [{}, {"channels_last": False}, {"compile": False}, {"fused_optimizer": False}]
     return [
         speed.Candidate(DEFAULTS | flip, windows=list(w)) for flip, w in zip(flips, windows, strict=False)
     ]
@@ -51,7 +51,7 @@ def test_the_decision_pairs_rounds_so_that_the_machines_drift_cancels():
     assert speed.decide(measured(drift, challenger)) == DEFAULTS | {"channels_last": False}
     # Of two candidates faster in every round, the one with the lower median ratio.
     chosen = speed.decide(measured([1.0] * 4, [0.9] * 4, [0.7, 0.7, 0.95, 0.95], [0.8] * 4))
-    assert chosen == DEFAULTS | {"fused_optimizer": True}
+    assert chosen == DEFAULTS | {"fused_optimizer": False}
 
 
 def test_candidates_vary_only_the_switches_left_unset(tmp_path):
@@ -62,8 +62,8 @@ def test_candidates_vary_only_the_switches_left_unset(tmp_path):
     given = config(tmp_path, compile=False, channels_last=False)
     rt = resolve_runtime(given, DistInfo())
     assert speed.candidates(given, rt) == [
-        {"compile": False, "channels_last": False, "fused_optimizer": False},
         {"compile": False, "channels_last": False, "fused_optimizer": True},
+        {"compile": False, "channels_last": False, "fused_optimizer": False},
     ]
 
 
@@ -131,26 +131,26 @@ def test_a_real_probe_times_every_candidate_and_keeps_the_random_state(tmp_path,
     record = speed.probe(c, rt)
     assert torch.equal(torch.get_rng_state(), before)
     assert [(r["channels_last"], r["fused_optimizer"]) for r in record["candidates"]] == [
-        (True, False),
         (True, True),
-        (False, False),
+        (True, False),
         (False, True),
+        (False, False),
     ]
     assert all(len(r["step_ms"]) == speed.ROUNDS and min(r["step_ms"]) > 0 for r in record["candidates"])
     assert record["choice"] in [{k: r[k] for k in speed.SWITCHES} for r in record["candidates"]]
 
 
 def test_a_run_that_probed_trains_as_a_fixed_run_given_its_choice(data, tmp_path, cache, monkeypatch):
-    choice = {"compile": False, "channels_last": False, "fused_optimizer": True}
+    choice = {"compile": False, "channels_last": False, "fused_optimizer": False}
     monkeypatch.setattr(speed, "PROBE_MIN_STEPS", 1)
     monkeypatch.setattr(speed, "measure", fake_measure(choice))
     common = ["--data", data, "--epochs", "1", "--limit-train", "64", "--no-compile", *SMALL]
     assert train.main([*common, "--out", str(tmp_path / "auto")]) == 0
-    fixed = ["--speed", "fixed", "--no-channels-last", "--fused-optimizer"]
+    fixed = ["--speed", "fixed", "--no-channels-last", "--no-fused-optimizer"]
     assert train.main([*common, "--out", str(tmp_path / "fixed"), *fixed]) == 0
     auto = json.loads((tmp_path / "auto" / "config.json").read_text())["runtime"]
     assert auto["speed"]["source"] == "probe" and auto["speed"]["choice"] == choice
-    assert (auto["compile"], auto["channels_last"], auto["fused_optimizer"]) == (False, False, True)
+    assert (auto["compile"], auto["channels_last"], auto["fused_optimizer"]) == (False, False, False)
     rows = []
     for name in ("auto", "fixed"):
         with open(tmp_path / name / "metrics.csv") as f:

@@ -109,9 +109,7 @@ class TrainConfig:
         on_resume="change",
         choices=["default", "reduce-overhead", "max-autotune"],
     )
-    fused_optimizer: bool | None = option(
-        None, "fused AdamW (default: on for CUDA, off for CPU)", on_resume="change"
-    )
+    fused_optimizer: bool | None = option(None, "fused AdamW (default: on)", on_resume="change")
     channels_last: bool | None = option(None, "channels_last memory format (default: on)", on_resume="change")
     speed: str = option(
         "auto",

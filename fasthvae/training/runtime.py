@@ -69,7 +69,7 @@ def resolve_runtime(config: TrainConfig, dist: DistInfo) -> Runtime:
         amp_dtype=amp_dtype,
         amp_fallback=amp_fallback,
         compile=pick(config.compile, True),
-        fused_optimizer=pick(config.fused_optimizer, on_gpu),
+        fused_optimizer=pick(config.fused_optimizer, True),
         channels_last=pick(config.channels_last, True),
         loader=config.loader or default_loader(device),
         tensorboard=pick(config.tensorboard, tensorboard_installed()),

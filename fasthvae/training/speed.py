@@ -1,5 +1,5 @@
 """``--speed auto``: the trainer's speed switches chosen by measuring them on this machine, model and
-batch. ``--speed fixed``: the defaults (compile on, channels_last on, the fused AdamW on CUDA only).
+batch. ``--speed fixed``: the defaults (compile, channels_last and the fused AdamW on).
 
 The probe tries every combination of the switches the command line left unset (``--compile``,
 ``--channels-last``, ``--fused-optimizer``). Each candidate builds the run's model, optimizer and
