@@ -8,7 +8,7 @@ Variants (all but ``bare`` through the trainer's own step):
 - ``+fused-ops``, ``+compile``, ``+amp``, ``+loader``, ``+channels-last``, ``+fused-adamw``: plain plus
   one feature
 - ``fasthvae``: the trainer's defaults for this device with ``--amp`` (the README's main command):
-  ``--speed auto`` chooses compile, channels_last and the fused AdamW by its probe (or its cache,
+  ``--speed auto`` chooses compile, channels_last, the fused AdamW and the loader by its probe (or its cache,
   ``fasthvae/training/speed.py``); the ``switches on`` column shows each row's, and where they came from
 Each variant runs ``--warmup`` steps (compilation included), then ``--steps`` timed steps; the median
 of ``--repeats`` timed windows gives images/s. One more window under ``torch.profiler`` gives the
@@ -225,7 +225,7 @@ def time_variant(
 
 def switches_of(trainer: Trainer) -> str:
     """The speed switches a trainer runs with, and where ``--speed`` took them from."""
-    on = [name for name in SWITCHES if getattr(trainer.rt, name)] or ["none"]
+    on = [name for name in SWITCHES if getattr(trainer.rt, name)] + [f"{trainer.rt.loader} loader"]
     return f"{', '.join(on)} ({trainer.speed['source'].split(':')[0]})"
 
 

@@ -27,6 +27,7 @@ from fasthvae.data import (
     DataError,
     Dataset,
     FileSplit,
+    ImageSplit,
     LoaderOptions,
     image_batches,
     load_dataset,
@@ -141,7 +142,9 @@ class Trainer:
         # An image folder with --loader dali stays on disk: DALI decodes the training images as it
         # reads them (for folders larger than memory).
         data = load_dataset(self.config.data, root=self.config.data_root, decode_train=rt.loader != "dali")
-        self.rt, self.speed = choose_speed(self.config, rt, self.dist, self._planned_steps(data))
+        train = data.train.limit(self.config.limit_train)
+        images = train if isinstance(train, FileSplit) else train.images
+        self.rt, self.speed = choose_speed(self.config, rt, self.dist, self._planned_steps(train), images)
         self.data = RunData(self.config, self.rt, self.dist, data)
         self.loader = self.data.loader
         self.state = build_state(self.config, self.rt)
@@ -153,10 +156,9 @@ class Trainer:
         self.step_fn = build_stepper(self.state, self.config, self.rt, self.dist)
         self.skips = forensics.SkipLog(self.out / "skips.jsonl" if self.dist.is_main else None)
 
-    def _planned_steps(self, data: Dataset) -> int:
+    def _planned_steps(self, train: ImageSplit | FileSplit) -> int:
         """The optimizer steps of the whole run (at most: a time limit may stop it sooner)."""
-        images = len(data.train.limit(self.config.limit_train))
-        return self.config.epochs * math.ceil(images / (self.config.batch_size * self.dist.world_size))
+        return self.config.epochs * math.ceil(len(train) / (self.config.batch_size * self.dist.world_size))
 
     # The state's parts, for code that drives a Trainer (tests, benchmarks, the study).
     @property

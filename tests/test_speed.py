@@ -3,6 +3,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ from fasthvae.training.runtime import resolve_runtime
 from tests.helpers import SMALL
 
 DEFAULTS = {"compile": True, "channels_last": True, "fused_optimizer": True}
+IMAGES = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
 
 
 def measured(*windows: list[float]) -> list[speed.Candidate]:
@@ -79,7 +81,7 @@ def test_no_probe_where_it_cannot_pay(tmp_path, cache, monkeypatch, changes, ste
     monkeypatch.setattr(speed, "measure", lambda *a: pytest.fail("probed"))
     c = config(tmp_path, **changes)
     rt = resolve_runtime(c, DistInfo())
-    chosen, record = speed.choose_speed(c, rt, DistInfo(), steps)
+    chosen, record = speed.choose_speed(c, rt, DistInfo(), steps, IMAGES if "speed" in changes else None)
     assert chosen == rt and record["source"] == source and not cache.exists()
 
 
@@ -99,45 +101,68 @@ def fake_measure(choice: dict):
     return measure
 
 
+def fake_measure_loaders(config, rt, images, names):
+    """The resident loader 20% faster in every round."""
+    return [
+        speed.Candidate({"loader": n}, windows=[0.08 if n == "resident" else 0.1] * speed.ROUNDS)
+        for n in names
+    ]
+
+
 def test_a_probe_is_cached_per_machine_model_and_batch(tmp_path, cache, monkeypatch, capsys):
-    choice = DEFAULTS | {"channels_last": False, "fused_optimizer": True}
+    choice = DEFAULTS | {"channels_last": False, "fused_optimizer": False}
     fake = fake_measure(choice)
     monkeypatch.setattr(speed, "measure", fake)
+    monkeypatch.setattr(speed, "measure_loaders", fake_measure_loaders)
     c = config(tmp_path)
     rt = resolve_runtime(c, DistInfo())
-    chosen, record = speed.choose_speed(c, rt, DistInfo(), 10**6)
-    assert (chosen.channels_last, chosen.fused_optimizer, chosen.compile) == (False, True, True)
-    assert record["source"] == "probe" and len(record["candidates"]) == 8 and fake.calls == 1
-    assert (
-        "speed auto: compile on, channels_last off, fused_optimizer on (probe of 8" in capsys.readouterr().err
-    )
-    again, record = speed.choose_speed(c, rt, DistInfo(), 10**6)
+    assert rt.loader == "torch", "the CPU's default loader"
+    chosen, record = speed.choose_speed(c, rt, DistInfo(), 10**6, IMAGES)
+    assert (chosen.channels_last, chosen.fused_optimizer, chosen.compile) == (False, False, True)
+    assert chosen.loader == "resident" and record["choice"] == choice | {"loader": "resident"}
+    assert record["source"] == "probe" and len(record["candidates"]) == 8 + 2 and fake.calls == 1
+    line = "speed auto: compile on, channels_last off, fused_optimizer off, loader resident (probe of 10"
+    assert line in capsys.readouterr().err
+    again, record = speed.choose_speed(c, rt, DistInfo(), 10**6, IMAGES)
     assert again == chosen and record["source"] == "cache" and fake.calls == 1
     # Another batch size is another key; a damaged file is probed again and rewritten.
-    speed.choose_speed(config(tmp_path, batch_size=16), rt, DistInfo(), 10**6)
+    speed.choose_speed(config(tmp_path, batch_size=16), rt, DistInfo(), 10**6, IMAGES)
     assert fake.calls == 2 and len(list(cache.glob("*.json"))) == 2
     path = speed.cache_path(speed.cache_key(c, rt, 1))
     path.write_text("{not json")
-    speed.choose_speed(c, rt, DistInfo(), 10**6)
-    assert fake.calls == 3 and json.loads(path.read_text())["record"]["choice"] == choice
+    speed.choose_speed(c, rt, DistInfo(), 10**6, IMAGES)
+    assert fake.calls == 3 and json.loads(path.read_text())["record"]["choice"] == choice | {
+        "loader": "resident"
+    }
+    # Image files on disk have one loader (DALI): nothing to choose there.
+    assert (
+        speed.loader_candidates(c, rt, object())
+        == []
+        == speed.loader_candidates(config(tmp_path, loader="torch"), rt, IMAGES)
+    )
 
 
 def test_a_real_probe_times_every_candidate_and_keeps_the_random_state(tmp_path, monkeypatch):
     monkeypatch.setattr(speed, "TIMING_SECONDS", 0.5)
-    c = with_model_defaults(config(tmp_path, compile=False))  # eager: no compilation in a unit test
+    c = with_model_defaults(config(tmp_path, compile=False, workers=1))  # eager: no compilation here
     rt = resolve_runtime(c, DistInfo())
     torch.manual_seed(3)
     before = torch.get_rng_state()
-    record = speed.probe(c, rt)
+    record = speed.probe(c, rt, IMAGES)
     assert torch.equal(torch.get_rng_state(), before)
-    assert [(r["channels_last"], r["fused_optimizer"]) for r in record["candidates"]] == [
+    assert [r["loader"] for r in record["candidates"][4:]] == ["torch", "resident"]
+    assert not any("loader" in r for r in record["candidates"][:4]), "each candidate records its own"
+    assert [(r["channels_last"], r["fused_optimizer"]) for r in record["candidates"][:4]] == [
         (True, True),
         (True, False),
         (False, True),
         (False, False),
     ]
     assert all(len(r["step_ms"]) == speed.ROUNDS and min(r["step_ms"]) > 0 for r in record["candidates"])
-    assert record["choice"] in [{k: r[k] for k in speed.SWITCHES} for r in record["candidates"]]
+    assert {k: record["choice"][k] for k in speed.SWITCHES} in [
+        {k: r[k] for k in speed.SWITCHES} for r in record["candidates"][:4]
+    ]
+    assert record["choice"]["loader"] in ("torch", "resident")
 
 
 def test_a_run_that_probed_trains_as_a_fixed_run_given_its_choice(data, tmp_path, cache, monkeypatch):

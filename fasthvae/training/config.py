@@ -113,9 +113,9 @@ class TrainConfig:
     channels_last: bool | None = option(None, "channels_last memory format (default: on)", on_resume="change")
     speed: str = option(
         "auto",
-        "auto: --compile, --channels-last and --fused-optimizer, where not given, chosen by a short "
-        "probe on this machine, model and batch (cached in ~/.cache/fasthvae/speed; runs under "
-        "2000 steps keep the defaults); fixed: their defaults",
+        "auto: --compile, --channels-last, --fused-optimizer and --loader, where not given, chosen by "
+        "a short probe on this machine, model and batch (cached in ~/.cache/fasthvae/speed; runs "
+        "under 2000 steps keep the defaults); fixed: their defaults",
         on_resume="change",
         choices=["auto", "fixed"],
     )

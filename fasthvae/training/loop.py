@@ -4,8 +4,8 @@ The step never reads a value back to the host when the optimizer can take its sk
 device flag (the fused AdamW's ``found_inf``, as GradScaler uses it): the gradient norm, the skip
 threshold, the decision, the EMA update, the epoch's sums and each step's record stay on the
 device, and the records are read back once every ``log_every`` steps (progress bar, TensorBoard,
-skip forensics, signals, periodic checkpoints). Otherwise (the unfused AdamW, `--no-fused-optimizer`,
-where a host read costs nothing) the step reads its decision back.
+skip forensics, signals, periodic checkpoints). With the unfused AdamW (`--no-fused-optimizer`)
+the step reads its decision back.
 """
 
 import math

@@ -1,5 +1,6 @@
-"""``--speed auto``: the trainer's speed switches chosen by measuring them on this machine, model and
-batch. ``--speed fixed``: the defaults (compile, channels_last and the fused AdamW on).
+"""``--speed auto``: the trainer's speed switches and loader chosen by measuring them on this machine,
+model and batch. ``--speed fixed``: the defaults (compile, channels_last and the fused AdamW on;
+the resident loader on GPUs, torch's DataLoader on CPUs).
 
 The probe tries every combination of the switches the command line left unset (``--compile``,
 ``--channels-last``, ``--fused-optimizer``). Each candidate builds the run's model, optimizer and
@@ -10,6 +11,11 @@ compared with the defaults' window of the same round, so that a drift in the mac
 (whole rounds faster or slower) cancels. A candidate replaces the defaults only if
 it was faster in every round and by ``MIN_GAIN`` or more in the median of its ratios: a choice
 made beyond the run-to-run spread; of such candidates the one with the lowest median ratio wins.
+
+Then, where ``--loader`` is not given and the training images are an array, the loaders (``torch``
+with its worker processes, ``resident``) are timed the same way, each feeding the chosen step with
+the run's own images. The DataLoader's workers keep filling their queue while the other loader's
+window runs, so those windows bear some of its cost: a bias towards ``torch``, the CPU default.
 
 The choice is cached per machine (CPU, flags, threads, GPU), torch and fasthvae version, device,
 model, batch, precision and compile mode in ``~/.cache/fasthvae/speed/`` (``$XDG_CACHE_HOME``
@@ -28,13 +34,15 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fasthvae import __version__
+from fasthvae.data import BatchLoader, LoaderOptions, make_loader
 from fasthvae.hardware import cpu_flags, cpu_name
 from fasthvae.training.checkpoint import write_text_atomic
 from fasthvae.training.config import TrainConfig
@@ -43,7 +51,8 @@ from fasthvae.training.loop import build_stepper
 from fasthvae.training.runtime import Runtime
 from fasthvae.training.state import build_state
 
-SWITCHES = ("compile", "channels_last", "fused_optimizer")
+SWITCHES = ("compile", "channels_last", "fused_optimizer")  # the step's, measured on a synthetic batch
+CHOICES = (*SWITCHES, "loader")  # the loader is measured feeding the chosen step
 WARMUP_STEPS = 2  # the first compiles; the second measures a step for the window's length
 ROUNDS = 4
 MIN_GAIN = 0.03  # a candidate must save this share of the defaults' step time to replace them
@@ -72,7 +81,7 @@ KEY_FIELDS = (
 class Candidate:
     """One combination of the switches and its measurements (seconds per step of each window)."""
 
-    switches: dict[str, bool]
+    switches: dict[str, bool | str]
     first_step_s: float = math.nan
     windows: list[float] = field(default_factory=list)
 
@@ -116,7 +125,11 @@ def cache_key(config: TrainConfig, rt: Runtime, world_size: int) -> dict:
         "amp_dtype": str(rt.amp_dtype),
         "config": {name: getattr(config, name) for name in KEY_FIELDS}
         | {"ema": bool(config.ema), "skip": bool(config.skip_factor), "clip": bool(config.grad_clip)},
-        "given": {name: getattr(config, name) for name in SWITCHES if getattr(config, name) is not None},
+        "given": {
+            name: getattr(config, name) for name in (*SWITCHES, "loader") if getattr(config, name) is not None
+        },
+        "defaults": {name: getattr(rt, name) for name in (*SWITCHES, "loader")},
+        "workers": config.workers,
     }
 
 
@@ -135,7 +148,7 @@ def candidates(config: TrainConfig, rt: Runtime) -> list[dict[str, bool]]:
     ]
 
 
-def decide(measured: list[Candidate]) -> dict[str, bool]:
+def decide(measured: list[Candidate]) -> dict[str, bool | str]:
     """The defaults (``measured[0]``) unless a candidate beat them in every round, by at least
     ``MIN_GAIN`` in the median of its per-round ratios; of such candidates, the lowest median."""
     default = measured[0]
@@ -159,28 +172,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(config: TrainConfig, rt: Runtime, switch_sets: list[dict[str, bool]]) -> list[Candidate]:
-    """Warm every candidate up, then time ``ROUNDS`` rotated rounds of windows (see the module doc)."""
-    steps: list[Callable[[], object]] = []
-    measured = []
-    for switches in switch_sets:
-        crt = replace(rt, **switches)
-        state = build_state(config, crt)
-        stepper = build_stepper(state, config, crt, DistInfo())
-        x, weights = synthetic_batch(config, crt), torch.ones(state.model.num_levels, device=rt.device)
-        steps.append(lambda stepper=stepper, x=x, weights=weights: stepper(x, weights))
-        candidate = Candidate(switches)
-        start = time.perf_counter()
-        steps[-1]()
-        _sync(rt.device)
-        candidate.first_step_s = time.perf_counter() - start
-        measured.append(candidate)
+def time_rounds(steps: list[Callable[[], object]], measured: list[Candidate], device: torch.device) -> None:
+    """Warm-up, then ``ROUNDS`` rounds of one window per step function, the order rotated each round;
+    each window ~TIMING_SECONDS / (ROUNDS x candidates) long, judged by a warm-up step."""
     step_s = []
     for step in steps:
         start = time.perf_counter()
         for _ in range(WARMUP_STEPS - 1):
             step()
-        _sync(rt.device)
+        _sync(device)
         step_s.append((time.perf_counter() - start) / max(1, WARMUP_STEPS - 1))
     window_s = TIMING_SECONDS / (ROUNDS * len(steps))
     lengths = [max(1, min(50, round(window_s / s))) for s in step_s]
@@ -189,22 +189,87 @@ def measure(config: TrainConfig, rt: Runtime, switch_sets: list[dict[str, bool]]
             start = time.perf_counter()
             for _ in range(lengths[i]):
                 steps[i]()
-            _sync(rt.device)
+            _sync(device)
             measured[i].windows.append((time.perf_counter() - start) / lengths[i])
+
+
+def _first_step(step: Callable[[], object], candidate: Candidate, device: torch.device) -> None:
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    candidate.first_step_s = time.perf_counter() - start
+
+
+def measure(config: TrainConfig, rt: Runtime, switch_sets: list[dict[str, bool]]) -> list[Candidate]:
+    """The step switches' candidates on a synthetic batch, timed in rotated rounds."""
+    steps: list[Callable[[], object]] = []
+    measured = []
+    for switches in switch_sets:
+        crt = replace(rt, **switches)
+        state = build_state(config, crt)
+        stepper = build_stepper(state, config, crt, DistInfo())
+        x, weights = synthetic_batch(config, crt), torch.ones(state.model.num_levels, device=rt.device)
+        steps.append(lambda stepper=stepper, x=x, weights=weights: stepper(x, weights))
+        measured.append(Candidate(switches))
+        _first_step(steps[-1], measured[-1], rt.device)
+    time_rounds(steps, measured, rt.device)
     return measured
 
 
-def probe(config: TrainConfig, rt: Runtime) -> dict:
-    """Measure the candidates and decide; the random state as before. The record for config.json."""
+def endless(loader: BatchLoader) -> Iterator[torch.Tensor]:
+    """A loader's batches, epoch after epoch."""
+    for epoch in itertools.count():
+        loader.set_epoch(epoch)
+        yield from (x for x, _ in loader)
+
+
+def measure_loaders(
+    config: TrainConfig, rt: Runtime, images: np.ndarray, names: list[str]
+) -> list[Candidate]:
+    """The loaders' candidates, each feeding the run's step (``rt``'s switches) with the run's
+    training images, timed in rotated rounds."""
+    state = build_state(config, rt)
+    stepper = build_stepper(state, config, rt, DistInfo())
+    weights = torch.ones(state.model.num_levels, device=rt.device)
+    options = LoaderOptions(
+        config.batch_size, flip=config.flip, drop_last=True, seed=config.seed, channels_last=rt.channels_last
+    )
+    steps, measured = [], []
+    for name in names:
+        batches = endless(make_loader(name, images, options, rt.device, num_workers=config.workers))
+        steps.append(lambda batches=batches: stepper(next(batches), weights))
+        measured.append(Candidate({"loader": name}))
+        _first_step(steps[-1], measured[-1], rt.device)
+    time_rounds(steps, measured, rt.device)
+    return measured
+
+
+def loader_candidates(config: TrainConfig, rt: Runtime, images: object) -> list[str]:
+    """The run's default loader and the other of ``torch`` and ``resident``, where ``--loader`` is
+    not given and the training images are an array (image files on disk need DALI); else none."""
+    if config.loader is not None or not isinstance(images, np.ndarray):
+        return []
+    return [rt.loader, "resident" if rt.loader == "torch" else "torch"]
+
+
+def probe(config: TrainConfig, rt: Runtime, images: object) -> dict:
+    """Measure the step's candidates and decide; then, with the chosen switches, the loaders'. The
+    random state as before. The record for config.json."""
     start = time.perf_counter()
     devices = [rt.device] if rt.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         measured = measure(config, rt, candidates(config, rt))
+        choice = dict(decide(measured))
+        loaders = loader_candidates(config, rt, images)
+        if loaders:
+            timed = measure_loaders(config, replace(rt, **choice), images, loaders)
+            choice |= decide(timed)
+            measured += timed
     torch._dynamo.reset()  # the probe's graphs hold its models; the run compiles its own (cache-warm)
     if rt.device.type == "cuda":
         torch.cuda.empty_cache()
     return {
-        "choice": decide(measured),
+        "choice": choice,
         "probe_s": round(time.perf_counter() - start, 1),
         "candidates": [c.record() for c in measured],
     }
@@ -212,7 +277,10 @@ def probe(config: TrainConfig, rt: Runtime) -> dict:
 
 def describe(record: dict) -> str:
     """One line: the choice and where it came from."""
-    choice = ", ".join(f"{name} {'on' if on else 'off'}" for name, on in record["choice"].items())
+    choice = ", ".join(
+        f"{name} {value}" if isinstance(value, str) else f"{name} {'on' if value else 'off'}"
+        for name, value in record["choice"].items()
+    )
     source = record["source"]
     if source == "probe":
         fastest = min(record["candidates"], key=lambda c: statistics.median(c["step_ms"]))
@@ -225,25 +293,29 @@ def describe(record: dict) -> str:
 
 
 def choose_speed(
-    config: TrainConfig, rt: Runtime, dist: DistInfo, planned_steps: int
+    config: TrainConfig, rt: Runtime, dist: DistInfo, planned_steps: int, images: object
 ) -> tuple[Runtime, dict]:
-    """The runtime with the switches ``config.speed`` picks, and its record (for config.json)."""
-    defaults = {name: getattr(rt, name) for name in SWITCHES}
+    """The runtime with the switches ``config.speed`` picks, and its record (for config.json).
+    ``images``: the run's training images (an array, or image files)."""
+    defaults = {name: getattr(rt, name) for name in CHOICES}
     record: dict = {"mode": config.speed, "choice": defaults}
     if config.speed == "fixed":
         record["source"] = "fixed defaults"
-    elif all(getattr(config, name) is not None for name in SWITCHES):
+    elif all(getattr(config, name) is not None for name in SWITCHES) and not loader_candidates(
+        config, rt, images
+    ):
         record["source"] = "every switch given"
     elif planned_steps < PROBE_MIN_STEPS:
         record["source"] = f"defaults: a run of {planned_steps} steps is shorter than a probe pays for"
     else:
-        record = broadcast_from_main(_cached_or_probed(config, rt, dist) if dist.is_main else None, dist)
+        probed = _cached_or_probed(config, rt, dist, images) if dist.is_main else None
+        record = broadcast_from_main(probed, dist)
     if dist.is_main:
         print(f"fasthvae.train: {describe(record)}", file=sys.stderr, flush=True)
     return replace(rt, **record["choice"]), record
 
 
-def _cached_or_probed(config: TrainConfig, rt: Runtime, dist: DistInfo) -> dict:
+def _cached_or_probed(config: TrainConfig, rt: Runtime, dist: DistInfo, images: object) -> dict:
     key = cache_key(config, rt, dist.world_size)
     path = cache_path(key)
     if path.exists():
@@ -253,7 +325,7 @@ def _cached_or_probed(config: TrainConfig, rt: Runtime, dist: DistInfo) -> dict:
                 return cached["record"] | {"source": "cache", "cache": str(path)}
         except (OSError, ValueError, KeyError):
             pass  # unreadable: probe again and rewrite it
-    record = {"mode": "auto", **probe(config, rt), "source": "probe", "cache": str(path)}
+    record = {"mode": "auto", **probe(config, rt, images), "source": "probe", "cache": str(path)}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(json.dumps({"key": key, "record": record}, indent=2) + "\n", path)
     return record
