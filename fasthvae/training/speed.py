@@ -112,9 +112,7 @@ def cache_key(config: TrainConfig, rt: Runtime, world_size: int) -> dict:
     return {
         "machine": {
             "cpu": cpu_name(),
-            "flags": sorted(
-                cpu_flags() & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16"}
-            ),
+            "flags": sorted(cpu_flags() & KEY_CPU_FLAGS),
             "threads": torch.get_num_threads(),
             "gpu": gpu,
         },
@@ -125,10 +123,8 @@ def cache_key(config: TrainConfig, rt: Runtime, world_size: int) -> dict:
         "amp_dtype": str(rt.amp_dtype),
         "config": {name: getattr(config, name) for name in KEY_FIELDS}
         | {"ema": bool(config.ema), "skip": bool(config.skip_factor), "clip": bool(config.grad_clip)},
-        "given": {
-            name: getattr(config, name) for name in (*SWITCHES, "loader") if getattr(config, name) is not None
-        },
-        "defaults": {name: getattr(rt, name) for name in (*SWITCHES, "loader")},
+        "given": {name: getattr(config, name) for name in CHOICES if getattr(config, name) is not None},
+        "defaults": {name: getattr(rt, name) for name in CHOICES},
         "workers": config.workers,
     }
 
