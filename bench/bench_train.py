@@ -56,6 +56,7 @@ from bench.machine_scale import (
 )
 from bench.report import write_report
 from fasthvae.hardware import machine
+from fasthvae.models import DeepHVAE
 from fasthvae.ops import use_backend
 from fasthvae.train import TrainConfig, Trainer
 from fasthvae.training.speed import PROBE_MIN_STEPS, SWITCHES
@@ -257,6 +258,8 @@ def measure_scale(config: TrainConfig, repeats: int) -> Scale:
         trainer.loader.set_epoch(0)
         x, _ = next(iter(trainer.loader))
         weights = torch.ones(trainer.model.num_levels, device=trainer.rt.device)
+        if isinstance(trainer.model, DeepHVAE):
+            trainer.model.heads_as_one = False  # the model's own FLOPs, not the zero blocks
         flops = count_flops(lambda: trainer.step_fn(x, weights))
         conv = commonest_conv(trainer.model, lambda: trainer.model(x))
     device = trainer.rt.device

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from fasthvae import train
 from fasthvae.eval.metrics import evaluate_model, iw_bound
@@ -300,3 +301,73 @@ def test_nearest_upsampling_equals_interpolate_and_keeps_channels_last(layout, s
     torch.testing.assert_close(torch.autograd.grad(ours, h, grad)[0], torch.autograd.grad(theirs, h, grad)[0])
     if layout == "channels_last" and shape[-1] > 1:
         assert ours.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("group", [0, 3], ids=["1x1", "4x4"])  # 1x1 convs at 1x1, 3x3 convs at 4x4
+def test_prior_and_posterior_as_one_equal_the_two_cells(layout, group):
+    """``LatentGroup.prior_and_posterior`` (the two cells' convs as one call each) gives the prior
+    cell's output on h and the posterior cell's on cat[h, activation]: values and the gradients of
+    both inputs and of every parameter of both cells, in float64."""
+    torch.manual_seed(0)
+    model = DeepHVAE("small").double()
+    block = model.groups[group]
+    for p in block.parameters():  # the prior's last conv starts at zero; any weights will do here
+        torch.nn.init.normal_(p, std=0.2)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    res = model.resolutions[group]
+    h, act = (
+        torch.randn(3, 64, res, res, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+        for _ in range(2)
+    )
+
+    def separate():
+        mu_p, logvar_p, features = block.prior_params(h)
+        mu_q, logvar_q = block.posterior(torch.cat([h, act], 1)).chunk(2, 1)
+        return mu_p, logvar_p, features, mu_q, deep.soft_clamp(logvar_q)
+
+    def as_one():
+        prior, posterior = block.prior_and_posterior(h, act)
+        return *prior, *posterior
+
+    inputs = [h, act, *block.prior.parameters(), *block.posterior.parameters()]
+    expected, got = separate(), as_one()
+    weights = [torch.randn_like(t) for t in expected]
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    def grads(outputs):
+        loss = sum((w * t).sum() for w, t in zip(weights, outputs, strict=True))
+        return torch.autograd.grad(loss, inputs)
+
+    for a, b in zip(grads(got), grads(expected), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_the_model_with_heads_as_one_equals_it_with_heads_apart():
+    """The whole deep model's loss terms and parameter gradients are the same (float64) with each
+    group's prior and posterior as one set of convs and with the cells apart; the FLOP counter
+    counts 12% more executed FLOPs as one (the zero blocks), which is why bench_train counts apart."""
+    torch.manual_seed(0)
+    model = DeepHVAE("small").double()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+
+    def loss_and_grads(as_one: bool):
+        model.heads_as_one = as_one
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = model(x)
+        loss = out.decoded.square().mean() + sum(kl.sum() for kl in out.kls.values())
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(loss_and_grads(True), loss_and_grads(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    flops = {}
+    for as_one in (True, False):
+        with FlopCounterMode(display=False) as counter:
+            loss_and_grads(as_one)
+        flops[as_one] = counter.get_total_flops()
+    assert 1.10 < flops[True] / flops[False] < 1.15, flops
