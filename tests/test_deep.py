@@ -322,9 +322,7 @@ def test_prior_and_posterior_as_one_equal_the_two_cells(layout, group):
     )
 
     def separate():
-        mu_p, logvar_p, features = block.prior_params(h)
-        mu_q, logvar_q = block.posterior(torch.cat([h, act], 1)).chunk(2, 1)
-        return mu_p, logvar_p, features, mu_q, deep.soft_clamp(logvar_q)
+        return *block.prior_params(h), *block.posterior_params(h, act)
 
     def as_one():
         prior, posterior = block.prior_and_posterior(h, act)

@@ -206,8 +206,8 @@ class LatentGroup(nn.Module):
         out_p, out_q = prior.out.weight, posterior.out.weight
         block_diagonal = torch.cat(
             [
-                torch.cat([out_p, torch.zeros_like(out_p[:, : out_q.shape[1]])], 1),
-                torch.cat([torch.zeros_like(out_q[:, : out_p.shape[1]]), out_q], 1),
+                torch.cat([out_p, torch.zeros_like(out_p)], 1),  # both cells have the same inner width
+                torch.cat([torch.zeros_like(out_q), out_q], 1),
             ]
         )
         out = F.conv2d(F.gelu(x), block_diagonal, torch.cat([prior.out.bias, posterior.out.bias]))
@@ -306,7 +306,7 @@ class DeepHVAE(LatentVariableModel):
             elif self.heads_as_one:
                 (mu_p, logvar_p, features), posterior = block.prior_and_posterior(h, activations[res])
             else:
-                (mu_p, logvar_p, features) = block.prior_params(h)
+                mu_p, logvar_p, features = block.prior_params(h)
                 posterior = block.posterior_params(h, activations[res])
             h = block.advance(h, features, draw(block, (mu_p, logvar_p), posterior))
         return h
