@@ -10,19 +10,23 @@ Variants (all but ``bare`` through the trainer's own step):
 - ``fasthvae``: the trainer's defaults for this device with ``--amp`` (the README's main command):
   ``--speed auto`` chooses compile, channels_last, the fused AdamW and the loader by its probe (or its cache,
   ``fasthvae/training/speed.py``); the ``switches on`` column shows each row's, and where they came from
-Each variant runs ``--warmup`` steps (compilation included), then ``--steps`` timed steps; the median
-of ``--repeats`` timed windows gives images/s. One more window under ``torch.profiler`` gives the
-fused ops' share of the step (self time of the ``fasthvae::`` ops over all ops; for variants with
-the fused ops). Compiled variants also report the compile time (the first step's time less a
-timed step's) and dynamo's graph breaks (0: the whole step is one graph, as ``fullgraph=True``
-demands). Writes ``train_<device>_<model>.{csv,md}``.
+Each variant is built and runs ``--warmup`` steps (compilation included); then ``--repeats`` rounds
+time one window of ``--steps`` steps of every variant, the order rotated each round, so that a drift
+of the machine's speed (whole rounds faster or slower) reaches every variant alike. The median
+window gives images/s; the ratio to plain is the median over rounds of the window against plain's
+window of the same round. One more window under ``torch.profiler`` gives the fused ops' share of
+the step (self time of the ``fasthvae::`` ops over all ops; for variants with the fused ops).
+Compiled variants also report the compile time (the first step's time less a timed step's) and
+dynamo's graph breaks (0: the whole step is one graph, as ``fullgraph=True`` demands). Writes
+``train_<device>_<model>.{csv,md}``.
 
 Every row is also on the machine's scale (``bench/machine_scale.py``): the FLOPs of a step per
 image (counted once, on the plain variant's eager step: convolutions and matrix products, forward
-and backward), the GFLOP/s that makes at the row's speed, and its share of two peaks measured in
-the same process before the variants: an fp32 sgemm (2048^2) and the model's commonest
-convolution (the conv shape holding most of the step's FLOPs) at the same batch, forward and
-backward. ``--model deep`` runs each ``--preset`` given, a table each.
+and backward), the GFLOP/s that makes at the row's speed, and its share of two peaks measured at
+the start of every round: an fp32 sgemm (2048^2) and the model's commonest convolution (the conv
+shape holding most of the step's FLOPs) at the same batch, forward and backward; a row's share is
+the median over rounds of its window against its round's peak. ``--model deep`` runs each
+``--preset`` given, a table each.
 
 ``--top-ops N`` also writes where each variant's step spends its time: the N entries of the profiled
 window with the most self time (device time on CUDA), per step and as a share of the window, in
@@ -36,10 +40,12 @@ record per kernel).
 """
 
 import argparse
+import operator
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,22 +140,6 @@ def by_resolution(profile: torch.profiler.profile, device: str, steps: int, batc
     ]
 
 
-@dataclass
-class Timing:
-    """One variant's measurements: seconds per timed window, the fused ops' share of a profiled
-    window (None without them), the first step's seconds, dynamo's graph breaks (-1: eager), the
-    speed switches the trainer ran with (and how ``--speed`` chose them) and the profiled window's
-    top entries (when asked)."""
-
-    windows: list[float]
-    share: float | None
-    first_step: float
-    graph_breaks: int
-    switches: str
-    top: list[dict] = field(default_factory=list)
-    resolutions: list[dict] = field(default_factory=list)
-
-
 def bare_step(model: torch.nn.Module, lr: float) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """One step of a bare eager loop: ``model.loss``, backward, AdamW."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -162,66 +152,73 @@ def bare_step(model: torch.nn.Module, lr: float) -> Callable[[torch.Tensor, torc
     return step
 
 
-def time_variant(
-    config: TrainConfig,
-    fused_ops: bool,
-    warmup: int,
-    steps: int,
-    repeats: int,
-    top_ops: int = 0,
-    bare: bool = False,
-) -> Timing:
-    """Times ``repeats`` windows of ``steps`` training steps (data loading included) after
-    ``warmup`` steps, then profiles one more window when the fused ops' share or ``top_ops``
-    entries are asked for. ``bare``: the trainer's model and loader in a bare loop instead of its step."""
-    torch._dynamo.reset()
-    counters = torch._dynamo.utils.counters
-    counters.clear()
-    with use_backend("auto" if fused_ops else "reference"):
-        trainer = Trainer(config)
-        weights = torch.ones(trainer.model.num_levels, device=trainer.rt.device)
-        step = bare_step(trainer.model, config.lr) if bare else trainer.step_fn
+class Variant:
+    """One variant built and warmed up (compilation included), so that its timed windows can
+    alternate with the other variants'. ``bare``: the trainer's model and loader in a bare loop
+    instead of its step."""
 
-        def batches():
-            epoch = 0
-            while True:
-                trainer.loader.set_epoch(epoch)
-                yield from (x for x, _ in trainer.loader)
-                epoch += 1
-
-        stream = batches()
-        sync = device_sync(trainer.rt.device)
-        start = time.perf_counter()
-        step(next(stream), weights)
-        sync()
-        first_step = time.perf_counter() - start
-        for _ in range(warmup - 1):
-            step(next(stream), weights)
-        sync()
-        graph_breaks = sum(counters["graph_break"].values())
-        windows = []
-        for _ in range(repeats):
+    def __init__(self, name: str, config: TrainConfig, fused_ops: bool, warmup: int, bare: bool) -> None:
+        self.name, self.fused_ops = name, fused_ops
+        self.backend = "auto" if fused_ops else "reference"
+        breaks_before = sum(torch._dynamo.utils.counters["graph_break"].values())
+        with use_backend(self.backend):
+            self.trainer = Trainer(config)
+            self.weights = torch.ones(self.trainer.model.num_levels, device=self.trainer.rt.device)
+            self.step = bare_step(self.trainer.model, config.lr) if bare else self.trainer.step_fn
+            self.stream = self._batches()
+            self.sync = device_sync(self.trainer.rt.device)
             start = time.perf_counter()
-            for _ in range(steps):
-                step(next(stream), weights)
-            sync()
-            windows.append(time.perf_counter() - start)
-        share, top, resolutions = None, [], []
-        if fused_ops or top_ops:
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if trainer.rt.device.type == "cuda":
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            with torch.profiler.profile(activities=activities, record_shapes=bool(top_ops)) as profile:
-                for _ in range(steps):
-                    step(next(stream), weights)
-                sync()
-            share = ops_share(profile, trainer.rt.device.type) if fused_ops else None
-            if top_ops:
-                top = top_entries(profile, trainer.rt.device.type, steps, top_ops)
-                resolutions = by_resolution(profile, trainer.rt.device.type, steps, config.batch_size)
-        compiled = trainer.rt.compile
-    breaks = graph_breaks if compiled else -1
-    return Timing(windows, share, first_step, breaks, switches_of(trainer), top, resolutions)
+            self._steps(1)
+            self.first_step = time.perf_counter() - start
+            self._steps(warmup - 1)
+        breaks = sum(torch._dynamo.utils.counters["graph_break"].values()) - breaks_before
+        self.graph_breaks = breaks if self.trainer.rt.compile else -1
+        self.switches = switches_of(self.trainer)
+        self.windows: list[float] = []
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        epoch = 0
+        while True:
+            self.trainer.loader.set_epoch(epoch)
+            yield from (x for x, _ in self.trainer.loader)
+            epoch += 1
+
+    def _steps(self, count: int) -> None:
+        for _ in range(count):
+            self.step(next(self.stream), self.weights)
+        self.sync()
+
+    def settle(self) -> None:
+        """One more untimed step once every variant is built: one built before another's
+        ``--speed auto`` probe (which resets dynamo's caches) compiles again here, not in a window."""
+        with use_backend(self.backend):
+            self._steps(1)
+
+    def time_window(self, steps: int) -> float:
+        """Seconds of ``steps`` steps (data loading included); kept in ``windows``."""
+        with use_backend(self.backend):
+            start = time.perf_counter()
+            self._steps(steps)
+            self.windows.append(time.perf_counter() - start)
+        return self.windows[-1]
+
+    def profile(self, steps: int, top_ops: int) -> tuple[float | None, list[dict], list[dict]]:
+        """One more window under the profiler: the fused ops' share (None without them), the
+        ``top_ops`` entries with the most self time and the window by resolution (when asked)."""
+        device = self.trainer.rt.device.type
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with (
+            use_backend(self.backend),
+            torch.profiler.profile(activities=activities, record_shapes=bool(top_ops)) as profile,
+        ):
+            self._steps(steps)
+        share = ops_share(profile, device) if self.fused_ops else None
+        if not top_ops:
+            return share, [], []
+        top = top_entries(profile, device, steps, top_ops)
+        return share, top, by_resolution(profile, device, steps, len(next(self.stream)))
 
 
 def switches_of(trainer: Trainer) -> str:
@@ -233,26 +230,42 @@ def switches_of(trainer: Trainer) -> str:
 @dataclass
 class Scale:
     """The machine's scale of one model and batch: FLOPs per image of a step, the commonest conv,
-    and the peaks measured here (GFLOP/s)."""
+    and its peaks (GFLOP/s), measured once per round (the machine's speed drifts)."""
 
     flops_per_image: float
     conv: ConvShape
-    sgemm_peak: float
-    conv_peak: float
+    batch: int
+    device: torch.device
+    sgemm_peaks: list[float] = field(default_factory=list)
+    conv_peaks: list[float] = field(default_factory=list)
 
-    def row(self, images_per_s: float) -> dict:
-        gflops = self.flops_per_image * images_per_s / 1e9
+    def measure_peaks(self, repeats: int) -> None:
+        self.sgemm_peaks.append(sgemm_gflops(self.device, repeats=repeats))
+        self.conv_peaks.append(conv_gflops(self.conv, self.batch, self.device, repeats))
+
+    def row(self, windows: list[float], images_per_window: int) -> dict:
+        """GFLOP/s of the median window, and the median over rounds of each window's share of the
+        peaks measured in its round."""
+        gflops = [self.flops_per_image * images_per_window / t / 1e9 for t in windows]
         return {
             "mflop_per_image": round(self.flops_per_image / 1e6, 1),
-            "gflops": round(gflops, 1),
-            "share_of_sgemm": round(gflops / self.sgemm_peak, 3),
-            "share_of_conv": round(gflops / self.conv_peak, 3),
+            "gflops": round(self.flops_per_image * images_per_window / statistics.median(windows) / 1e9, 1),
+            "share_of_sgemm": round(statistics.median(map(operator.truediv, gflops, self.sgemm_peaks)), 3),
+            "share_of_conv": round(statistics.median(map(operator.truediv, gflops, self.conv_peaks)), 3),
         }
 
+    def describe(self) -> str:
+        def spread(peaks: list[float]) -> str:
+            return f"{statistics.median(peaks):.1f} (rounds: {min(peaks):.1f}-{max(peaks):.1f})"
 
-def measure_scale(config: TrainConfig, repeats: int) -> Scale:
-    """Count the FLOPs of one eager step of ``config`` (plain PyTorch ops) and measure the peaks."""
-    torch._dynamo.reset()
+        return (
+            f"fp32 sgemm 2048^2 {spread(self.sgemm_peaks)} GFLOP/s; the model's commonest convolution, "
+            f"{self.conv}, batch {self.batch}, forward and backward, {spread(self.conv_peaks)} GFLOP/s"
+        )
+
+
+def count_scale(config: TrainConfig) -> Scale:
+    """Count the FLOPs of one eager step of ``config`` (plain PyTorch ops) and find its commonest conv."""
     with use_backend("reference"):
         trainer = Trainer(config)
         trainer.loader.set_epoch(0)
@@ -262,9 +275,38 @@ def measure_scale(config: TrainConfig, repeats: int) -> Scale:
             trainer.model.heads_as_one = False  # the model's own FLOPs, not the zero blocks
         flops = count_flops(lambda: trainer.step_fn(x, weights))
         conv = commonest_conv(trainer.model, lambda: trainer.model(x))
-    device = trainer.rt.device
-    sgemm, conv_peak = sgemm_gflops(device, repeats=repeats), conv_gflops(conv, len(x), device, repeats)
-    return Scale(flops / len(x), conv, sgemm, conv_peak)
+    return Scale(flops / len(x), conv, len(x), trainer.rt.device)
+
+
+def run_rounds(variants: list[Variant], scale: Scale, args: argparse.Namespace) -> None:
+    """``args.repeats`` rounds: the peaks, then one window of every variant, the order rotated each
+    round, so that a drift of the machine's speed reaches every variant alike."""
+    for r in range(args.repeats):
+        scale.measure_peaks(args.peak_repeats)
+        for variant in variants[r % len(variants) :] + variants[: r % len(variants)]:
+            variant.time_window(args.steps)
+
+
+def paired(windows: list[float], reference: list[float]) -> tuple[float, int]:
+    """The median over rounds of ``reference``'s window over ``windows``' (above 1: faster), and
+    the rounds in which it was faster."""
+    ratios = [r / t for r, t in zip(reference, windows, strict=True)]
+    return round(statistics.median(ratios), 3), sum(x > 1 for x in ratios)
+
+
+def against_best_switch(built: list[Variant]) -> str:
+    """The fasthvae row against the fastest single-switch row (by median window), round by round;
+    empty when either was not run."""
+    fasthvae = next((v for v in built if v.name == "fasthvae"), None)
+    switches = [v for v in built if v.name in FEATURES]
+    if fasthvae is None or not switches:
+        return ""
+    best = min(switches, key=lambda v: statistics.median(v.windows))
+    speedup, faster = paired(fasthvae.windows, best.windows)
+    return (
+        f" The fasthvae row against the fastest single switch, `{best.name}`: {speedup}x, faster in "
+        f"{faster} of {len(best.windows)} rounds."
+    )
 
 
 def run_model(args: argparse.Namespace, preset: str) -> None:
@@ -279,53 +321,60 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
             batch_size=args.batch_size,
             device=args.device,
             data=args.data,
-            limit_train=20 * args.batch_size,
+            # One epoch holds every step of the run: the DataLoader's workers fork once per epoch, a
+            # cost a real epoch spreads over ~1,500 steps and a short one would put in the windows.
+            limit_train=(args.warmup + 1 + args.steps * (args.repeats + 1)) * args.batch_size,
             epochs=PROBE_MIN_STEPS,  # a long run (none is trained): the fasthvae row's --speed auto probes
             out=tmp,
             **overrides,
         )
 
-    with tempfile.TemporaryDirectory() as tmp:
-        scale = measure_scale(config(tmp, PLAIN), args.peak_repeats)
-    print(f"{scale.flops_per_image / 1e6:.1f} MFLOP per image; peaks: sgemm {scale.sgemm_peak:.1f}, "
-          f"{scale.conv} {scale.conv_peak:.1f} GFLOP/s", flush=True)  # fmt: skip
-    for name, (overrides, fused_ops) in variants(args.device).items():
-        if args.only and name not in args.only:
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            timing = time_variant(
-                config(tmp, overrides),
-                fused_ops,
-                args.warmup,
-                args.steps,
-                args.repeats,
-                args.top_ops,
-                name == BARE,
+    chosen = {n: v for n, v in variants(args.device).items() if not args.only or n in args.only}
+    torch._dynamo.reset()
+    with ExitStack() as stack:
+        scale = count_scale(config(stack.enter_context(tempfile.TemporaryDirectory()), PLAIN))
+        print(f"{scale.flops_per_image / 1e6:.1f} MFLOP per image", flush=True)
+        built = []
+        for name, (overrides, fused_ops) in chosen.items():
+            tmp = stack.enter_context(tempfile.TemporaryDirectory())
+            built.append(Variant(name, config(tmp, overrides), fused_ops, args.warmup, name == BARE))
+            print(f"{name}: built, {built[-1].switches}", flush=True)
+        for variant in built:
+            variant.settle()
+        run_rounds(built, scale, args)
+        print(f"peaks: {scale.describe()}", flush=True)
+        plain = next((v for v in built if v.name == "plain"), built[0])
+        for variant in built:
+            share, top, resolutions = None, [], []
+            if variant.fused_ops or args.top_ops:
+                share, top, resolutions = variant.profile(args.steps, args.top_ops)
+            top_rows += [{"variant": variant.name, "rank": n, **entry} for n, entry in enumerate(top, 1)]
+            resolution_rows += [{"variant": variant.name, **entry} for entry in resolutions]
+            median, breaks = statistics.median(variant.windows), variant.graph_breaks
+            speedup, faster = paired(variant.windows, plain.windows)
+            rows.append(
+                {
+                    "variant": variant.name,
+                    "model": args.model,
+                    "device": args.device,
+                    "batch_size": args.batch_size,
+                    "step_ms_median": round(1000 * median / args.steps, 2),
+                    "images_per_s": round(args.steps * args.batch_size / median, 1),
+                    "speedup_vs_plain": speedup,
+                    "faster_rounds": faster,
+                    "fused_ops_share": None if share is None else round(share, 4),
+                    "compile_s": round(variant.first_step - median / args.steps, 1) if breaks >= 0 else None,
+                    "graph_breaks": breaks if breaks >= 0 else None,
+                    "switches": variant.switches,
+                    **scale.row(variant.windows, args.steps * args.batch_size),
+                    "windows_ms": " ".join(f"{1000 * t / args.steps:.1f}" for t in variant.windows),
+                }
             )
-        top_rows += [{"variant": name, "rank": rank, **entry} for rank, entry in enumerate(timing.top, 1)]
-        resolution_rows += [{"variant": name, **entry} for entry in timing.resolutions]
-        median, share, breaks = statistics.median(timing.windows), timing.share, timing.graph_breaks
-        rows.append(
-            {
-                "variant": name,
-                "model": args.model,
-                "device": args.device,
-                "batch_size": args.batch_size,
-                "step_ms_median": round(1000 * median / args.steps, 2),
-                "images_per_s": round(args.steps * args.batch_size / median, 1),
-                "fused_ops_share": None if share is None else round(share, 4),
-                "compile_s": round(timing.first_step - median / args.steps, 1) if breaks >= 0 else None,
-                "graph_breaks": breaks if breaks >= 0 else None,
-                "switches": timing.switches,
-                **scale.row(args.steps * args.batch_size / median),
-            }
-        )
-        print(rows[-1], flush=True)
-    base = next((r["images_per_s"] for r in rows if r["variant"] == "plain"), rows[0]["images_per_s"])
-    for row in rows:
-        row["speedup_vs_plain"] = round(row["images_per_s"] / base, 3)
+            print(rows[-1], flush=True)
+        against_best = against_best_switch(built)
 
-    header = ["variant", "step ms (median)", "images/s", "vs plain", "fused ops' share of the step"]
+    header = ["variant", "step ms (median)", "images/s", "vs plain (rounds faster)"]
+    header += ["fused ops' share of the step"]
     header += ["compile s", "graph breaks", "switches on", "MFLOP / image", "GFLOP/s", "of sgemm peak"]
     header += ["of conv peak"]
     print(
@@ -337,7 +386,7 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
                 r["variant"],
                 str(r["step_ms_median"]),
                 str(r["images_per_s"]),
-                f"{r['speedup_vs_plain']}x",
+                f"{r['speedup_vs_plain']}x ({r['faster_rounds']}/{args.repeats})",
                 "—" if r["fused_ops_share"] is None else f"{100 * r['fused_ops_share']:.1f}%",
                 "—" if r["compile_s"] is None else str(r["compile_s"]),
                 "—" if r["graph_breaks"] is None else str(r["graph_breaks"]),
@@ -348,10 +397,12 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
                 f"{100 * r['share_of_conv']:.0f}%",
             ],
             title=f"Training step, {args.model}{name_suffix}, batch {args.batch_size}, {machine()}",
-            intro=f"Peaks measured in this process before the variants: fp32 sgemm 2048^2 "
-            f"{scale.sgemm_peak:.1f} GFLOP/s; the model's commonest convolution, {scale.conv}, batch "
-            f"{args.batch_size}, forward and backward, {scale.conv_peak:.1f} GFLOP/s. FLOPs per image: "
-            "convolutions and matrix products of one eager step, forward and backward (FlopCounterMode).",
+            intro=f"{args.repeats} rounds, each the peaks, then one window of {args.steps} steps of every "
+            "variant, the order rotated each round; images/s and GFLOP/s of the median window, the ratio "
+            "to plain and the shares of the peaks the medians over rounds (each window against plain's "
+            f"and the peaks of its own round). Peaks (median over rounds): {scale.describe()}. FLOPs per "
+            "image: convolutions and matrix products of one eager step, forward and backward "
+            f"(FlopCounterMode).{against_best}",
         )
     )
     if top_rows:
@@ -407,11 +458,11 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="CIFAR-10 .npz or folder (default: $FASTHVAE_DATA)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps, at least 1 (compiles)")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds (one window of every variant each)")
     parser.add_argument("--only", nargs="*", help="run only these variants")
     parser.add_argument("--top-ops", type=int, default=0, metavar="N",
                         help="also write each variant's N entries with the most self time")  # fmt: skip
-    parser.add_argument("--peak-repeats", type=int, default=5, help="timed runs of each peak (median)")
+    parser.add_argument("--peak-repeats", type=int, default=5, help="timed runs of a peak per round")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     if args.warmup < 1:

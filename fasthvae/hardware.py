@@ -1,6 +1,7 @@
 """What this machine is: the CPU's name and feature flags, its SIMD level, and one line naming CPU,
 threads, GPU and torch (what a figure ran on, and what a cached speed choice is keyed by)."""
 
+import os
 import platform
 from pathlib import Path
 
@@ -18,6 +19,24 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
         if key.strip() in ("flags", "Features"):
             return set(value.split())
     return set()
+
+
+# PyTorch's ISA cap: its kernels and Inductor's generated code use no wider vectors than this level.
+# An AVX-512 machine measures its AVX2 paths with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2
+# (oneDNN's convolutions) and FASTHVAE_CPU_ISA=avx2 (fasthvae's kernels); docs/speed.md.
+ISA_CAP_ENV = "ATEN_CPU_CAPABILITY"
+# The flags each cap leaves out, by prefix ("avx" also covers avx2 and avx512*).
+_ABOVE_CAP = {"avx2": ("avx512", "amx"), "default": ("avx", "fma", "f16c", "amx")}
+
+
+def usable_cpu_flags(flags: set[str] | None = None, cap: str | None = None) -> set[str]:
+    """``flags`` (default: this CPU's) less those above PyTorch's ISA cap (``cap``, default
+    $ATEN_CPU_CAPABILITY): what this process computes with. Mixed precision, the speed probe's cache
+    and the figures' machine line go by these."""
+    flags = cpu_flags() if flags is None else flags
+    cap = os.environ.get(ISA_CAP_ENV, "") if cap is None else cap
+    above = _ABOVE_CAP.get(cap.lower(), ())
+    return {f for f in flags if not f.startswith(above)} if above else set(flags)
 
 
 def cpu_name() -> str:
@@ -39,9 +58,12 @@ def simd_level(flags: set[str]) -> str:
 
 
 def machine() -> str:
-    """One line naming the CPU, its SIMD level, the threads torch uses, the GPU and torch: what a
-    figure ran on."""
+    """One line naming the CPU, its SIMD level (the capped one, and the CPU's, under a cap), the
+    threads torch uses, the GPU and torch: what a figure ran on."""
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    simd = simd_level(cpu_flags())
+    flags = cpu_flags()
+    simd = simd_level(usable_cpu_flags(flags))
+    if simd != simd_level(flags):
+        simd = f"{simd or 'no SIMD'} by {ISA_CAP_ENV}={os.environ[ISA_CAP_ENV]} on an {simd_level(flags)} CPU"
     cpu = f"{cpu_name()} ({simd + ', ' if simd else ''}{torch.get_num_threads()} threads)"
     return f"{cpu}{gpu}; torch {torch.__version__}"

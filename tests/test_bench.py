@@ -9,10 +9,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from bench.bench_train import against_best_switch, paired
 from fasthvae.data.dali import dali_available
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,11 +94,14 @@ def test_bench_loader(tmp_path, images):
 def test_bench_train(tmp_path, images):
     variants = ["bare", "plain", "+fused-ops", "+compile"]
     run_bench("bench_train.py", "--data", images, "--batch-size", "8", "--warmup", "1", "--steps", "2",
-              "--repeats", "1", "--peak-repeats", "1", "--only", *variants,
+              "--repeats", "2", "--peak-repeats", "1", "--only", *variants,
               "--out", str(tmp_path))  # fmt: skip
     rows = read_rows(tmp_path / "train_cpu_hvae.csv")
     assert [r["variant"] for r in rows] == variants
     bare, plain, fused, compiled = rows
+    # Ratios are taken round by round: plain against itself is 1 in every round, faster in none.
+    assert (float(plain["speedup_vs_plain"]), plain["faster_rounds"]) == (1.0, "0")
+    assert all(0 <= int(r["faster_rounds"]) <= 2 for r in rows)
     assert (
         plain["fused_ops_share"] == bare["fused_ops_share"] == "" and 0 < float(fused["fused_ops_share"]) < 1
     )
@@ -108,7 +113,24 @@ def test_bench_train(tmp_path, images):
         gflops = float(row["mflop_per_image"]) * float(row["images_per_s"]) / 1e3
         assert float(row["gflops"]) == pytest.approx(gflops, rel=0.01, abs=0.1)
         assert float(row["share_of_sgemm"]) > 0 and float(row["share_of_conv"]) > 0
-    assert "fp32 sgemm 2048^2" in (tmp_path / "train_cpu_hvae.md").read_text()
+    report = (tmp_path / "train_cpu_hvae.md").read_text()
+    assert "2 rounds" in report and "fp32 sgemm 2048^2" in report and "(rounds: " in report
+
+
+def test_bench_train_compares_round_by_round():
+    # Round 3 ran slow for everyone: per-round ratios see through it, a ratio of medians would not.
+    plain, fast = [1.0, 1.0, 2.0, 1.0], [0.5, 0.5, 1.0, 0.5]
+    assert paired(fast, plain) == (2.0, 4) and paired(plain, plain) == (1.0, 0)
+    assert paired([1.1, 0.9, 2.2, 1.25], plain) == (0.909, 1)
+    rows = [
+        SimpleNamespace(name="plain", windows=[3.0, 3.0, 3.0]),
+        SimpleNamespace(name="+amp", windows=[2.5, 2.5, 2.5]),
+        SimpleNamespace(name="+compile", windows=[2.0, 2.2, 1.8]),
+        SimpleNamespace(name="fasthvae", windows=[2.1, 2.0, 1.9]),
+    ]
+    line = against_best_switch(rows)
+    assert "`+compile`: 0.952x, faster in 1 of 3 rounds" in line
+    assert against_best_switch(rows[:3]) == "" == against_best_switch([rows[0], rows[3]])
 
 
 def test_bench_train_deep(tmp_path, images):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fasthvae.hardware import cpu_flags
+from fasthvae import hardware
+from fasthvae.hardware import cpu_flags, usable_cpu_flags
 from fasthvae.training.precision import choose_amp_dtype
 
 CPU = torch.device("cpu")
@@ -44,3 +45,21 @@ def test_cpu_flags_reads_x86_and_arm_cpuinfo(tmp_path):
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
     assert cpu_flags(arm) == {"fp", "asimd", "bf16"}
     assert cpu_flags(tmp_path / "missing") == set()
+
+
+def test_an_isa_cap_leaves_out_the_flags_above_it():
+    assert usable_cpu_flags(SAPPHIRE_RAPIDS, "avx2") == AVX2_LAPTOP
+    assert usable_cpu_flags(SAPPHIRE_RAPIDS, "AVX2") == AVX2_LAPTOP
+    assert usable_cpu_flags(SAPPHIRE_RAPIDS, "default") == {"sse2"}
+    for no_cap in ("", "avx512"):
+        assert usable_cpu_flags(SAPPHIRE_RAPIDS, no_cap) == SAPPHIRE_RAPIDS
+
+
+def test_amp_follows_the_isa_cap(monkeypatch):
+    """Capped to AVX2 (ATEN_CPU_CAPABILITY), a bf16 CPU computes as an AVX2 one: fp32, said why."""
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: ZEN4)
+    monkeypatch.delenv(hardware.ISA_CAP_ENV, raising=False)
+    assert choose_amp_dtype(True, "bf16", CPU) == (torch.bfloat16, None)
+    monkeypatch.setenv(hardware.ISA_CAP_ENV, "avx2")
+    with pytest.warns(UserWarning, match="ATEN_CPU_CAPABILITY=avx2"):
+        assert choose_amp_dtype(True, "bf16", CPU)[0] is None

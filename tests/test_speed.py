@@ -142,6 +142,20 @@ def test_a_probe_is_cached_per_machine_model_and_batch(tmp_path, cache, monkeypa
     )
 
 
+def test_the_cache_key_follows_isa_caps_and_the_code(tmp_path, monkeypatch):
+    c = config(tmp_path)
+    rt = resolve_runtime(c, DistInfo())
+    for name in speed.ISA_CAP_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    plain = speed.cache_key(c, rt, 1)
+    assert plain["code"] == speed.code_digest() and len(plain["code"]) == 16
+    for name, value in [("ONEDNN_MAX_CPU_ISA", "AVX2"), ("FASTHVAE_CPU_ISA", "avx2")]:
+        monkeypatch.setenv(name, value)
+        assert speed.cache_path(speed.cache_key(c, rt, 1)) != speed.cache_path(plain)
+        monkeypatch.delenv(name)
+    assert speed.cache_path(speed.cache_key(c, rt, 1)) == speed.cache_path(plain)
+
+
 def test_a_real_probe_times_every_candidate_and_keeps_the_random_state(tmp_path, monkeypatch):
     monkeypatch.setattr(speed, "TIMING_SECONDS", 0.5)
     c = with_model_defaults(config(tmp_path, compile=False, workers=1))  # eager: no compilation here

@@ -7,12 +7,13 @@ says so.
 """
 
 import contextlib
+import os
 import platform
 import warnings
 
 import torch
 
-from fasthvae.hardware import cpu_flags
+from fasthvae.hardware import ISA_CAP_ENV, usable_cpu_flags
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # /proc/cpuinfo flags (x86 "flags", Arm "Features") that mean native arithmetic in each type.
@@ -34,8 +35,9 @@ def cpu_amp_fallback(dtype: torch.dtype, flags: set[str]) -> str | None:
     if NATIVE_CPU_FLAGS[dtype] & flags:
         return None
     name = "bf16" if dtype == torch.bfloat16 else "fp16"
+    cap = f", {ISA_CAP_ENV}={os.environ[ISA_CAP_ENV]}" if os.environ.get(ISA_CAP_ENV) else ""
     return (
-        f"this CPU ({platform.machine()}) has no native {name} arithmetic "
+        f"this CPU ({platform.machine()}{cap}) has no native {name} arithmetic "
         f"(none of {', '.join(sorted(NATIVE_CPU_FLAGS[dtype]))}); --amp would be many times slower "
         "than fp32, so it trains in fp32"
     )
@@ -47,7 +49,8 @@ def choose_amp_dtype(
     """(autocast dtype or None, why AMP was turned off or None).
 
     bf16 unless fp16 is asked for or the GPU has no bf16; on a CPU, None (fp32) with a warning when
-    the CPU lacks native arithmetic in that type (``flags``: default this machine's).
+    the CPU lacks native arithmetic in that type (``flags``: default this machine's, less those above
+    any ISA cap).
     """
     if not amp:
         return None, None
@@ -58,7 +61,7 @@ def choose_amp_dtype(
         if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             return torch.float16, None
         return dtype, None
-    reason = cpu_amp_fallback(dtype, cpu_flags() if flags is None else flags)
+    reason = cpu_amp_fallback(dtype, usable_cpu_flags() if flags is None else flags)
     if reason is not None:
         warnings.warn(f"--amp: {reason}", stacklevel=2)
         return None, reason

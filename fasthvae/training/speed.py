@@ -17,15 +17,17 @@ with its worker processes, ``resident``) are timed the same way, each feeding th
 the run's own images. The DataLoader's workers keep filling their queue while the other loader's
 window runs, so those windows bear some of its cost: a bias towards ``torch``, the CPU default.
 
-The choice is cached per machine (CPU, flags, threads, GPU), torch and fasthvae version, device,
-model, batch, precision and compile mode in ``~/.cache/fasthvae/speed/`` (``$XDG_CACHE_HOME``
-respected; ``$FASTHVAE_CACHE_DIR`` replaces ``~/.cache/fasthvae``), so a machine probes a model
-once. A run of fewer than ``PROBE_MIN_STEPS`` steps keeps the defaults: the probe would cost more
-than it could save. The choice, where it came from and the probe's times are printed and go into
-config.json (``runtime.speed``). The probe leaves the random state as it found it: a run that
-probed trains as a ``--speed fixed`` run given the chosen switches.
+The choice is cached per machine (CPU, its flags under any ISA cap and the caps themselves, threads,
+GPU), torch and fasthvae version, a digest of fasthvae's sources, device, model, batch, precision and
+compile mode in ``~/.cache/fasthvae/speed/`` (``$XDG_CACHE_HOME`` respected; ``$FASTHVAE_CACHE_DIR``
+replaces ``~/.cache/fasthvae``), so a machine probes a model once. A run of fewer than
+``PROBE_MIN_STEPS`` steps keeps the defaults: the probe would cost more than it could save. The
+choice, where it came from and the probe's times are printed and go into config.json
+(``runtime.speed``). The probe leaves the random state as it found it: a run that probed trains as a
+``--speed fixed`` run given the chosen switches.
 """
 
+import functools
 import hashlib
 import itertools
 import json
@@ -43,7 +45,7 @@ import torch
 
 from fasthvae import __version__
 from fasthvae.data import BatchLoader, LoaderOptions, make_loader
-from fasthvae.hardware import cpu_flags, cpu_name
+from fasthvae.hardware import ISA_CAP_ENV, cpu_name, usable_cpu_flags
 from fasthvae.training.checkpoint import write_text_atomic
 from fasthvae.training.config import TrainConfig
 from fasthvae.training.distributed import DistInfo, broadcast_from_main
@@ -60,6 +62,8 @@ TIMING_SECONDS = 30.0  # the timed windows of all candidates together, at most
 PROBE_MIN_STEPS = 2000
 CACHE_ENV = "FASTHVAE_CACHE_DIR"
 IMAGE_SHAPE = (3, 32, 32)
+# What caps the vector width of PyTorch's kernels, oneDNN's convolutions and fasthvae's kernels.
+ISA_CAP_ENVS = (ISA_CAP_ENV, "ONEDNN_MAX_CPU_ISA", "FASTHVAE_CPU_ISA")
 KEY_CPU_FLAGS = {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16"}
 # What defines a step's cost, from the config (the rest: learning rates, seeds, data, outputs).
 KEY_FIELDS = (
@@ -106,18 +110,31 @@ def cache_dir() -> Path:
     return Path(root) / "fasthvae" / "speed"
 
 
+@functools.cache
+def code_digest() -> str:
+    """A digest of fasthvae's Python sources, so that a changed model or step is probed again
+    without a new version number."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def cache_key(config: TrainConfig, rt: Runtime, world_size: int) -> dict:
     """Everything a cached choice depends on."""
     gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else None
     return {
         "machine": {
             "cpu": cpu_name(),
-            "flags": sorted(cpu_flags() & KEY_CPU_FLAGS),
+            "flags": sorted(usable_cpu_flags() & KEY_CPU_FLAGS),
+            "isa_caps": {name: os.environ.get(name) for name in ISA_CAP_ENVS},
             "threads": torch.get_num_threads(),
             "gpu": gpu,
         },
         "torch": torch.__version__,
         "fasthvae": __version__,
+        "code": code_digest(),
         "device": rt.device.type,
         "world_size": world_size,
         "amp_dtype": str(rt.amp_dtype),
