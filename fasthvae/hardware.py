@@ -1,5 +1,6 @@
-"""What this machine is: the CPU's name and feature flags, its SIMD level, and one line naming CPU,
-threads, GPU and torch (what a figure ran on, and what a cached speed choice is keyed by)."""
+"""What this machine is: the CPU's name and feature flags (all, and those an ISA cap leaves), its SIMD
+level, and one line naming CPU, threads, GPU and torch (what a figure ran on, and what a cached speed
+choice is keyed by)."""
 
 import os
 import platform
@@ -23,7 +24,7 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
 
 # PyTorch's ISA cap: its kernels and Inductor's generated code use no wider vectors than this level.
 # An AVX-512 machine measures its AVX2 paths with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2
-# (oneDNN's convolutions) and FASTHVAE_CPU_ISA=avx2 (fasthvae's kernels); docs/speed.md.
+# (oneDNN's convolutions) and FASTHVAE_CPU_ISA=avx2 (fasthvae's kernels): docs/benchmarks.md.
 ISA_CAP_ENV = "ATEN_CPU_CAPABILITY"
 # The flags each cap leaves out, by prefix ("avx" also covers avx2 and avx512*).
 _ABOVE_CAP = {"avx2": ("avx512", "amx"), "default": ("avx", "fma", "f16c", "amx")}
