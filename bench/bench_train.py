@@ -158,7 +158,7 @@ class Variant:
     instead of its step."""
 
     def __init__(self, name: str, config: TrainConfig, fused_ops: bool, warmup: int, bare: bool) -> None:
-        self.name, self.fused_ops = name, fused_ops
+        self.name, self.fused_ops, self.batch = name, fused_ops, config.batch_size
         self.backend = "auto" if fused_ops else "reference"
         breaks_before = sum(torch._dynamo.utils.counters["graph_break"].values())
         with use_backend(self.backend):
@@ -218,7 +218,7 @@ class Variant:
         if not top_ops:
             return share, [], []
         top = top_entries(profile, device, steps, top_ops)
-        return share, top, by_resolution(profile, device, steps, len(next(self.stream)))
+        return share, top, by_resolution(profile, device, steps, self.batch)
 
 
 def switches_of(trainer: Trainer) -> str:
