@@ -9,7 +9,7 @@ import sys
 import torch
 
 from fasthvae import __version__
-from fasthvae.hardware import cpu_flags, cpu_name
+from fasthvae.hardware import ISA_CAP_ENVS, cpu_flags, cpu_name
 from fasthvae.ops import backend
 
 PACKAGES = ("torch", "torchvision", "triton", "nvidia-dali-cuda130", "torch-fidelity", "tensorboard", "numpy")
@@ -47,6 +47,9 @@ def report() -> str:
     lines.append(
         f"CPU SIMD: {' '.join(f for f in SIMD_FLAGS if f in flags) or 'none of ' + ', '.join(SIMD_FLAGS)}"
     )
+    caps = [f"{name}={os.environ[name]}" for name in ISA_CAP_ENVS if os.environ.get(name)]
+    if caps:
+        lines.append(f"  ISA caps: {' '.join(caps)}")
     status, ext = _extension()
     lines.append(f"C++ extension: {status}")
     if ext is not None:
@@ -54,8 +57,6 @@ def report() -> str:
         lines.append(
             f"  CPU ISA path: {backend.cpu_isa()} (this CPU can run: {', '.join(backend.cpu_isas())})"
         )
-        if os.environ.get("FASTHVAE_CPU_ISA"):
-            lines.append(f"  FASTHVAE_CPU_ISA={os.environ['FASTHVAE_CPU_ISA']}")
     lines.append(f"ops backend selected: {backend.get_backend()} (FASTHVAE_BACKEND)")
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         chosen = {

@@ -26,6 +26,8 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
 # An AVX-512 machine measures its AVX2 paths with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2
 # (oneDNN's convolutions) and FASTHVAE_CPU_ISA=avx2 (fasthvae's kernels): docs/benchmarks.md.
 ISA_CAP_ENV = "ATEN_CPU_CAPABILITY"
+# Every variable that caps a library's vector width: PyTorch's, oneDNN's convolutions, fasthvae's kernels.
+ISA_CAP_ENVS = (ISA_CAP_ENV, "ONEDNN_MAX_CPU_ISA", "FASTHVAE_CPU_ISA")
 # The flags each cap leaves out, by prefix ("avx" also covers avx2 and avx512*).
 _ABOVE_CAP = {"avx2": ("avx512", "amx"), "default": ("avx", "fma", "f16c", "amx")}
 

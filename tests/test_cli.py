@@ -100,6 +100,16 @@ def test_env_names_what_a_bug_report_needs(capsys):
         assert needle in text, needle
 
 
+def test_env_names_the_isa_caps_that_are_set(monkeypatch, capsys):
+    for name in hardware.ISA_CAP_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    cli.main(["env"])
+    assert "ISA caps" not in capsys.readouterr().out
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # read by oneDNN at its first primitive, not here
+    cli.main(["env"])
+    assert "  ISA caps: ONEDNN_MAX_CPU_ISA=AVX2\n" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fasthvae import train
+from fasthvae import hardware, train
 from fasthvae.training import speed
 from fasthvae.training.config import TrainConfig, with_model_defaults
 from fasthvae.training.distributed import DistInfo
@@ -145,7 +145,7 @@ def test_a_probe_is_cached_per_machine_model_and_batch(tmp_path, cache, monkeypa
 def test_the_cache_key_follows_isa_caps_and_the_code(tmp_path, monkeypatch):
     c = config(tmp_path)
     rt = resolve_runtime(c, DistInfo())
-    for name in speed.ISA_CAP_ENVS:
+    for name in hardware.ISA_CAP_ENVS:
         monkeypatch.delenv(name, raising=False)
     plain = speed.cache_key(c, rt, 1)
     assert plain["code"] == speed.code_digest() and len(plain["code"]) == 16

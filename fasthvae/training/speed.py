@@ -45,7 +45,7 @@ import torch
 
 from fasthvae import __version__
 from fasthvae.data import BatchLoader, LoaderOptions, make_loader
-from fasthvae.hardware import ISA_CAP_ENV, cpu_name, usable_cpu_flags
+from fasthvae.hardware import ISA_CAP_ENVS, cpu_name, usable_cpu_flags
 from fasthvae.training.checkpoint import write_text_atomic
 from fasthvae.training.config import TrainConfig
 from fasthvae.training.distributed import DistInfo, broadcast_from_main
@@ -62,8 +62,6 @@ TIMING_SECONDS = 30.0  # the timed windows of all candidates together, at most
 PROBE_MIN_STEPS = 2000
 CACHE_ENV = "FASTHVAE_CACHE_DIR"
 IMAGE_SHAPE = (3, 32, 32)
-# What caps the vector width of PyTorch's kernels, oneDNN's convolutions and fasthvae's kernels.
-ISA_CAP_ENVS = (ISA_CAP_ENV, "ONEDNN_MAX_CPU_ISA", "FASTHVAE_CPU_ISA")
 KEY_CPU_FLAGS = {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16"}
 # What defines a step's cost, from the config (the rest: learning rates, seeds, data, outputs).
 KEY_FIELDS = (
