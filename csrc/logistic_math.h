@@ -63,10 +63,18 @@ FHV_HD Sigmoids sigmoids(float t, float e) {
 
 FHV_HD float positive_part(float t) { return clamp_below(t, 0.0f); }
 
-// log P(x) under the logistic (mean, e^log_scale); d_mean, d_log_scale: its gradient (zero in
-// the log-scale at and below the clamp). Each branch's log is A + log(B) with log sigmoid(t) =
-// -max(-t, 0) + log(1 / (1 + e^-|t|)): an element picks its branch's A and B, and one logf serves.
-FHV_HD float logistic_log_prob(float x, float mean, float log_scale, float& d_mean, float& d_log_scale) {
+// log P(x) = a + log(b) under the logistic (mean, e^log_scale), from log sigmoid(t) =
+// -max(-t, 0) + log(1 / (1 + e^-|t|)): an element picks its branch's a and b. b lies in
+// (kMinMass, 1] on every branch (inside a bin, mass = e^a b with a <= 0 and mass > kMinMass; the
+// edges and the density have b >= 1/4), so the b's of several sub-pixels multiply without
+// underflow and one logf serves them all. d_mean, d_log_scale: the gradient of log P (zero in the
+// log-scale at and below the clamp).
+struct LogProbParts {
+  float a, b;
+};
+
+FHV_HD LogProbParts logistic_log_prob_parts(float x, float mean, float log_scale, float& d_mean,
+                                            float& d_log_scale) {
   const float ls = clamp_below(log_scale, kMinLogScale);
   const float inv = expf(-ls);
   const float centered = x - mean;
@@ -98,7 +106,12 @@ FHV_HD float logistic_log_prob(float x, float mean, float log_scale, float& d_me
                              pick(inside, -plus * sp.neg + minus * sm.pos - w_over_expm1_w, -mid * g_mid - 1.0f)));
   d_mean = gm;
   d_log_scale = pick(log_scale <= kMinLogScale, 0.0f, gl);
-  return a + logf(b);
+  return {a, b};
+}
+
+FHV_HD float logistic_log_prob(float x, float mean, float log_scale, float& d_mean, float& d_log_scale) {
+  const LogProbParts parts = logistic_log_prob_parts(x, mean, log_scale, d_mean, d_log_scale);
+  return parts.a + logf(parts.b);
 }
 
 }  // namespace fasthvae

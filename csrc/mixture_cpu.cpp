@@ -1,8 +1,9 @@
 // CPU loops of the fused discretized-logistic likelihoods (mixture_ops.h): the
 // math of logistic_math.h vectorized over pixels, one wrapper per ISA level
-// (cpu_common.h). A task stages a chunk of pixels' parameters into float rows
-// (any strides and dtype in), computes every component in SIMD lanes, and
-// writes per-pixel results (forward) or the parameters' gradients (backward).
+// (cpu_common.h). A task takes a chunk of pixels' parameters as float rows (read
+// in place from float32 NCHW planes, staged from any other strides or dtype),
+// computes every component in SIMD lanes, and writes per-pixel results
+// (forward) or the parameters' gradients (backward; in place likewise).
 // The backward pass recomputes the components from the inputs and the saved
 // per-pixel logsumexps; no [B, 3, K, H, W] intermediate is ever stored.
 #include <ATen/Dispatch.h>
@@ -12,6 +13,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -27,60 +29,73 @@ constexpr int64_t kPix = 64;     // pixels per chunk (the SIMD rows' length)
 constexpr int64_t kElems = 256;  // elements per chunk of the single logistic
 constexpr int64_t kChunksPerTask = 4;
 
-// The staged rows (mixture_ops.h's blocks): block 0 the logits, 1-3 the means of R, G, B, 4-6 their
-// log-scales, 7-9 the raw coefficients; row (block + channel) of component k.
+// The parameter rows (mixture_ops.h's blocks): block 0 the logits, 1-3 the means of R, G, B, 4-6
+// their log-scales, 7-9 the raw coefficients; row (block + channel) of component k. A chunk's
+// rows lie `ps` floats apart (kPix when staged, the channel stride when read in place), its
+// gradient rows `ds` apart.
 FHV_INLINE int64_t row_of(int64_t block, int64_t channel, int64_t k_count, int64_t k) {
-  return ((block + channel) * k_count + k) * kPix;
+  return (block + channel) * k_count + k;
 }
 
 // Channel c's mean in component k at pixel i: its own, shifted by the channels before it.
 // a, b, c2: the tanh'd coefficients this channel uses (1 for the unused ones).
 template <int kChannel>
-FHV_INLINE float channel_mean(const float* __restrict p, const float* __restrict x, int64_t k_count, int64_t k,
-                              int64_t i, float& a, float& b) {
-  const float own = p[row_of(1, kChannel, k_count, k) + i];
+FHV_INLINE float channel_mean(const float* __restrict p, int64_t ps, const float* __restrict x, int64_t k_count,
+                              int64_t k, int64_t i, float& a, float& b) {
+  const float own = p[row_of(1, kChannel, k_count, k) * ps + i];
   if constexpr (kChannel == 0) {
     return own;
   } else if constexpr (kChannel == 1) {
-    a = tanhf(p[row_of(7, 0, k_count, k) + i]);
+    a = tanhf(p[row_of(7, 0, k_count, k) * ps + i]);
     return own + a * x[i];
   } else {
-    a = tanhf(p[row_of(7, 1, k_count, k) + i]);
-    b = tanhf(p[row_of(7, 2, k_count, k) + i]);
+    a = tanhf(p[row_of(7, 1, k_count, k) * ps + i]);
+    b = tanhf(p[row_of(7, 2, k_count, k) * ps + i]);
     return own + a * x[i] + b * x[kPix + i];
   }
 }
 
-// joint[k] += log P of channel kChannel in component k, for every pixel of the chunk. One channel
-// per loop keeps the live values within the vector registers.
+// Channel kChannel's log P in component k as parts (logistic_math.h), for every pixel of the
+// chunk: log_a[i] += a, prod_b[i] *= b. One channel per loop keeps the live values within the
+// vector registers.
 template <int kChannel>
-FHV_INLINE void add_channel_log_prob(const float* __restrict p, const float* __restrict x, int64_t k_count,
-                                     int64_t k, int64_t n, float* __restrict joint) {
-  const float* ls = p + row_of(4, kChannel, k_count, k);
+FHV_INLINE void add_channel_log_prob(const float* __restrict p, int64_t ps, const float* __restrict x,
+                                     int64_t k_count, int64_t k, int64_t n, float* __restrict log_a,
+                                     float* __restrict prod_b) {
+  const float* ls = p + row_of(4, kChannel, k_count, k) * ps;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     float a = 1.0f, b = 1.0f, d_mean, d_ls;
-    const float mean = channel_mean<kChannel>(p, x, k_count, k, i, a, b);
-    joint[i] += logistic_log_prob(x[kChannel * kPix + i], mean, ls[i], d_mean, d_ls);
+    const float mean = channel_mean<kChannel>(p, ps, x, k_count, k, i, a, b);
+    const LogProbParts lp = logistic_log_prob_parts(x[kChannel * kPix + i], mean, ls[i], d_mean, d_ls);
+    log_a[i] += lp.a;
+    prod_b[i] *= lp.b;
   }
 }
 
-// p: 10K rows of kPix floats; x: 3 rows in [-1, 1] space.
-FHV_INLINE void mixture_forward_chunk_impl(const float* __restrict p, const float* __restrict x,
+// log P of a component's three channels from their parts: one logf for the three (the product of
+// three b's in (1e-5, 1] stays a normal float). The forward and the backward pass both form it
+// here, in one order, so the backward pass's posteriors follow the forward pass's logsumexp.
+FHV_INLINE float component_log_prob(float log_a, float prod_b) { return log_a + logf(prod_b); }
+
+// p: 10K rows of n floats, ps apart; x: 3 rows of kPix in [-1, 1] space; joint: K rows of kPix.
+FHV_INLINE void mixture_forward_chunk_impl(const float* __restrict p, int64_t ps, const float* __restrict x,
                                            int64_t k_count, int64_t n, float* __restrict joint,
                                            float* __restrict nll, float* __restrict lse_logits) {
   for (int64_t k = 0; k < k_count; ++k) {
-    // logit + ((R + G) + B), summed in the order of the backward pass: with huge log-probabilities
-    // the posteriors it computes stay consistent with the logsumexp written here.
     float* jk = joint + k * kPix;
-    const float* logit = p + k * kPix;
+    const float* logit = p + k * ps;
+    alignas(64) float prod_b[kPix];
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) jk[i] = 0.0f;
-    add_channel_log_prob<0>(p, x, k_count, k, n, jk);
-    add_channel_log_prob<1>(p, x, k_count, k, n, jk);
-    add_channel_log_prob<2>(p, x, k_count, k, n, jk);
+    for (int64_t i = 0; i < n; ++i) {
+      jk[i] = 0.0f;
+      prod_b[i] = 1.0f;
+    }
+    add_channel_log_prob<0>(p, ps, x, k_count, k, n, jk, prod_b);
+    add_channel_log_prob<1>(p, ps, x, k_count, k, n, jk, prod_b);
+    add_channel_log_prob<2>(p, ps, x, k_count, k, n, jk, prod_b);
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) jk[i] = logit[i] + jk[i];
+    for (int64_t i = 0; i < n; ++i) jk[i] = logit[i] + component_log_prob(jk[i], prod_b[i]);
   }
   // Per-pixel logsumexps over the components, one component at a time across the lanes.
   alignas(64) float top_j[kPix], top_l[kPix], sum_j[kPix], sum_l[kPix];
@@ -94,14 +109,14 @@ FHV_INLINE void mixture_forward_chunk_impl(const float* __restrict p, const floa
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       top_j[i] = std::max(top_j[i], joint[k * kPix + i]);
-      top_l[i] = std::max(top_l[i], p[k * kPix + i]);
+      top_l[i] = std::max(top_l[i], p[k * ps + i]);
     }
   }
   for (int64_t k = 0; k < k_count; ++k) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       sum_j[i] += exp_floored(joint[k * kPix + i] - top_j[i]);
-      sum_l[i] += exp_floored(p[k * kPix + i] - top_l[i]);
+      sum_l[i] += exp_floored(p[k * ps + i] - top_l[i]);
     }
   }
 #pragma omp simd
@@ -112,22 +127,25 @@ FHV_INLINE void mixture_forward_chunk_impl(const float* __restrict p, const floa
   }
 }
 
-// First pass of a component's backward, one channel: adds its log P to log_p and writes its
-// unscaled gradients in the mean and log-scale to their gradient rows, and the tanh'd
-// coefficients it used to their gradient rows (the second pass turns them into gradients).
+// First pass of a component's backward, one channel: adds its log P's parts to log_a and prod_b
+// and writes its unscaled gradients in the mean and log-scale to their gradient rows, and the
+// tanh'd coefficients it used to their gradient rows (the second pass turns them into gradients).
 template <int kChannel>
-FHV_INLINE void channel_grads(const float* __restrict p, const float* __restrict x, int64_t k_count, int64_t k,
-                              int64_t n, float* __restrict log_p, float* __restrict dp) {
-  const float* ls = p + row_of(4, kChannel, k_count, k);
-  float* d_mean = dp + row_of(1, kChannel, k_count, k);
-  float* d_ls = dp + row_of(4, kChannel, k_count, k);
-  float* coeff_a = dp + row_of(7, kChannel == 1 ? 0 : 1, k_count, k);
-  float* coeff_b = dp + row_of(7, 2, k_count, k);
+FHV_INLINE void channel_grads(const float* __restrict p, int64_t ps, const float* __restrict x, int64_t k_count,
+                              int64_t k, int64_t n, float* __restrict log_a, float* __restrict prod_b,
+                              float* __restrict dp, int64_t ds) {
+  const float* ls = p + row_of(4, kChannel, k_count, k) * ps;
+  float* d_mean = dp + row_of(1, kChannel, k_count, k) * ds;
+  float* d_ls = dp + row_of(4, kChannel, k_count, k) * ds;
+  float* coeff_a = dp + row_of(7, kChannel == 1 ? 0 : 1, k_count, k) * ds;
+  float* coeff_b = dp + row_of(7, 2, k_count, k) * ds;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     float a = 1.0f, b = 1.0f, gm, gl;
-    const float mean = channel_mean<kChannel>(p, x, k_count, k, i, a, b);
-    log_p[i] += logistic_log_prob(x[kChannel * kPix + i], mean, ls[i], gm, gl);
+    const float mean = channel_mean<kChannel>(p, ps, x, k_count, k, i, a, b);
+    const LogProbParts lp = logistic_log_prob_parts(x[kChannel * kPix + i], mean, ls[i], gm, gl);
+    log_a[i] += lp.a;
+    prod_b[i] *= lp.b;
     d_mean[i] = gm;
     d_ls[i] = gl;
     if constexpr (kChannel > 0) coeff_a[i] = a;
@@ -135,27 +153,32 @@ FHV_INLINE void channel_grads(const float* __restrict p, const float* __restrict
   }
 }
 
-FHV_INLINE void mixture_backward_chunk_impl(const float* __restrict p, const float* __restrict x,
+FHV_INLINE void mixture_backward_chunk_impl(const float* __restrict p, int64_t ps, const float* __restrict x,
                                             int64_t k_count, int64_t n, const float* __restrict nll,
                                             const float* __restrict lse_logits, const float* __restrict g,
-                                            float* __restrict dp) {
-  alignas(64) float log_p[kPix];
+                                            float* __restrict dp, int64_t ds) {
+  alignas(64) float log_a[kPix], prod_b[kPix];
   for (int64_t k = 0; k < k_count; ++k) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) log_p[i] = 0.0f;
-    channel_grads<0>(p, x, k_count, k, n, log_p, dp);
-    channel_grads<1>(p, x, k_count, k, n, log_p, dp);
-    channel_grads<2>(p, x, k_count, k, n, log_p, dp);
-    const auto grad_row = [&](int64_t block, int64_t channel) { return dp + row_of(block, channel, k_count, k); };
-    float* d_logit = dp + k * kPix;
+    for (int64_t i = 0; i < n; ++i) {
+      log_a[i] = 0.0f;
+      prod_b[i] = 1.0f;
+    }
+    channel_grads<0>(p, ps, x, k_count, k, n, log_a, prod_b, dp, ds);
+    channel_grads<1>(p, ps, x, k_count, k, n, log_a, prod_b, dp, ds);
+    channel_grads<2>(p, ps, x, k_count, k, n, log_a, prod_b, dp, ds);
+    const auto grad_row = [&](int64_t block, int64_t channel) {
+      return dp + row_of(block, channel, k_count, k) * ds;
+    };
+    float* d_logit = dp + k * ds;
     float *d_m0 = grad_row(1, 0), *d_m1 = grad_row(1, 1), *d_m2 = grad_row(1, 2);
     float *d_s0 = grad_row(4, 0), *d_s1 = grad_row(4, 1), *d_s2 = grad_row(4, 2);
     float *d_r0 = grad_row(7, 0), *d_r1 = grad_row(7, 1), *d_r2 = grad_row(7, 2);
-    const float* logit = p + k * kPix;
+    const float* logit = p + k * ps;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       const float lse_joint = lse_logits[i] - nll[i];
-      const float posterior = exp_floored(logit[i] + log_p[i] - lse_joint);
+      const float posterior = exp_floored(logit[i] + component_log_prob(log_a[i], prod_b[i]) - lse_joint);
       const float prior = exp_floored(logit[i] - lse_logits[i]);
       const float g_logp = -g[i] * posterior;  // d(g * nll) / d(log P of this component's channels)
       const float g1 = g_logp * d_m1[i], g2 = g_logp * d_m2[i];
@@ -195,14 +218,14 @@ FHV_INLINE void logistic_backward_chunk_impl(const float* __restrict x, const fl
 }
 
 #define FHV_MIXTURE_VARIANTS(attr, suffix)                                                              \
-  attr void mixture_forward_chunk_##suffix(const float* p, const float* x, int64_t k_count, int64_t n,  \
-                                           float* joint, float* nll, float* lse_logits) {               \
-    mixture_forward_chunk_impl(p, x, k_count, n, joint, nll, lse_logits);                               \
+  attr void mixture_forward_chunk_##suffix(const float* p, int64_t ps, const float* x, int64_t k_count,  \
+                                           int64_t n, float* joint, float* nll, float* lse_logits) {    \
+    mixture_forward_chunk_impl(p, ps, x, k_count, n, joint, nll, lse_logits);                           \
   }                                                                                                     \
-  attr void mixture_backward_chunk_##suffix(const float* p, const float* x, int64_t k_count, int64_t n, \
-                                            const float* nll, const float* lse_logits, const float* g,  \
-                                            float* dp) {                                                \
-    mixture_backward_chunk_impl(p, x, k_count, n, nll, lse_logits, g, dp);                              \
+  attr void mixture_backward_chunk_##suffix(const float* p, int64_t ps, const float* x, int64_t k_count, \
+                                            int64_t n, const float* nll, const float* lse_logits,       \
+                                            const float* g, float* dp, int64_t ds) {                    \
+    mixture_backward_chunk_impl(p, ps, x, k_count, n, nll, lse_logits, g, dp, ds);                      \
   }                                                                                                     \
   attr void logistic_forward_chunk_##suffix(const float* x, const float* mean, const float* ls,         \
                                             int64_t n, float* nll) {                                    \
@@ -230,14 +253,14 @@ FHV_MIXTURE_VARIANTS(FHV_TARGET_AVX2, avx2)
 #define FHV_DISPATCH(name, ...) return name##_baseline(__VA_ARGS__);
 #endif
 
-void mixture_forward_chunk(const float* p, const float* x, int64_t k_count, int64_t n, float* joint,
+void mixture_forward_chunk(const float* p, int64_t ps, const float* x, int64_t k_count, int64_t n, float* joint,
                            float* nll, float* lse_logits) {
-  FHV_DISPATCH(mixture_forward_chunk, p, x, k_count, n, joint, nll, lse_logits)
+  FHV_DISPATCH(mixture_forward_chunk, p, ps, x, k_count, n, joint, nll, lse_logits)
 }
 
-void mixture_backward_chunk(const float* p, const float* x, int64_t k_count, int64_t n, const float* nll,
-                            const float* lse_logits, const float* g, float* dp) {
-  FHV_DISPATCH(mixture_backward_chunk, p, x, k_count, n, nll, lse_logits, g, dp)
+void mixture_backward_chunk(const float* p, int64_t ps, const float* x, int64_t k_count, int64_t n,
+                            const float* nll, const float* lse_logits, const float* g, float* dp, int64_t ds) {
+  FHV_DISPATCH(mixture_backward_chunk, p, ps, x, k_count, n, nll, lse_logits, g, dp, ds)
 }
 
 void logistic_forward_chunk(const float* x, const float* mean, const float* ls, int64_t n, float* nll) {
@@ -311,13 +334,28 @@ void scatter(const float* src, const PixelLayout& l, int64_t rows, int64_t first
   }
 }
 
-// Stages the parameters and x (in [-1, 1] space) of pixels [first, first + n) as float rows.
-template <typename T>
-void stage_pixels(const T* params, const PixelLayout& pl, const float* x, const PixelLayout& xl,
-                  int64_t rows, int64_t first, int64_t n, float* p, float* xs) {
-  gather(params, pl, rows, first, n, p);
+// x of pixels [first, first + n) as 3 float rows of kPix, in [-1, 1] space.
+void stage_images(const float* x, const PixelLayout& xl, int64_t first, int64_t n, float* xs) {
   gather(x, xl, 3, first, n, xs);
   for (int64_t i = 0; i < 3 * kPix; ++i) xs[i] = 2.0f * xs[i] - 1.0f;
+}
+
+// Rows of floats `stride` apart, read (or written) where they are or through a staging buffer.
+struct Rows {
+  float* data;
+  int64_t stride;
+  bool in_place;
+};
+
+// Channels [0, rows) of pixels [first, first + n) of `t`: a float32 plane run (NCHW) in place,
+// anything else staged into `stage` (kPix apart; gathered when `load`).
+template <typename T>
+Rows rows_of(T* t, const PixelLayout& l, int64_t rows, int64_t first, int64_t n, float* stage, bool load) {
+  if constexpr (std::is_same_v<std::remove_const_t<T>, float>) {
+    if (l.plane_run(first, n)) return {const_cast<float*>(t + l.offset(first)), l.stride_c, true};
+  }
+  if (load) gather(t, l, rows, first, n, stage);
+  return {stage, kPix, false};
 }
 
 template <typename T>
@@ -332,10 +370,11 @@ void mixture_forward_typed(const at::Tensor& x, const at::Tensor& params, const 
   for_each_chunk(nll.numel(), kPix, [&](int64_t first, int64_t n) {
     thread_local std::vector<float> stage;
     stage.resize((rows + 3 + k_count) * kPix);
-    float* p = stage.data();
-    float* xs = p + rows * kPix;
-    stage_pixels(p_d, pl, x_d, xl, rows, first, n, p, xs);
-    mixture_forward_chunk(p, xs, k_count, n, xs + 3 * kPix, nll_d + first, lse_d + first);
+    float* xs = stage.data();
+    float* joint = xs + 3 * kPix;
+    const Rows p = rows_of(p_d, pl, rows, first, n, joint + k_count * kPix, true);
+    stage_images(x_d, xl, first, n, xs);
+    mixture_forward_chunk(p.data, p.stride, xs, k_count, n, joint, nll_d + first, lse_d + first);
   });
 }
 
@@ -353,12 +392,14 @@ void mixture_backward_typed(const at::Tensor& x, const at::Tensor& params, const
   for_each_chunk(nll.numel(), kPix, [&](int64_t first, int64_t n) {
     thread_local std::vector<float> stage;
     stage.resize((2 * rows + 3) * kPix);
-    float* p = stage.data();
-    float* xs = p + rows * kPix;
-    float* dp = xs + 3 * kPix;
-    stage_pixels(p_d, pl, x_d, xl, rows, first, n, p, xs);
-    mixture_backward_chunk(p, xs, k_count, n, nll_d + first, lse_d + first, g_d + first, dp);
-    scatter(dp, dl, rows, first, n, dp_d);
+    float* xs = stage.data();
+    float* dp_stage = xs + 3 * kPix;
+    const Rows p = rows_of(p_d, pl, rows, first, n, dp_stage + rows * kPix, true);
+    const Rows dp = rows_of(dp_d, dl, rows, first, n, dp_stage, false);
+    stage_images(x_d, xl, first, n, xs);
+    mixture_backward_chunk(p.data, p.stride, xs, k_count, n, nll_d + first, lse_d + first, g_d + first, dp.data,
+                           dp.stride);
+    if (!dp.in_place) scatter(dp_stage, dl, rows, first, n, dp_d);
   });
 }
 
