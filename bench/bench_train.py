@@ -9,7 +9,10 @@ Variants (all but ``bare`` through the trainer's own step):
   one feature
 - ``fasthvae``: the trainer's defaults for this device with ``--amp`` (the README's main command):
   ``--speed auto`` chooses compile, channels_last, the fused AdamW and the loader by its probe (or its cache,
-  ``fasthvae/training/speed.py``); the ``switches on`` column shows each row's, and where they came from
+  ``fasthvae/training/speed.py``); the ``switches on`` column shows each row's, and where they came from.
+  Every row runs with glibc's malloc as it comes, the fasthvae row too: the trainer's
+  ``--keep-freed-memory`` is process-wide and cannot be undone, and ``bench/bench_allocator.py``
+  measures it apart
 Each variant is built and runs ``--warmup`` steps (compilation included); then ``--repeats`` rounds
 time one window of ``--steps`` steps of every variant, the order rotated each round, so that a drift
 of the machine's speed (whole rounds faster or slower) reaches every variant alike. The median
@@ -325,6 +328,9 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
             # cost a real epoch spreads over ~1,500 steps and a short one would put in the windows.
             limit_train=(args.warmup + 1 + args.steps * (args.repeats + 1)) * args.batch_size,
             epochs=PROBE_MIN_STEPS,  # a long run (none is trained): the fasthvae row's --speed auto probes
+            # glibc's malloc as it comes for every row: the setting is process-wide and cannot be
+            # undone, so it would reach the plain rows too (bench/bench_allocator.py measures it).
+            keep_freed_memory=False,
             out=tmp,
             **overrides,
         )

@@ -152,6 +152,16 @@ def test_bench_train_deep(tmp_path, images):
     assert sum(float(r["share"]) for r in rows) == pytest.approx(1, abs=0.01)
 
 
+def test_bench_allocator(tmp_path, images):
+    run_bench("bench_allocator.py", "--model", "vae", "--data", images, "--batch-size", "4", "--no-compile",
+              "--warmup", "1", "--steps", "1", "--rounds", "2", "--default-windows", "1",
+              "--out", str(tmp_path))  # fmt: skip
+    rows = read_rows(tmp_path / "allocator_cpu_vae.csv")
+    assert [r["setting"].split(" ")[0] for r in rows] == ["glibc's", "emulated:", "freed"]
+    assert all(float(r["ms_per_step"]) > 0 and len(r["windows_ms"].split()) >= 1 for r in rows)
+    assert rows[2]["vs_emulated"].endswith("/2)") and not rows[0]["vs_emulated"]
+
+
 @pytest.mark.slow  # four compiles of the step: ~1 min on 2 cores
 def test_bench_recompile(tmp_path, images):
     run_bench("bench_recompile.py", "--model", "vae", "--data", images, "--batch-size", "4",

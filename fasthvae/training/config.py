@@ -111,6 +111,12 @@ class TrainConfig:
     )
     fused_optimizer: bool | None = option(None, "fused AdamW (default: on)", on_resume="change")
     channels_last: bool | None = option(None, "channels_last memory format (default: on)", on_resume="change")
+    keep_freed_memory: bool = option(
+        True,
+        "keep freed CPU tensors' memory in the process for the next step (glibc's malloc thresholds "
+        "raised) instead of returning it to the OS and faulting it in again",
+        on_resume="change",
+    )
     speed: str = option(
         "auto",
         "auto: --compile, --channels-last, --fused-optimizer and --loader, where not given, chosen by "

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from fasthvae.data import default_loader
+from fasthvae.training.allocator import keep_freed_memory
 from fasthvae.training.config import TrainConfig, TrainingError
 from fasthvae.training.distributed import DistInfo
 from fasthvae.training.precision import choose_amp_dtype
@@ -21,6 +22,7 @@ class Runtime:
     compile: bool
     fused_optimizer: bool
     channels_last: bool
+    freed_memory_kept: bool  # glibc keeps freed memory for reuse (fasthvae.training.allocator)
     loader: str
     tensorboard: bool
     log_every: int
@@ -34,6 +36,7 @@ class Runtime:
             "amp_fallback": self.amp_fallback,
             "channels_last": self.channels_last,
             "fused_optimizer": self.fused_optimizer,
+            "freed_memory_kept": self.freed_memory_kept,
             "loader": self.loader,
             "tensorboard": self.tensorboard,
             "log_every": self.log_every,
@@ -71,6 +74,7 @@ def resolve_runtime(config: TrainConfig, dist: DistInfo) -> Runtime:
         compile=pick(config.compile, True),
         fused_optimizer=pick(config.fused_optimizer, True),
         channels_last=pick(config.channels_last, True),
+        freed_memory_kept=config.keep_freed_memory and keep_freed_memory(),
         loader=config.loader or default_loader(device),
         tensorboard=pick(config.tensorboard, tensorboard_installed()),
         log_every=config.log_every or (25 if on_gpu else 1),
