@@ -30,22 +30,30 @@ def test_the_console_script_is_installed_and_knows_its_version():
     assert out.returncode == 0 and out.stdout.strip() == f"fasthvae {fasthvae.__version__}"
 
 
-@pytest.mark.parametrize(
-    ("sub", "module_form"),
-    [
-        (["train"], ["-m", "fasthvae.train"]),
-        (["eval"], ["-m", "fasthvae.eval"]),
-        (["study"], ["-m", "fasthvae.study"]),
-        (["bench", "ops"], ["-m", "bench.bench_ops"]),
-        (["bench", "train"], ["-m", "bench.bench_train"]),
-        (["bench", "loader"], ["-m", "bench.bench_loader"]),
-    ],
-)
-def test_subcommands_are_their_python_forms(sub, module_form):
-    ours = run(str(SCRIPT), *sub, "--help")
-    theirs = run(sys.executable, *module_form, "--help")
-    assert ours.returncode == theirs.returncode == 0, ours.stderr[-1000:]
-    assert ours.stdout == theirs.stdout
+SUBCOMMANDS = {  # the fasthvae subcommand -> its python -m form
+    ("train",): ("-m", "fasthvae.train"),
+    ("eval",): ("-m", "fasthvae.eval"),
+    ("study",): ("-m", "fasthvae.study"),
+    ("bench", "ops"): ("-m", "bench.bench_ops"),
+    ("bench", "train"): ("-m", "bench.bench_train"),
+    ("bench", "loader"): ("-m", "bench.bench_loader"),
+}
+
+
+def test_subcommands_are_their_python_forms():
+    """Every pair's --help, the twelve processes started at once (each spends seconds importing)."""
+
+    def start(*cmd: str) -> subprocess.Popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+    procs = {
+        sub: (start(str(SCRIPT), *sub, "--help"), start(sys.executable, *module_form, "--help"))
+        for sub, module_form in SUBCOMMANDS.items()
+    }
+    for sub, (ours, theirs) in procs.items():
+        (ours_out, ours_err), (theirs_out, _) = ours.communicate(timeout=300), theirs.communicate(timeout=300)
+        assert ours.returncode == theirs.returncode == 0, (sub, ours_err[-1000:])
+        assert ours_out == theirs_out, sub
 
 
 def test_unknown_subcommands_and_missing_benches(capsys, monkeypatch, tmp_path):
