@@ -103,11 +103,12 @@ def main(argv: list[str] | None = None) -> None:
         row(f"emulated: mmap {mib} MiB, trim {2 * mib} MiB", timed["emulated"]),
         row("freed memory kept (the trainer's default)", timed["kept"], ratios),
     ]
-    stem = Path(args.out) / f"allocator_cpu_{args.model}{'_' + args.preset if args.model == 'deep' else ''}"
+    model = [args.model, args.preset] if args.model == "deep" else [args.model]
+    stem = Path(args.out) / f"allocator_cpu_{'_'.join(model)}"
     intro = (
         f"{machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. The trainer's step "
-        f"(`--speed fixed` defaults{'' if args.compile else ' but eager'}, `--amp`), {args.model}"
-        f"{' ' + args.preset if args.model == 'deep' else ''}, batch {args.batch_size}; "
+        f"(`--speed fixed` defaults{'' if args.compile else ' but eager'}, `--amp`), {' '.join(model)}, "
+        f"batch {args.batch_size}; "
         f"{args.rounds} rounds of one {args.steps}-step window per setting, order alternating."
     )
     header = ["setting", "median ms / step", "page faults / step", "x emulated default (rounds faster)"]

@@ -5,7 +5,8 @@ threshold back to the kernel when they are freed, and trims the heap's free top 
 threshold; a training step that frees its activations and allocates the same sizes again in the
 next step then faults every page in anew, each one zeroed by the kernel. Raising both thresholds
 keeps freed memory in the process for reuse, as PyTorch's caching allocator does on a GPU: the
-process holds on to its largest step's memory instead of returning it between steps.
+process holds on to its freed blocks of up to 32 MiB (larger ones still go back to the kernel) and
+up to 1 GiB of free heap instead of returning them between steps.
 """
 
 import ctypes
