@@ -29,7 +29,8 @@ tail -n 1 build/triton_aot.log
 
 echo "== pytest"
 set +e
-"$PY" -m pytest -q -p no:cacheprovider "$@"
+# pytest-xdist: one worker per core (FASTHVAE_TEST_WORKERS=0 runs the tests in this process).
+"$PY" -m pytest -q -p no:cacheprovider -n "${FASTHVAE_TEST_WORKERS:-auto}" --dist worksteal "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -1,7 +1,7 @@
 """Test set-up: Triton runs in its interpreter on CPU-only machines (set before triton is imported),
-the small data set that trainer and study tests share, a fresh cache for speed choices; ``slow``
-tests run only with ``--slow``, and ``gpu`` tests only where torch sees a CUDA GPU (skipped with the
-reason elsewhere)."""
+pytest-xdist workers share the cores, the small data set that trainer and study tests share, a
+fresh cache for speed choices; ``slow`` tests run only with ``--slow``, and ``gpu`` tests only where
+torch sees a CUDA GPU (skipped with the reason elsewhere)."""
 
 import os
 import tempfile
@@ -14,6 +14,12 @@ from tests.helpers import CIFAR10
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist the workers share the cores: each runs torch (and the processes its tests start)
+# on its share of them, not on all of them at once.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 # The tests' speed choices are cached apart from the user's (~/.cache/fasthvae), in a fresh folder.
 os.environ["FASTHVAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="fasthvae-tests-")
 

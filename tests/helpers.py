@@ -2,10 +2,11 @@
 that uses every op; the trainer's small configuration, runs in a fresh process and injected bad
 steps; optional packages a test needs."""
 
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,17 @@ def exact(
         loss = loss + (kl * grad_kl.double()).sum()
     grads = list(torch.autograd.grad(loss, leaves))
     return (None if z is None else z.detach()), (None if kl is None else kl.detach()), grads
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside (more threads than cores is allowed)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def scale_loss_by_step(monkeypatch: pytest.MonkeyPatch, factor: Callable[[int], float]) -> dict[str, int]:

@@ -10,7 +10,7 @@ import torch
 from fasthvae import ops
 from fasthvae.ops import backend, library_likelihoods, reference
 from fasthvae.ops.reference import REDUCTIONS
-from tests.helpers import DTYPES, TRITON_DEVICE, assert_close
+from tests.helpers import DTYPES, TRITON_DEVICE, assert_close, torch_threads
 
 CPU_KERNELS = tuple(f"cpu-{isa}" for isa in backend.cpu_isas()) if backend.extension() else ("cpu",)
 KERNELS = (*CPU_KERNELS, "triton")  # the fused kernels; the reference backend is the formula itself
@@ -127,6 +127,10 @@ def test_mixture_large(kernel):
     pixels: batch 1, eight programs)."""
     b = 1 if kernel == "triton" and TRITON_DEVICE == "cpu" else 8
     check_mixture(kernel, torch.float32, "sample", shape=(b, 10, 32, 32))
+
+
+def contiguous(t):
+    return t
 
 
 def channels_last(t):
@@ -278,3 +282,18 @@ def test_clear_errors():
         ops.mixture_nll(x, params, reduction="max")
     with pytest.raises(ValueError, match="does not broadcast"):
         ops.logistic_nll(x, params[:, :4], params[:, :4])
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("layout", [contiguous, channels_last], ids=["contiguous", "channels_last"])
+def test_cpu_mixture_gives_the_same_bits_on_any_thread_count(kernel, layout):
+    """One thread and five split the pixels' chunks differently and give equal values and gradients
+    (the in-place path of contiguous float32 parameters and the staged one of channels_last)."""
+    x, params = mixture_inputs(4, 10, 31, 33)  # rows of several chunks, the last one partial
+    for reduction in ("none", "sample"):
+        grad = reduced_upstream((4, 31, 33), reduction)
+        with torch_threads(1):
+            one = run_mixture(kernel, x, params, reduction, grad, layout)
+        with torch_threads(5):
+            five = run_mixture(kernel, x, params, reduction, grad, layout)
+        assert all(torch.equal(a, b) for a, b in zip(one, five, strict=True))

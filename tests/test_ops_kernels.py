@@ -18,6 +18,7 @@ from tests.helpers import (
     needs_cuda_kernels,
     needs_gpu,
     noise_tolerance,
+    torch_threads,
 )
 
 # The CPU kernels once per ISA path this CPU has ("cpu-avx2" runs the AVX2 loops on an AVX-512
@@ -390,3 +391,20 @@ def test_nan_and_infinite_inputs(kernel, dtype, reduction, prior):
     for name, got, want in zip(("dmu", "dlogvar", "dmu_p", "dlogvar_p"), grads, grads_ref, strict=False):
         # a gradient is NaN where the reference's is: d/dmu of the standard KL is mu whatever logvar is
         assert_non_finite_like(got, want, torch.isnan(want), dtype, name)
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cpu_kernels_give_the_same_bits_on_any_thread_count(kernel, reduction):
+    """The CPU loops split fixed blocks among the threads: one thread and five give equal noise,
+    KL and gradients (the test suite itself may run on one thread a worker)."""
+    shape = (6, 40, 33, 35)  # rows of several blocks, the last one partial
+    inputs = make_inputs(shape, torch.float32, prior=True)
+    grad_z, grad_kl = upstream(shape, torch.float32, reduction, shape[0])
+    results = []
+    for n in (1, 5):
+        with kernel_in_use(kernel), torch_threads(n):
+            results.append(run_op("sample_and_kl", *inputs, reduction, grad_z, grad_kl))
+    (z1, kl1, grads1), (z5, kl5, grads5) = results
+    assert torch.equal(z1, z5) and torch.equal(kl1, kl5)
+    assert all(torch.equal(a, b) for a, b in zip(grads1, grads5, strict=True))
