@@ -74,7 +74,10 @@ def _want_cuda() -> bool:
 def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    sources = [f"{CSRC}/{name}.cpp" for name in ("bindings", "cpu_common", "gaussian_cpu", "mixture_cpu")]
+    sources = [
+        f"{CSRC}/{name}.cpp"
+        for name in ("bindings", "cpu_common", "gaussian_cpu", "mixture_cpu", "multi_tensor_cpu")
+    ]
     # -fopenmp: at::parallel_for is OpenMP-based in the headers; without it the loops run serially.
     # -fno-builtin-sinf: else GCC fuses sinf and cosf of one angle into sincosf, which has no vector
     # variant, and the noise loop is left scalar.

@@ -4,6 +4,7 @@
 
 #include "gaussian_ops.h"
 #include "mixture_ops.h"
+#include "multi_tensor_ops.h"
 
 namespace fasthvae {
 namespace {
@@ -169,6 +170,72 @@ std::vector<at::Tensor> logistic_backward(const at::Tensor& x, const at::Tensor&
   return logistic_backward_cpu(x, mean, log_scale, grad);
 }
 
+void check_tensor_list(const std::vector<at::Tensor>& tensors, const char* name) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.device().is_cpu() && t.is_floating_point(), "fasthvae: ", name, "[", i,
+                "] must be a floating-point CPU tensor, got ", t.scalar_type(), " on ", t.device());
+    TORCH_CHECK(t.is_non_overlapping_and_dense(), "fasthvae: ", name, "[", i,
+                "] must be dense (no gaps or overlaps; any order of dims)");
+  }
+}
+
+// Called directly (not through the dispatcher), the in-place loops mark their tensors modified
+// themselves, as any in-place op does: autograd then refuses a changed tensor saved for backward.
+void bump_versions(const std::vector<at::Tensor>& tensors) {
+  for (const at::Tensor& t : tensors) t.unsafeGetTensorImpl()->bump_version();
+}
+
+void check_scalar(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kFloat && t.device().is_cpu(), "fasthvae: ", name,
+              " must be one float32 element on the CPU, got ", t.scalar_type(), " with ", t.numel(),
+              " elements on ", t.device());
+}
+
+// Whether the multi-tensor loops take these lists: CPU floating tensors, each dense, the lists of one
+// length with the tensors at one index alike in shape, strides and dtype.
+bool multi_tensor_takes(const std::vector<std::vector<at::Tensor>>& lists) {
+  for (const auto& list : lists) {
+    if (list.size() != lists[0].size()) return false;
+    for (size_t i = 0; i < list.size(); ++i) {
+      const at::Tensor &t = list[i], &first = lists[0][i];
+      if (!t.device().is_cpu() || !t.is_floating_point() || !t.is_non_overlapping_and_dense()) return false;
+      if (t.sizes() != first.sizes() || t.strides() != first.strides() || t.scalar_type() != first.scalar_type())
+        return false;
+    }
+  }
+  return true;
+}
+
+at::Tensor multi_tensor_norms(const std::vector<at::Tensor>& tensors) {
+  check_tensor_list(tensors, "tensors");
+  return multi_tensor_norms_cpu(tensors);
+}
+
+void multi_tensor_scale_(const std::vector<at::Tensor>& tensors, const at::Tensor& factor) {
+  check_tensor_list(tensors, "tensors");
+  check_scalar(factor, "factor");
+  multi_tensor_scale_cpu(tensors, factor);
+  bump_versions(tensors);
+}
+
+void multi_tensor_ema_(const std::vector<at::Tensor>& averages, const std::vector<at::Tensor>& values,
+                       const at::Tensor& weight) {
+  TORCH_CHECK(averages.size() == values.size(), "fasthvae: ", averages.size(), " averages but ", values.size(),
+              " values");
+  check_tensor_list(averages, "averages");
+  check_tensor_list(values, "values");
+  for (size_t i = 0; i < averages.size(); ++i) {
+    const at::Tensor &a = averages[i], &v = values[i];
+    TORCH_CHECK(a.sizes() == v.sizes() && a.strides() == v.strides() && a.scalar_type() == v.scalar_type(),
+                "fasthvae: averages[", i, "] and values[", i, "] differ in shape, strides or dtype: ", a.sizes(),
+                a.strides(), a.scalar_type(), " against ", v.sizes(), v.strides(), v.scalar_type());
+  }
+  check_scalar(weight, "weight");
+  multi_tensor_ema_cpu(averages, values, weight);
+  bump_versions(averages);
+}
+
 bool has_cuda() {
 #ifdef FASTHVAE_WITH_CUDA
   return true;
@@ -181,13 +248,17 @@ bool has_cuda() {
 }  // namespace fasthvae
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fasthvae fused ops: Gaussian (CPU and CUDA kernels), discretized logistic likelihoods (CPU)";
+  m.doc() = "fasthvae fused ops: Gaussian (CPU and CUDA kernels), discretized logistic likelihoods (CPU), multi-tensor bookkeeping (CPU)";
   m.def("forward", &fasthvae::forward, "fused reparameterize / Gaussian KL forward");
   m.def("backward", &fasthvae::backward, "fused reparameterize / Gaussian KL backward");
   m.def("mixture_forward", &fasthvae::mixture_forward, "discretized logistic mixture: nll and lse of logits per pixel");
   m.def("mixture_backward", &fasthvae::mixture_backward, "discretized logistic mixture: gradient in params");
   m.def("logistic_forward", &fasthvae::logistic_forward, "discretized logistic: nll per sub-pixel");
   m.def("logistic_backward", &fasthvae::logistic_backward, "discretized logistic: gradients in mean, log-scale");
+  m.def("multi_tensor_takes", &fasthvae::multi_tensor_takes, "whether the multi-tensor loops take these lists");
+  m.def("multi_tensor_norms", &fasthvae::multi_tensor_norms, "each tensor's 2-norm, float32 [n]");
+  m.def("multi_tensor_scale_", &fasthvae::multi_tensor_scale_, "each tensor *= factor, in place");
+  m.def("multi_tensor_ema_", &fasthvae::multi_tensor_ema_, "averages += (values - averages) * weight, in place");
   m.def("has_cuda", &fasthvae::has_cuda, "whether the CUDA kernels were built");
   m.def("cpu_isa", &fasthvae::cpu_isa, "the CPU loops' active ISA path");
   m.def("cpu_isas", &fasthvae::cpu_isas, "the ISA paths this CPU can run, best first");

@@ -162,6 +162,17 @@ def test_bench_allocator(tmp_path, images):
     assert rows[2]["vs_emulated"].endswith("/2)") and not rows[0]["vs_emulated"]
 
 
+def test_bench_multi_tensor(tmp_path):
+    run_bench("bench_multi_tensor.py", "--model", "vae", "--rounds", "2", "--calls", "1", "--no-compile",
+              "--out", str(tmp_path))  # fmt: skip
+    rows = read_rows(tmp_path / "multi_tensor_vae.csv")
+    assert [(r["op"], r["impl"]) for r in rows] == [
+        (op, impl) for op in ("norms", "scale", "ema", "step") for impl in ("eager", "fasthvae")
+    ]
+    assert all(float(r["median_ms"]) > 0 and float(r["share_of_copy"]) > 0 for r in rows)
+    assert {r["speedup_vs_eager"] for r in rows if r["impl"] == "eager"} == {"1.0"}
+
+
 @pytest.mark.slow  # four compiles of the step: ~1 min on 2 cores
 def test_bench_recompile(tmp_path, images):
     run_bench("bench_recompile.py", "--model", "vae", "--data", images, "--batch-size", "4",

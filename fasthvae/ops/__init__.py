@@ -6,6 +6,10 @@
 >>> kl = gaussian_kl(mu_q, logvar_q, mu_p, logvar_p)   # KL(q || p)
 >>> z, kl = sample_and_kl(mu, logvar, mu_p, logvar_p)  # both in one pass
 
+The discretized logistic likelihoods (``mixture_nll``, ``logistic_nll``) and the multi-tensor
+bookkeeping of an optimizer step (``multi_tensor_norms``, ``multi_tensor_scale_``,
+``multi_tensor_ema_``, :mod:`fasthvae.ops.multi_tensor`) are here too.
+
 Reductions: ``none`` (elementwise, input dtype), ``sample`` (sum over all dims but the first,
 shape [B]), ``sum``, ``mean``, ``batchmean`` (sum / B); reduced results are float32 (float64 for
 float64 inputs). Arithmetic is float32 for float32/float16/bfloat16 inputs. Shapes broadcast.
@@ -26,6 +30,7 @@ from fasthvae.ops.backend import (
     use_backend,
     use_cpu_isa,
 )
+from fasthvae.ops.multi_tensor import multi_tensor_ema_, multi_tensor_norms, multi_tensor_scale_
 from fasthvae.ops.reference import REDUCTIONS
 
 __all__ = [
@@ -37,6 +42,9 @@ __all__ = [
     "get_backend",
     "logistic_nll",
     "mixture_nll",
+    "multi_tensor_ema_",
+    "multi_tensor_norms",
+    "multi_tensor_scale_",
     "reparameterize",
     "sample_and_kl",
     "set_backend",

@@ -1,5 +1,5 @@
-"""Plain-PyTorch reference implementations of every fused op: the Gaussian ops and the discretized
-logistic likelihoods.
+"""Plain-PyTorch reference implementations of every fused op: the Gaussian ops, the discretized
+logistic likelihoods and the multi-tensor bookkeeping (torch's foreach ops).
 
 They are the ground truth of the tests, the eager baseline of the benchmarks, and the kernels the
 custom ops fall back to (float64 inputs, devices without a fused backend). Arithmetic runs in
@@ -207,3 +207,22 @@ def mixture_nll(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     mean = torch.stack([m_r, m_g + a * red, m_b + b * red + c * green], 1)
     log_p_channels = -logistic_nll(x.unsqueeze(2), mean, log_scales).sum(1)  # [B, K, H, W]
     return -torch.logsumexp(log_p_channels + F.log_softmax(logits, 1), 1)
+
+
+def multi_tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's 2-norm, float32 [n]."""
+    if not tensors:
+        return torch.zeros(0)
+    return torch.stack(torch._foreach_norm(tensors)).float()
+
+
+def multi_tensor_scale_(tensors: list[torch.Tensor], factor: torch.Tensor) -> None:
+    """Each tensor *= factor, in place."""
+    torch._foreach_mul_(tensors, factor)
+
+
+def multi_tensor_ema_(averages: list[torch.Tensor], values: list[torch.Tensor], weight: torch.Tensor) -> None:
+    """averages += (values - averages) * weight, in place (each step rounded to the tensors' dtype)."""
+    deltas = torch._foreach_sub(values, averages)
+    torch._foreach_mul_(deltas, weight)
+    torch._foreach_add_(averages, deltas)

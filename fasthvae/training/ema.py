@@ -5,6 +5,10 @@ import copy
 import torch
 from torch import nn
 
+from fasthvae import ops
+
+Tensors = tuple[list[torch.Tensor], list[torch.Tensor]]  # a model's parameters and buffers
+
 
 class EMA:
     """``rate`` r: after each update, ema = r * ema + (1 - r) * weights; the effective rate is
@@ -19,6 +23,19 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         device = next(model.parameters()).device
         self.updates_t = torch.zeros((), dtype=torch.float32, device=device)
+        # The tensor lists are kept: walking a deep model's modules for them each step costs more
+        # than the update itself. So a model's parameters are those it had at its first update.
+        self._tensors = self._tensors_of(self.model)
+        self._source: tuple[nn.Module, Tensors] | None = None
+
+    @staticmethod
+    def _tensors_of(model: nn.Module) -> Tensors:
+        return list(model.parameters()), list(model.buffers())
+
+    def _source_tensors(self, model: nn.Module) -> Tensors:
+        if self._source is None or self._source[0] is not model:
+            self._source = (model, self._tensors_of(model))
+        return self._source[1]
 
     @property
     def updates(self) -> int:
@@ -33,11 +50,9 @@ class EMA:
         """Average ``model`` in; with ``taken`` (a device bool) only where it is True."""
         take = torch.ones((), device=self.updates_t.device) if taken is None else taken.float()
         weight = (1 - self.current_rate()) * take
-        ema_params = list(self.model.parameters())
-        deltas = torch._foreach_sub([p.detach() for p in model.parameters()], ema_params)
-        torch._foreach_mul_(deltas, weight)
-        torch._foreach_add_(ema_params, deltas)
-        for ema_buffer, buffer in zip(self.model.buffers(), model.buffers(), strict=True):
+        (params, buffers), (ema_params, ema_buffers) = self._source_tensors(model), self._tensors
+        ops.multi_tensor_ema_(ema_params, params, weight)
+        for ema_buffer, buffer in zip(ema_buffers, buffers, strict=True):
             ema_buffer.copy_(torch.where(take.bool(), buffer, ema_buffer))
         self.updates_t += take
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from fasthvae import ops
 from fasthvae.data import BatchLoader
 from fasthvae.schedules import Schedule, lr_factor
 from fasthvae.training import forensics
@@ -74,10 +75,10 @@ class Stepper:
         s.scaler.unscale_(s.optimizer)
         present = tuple(i for i, p in enumerate(self.params) if p.grad is not None)
         grads = [self.params[i].grad for i in present]
-        param_norms = torch.stack(torch._foreach_norm(grads)).float()
+        param_norms = ops.multi_tensor_norms(grads)
         norm = torch.linalg.vector_norm(param_norms)
         if math.isfinite(self.max_norm):  # as clip_grad_norm_
-            torch._foreach_mul_(grads, torch.clamp(self.max_norm / (norm + 1e-6), max=1.0))
+            ops.multi_tensor_scale_(grads, torch.clamp(self.max_norm / (norm + 1e-6), max=1.0))
         threshold = s.skip.threshold_tensor().float() if s.skip else torch.full_like(norm, math.inf)
         taken = s.skip.allows_tensor(norm) if s.skip else torch.isfinite(norm)
         scale = s.scaler._get_scale_async().view(1).float() if s.scaler.is_enabled() else self.no_scale
