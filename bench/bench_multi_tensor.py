@@ -1,10 +1,12 @@
-"""The optimizer step's bookkeeping on a model's parameter list: torch's foreach ops eager, the same
-torch.compile'd, and fasthvae's multi-tensor ops, in one process.
+"""The optimizer step and its bookkeeping on a model's parameter list: torch's foreach ops and fused
+AdamW eager, torch.compile'd, and fasthvae's multi-tensor ops and AdamW, in one process.
 
 For a model of the study (``--model``, ``--preset``; its parameters as the trainer lays them out,
 channels_last with ``--channels-last``) it times each op on the whole list: the per-tensor norms,
-the in-place scaling (a factor of 0.999: a clipped step), the EMA update, and the three as the
-trainer's step runs them (norms, the total norm and its clip factor, scaling, EMA). Rounds alternate
+the in-place scaling (a factor of 0.999: a clipped step), the EMA update, the three as the
+trainer's step runs them (norms, the total norm and its clip factor, scaling, EMA), and an AdamW
+step (eager: torch's fused AdamW; compiled: its foreach AdamW's ``step`` under torch.compile;
+fasthvae: ``fasthvae.optim.AdamW``). Rounds alternate
 the implementations in a rotated order; medians of the rounds. Reports ms, the speed-ups over eager
 and compiled, and the bytes each op must move against the machine's copy bandwidth measured in the
 same run (a copy of the same number of float32 elements: read + write). Writes
@@ -26,6 +28,7 @@ from fasthvae import ops
 from fasthvae.hardware import machine
 from fasthvae.models import build_model
 from fasthvae.ops import reference
+from fasthvae.optim import AdamW
 
 IMPLS = ("eager", "compiled", "fasthvae")
 
@@ -64,7 +67,21 @@ def cases(grads, averages, params, compile: bool) -> dict[str, tuple[dict[str, C
         step["compiled"] = torch.compile(step["eager"], dynamic=False)
     # norms, and the scaling only when clipped (a factor of 1 here: no pass), then the EMA
     out["step"] = (step, (grads, averages, params, weight), 4)
+    adamw = {"eager": adamw_step(torch.optim.AdamW, params, grads, fused=True)}
+    if compile:
+        adamw["compiled"] = torch.compile(adamw_step(torch.optim.AdamW, params, grads, foreach=True))
+    adamw["fasthvae"] = adamw_step(AdamW, params, grads, fused=True)
+    # parameters, moments read and written, gradients read
+    out["adamw"] = (adamw, (), 7)
     return out
+
+
+def adamw_step(optimizer: type, params: list[torch.Tensor], grads: list[torch.Tensor], **kwargs) -> Callable:
+    """``step`` of an AdamW over copies of ``params`` with ``grads`` (each optimizer its own copies)."""
+    copies = [torch.nn.Parameter(p.detach().clone(memory_format=torch.preserve_format)) for p in params]
+    for p, g in zip(copies, grads, strict=True):
+        p.grad = g.clone(memory_format=torch.preserve_format)
+    return optimizer(copies, lr=1e-4, **kwargs).step
 
 
 def timed(fn: Callable, args: tuple, calls: int) -> float:
@@ -138,12 +155,13 @@ def main() -> None:
     intro = (
         f"{name}: {len(params)} parameter tensors, {elements:,} elements, "
         f"{'channels_last' if args.channels_last else 'contiguous'}; {machine()}; "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Medians of {args.rounds} rounds of "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. AdamW: eager is torch's fused AdamW, "
+        f"compiled its foreach AdamW's step under torch.compile. Medians of {args.rounds} rounds of "
         f"{args.calls} calls, the implementations alternating. Bytes: float32 elements read and "
-        "written (norms 1, scale 2, EMA 3, the step 4 per element; the step's scaling has a factor of "
-        "1 and makes no pass); the copy bandwidth is a copy of as many float32 elements, measured in "
-        "the same rounds (its source and destination are twice the list's memory: an in-place pass over "
-        "a list that fits the caches can beat it)."
+        "written (norms 1, scale 2, EMA 3, the step 4, AdamW 7 per element; the step's scaling has a "
+        "factor of 1 and makes no pass); the copy bandwidth is a copy of as many float32 elements, "
+        "measured in the same rounds (its source and destination are twice the list's memory: an "
+        "in-place pass over a list that fits the caches can beat it)."
     )
     stem = args.out / f"multi_tensor_{name}"
     write_report(rows, stem, header, cells, "bench_multi_tensor", intro)

@@ -192,16 +192,25 @@ void check_scalar(const at::Tensor& t, const char* name) {
               " elements on ", t.device());
 }
 
+// Whether two tensors of one shape lay their elements out alike (the strides of size-1 dims, which
+// never move, do not count).
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
 // Whether the multi-tensor loops take these lists: CPU floating tensors, each dense, the lists of one
-// length with the tensors at one index alike in shape, strides and dtype.
+// length with the tensors at one index alike in shape, layout and dtype.
 bool multi_tensor_takes(const std::vector<std::vector<at::Tensor>>& lists) {
   for (const auto& list : lists) {
     if (list.size() != lists[0].size()) return false;
     for (size_t i = 0; i < list.size(); ++i) {
       const at::Tensor &t = list[i], &first = lists[0][i];
       if (!t.device().is_cpu() || !t.is_floating_point() || !t.is_non_overlapping_and_dense()) return false;
-      if (t.sizes() != first.sizes() || t.strides() != first.strides() || t.scalar_type() != first.scalar_type())
-        return false;
+      if (!same_layout(t, first) || t.scalar_type() != first.scalar_type()) return false;
     }
   }
   return true;
@@ -227,13 +236,34 @@ void multi_tensor_ema_(const std::vector<at::Tensor>& averages, const std::vecto
   check_tensor_list(values, "values");
   for (size_t i = 0; i < averages.size(); ++i) {
     const at::Tensor &a = averages[i], &v = values[i];
-    TORCH_CHECK(a.sizes() == v.sizes() && a.strides() == v.strides() && a.scalar_type() == v.scalar_type(),
+    TORCH_CHECK(same_layout(a, v) && a.scalar_type() == v.scalar_type(),
                 "fasthvae: averages[", i, "] and values[", i, "] differ in shape, strides or dtype: ", a.sizes(),
                 a.strides(), a.scalar_type(), " against ", v.sizes(), v.strides(), v.scalar_type());
   }
   check_scalar(weight, "weight");
   multi_tensor_ema_cpu(averages, values, weight);
   bump_versions(averages);
+}
+
+void multi_tensor_adamw_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                         const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                         const std::vector<at::Tensor>& steps, double lr, double beta1, double beta2,
+                         double weight_decay, double eps, const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(multi_tensor_takes({params, grads, exp_avgs, exp_avg_sqs}),
+              "fasthvae: AdamW's params, grads, exp_avgs and exp_avg_sqs must be lists of one length of dense "
+              "floating CPU tensors, alike at each index");
+  TORCH_CHECK(steps.size() == params.size(), "fasthvae: ", steps.size(), " step counters for ", params.size(),
+              " params");
+  for (size_t i = 0; i < steps.size(); ++i) check_scalar(steps[i], "a step counter");
+  if (found_inf.has_value()) {
+    check_scalar(*found_inf, "found_inf");
+    if (found_inf->item<float>() != 0.0f) return;  // a skipped step: nothing changes, the counters neither
+  }
+  multi_tensor_adamw_cpu(params, grads, exp_avgs, exp_avg_sqs, steps, {lr, beta1, beta2, weight_decay, eps});
+  bump_versions(params);
+  bump_versions(exp_avgs);
+  bump_versions(exp_avg_sqs);
+  bump_versions(steps);
 }
 
 bool has_cuda() {
@@ -259,6 +289,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("multi_tensor_norms", &fasthvae::multi_tensor_norms, "each tensor's 2-norm, float32 [n]");
   m.def("multi_tensor_scale_", &fasthvae::multi_tensor_scale_, "each tensor *= factor, in place");
   m.def("multi_tensor_ema_", &fasthvae::multi_tensor_ema_, "averages += (values - averages) * weight, in place");
+  m.def("multi_tensor_adamw_", &fasthvae::multi_tensor_adamw_, "one AdamW step of every parameter, in place");
   m.def("has_cuda", &fasthvae::has_cuda, "whether the CUDA kernels were built");
   m.def("cpu_isa", &fasthvae::cpu_isa, "the CPU loops' active ISA path");
   m.def("cpu_isas", &fasthvae::cpu_isas, "the ISA paths this CPU can run, best first");

@@ -1,5 +1,5 @@
-// Multi-tensor loops of the optimizer step's bookkeeping (multi_tensor_ops.h):
-// per-tensor norms, in-place scaling and the EMA update over a whole list of
+// Multi-tensor loops of the optimizer step (multi_tensor_ops.h): per-tensor
+// norms, in-place scaling, the EMA update and AdamW over a whole list of
 // parameters or gradients in one call. torch's foreach ops on CPU make one
 // dispatcher call per tensor and op; a small model's 400 tensors cost more in
 // those calls than in their arithmetic. Memory-bound, plain loops.
@@ -115,6 +115,47 @@ void multi_tensor_ema_cpu(const std::vector<at::Tensor>& averages, const std::ve
         const scalar_t delta = static_cast<scalar_t>(static_cast<opmath>(v[k]) - static_cast<opmath>(a[k]));
         const scalar_t scaled = static_cast<scalar_t>(static_cast<opmath>(delta) * ww);
         a[k] = static_cast<scalar_t>(static_cast<opmath>(a[k]) + static_cast<opmath>(scaled));
+      }
+    });
+  });
+}
+
+void multi_tensor_adamw_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                            const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                            const std::vector<at::Tensor>& steps, const AdamWHyper& h) {
+  // Each tensor's own step count and bias corrections (in double, as torch's AdamW), then its update.
+  const int64_t n = static_cast<int64_t>(params.size());
+  std::vector<double> step_size(n), bias_correction2_sqrt(n);
+  for (int64_t i = 0; i < n; ++i) {
+    float* step = steps[i].data_ptr<float>();
+    *step += 1.0f;
+    const double t = *step;
+    step_size[i] = h.lr / (1.0 - std::pow(h.beta1, t));
+    bias_correction2_sqrt[i] = std::sqrt(1.0 - std::pow(h.beta2, t));
+  }
+  for_each_block(blocks_of(params), [&](int64_t, const Block& b) {
+    const int64_t i = b.tensor;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[i].scalar_type(), "multi_tensor_adamw_", [&] {
+      using opmath = at::opmath_type<scalar_t>;
+      const opmath decay = static_cast<opmath>(1.0 - h.lr * h.weight_decay);
+      const opmath beta1 = static_cast<opmath>(h.beta1), beta2 = static_cast<opmath>(h.beta2);
+      const opmath one_minus_beta1 = static_cast<opmath>(1.0 - h.beta1);
+      const opmath one_minus_beta2 = static_cast<opmath>(1.0 - h.beta2);
+      const opmath eps = static_cast<opmath>(h.eps);
+      const opmath size = static_cast<opmath>(step_size[i]);
+      const opmath correction = static_cast<opmath>(bias_correction2_sqrt[i]);
+      scalar_t* __restrict__ p = params[i].data_ptr<scalar_t>();
+      const scalar_t* __restrict__ g = grads[i].const_data_ptr<scalar_t>();
+      scalar_t* __restrict__ m = exp_avgs[i].data_ptr<scalar_t>();
+      scalar_t* __restrict__ v = exp_avg_sqs[i].data_ptr<scalar_t>();
+      for (int64_t k = b.begin; k < b.end; ++k) {
+        const opmath grad = static_cast<opmath>(g[k]);
+        const opmath m_k = static_cast<opmath>(m[k]) * beta1 + grad * one_minus_beta1;
+        const opmath v_k = static_cast<opmath>(v[k]) * beta2 + grad * grad * one_minus_beta2;
+        const opmath denom = std::sqrt(v_k) / correction + eps;
+        p[k] = static_cast<scalar_t>(static_cast<opmath>(p[k]) * decay - size * m_k / denom);
+        m[k] = static_cast<scalar_t>(m_k);
+        v[k] = static_cast<scalar_t>(v_k);
       }
     });
   });

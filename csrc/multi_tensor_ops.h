@@ -9,6 +9,11 @@
 // multi_tensor_ema_: averages[i] += (values[i] - averages[i]) * weight, in
 //   place, with the roundings of torch's foreach sub, mul_ and add_ (each
 //   result rounded to the tensors' dtype).
+// multi_tensor_adamw_: one AdamW step (decoupled weight decay) of every
+//   parameter: steps[i] (a float32 scalar, as torch keeps it) += 1, then
+//   p = p * (1 - lr * wd) - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+//   with m = beta1 m + (1 - beta1) g and v = beta2 v + (1 - beta2) g^2 updated
+//   in place; arithmetic in the tensors' opmath type, bias corrections in double.
 // Tensors: CPU, floating, non-overlapping and dense (any strides; pairs alike).
 // Threads share fixed blocks of the tensors; the results do not depend on the
 // thread count.
@@ -24,5 +29,13 @@ at::Tensor multi_tensor_norms_cpu(const std::vector<at::Tensor>& tensors);
 void multi_tensor_scale_cpu(const std::vector<at::Tensor>& tensors, const at::Tensor& factor);
 void multi_tensor_ema_cpu(const std::vector<at::Tensor>& averages, const std::vector<at::Tensor>& values,
                           const at::Tensor& weight);
+
+struct AdamWHyper {
+  double lr, beta1, beta2, weight_decay, eps;
+};
+
+void multi_tensor_adamw_cpu(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                            const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                            const std::vector<at::Tensor>& steps, const AdamWHyper& h);
 
 }  // namespace fasthvae

@@ -167,7 +167,7 @@ def test_bench_multi_tensor(tmp_path):
               "--out", str(tmp_path))  # fmt: skip
     rows = read_rows(tmp_path / "multi_tensor_vae.csv")
     assert [(r["op"], r["impl"]) for r in rows] == [
-        (op, impl) for op in ("norms", "scale", "ema", "step") for impl in ("eager", "fasthvae")
+        (op, impl) for op in ("norms", "scale", "ema", "step", "adamw") for impl in ("eager", "fasthvae")
     ]
     assert all(float(r["median_ms"]) > 0 and float(r["share_of_copy"]) > 0 for r in rows)
     assert {r["speedup_vs_eager"] for r in rows if r["impl"] == "eager"} == {"1.0"}

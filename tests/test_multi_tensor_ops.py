@@ -173,3 +173,14 @@ def test_opcheck_and_compile_fullgraph():
     assert all(
         torch.equal(a, b) for a, b in zip([*compiled[0], *compiled[1]], [*eager[0], *eager[1]], strict=True)
     )
+
+
+def test_strides_of_size_one_dims_do_not_count(loops_taken):
+    """A [1, C, 1, 1] parameter in channels_last and its gradient in the plain layout lie alike."""
+    average = torch.empty_strided((1, 64, 1, 1), (64, 1, 64, 64)).copy_(torch.randn(1, 64, 1, 1))
+    value = torch.randn(1, 64, 1, 1)  # strides (64, 1, 1, 1)
+    assert average.stride() != value.stride()
+    want = average.clone()
+    reference.multi_tensor_ema_([want], [value], torch.tensor(0.3))
+    ops.multi_tensor_ema_([average], [value], torch.tensor(0.3))
+    assert loops_taken == [True] and torch.equal(average, want)

@@ -8,7 +8,7 @@
 
 The discretized logistic likelihoods (``mixture_nll``, ``logistic_nll``) and the multi-tensor
 bookkeeping of an optimizer step (``multi_tensor_norms``, ``multi_tensor_scale_``,
-``multi_tensor_ema_``, :mod:`fasthvae.ops.multi_tensor`) are here too.
+``multi_tensor_ema_``, ``multi_tensor_adamw_``, :mod:`fasthvae.ops.multi_tensor`) are here too.
 
 Reductions: ``none`` (elementwise, input dtype), ``sample`` (sum over all dims but the first,
 shape [B]), ``sum``, ``mean``, ``batchmean`` (sum / B); reduced results are float32 (float64 for
@@ -30,7 +30,12 @@ from fasthvae.ops.backend import (
     use_backend,
     use_cpu_isa,
 )
-from fasthvae.ops.multi_tensor import multi_tensor_ema_, multi_tensor_norms, multi_tensor_scale_
+from fasthvae.ops.multi_tensor import (
+    multi_tensor_adamw_,
+    multi_tensor_ema_,
+    multi_tensor_norms,
+    multi_tensor_scale_,
+)
 from fasthvae.ops.reference import REDUCTIONS
 
 __all__ = [
@@ -42,6 +47,7 @@ __all__ = [
     "get_backend",
     "logistic_nll",
     "mixture_nll",
+    "multi_tensor_adamw_",
     "multi_tensor_ema_",
     "multi_tensor_norms",
     "multi_tensor_scale_",

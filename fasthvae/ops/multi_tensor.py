@@ -1,14 +1,16 @@
-"""Multi-tensor ops for an optimizer step's bookkeeping: one call over a whole list of tensors.
+"""Multi-tensor ops for an optimizer step and its bookkeeping: one call over a whole list of tensors.
 
 >>> from fasthvae import ops
 >>> norms = ops.multi_tensor_norms(grads)           # float32 [n]: each tensor's 2-norm
 >>> ops.multi_tensor_scale_(grads, factor)          # each tensor *= factor (float32, one element)
 >>> ops.multi_tensor_ema_(averages, params, weight) # averages += (params - averages) * weight
+>>> ops.multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, lr=1e-3)  # one AdamW step
 
 On CPU, torch's foreach ops make one dispatcher call per tensor and op; a model of a few hundred
 small tensors spends more in those calls than in the arithmetic. The extension's loops take the
 whole list in one call: norms with their squares summed in float64 (one rounding, at the end), the
-scaling and the EMA with the roundings of torch's ops (bit-equal to them). Elsewhere (CUDA, where
+scaling and the EMA with the roundings of torch's ops (bit-equal to them), AdamW with torch's
+formula (its own order of operations: equal to torch's within a few roundings). Elsewhere (CUDA, where
 torch's foreach ops are multi-tensor kernels already), under the ``reference`` backend, or for lists
 the loops do not take (a tensor with gaps or overlaps, pairs laid out differently), torch's foreach
 ops run (:mod:`fasthvae.ops.reference`). Registered with ``torch.library`` (namespace ``fasthvae``):
@@ -49,11 +51,38 @@ def _ema_now(averages: list[Tensor], values: list[Tensor], weight: Tensor) -> No
         reference.multi_tensor_ema_(averages, values, weight)
 
 
+def _adamw_now(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    found_inf: Tensor | None,
+) -> None:
+    lists = (params, grads, exp_avgs, exp_avg_sqs)
+    args = (params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps, found_inf)
+    # The step counters must be float32 CPU scalars beside CPU tensors: the loops say so if not.
+    if _loops_take(*lists) and (found_inf is None or found_inf.device.type == "cpu"):
+        backend.extension().multi_tensor_adamw_(*args)
+    else:
+        reference.multi_tensor_adamw_(*args)
+
+
 # The registered ops, which torch.compile traces as single nodes; eager calls skip their dispatch,
 # which costs more than the loops for a few hundred tensors.
 _norms = torch.library.custom_op("fasthvae::multi_tensor_norms", _norms_now, mutates_args=())
 _scale = torch.library.custom_op("fasthvae::multi_tensor_scale_", _scale_now, mutates_args=("tensors",))
 _ema = torch.library.custom_op("fasthvae::multi_tensor_ema_", _ema_now, mutates_args=("averages",))
+_adamw = torch.library.custom_op(
+    "fasthvae::multi_tensor_adamw_",
+    _adamw_now,
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "steps"),
+)
 
 
 @_norms.register_fake
@@ -68,6 +97,11 @@ def _(tensors: list[Tensor], factor: Tensor) -> None:
 
 @_ema.register_fake
 def _(averages: list[Tensor], values: list[Tensor], weight: Tensor) -> None:
+    return None
+
+
+@_adamw.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps, found_inf) -> None:
     return None
 
 
@@ -98,3 +132,29 @@ def multi_tensor_ema_(averages: list[Tensor], values: list[Tensor], weight: Tens
     if len(averages) != len(values):
         raise ValueError(f"{len(averages)} averages but {len(values)} values")
     (_ema if torch.compiler.is_compiling() else _ema_now)(averages, values, weight)
+
+
+def multi_tensor_adamw_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    weight_decay: float = 0.01,
+    eps: float = 1e-8,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One AdamW step of every parameter, in place: ``steps[i]`` (float32 scalars, as torch's AdamW
+    keeps them) += 1, the moments ``exp_avgs`` and ``exp_avg_sqs`` updated, then ``params``, with the
+    weight decay decoupled (torch.optim.AdamW's rule). Where ``found_inf`` (a one-element tensor) is
+    nonzero, nothing changes, the counters neither."""
+    lists = [list(x) for x in (params, grads, exp_avgs, exp_avg_sqs, steps)]
+    if len({len(x) for x in lists}) != 1:
+        raise ValueError(f"AdamW's lists differ in length: {[len(x) for x in lists]}")
+    if found_inf is not None:
+        found_inf = _scalar(found_inf, "found_inf")
+    args = (*lists, float(lr), float(betas[0]), float(betas[1]), float(weight_decay), float(eps), found_inf)
+    (_adamw if torch.compiler.is_compiling() else _adamw_now)(*args)

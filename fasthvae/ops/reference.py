@@ -226,3 +226,30 @@ def multi_tensor_ema_(averages: list[torch.Tensor], values: list[torch.Tensor], 
     deltas = torch._foreach_sub(values, averages)
     torch._foreach_mul_(deltas, weight)
     torch._foreach_add_(averages, deltas)
+
+
+def multi_tensor_adamw_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """One AdamW step (decoupled weight decay) of every parameter, in place, as torch's single-tensor
+    AdamW computes it; nothing changes where ``found_inf`` is nonzero."""
+    if found_inf is not None and found_inf.item() != 0:
+        return
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+        step += 1
+        t = step.item()
+        p.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
