@@ -35,6 +35,10 @@ class AdamW(torch.optim.AdamW):
         super().load_state_dict(state_dict)
         self._lists = self._on_cpu = None
 
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._lists = self._on_cpu = None
+
     def _multi_tensor_applies(self) -> bool:
         if getattr(self, "grad_scale", None) is not None or backend.extension() is None:
             return False
@@ -70,14 +74,15 @@ class AdamW(torch.optim.AdamW):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         if not self._multi_tensor_applies():
             return super().step(closure)
-        grads = [[p.grad for p in g["params"]] for g in self.param_groups]
-        if any(grad is None for group in grads for grad in group):
-            self._lists = self._on_cpu = None  # torch makes the state of the parameters it steps
-            return super().step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grads = [[p.grad for p in g["params"]] for g in self.param_groups]
+        if any(grad is None for group in grads for grad in group):
+            self._lists = self._on_cpu = None  # torch makes the state of the parameters it steps
+            super().step()
+            return loss
         found_inf = getattr(self, "found_inf", None)
         for group, group_grads, (params, exp_avgs, exp_avg_sqs, steps) in zip(
             self.param_groups, grads, self._group_lists(), strict=True

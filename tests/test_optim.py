@@ -169,3 +169,28 @@ def test_reference_op_is_torch_adamw():
             )  # fmt: skip
     run(torch.optim.AdamW, theirs, steps=3, foreach=False)
     assert all(torch.equal(p, q) for p, q in zip(ours, theirs, strict=True))
+
+
+def test_a_closure_runs_before_the_gradients_are_read():
+    ours, theirs = parameters(), parameters()
+    for cls, params in ((AdamW, ours), (torch.optim.AdamW, theirs)):
+        opt = cls(params, **HYPER, fused=True)
+
+        def closure(params=params):
+            set_grads(params, 3)
+            return 1.5
+
+        assert opt.step(closure) == 1.5
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_a_group_added_later_is_stepped(loops_taken):
+    first, later = parameters()[:3], parameters(seed=1)[3:]
+    opt = AdamW(first, **HYPER, fused=True)
+    set_grads(first, 0)
+    opt.step()
+    opt.add_param_group({"params": later})
+    set_grads(first + later, 1)
+    opt.step()
+    assert all(opt.state[p]["step"].item() == 1 for p in later) and loops_taken == [True, True, True]
