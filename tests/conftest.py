@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from fasthvae.ops import multi_tensor
 from tests.helpers import CIFAR10
 
 if not torch.cuda.is_available():
@@ -59,3 +60,11 @@ def data(tmp_path_factory) -> str:
         y, yt = np.zeros(256, np.int64), np.zeros(64, np.int64)
     np.savez(path, x_train=x, y_train=y, x_test=xt, y_test=yt)
     return str(path)
+
+
+@pytest.fixture
+def loops_taken(monkeypatch) -> list[bool]:
+    """Each call's choice: True where the CPU loops ran, False where torch's foreach ops did."""
+    taken, choose = [], multi_tensor._loops_take
+    monkeypatch.setattr(multi_tensor, "_loops_take", lambda *lists: taken.append(choose(*lists)) or taken[-1])
+    return taken

@@ -77,14 +77,6 @@ def test_ema_equals_torch_foreach(dtype, weight):
     assert_same(averages, want)
 
 
-@pytest.fixture
-def loops_taken(monkeypatch) -> list[bool]:
-    """Each call's choice: True where the CPU loops ran, False where torch's foreach ops did."""
-    taken, choose = [], multi_tensor._loops_take
-    monkeypatch.setattr(multi_tensor, "_loops_take", lambda *lists: taken.append(choose(*lists)) or taken[-1])
-    return taken
-
-
 def test_the_loops_run_and_give_the_same_bits_on_any_thread_count(loops_taken):
     results = []
     for n in (1, 5):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fasthvae import ops
-from fasthvae.ops import backend, multi_tensor, reference
+from fasthvae.ops import backend, reference
 from fasthvae.optim import AdamW
 from tests.helpers import torch_threads
 
@@ -41,13 +41,6 @@ def run(optimizer_cls, params, steps=6, lrs=None, **kwargs):
         set_grads(params, step)
         opt.step()
     return opt
-
-
-@pytest.fixture
-def loops_taken(monkeypatch) -> list[bool]:
-    taken, choose = [], multi_tensor._loops_take
-    monkeypatch.setattr(multi_tensor, "_loops_take", lambda *lists: taken.append(choose(*lists)) or taken[-1])
-    return taken
 
 
 def test_the_rule_of_torch_adamw_in_float64(loops_taken):
