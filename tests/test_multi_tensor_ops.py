@@ -1,7 +1,7 @@
 """The multi-tensor bookkeeping ops (``ops.multi_tensor_norms``, ``multi_tensor_scale_``,
 ``multi_tensor_ema_``): the CPU loops against a float64 ground truth (norms) and bit for bit
 against torch's foreach ops (scaling, EMA), every dtype, odd and empty shapes, channels_last,
-extremes; the fallbacks, the errors, autograd's version counters and torch.compile."""
+extremes (the scaling on every ISA path); the fallbacks, the errors, autograd's version counters and torch.compile."""
 
 import pytest
 import torch
@@ -57,13 +57,16 @@ def test_norms_of_extremes():
     assert reference.multi_tensor_norms([big])[0].isinf()  # torch's float32 sum of squares overflows
 
 
+@pytest.mark.parametrize("isa", backend.cpu_isas() if backend.extension() else ())
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("factor", [0.3, 1.0, 1e-30, float("inf"), float("nan")], ids=str)
-def test_scale_equals_torch_foreach(dtype, factor):
+def test_scale_equals_torch_foreach(dtype, factor, isa):
+    """On every ISA path of the scaling loop the machine has."""
     tensors = tensor_list(dtype)
     want = clones(tensors)
     reference.multi_tensor_scale_(want, torch.tensor(factor))
-    ops.multi_tensor_scale_(tensors, torch.tensor(factor))
+    with backend.use_cpu_isa(isa):
+        ops.multi_tensor_scale_(tensors, torch.tensor(factor))
     assert_same(tensors, want)
 
 

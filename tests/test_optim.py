@@ -5,10 +5,12 @@ ways, and the fallbacks to torch's own step."""
 import pytest
 import torch
 
-from fasthvae import ops
+from fasthvae import ops, train
 from fasthvae.ops import backend, reference
 from fasthvae.optim import AdamW
 from tests.helpers import torch_threads
+
+DEEP_TINY = ["--model", "deep", "--layout", "1x1,4x1,8x1,16x1,32x1", "--width", "8", "--zdim", "2"]
 
 pytestmark = pytest.mark.skipif(backend.extension() is None, reason="needs the C++ extension")
 # one channels_last, one of three blocks of the loops, odd and 0-dim ones
@@ -187,3 +189,22 @@ def test_a_group_added_later_is_stepped(loops_taken):
     set_grads(first + later, 1)
     opt.step()
     assert all(opt.state[p]["step"].item() == 1 for p in later) and loops_taken == [True, True, True]
+
+
+def test_the_trainers_cpu_step_takes_the_one_call_adamw(data, tmp_path, monkeypatch, loops_taken):
+    """The trainer's own step (channels_last, as its CPU defaults: the deep model's parameters
+    include a [1, C, 1, 1] one) steps every parameter with one multi-tensor call, on the loops."""
+    calls, real = [], ops.multi_tensor_adamw_
+    monkeypatch.setattr(
+        ops, "multi_tensor_adamw_", lambda params, *a, **k: calls.append(len(params)) or real(params, *a, **k)
+    )
+    argv = ["--data", data, "--out", str(tmp_path), *DEEP_TINY, "--batch-size", "16", "--epochs", "1"]
+    t = train.Trainer(
+        train.parse_args([*argv, "--no-compile", "--channels-last", "--fused-optimizer", "--no-tensorboard"])
+    )
+    x = next(iter(t.loader))[0]
+    before = [p.detach().clone() for p in t.model.parameters()]
+    for _ in range(2):
+        t.step_fn(x, torch.ones(t.model.num_levels))
+    assert calls == [len(before)] * 2 and loops_taken and all(loops_taken)
+    assert all(not torch.equal(p, q) for p, q in zip(t.model.parameters(), before, strict=True))
