@@ -1,7 +1,8 @@
 """The multi-tensor bookkeeping ops (``ops.multi_tensor_norms``, ``multi_tensor_scale_``,
 ``multi_tensor_ema_``): the CPU loops against a float64 ground truth (norms) and bit for bit
 against torch's foreach ops (scaling, EMA), every dtype, odd and empty shapes, channels_last,
-extremes (the scaling on every ISA path); the fallbacks, the errors, autograd's version counters and torch.compile."""
+extremes (the scaling on every ISA path); the fallbacks, the errors, autograd's version counters
+and torch.compile."""
 
 import pytest
 import torch

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -177,6 +178,32 @@ def test_a_real_probe_times_every_candidate_and_keeps_the_random_state(tmp_path,
         {k: r[k] for k in speed.SWITCHES} for r in record["candidates"][:4]
     ]
     assert record["choice"]["loader"] in ("torch", "resident")
+
+
+def test_the_dataloaders_workers_run_only_in_its_own_windows(tmp_path, monkeypatch):
+    """Each loader's window draws from its own iteration: the DataLoader's workers are alive while
+    it feeds the step and gone while the resident loader does (and after the probe); each window
+    starts after as many untimed steps as the DataLoader keeps batches in flight."""
+    monkeypatch.setattr(speed, "TIMING_SECONDS", 0.5)
+    c = with_model_defaults(config(tmp_path, compile=False, workers=1))
+    rt = resolve_runtime(c, DistInfo())
+    draws, real_next, lead_ins, real_rounds = [], speed.Feed.next, [], speed.time_rounds
+
+    def next_batch(feed):
+        batch = real_next(feed)
+        draws.append((type(feed.loader).__name__, len(multiprocessing.active_children())))
+        return batch
+
+    def rounds(*args):
+        lead_ins.append(args[-1])
+        return real_rounds(*args)
+
+    monkeypatch.setattr(speed.Feed, "next", next_batch)
+    monkeypatch.setattr(speed, "time_rounds", rounds)
+    speed.measure_loaders(c, rt, IMAGES, ["torch", "resident"])
+    assert {children for name, children in draws if name == "ResidentLoader"} == {0}
+    assert {children for name, children in draws if name == "TorchLoader"} == {1}
+    assert lead_ins == [2] and not multiprocessing.active_children()
 
 
 def test_a_run_that_probed_trains_as_a_fixed_run_given_its_choice(data, tmp_path, cache, monkeypatch):

@@ -13,6 +13,8 @@ from torchvision.transforms import functional as TF
 from fasthvae.data.common import LoaderOptions, batches_per_epoch, epoch_generator, shard_order, shard_size
 from fasthvae.data.sources import check_images
 
+PREFETCH_FACTOR = 2  # batches each worker prepares ahead (torch's default)
+
 
 class ArrayImageDataset(torch.utils.data.Dataset):
     """uint8 [N, H, W, 3] images as torchvision-style samples ``(augmented image tensor, index)``.
@@ -82,12 +84,15 @@ class TorchLoader:
         # The DataLoader draws its workers' base seed from this generator, not the global RNG, which
         # stays the model's alone (so the noise is the same however the epoch was entered).
         self.generator = torch.Generator()
+        # Batches the workers prepare ahead of the consumer: PREFETCH_FACTOR per worker.
+        self.batches_in_flight = num_workers * PREFETCH_FACTOR
         self.loader = DataLoader(
             self.dataset,
             batch_size=options.batch_size,
             sampler=self.sampler,
             drop_last=options.drop_last,
             num_workers=num_workers,
+            prefetch_factor=PREFETCH_FACTOR if num_workers else None,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,  # workers fork per epoch, with that epoch's augmentations
             generator=self.generator,

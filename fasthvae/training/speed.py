@@ -14,8 +14,11 @@ made beyond the run-to-run spread; of such candidates the one with the lowest me
 
 Then, where ``--loader`` is not given and the training images are an array, the loaders (``torch``
 with its worker processes, ``resident``) are timed the same way, each feeding the chosen step with
-the run's own images. The DataLoader's workers keep filling their queue while the other loader's
-window runs, so those windows bear some of its cost: a bias towards ``torch``, the CPU default.
+the run's own images. Each loader's window opens its own iterator and closes it after (the
+DataLoader's workers live only during its windows, so their prefetching and refilling fall into no
+other loader's window) and starts after as many untimed steps as the DataLoader keeps batches in
+flight, so that its queue, full when the window starts, was filled under the same contention as
+the window's own batches.
 
 The choice is cached per machine (CPU, its flags under any ISA cap and the caps themselves, threads,
 GPU), torch and fasthvae version, a digest of fasthvae's sources, device, model, batch, precision and
@@ -27,6 +30,7 @@ choice, where it came from and the probe's times are printed and go into config.
 ``--speed fixed`` run given the chosen switches.
 """
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -37,6 +41,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -183,25 +188,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_rounds(steps: list[Callable[[], object]], measured: list[Candidate], device: torch.device) -> None:
+def time_rounds(
+    steps: list[Callable[[], object]],
+    measured: list[Candidate],
+    device: torch.device,
+    windows: list[Callable[[], AbstractContextManager]] | None = None,
+    lead_in: int = 0,
+) -> None:
     """Warm-up, then ``ROUNDS`` rounds of one window per step function, the order rotated each round;
-    each window ~TIMING_SECONDS / (ROUNDS x candidates) long, judged by a warm-up step."""
+    each window ~TIMING_SECONDS / (ROUNDS x candidates) long, judged by a warm-up step. A window runs
+    inside its candidate's ``windows`` context, after ``lead_in`` untimed steps."""
+    windows = windows or [contextlib.nullcontext] * len(steps)
     step_s = []
-    for step in steps:
-        start = time.perf_counter()
-        for _ in range(WARMUP_STEPS - 1):
-            step()
-        _sync(device)
-        step_s.append((time.perf_counter() - start) / max(1, WARMUP_STEPS - 1))
+    for step, window in zip(steps, windows, strict=True):
+        with window():
+            start = time.perf_counter()
+            for _ in range(WARMUP_STEPS - 1):
+                step()
+            _sync(device)
+            step_s.append((time.perf_counter() - start) / max(1, WARMUP_STEPS - 1))
     window_s = TIMING_SECONDS / (ROUNDS * len(steps))
     lengths = [max(1, min(50, round(window_s / s))) for s in step_s]
     for r in range(ROUNDS):
         for i in [(r + k) % len(steps) for k in range(len(steps))]:
-            start = time.perf_counter()
-            for _ in range(lengths[i]):
-                steps[i]()
-            _sync(device)
-            measured[i].windows.append((time.perf_counter() - start) / lengths[i])
+            with windows[i]():
+                for _ in range(lead_in):
+                    steps[i]()
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(lengths[i]):
+                    steps[i]()
+                _sync(device)
+                measured[i].windows.append((time.perf_counter() - start) / lengths[i])
 
 
 def _first_step(step: Callable[[], object], candidate: Candidate, device: torch.device) -> None:
@@ -234,6 +252,27 @@ def endless(loader: BatchLoader) -> Iterator[torch.Tensor]:
         yield from (x for x, _ in loader)
 
 
+class Feed:
+    """A loader's batches one window at a time: ``window()`` opens a fresh iteration (the
+    DataLoader's workers start) and closes it when the window ends (they stop)."""
+
+    def __init__(self, loader: BatchLoader) -> None:
+        self.loader = loader
+        self.batches: Iterator[torch.Tensor] | None = None
+
+    @contextlib.contextmanager
+    def window(self) -> Iterator[None]:
+        self.batches = endless(self.loader)
+        try:
+            yield
+        finally:
+            self.batches.close()
+            self.batches = None
+
+    def next(self) -> torch.Tensor:
+        return next(self.batches)
+
+
 def measure_loaders(
     config: TrainConfig, rt: Runtime, images: np.ndarray, names: list[str]
 ) -> list[Candidate]:
@@ -245,13 +284,15 @@ def measure_loaders(
     options = LoaderOptions(
         config.batch_size, flip=config.flip, drop_last=True, seed=config.seed, channels_last=rt.channels_last
     )
-    steps, measured = [], []
+    steps, measured, feeds = [], [], []
     for name in names:
-        batches = endless(make_loader(name, images, options, rt.device, num_workers=config.workers))
-        steps.append(lambda batches=batches: stepper(next(batches), weights))
+        feeds.append(Feed(make_loader(name, images, options, rt.device, num_workers=config.workers)))
+        steps.append(lambda feed=feeds[-1]: stepper(feed.next(), weights))
         measured.append(Candidate({"loader": name}))
-        _first_step(steps[-1], measured[-1], rt.device)
-    time_rounds(steps, measured, rt.device)
+        with feeds[-1].window():
+            _first_step(steps[-1], measured[-1], rt.device)
+    lead_in = max(getattr(feed.loader, "batches_in_flight", 0) for feed in feeds)  # the DataLoader's
+    time_rounds(steps, measured, rt.device, [feed.window for feed in feeds], lead_in)
     return measured
 
 
