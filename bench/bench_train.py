@@ -15,7 +15,10 @@ Variants (all but ``bare`` through the trainer's own step):
   measures it apart
 Each variant is built and runs ``--warmup`` steps (compilation included); then ``--repeats`` rounds
 time one window of ``--steps`` steps of every variant, the order rotated each round, so that a drift
-of the machine's speed (whole rounds faster or slower) reaches every variant alike. The median
+of the machine's speed (whole rounds faster or slower) reaches every variant alike. Each window
+iterates its variant's loader afresh, after untimed steps that draw the batches a DataLoader keeps
+in flight, and closes the iteration when it ends: a DataLoader's workers run only in their own
+variant's windows. The median
 window gives images/s; the ratio to plain is the median over rounds of the window against plain's
 window of the same round. One more window under ``torch.profiler`` gives the fused ops' share of
 the step (self time of the ``fasthvae::`` ops over all ops; for variants with the fused ops).
@@ -47,7 +50,7 @@ import operator
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +71,7 @@ from fasthvae.hardware import machine
 from fasthvae.models import DeepHVAE
 from fasthvae.ops import use_backend
 from fasthvae.train import TrainConfig, Trainer
-from fasthvae.training.speed import PROBE_MIN_STEPS, SWITCHES
+from fasthvae.training.speed import PROBE_MIN_STEPS, SWITCHES, Feed
 
 PLAIN = {"compile": False, "amp": False, "loader": "torch", "channels_last": False, "fused_optimizer": False}
 FEATURES = {
@@ -168,38 +171,38 @@ class Variant:
             self.trainer = Trainer(config)
             self.weights = torch.ones(self.trainer.model.num_levels, device=self.trainer.rt.device)
             self.step = bare_step(self.trainer.model, config.lr) if bare else self.trainer.step_fn
-            self.stream = self._batches()
+            self.feed = Feed(self.trainer.loader)
+            # untimed steps before each window: the batches the loader prepares ahead are drawn
+            self.lead_in = getattr(self.trainer.loader, "batches_in_flight", 0)
             self.sync = device_sync(self.trainer.rt.device)
-            start = time.perf_counter()
-            self._steps(1)
-            self.first_step = time.perf_counter() - start
-            self._steps(warmup - 1)
+            with self.feed.window():
+                start = time.perf_counter()
+                self._steps(1)
+                self.first_step = time.perf_counter() - start
+                self._steps(warmup - 1)
         breaks = sum(torch._dynamo.utils.counters["graph_break"].values()) - breaks_before
         self.graph_breaks = breaks if self.trainer.rt.compile else -1
         self.switches = switches_of(self.trainer)
         self.windows: list[float] = []
 
-    def _batches(self) -> Iterator[torch.Tensor]:
-        epoch = 0
-        while True:
-            self.trainer.loader.set_epoch(epoch)
-            yield from (x for x, _ in self.trainer.loader)
-            epoch += 1
-
     def _steps(self, count: int) -> None:
         for _ in range(count):
-            self.step(next(self.stream), self.weights)
+            self.step(self.feed.next(), self.weights)
         self.sync()
 
     def settle(self) -> None:
         """One more untimed step once every variant is built: one built before another's
         ``--speed auto`` probe (which resets dynamo's caches) compiles again here, not in a window."""
-        with use_backend(self.backend):
+        with use_backend(self.backend), self.feed.window():
             self._steps(1)
 
     def time_window(self, steps: int) -> float:
-        """Seconds of ``steps`` steps (data loading included); kept in ``windows``."""
-        with use_backend(self.backend):
+        """Seconds of ``steps`` steps (data loading included); kept in ``windows``. The window has
+        its own iteration of the loader (a DataLoader's workers run only in their variant's windows,
+        so their prefetching and refilling fall into no other variant's) and starts after the
+        batches the loader keeps in flight have been drawn by untimed steps."""
+        with use_backend(self.backend), self.feed.window():
+            self._steps(self.lead_in)
             start = time.perf_counter()
             self._steps(steps)
             self.windows.append(time.perf_counter() - start)
@@ -212,11 +215,10 @@ class Variant:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with (
-            use_backend(self.backend),
-            torch.profiler.profile(activities=activities, record_shapes=bool(top_ops)) as profile,
-        ):
-            self._steps(steps)
+        with use_backend(self.backend), self.feed.window():
+            self._steps(self.lead_in)
+            with torch.profiler.profile(activities=activities, record_shapes=bool(top_ops)) as profile:
+                self._steps(steps)
         share = ops_share(profile, device) if self.fused_ops else None
         if not top_ops:
             return share, [], []
