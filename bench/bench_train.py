@@ -172,8 +172,6 @@ class Variant:
             self.weights = torch.ones(self.trainer.model.num_levels, device=self.trainer.rt.device)
             self.step = bare_step(self.trainer.model, config.lr) if bare else self.trainer.step_fn
             self.feed = Feed(self.trainer.loader)
-            # untimed steps before each window: the batches the loader prepares ahead are drawn
-            self.lead_in = getattr(self.trainer.loader, "batches_in_flight", 0)
             self.sync = device_sync(self.trainer.rt.device)
             with self.feed.window():
                 start = time.perf_counter()
@@ -202,7 +200,7 @@ class Variant:
         so their prefetching and refilling fall into no other variant's) and starts after the
         batches the loader keeps in flight have been drawn by untimed steps."""
         with use_backend(self.backend), self.feed.window():
-            self._steps(self.lead_in)
+            self._steps(self.feed.in_flight)
             start = time.perf_counter()
             self._steps(steps)
             self.windows.append(time.perf_counter() - start)
@@ -216,7 +214,7 @@ class Variant:
         if device == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with use_backend(self.backend), self.feed.window():
-            self._steps(self.lead_in)
+            self._steps(self.feed.in_flight)
             with torch.profiler.profile(activities=activities, record_shapes=bool(top_ops)) as profile:
                 self._steps(steps)
         share = ops_share(profile, device) if self.fused_ops else None

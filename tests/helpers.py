@@ -184,6 +184,9 @@ SMALL = [
 ]
 SMALL += ["--loader", "resident"]
 
+# The deep model at its smallest: one latent group per resolution, 8 channels, 2 per latent.
+DEEP_TINY = ["--model", "deep", "--layout", "1x1,4x1,8x1,16x1,32x1", "--width", "8", "--zdim", "2"]
+
 
 # A training run whose speed probe (on rank 0 only: it fails elsewhere) finds channels_last off and
 # the fused AdamW on faster, and that prints each rank's switches.

@@ -18,11 +18,16 @@ from fasthvae.ops import reference
 from fasthvae.training.checkpoint import load_checkpoint
 from fasthvae.training.grad_skip import AdaptiveSkip
 from fasthvae.training.latent_health import HealthMonitor
-from tests.helpers import KILL_AFTER_FIRST_CHECKPOINT, assert_same_state, run_process, scale_loss_by_step
+from tests.helpers import (
+    DEEP_TINY,
+    KILL_AFTER_FIRST_CHECKPOINT,
+    assert_same_state,
+    run_process,
+    scale_loss_by_step,
+)
 
 TINY = deep.DeepSpec("1x1,4x1,8x1,16x1,32x1", width=8, zdim=2, encoder_blocks=1)
-TINY_ARGS = ["--model", "deep", "--layout", "1x1,4x1,8x1,16x1,32x1", "--width", "8", "--zdim", "2"]
-TINY_ARGS += ["--batch-size", "32", "--limit-test", "64", "--loader", "resident", "--no-compile"]
+TINY_ARGS = [*DEEP_TINY, "--batch-size", "32", "--limit-test", "64", "--loader", "resident", "--no-compile"]
 
 
 def images(n: int, seed: int = 0) -> torch.Tensor:

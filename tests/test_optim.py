@@ -8,9 +8,7 @@ import torch
 from fasthvae import ops, train
 from fasthvae.ops import backend, reference
 from fasthvae.optim import AdamW
-from tests.helpers import torch_threads
-
-DEEP_TINY = ["--model", "deep", "--layout", "1x1,4x1,8x1,16x1,32x1", "--width", "8", "--zdim", "2"]
+from tests.helpers import DEEP_TINY, torch_threads
 
 pytestmark = pytest.mark.skipif(backend.extension() is None, reason="needs the C++ extension")
 # one channels_last, one of three blocks of the loops, odd and 0-dim ones

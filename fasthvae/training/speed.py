@@ -254,10 +254,13 @@ def endless(loader: BatchLoader) -> Iterator[torch.Tensor]:
 
 class Feed:
     """A loader's batches one window at a time: ``window()`` opens a fresh iteration (the
-    DataLoader's workers start) and closes it when the window ends (they stop)."""
+    DataLoader's workers start) and closes it when the window ends (they stop). ``in_flight``: the
+    batches the loader prepares ahead (the DataLoader's; 0 for loaders without workers), which
+    untimed steps draw before a window is timed."""
 
     def __init__(self, loader: BatchLoader) -> None:
         self.loader = loader
+        self.in_flight: int = getattr(loader, "batches_in_flight", 0)
         self.batches: Iterator[torch.Tensor] | None = None
 
     @contextlib.contextmanager
@@ -291,7 +294,7 @@ def measure_loaders(
         measured.append(Candidate({"loader": name}))
         with feeds[-1].window():
             _first_step(steps[-1], measured[-1], rt.device)
-    lead_in = max(getattr(feed.loader, "batches_in_flight", 0) for feed in feeds)  # the DataLoader's
+    lead_in = max(feed.in_flight for feed in feeds)
     time_rounds(steps, measured, rt.device, [feed.window for feed in feeds], lead_in)
     return measured
 
