@@ -4,19 +4,36 @@ The baseline is ``torch.utils.data.DataLoader`` with ``--workers`` workers and t
 (what most training scripts use). Each loader runs one warm-up epoch, then ``--epochs`` timed epochs;
 the median epoch gives images/s. Writes ``loader_<device>.{csv,md}``.
 
+``--feed MODEL[:PRESET] ...``: instead, the two array loaders (``torch``, ``resident``) feeding the
+trainer's step (compile, ``--amp``, channels_last and the fused AdamW: the fasthvae path with the
+loader fixed) of each model, at ``--batch-size``. Both trainers live in one process; ``--rounds``
+rounds time one window of ``--steps`` steps of each, the order alternating, each window on its own
+iteration of its loader after untimed steps that draw the batches a DataLoader keeps in flight (as
+``bench_train``'s). The ratio is the median over rounds of each window against the DataLoader's of
+the same round. Writes ``loader_feed_<device>_b<batch>.{csv,md}``.
+
     python -m bench.bench_loader [--data ../shared/data/cifar10/cifar10.npz] [--device cpu|cuda]
+    python -m bench.bench_loader --feed vae hvae deep:small --batch-size 128 [--rounds 16]
 """
 
 import argparse
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from bench.bench_train import Variant, paired
 from bench.report import write_report
 from fasthvae.data import LOADERS, LoaderOptions, load_dataset, make_loader
 from fasthvae.data.dali import dali_available
+from fasthvae.hardware import machine
+from fasthvae.train import TrainConfig
+
+FEED_LOADERS = ("torch", "resident")
+# The fasthvae path's switches with the loader fixed (no probe).
+FASTHVAE_PATH = {"compile": True, "amp": True, "channels_last": True, "fused_optimizer": True}
 
 
 def time_epochs(loader, epochs: int, device: torch.device) -> list[float]:
@@ -34,6 +51,73 @@ def time_epochs(loader, epochs: int, device: torch.device) -> list[float]:
     return times
 
 
+def feed_rows(spec: str, args: argparse.Namespace) -> list[dict]:
+    """``FEED_LOADERS`` feeding the fasthvae step of ``spec`` (``model[:preset]``), paired rounds."""
+    model, _, preset = spec.partition(":")
+    built = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in FEED_LOADERS:
+            config = TrainConfig(
+                model=model,
+                preset=preset or "small",
+                batch_size=args.batch_size,
+                device=args.device,
+                data=args.data,
+                loader=name,
+                workers=args.workers,
+                epochs=1,
+                keep_freed_memory=False,
+                out=f"{tmp}/{name}",
+                speed="fixed",
+                **FASTHVAE_PATH,
+            )
+            built.append(Variant(name, config, fused_ops=True, warmup=args.warmup, bare=False))
+        for r in range(args.rounds):
+            for variant in built[r % 2 :] + built[: r % 2]:
+                variant.time_window(args.steps)
+    base = built[0]
+    rows = []
+    for variant in built:
+        speedup, faster = paired(variant.windows, base.windows)
+        rows.append(
+            {
+                "model": spec,
+                "batch_size": args.batch_size,
+                "loader": variant.name,
+                "step_ms_median": round(1000 * statistics.median(variant.windows) / args.steps, 2),
+                "time_vs_torch": round(1 / speedup, 3),
+                "faster_rounds": faster,
+                "windows_ms": " ".join(f"{1000 * t / args.steps:.1f}" for t in variant.windows),
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def feed(args: argparse.Namespace) -> None:
+    rows = [row for spec in args.feed for row in feed_rows(spec, args)]
+    print(
+        write_report(
+            rows,
+            args.out / f"loader_feed_{args.device}_b{args.batch_size}",
+            ["model", "batch", "loader", "step ms (median)", "time vs torch DataLoader (rounds faster)"],
+            lambda r: [
+                r["model"],
+                str(r["batch_size"]),
+                r["loader"],
+                str(r["step_ms_median"]),
+                f"{r['time_vs_torch']}x ({r['faster_rounds']}/{args.rounds})",
+            ],
+            title=f"The loaders feeding the fasthvae step, {machine()}",
+            intro=f"{args.rounds} rounds, each one window of {args.steps} steps per loader, the order "
+            "alternating; both trainers in one process, compile, --amp, channels_last and the fused "
+            "AdamW, each window on its own loader iteration after the batches a DataLoader keeps in "
+            "flight. The time ratio is the median over rounds of each window against the DataLoader's "
+            "of the same round.",
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -46,7 +130,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument(
+        "--feed", nargs="+", metavar="MODEL[:PRESET]", help="time the loaders feeding these models' steps"
+    )
+    parser.add_argument("--rounds", type=int, default=16, help="--feed: windows of each loader")
+    parser.add_argument("--steps", type=int, default=10, help="--feed: steps in a window")
+    parser.add_argument("--warmup", type=int, default=3, help="--feed: untimed steps (compiles)")
     args = parser.parse_args()
+    if args.feed:
+        feed(args)
+        return
 
     device = torch.device(args.device)
     images = load_dataset(args.data).train.images

@@ -91,6 +91,18 @@ def test_bench_loader(tmp_path, images):
     assert expected <= {r["loader"] for r in rows}
 
 
+def test_bench_loader_feeding_the_step(tmp_path, images):
+    """--feed: both array loaders feed the compiled step of a model, paired rounds, the DataLoader
+    the reference (1.0 against itself, faster in no round)."""
+    run_bench("bench_loader.py", "--data", images, "--batch-size", "8", "--feed", "hvae", "--rounds", "2",
+              "--steps", "2", "--warmup", "1", "--workers", "1", "--out", str(tmp_path))  # fmt: skip
+    rows = read_rows(tmp_path / "loader_feed_cpu_b8.csv")
+    assert [(r["model"], r["loader"]) for r in rows] == [("hvae", "torch"), ("hvae", "resident")]
+    assert (float(rows[0]["time_vs_torch"]), rows[0]["faster_rounds"]) == (1.0, "0")
+    assert all(float(r["step_ms_median"]) > 0 and len(r["windows_ms"].split()) == 2 for r in rows)
+    assert "| hvae | 8 | resident |" in (tmp_path / "loader_feed_cpu_b8.md").read_text()
+
+
 def test_bench_train(tmp_path, images):
     variants = ["bare", "plain", "+fused-ops", "+compile"]
     run_bench("bench_train.py", "--data", images, "--batch-size", "8", "--warmup", "1", "--steps", "2",

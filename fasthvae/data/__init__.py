@@ -12,8 +12,13 @@ from fasthvae.data.common import BatchLoader, LoaderOptions, image_batches
 from fasthvae.data.sources import DataError, Dataset, FileSplit, ImageSplit, load_dataset
 
 LOADERS = ("dali", "resident", "torch")
+# The default on every device: no host copies and no worker processes. On a CPU a batch of 32 costs
+# it ~0.2 ms of the main thread, while the DataLoader's workers take their PIL work from the cores
+# the step runs on (results/bench/README.md, "The loader on a CPU").
+DEFAULT_LOADER = "resident"
 
 __all__ = [
+    "DEFAULT_LOADER",
     "LOADERS",
     "BatchLoader",
     "DataError",
@@ -21,17 +26,10 @@ __all__ = [
     "FileSplit",
     "ImageSplit",
     "LoaderOptions",
-    "default_loader",
     "image_batches",
     "load_dataset",
     "make_loader",
 ]
-
-
-def default_loader(device: str | torch.device) -> str:
-    """``resident`` on GPUs (no host copies, no workers); ``torch`` on CPU, where its worker processes
-    overlap loading with the step (it trained faster there: README, Benchmarks)."""
-    return "resident" if torch.device(device).type == "cuda" else "torch"
 
 
 def make_loader(

@@ -16,7 +16,7 @@ import types
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from typing import Any
 
-from fasthvae.data import LOADERS
+from fasthvae.data import DEFAULT_LOADER, LOADERS
 from fasthvae.fid_extractors import EXTRACTORS, INCEPTION, TINY
 from fasthvae.likelihoods import LIKELIHOODS
 from fasthvae.models import MODELS, PRESETS, deep_spec
@@ -125,9 +125,7 @@ class TrainConfig:
         on_resume="change",
         choices=["auto", "fixed"],
     )
-    loader: str | None = option(
-        None, "default: resident on CUDA, torch on CPU", on_resume="change", choices=LOADERS
-    )
+    loader: str | None = option(None, f"default: {DEFAULT_LOADER}", on_resume="change", choices=LOADERS)
     workers: int = option(2, "torch DataLoader workers / DALI threads", on_resume="change")
     flip: bool = option(True, "random horizontal flips", on_resume="keep")
     data: str | None = option(

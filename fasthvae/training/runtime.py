@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fasthvae.data import default_loader
+from fasthvae.data import DEFAULT_LOADER
 from fasthvae.training.allocator import keep_freed_memory
 from fasthvae.training.config import TrainConfig, TrainingError
 from fasthvae.training.distributed import DistInfo
@@ -75,7 +75,7 @@ def resolve_runtime(config: TrainConfig, dist: DistInfo) -> Runtime:
         fused_optimizer=pick(config.fused_optimizer, True),
         channels_last=pick(config.channels_last, True),
         freed_memory_kept=config.keep_freed_memory and keep_freed_memory(),
-        loader=config.loader or default_loader(device),
+        loader=config.loader or DEFAULT_LOADER,
         tensorboard=pick(config.tensorboard, tensorboard_installed()),
         log_every=config.log_every or (25 if on_gpu else 1),
     )

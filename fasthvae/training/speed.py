@@ -1,6 +1,6 @@
 """``--speed auto``: the trainer's speed switches and loader chosen by measuring them on this machine,
 model and batch. ``--speed fixed``: the defaults (compile, channels_last and the fused AdamW on;
-the resident loader on GPUs, torch's DataLoader on CPUs).
+the resident loader).
 
 The probe tries every combination of the switches the command line left unset (``--compile``,
 ``--channels-last``, ``--fused-optimizer``). Each candidate builds the run's model, optimizer and
