@@ -50,6 +50,24 @@ enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 // The ISA level the loops run (FASTHVAE_CPU_ISA, else the best the CPU has, until set_cpu_isa).
 Isa active_isa();
 
+// `return name_<level> targs (args...)` for the active level, where a loop has one wrapper per
+// level (name_avx512, name_avx2, name_baseline). `targs`: FHV_TARGS(...) for a template's
+// arguments, or empty.
+#define FHV_TARGS(...) <__VA_ARGS__>
+#if FHV_X86_LEVELS
+#define FHV_ISA_DISPATCH(name, targs, ...)     \
+  switch (active_isa()) {                       \
+    case Isa::kAvx512:                          \
+      return name##_avx512 targs(__VA_ARGS__);  \
+    case Isa::kAvx2:                            \
+      return name##_avx2 targs(__VA_ARGS__);    \
+    default:                                    \
+      return name##_baseline targs(__VA_ARGS__); \
+  }
+#else
+#define FHV_ISA_DISPATCH(name, targs, ...) return name##_baseline targs(__VA_ARGS__);
+#endif
+
 // ---- dtype staging: the loops compute on float arrays ----------------------
 
 #if defined(__x86_64__) && defined(__GNUC__)

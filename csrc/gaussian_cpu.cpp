@@ -199,53 +199,21 @@ FHV_TARGET_AVX2 const float* noise_chunk_avx2(uint64_t seed, uint64_t first, int
 // Noise of elements [first, first + n) into buf (4 * kGroups floats); returns the pointer to
 // element `first`. One Philox call per group of four elements.
 const float* noise_chunk(uint64_t seed, uint64_t first, int64_t n, float* buf) {
-#if FHV_X86_LEVELS
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      return noise_chunk_avx512(seed, first, n, buf);
-    case Isa::kAvx2:
-      return noise_chunk_avx2(seed, first, n, buf);
-    default:
-      break;
-  }
-#endif
-  return noise_chunk_baseline(seed, first, n, buf);
+  FHV_ISA_DISPATCH(noise_chunk, , seed, first, n, buf)
 }
 
 template <bool kSample, bool kKL, bool kPrior>
 void forward_chunk(const float* mu, const float* lv, const float* mu_p, const float* lv_p,
                    const float* eps, int64_t n, float* z, float* kl) {
-#if FHV_X86_LEVELS
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      return forward_chunk_avx512<kSample, kKL, kPrior>(mu, lv, mu_p, lv_p, eps, n, z, kl);
-    case Isa::kAvx2:
-      return forward_chunk_avx2<kSample, kKL, kPrior>(mu, lv, mu_p, lv_p, eps, n, z, kl);
-    default:
-      break;
-  }
-#endif
-  forward_chunk_baseline<kSample, kKL, kPrior>(mu, lv, mu_p, lv_p, eps, n, z, kl);
+  FHV_ISA_DISPATCH(forward_chunk, FHV_TARGS(kSample, kKL, kPrior), mu, lv, mu_p, lv_p, eps, n, z, kl)
 }
 
 template <bool kSample, bool kKL, bool kPrior, bool kRowGrad>
 void backward_chunk(const float* mu, const float* lv, const float* mu_p, const float* lv_p,
                     const float* eps, int64_t n, const float* gz, const float* gk, float gk_row,
                     float* dmu, float* dlv, float* dmu_p, float* dlv_p) {
-#if FHV_X86_LEVELS
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      return backward_chunk_avx512<kSample, kKL, kPrior, kRowGrad>(mu, lv, mu_p, lv_p, eps, n, gz, gk,
-                                                                   gk_row, dmu, dlv, dmu_p, dlv_p);
-    case Isa::kAvx2:
-      return backward_chunk_avx2<kSample, kKL, kPrior, kRowGrad>(mu, lv, mu_p, lv_p, eps, n, gz, gk,
-                                                                 gk_row, dmu, dlv, dmu_p, dlv_p);
-    default:
-      break;
-  }
-#endif
-  backward_chunk_baseline<kSample, kKL, kPrior, kRowGrad>(mu, lv, mu_p, lv_p, eps, n, gz, gk, gk_row,
-                                                          dmu, dlv, dmu_p, dlv_p);
+  FHV_ISA_DISPATCH(backward_chunk, FHV_TARGS(kSample, kKL, kPrior, kRowGrad), mu, lv, mu_p, lv_p, eps, n, gz,
+                   gk, gk_row, dmu, dlv, dmu_p, dlv_p)
 }
 
 // Runs fn(row, begin, end) over the fixed blocks of every row, in parallel.

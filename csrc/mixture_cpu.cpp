@@ -240,36 +240,25 @@ FHV_MIXTURE_VARIANTS(, baseline)
 #if FHV_X86_LEVELS
 FHV_MIXTURE_VARIANTS(FHV_TARGET_AVX512, avx512)
 FHV_MIXTURE_VARIANTS(FHV_TARGET_AVX2, avx2)
-#define FHV_DISPATCH(name, ...)                 \
-  switch (active_isa()) {                       \
-    case Isa::kAvx512:                          \
-      return name##_avx512(__VA_ARGS__);        \
-    case Isa::kAvx2:                            \
-      return name##_avx2(__VA_ARGS__);          \
-    default:                                    \
-      return name##_baseline(__VA_ARGS__);      \
-  }
-#else
-#define FHV_DISPATCH(name, ...) return name##_baseline(__VA_ARGS__);
 #endif
 
 void mixture_forward_chunk(const float* p, int64_t ps, const float* x, int64_t k_count, int64_t n, float* joint,
                            float* nll, float* lse_logits) {
-  FHV_DISPATCH(mixture_forward_chunk, p, ps, x, k_count, n, joint, nll, lse_logits)
+  FHV_ISA_DISPATCH(mixture_forward_chunk, , p, ps, x, k_count, n, joint, nll, lse_logits)
 }
 
 void mixture_backward_chunk(const float* p, int64_t ps, const float* x, int64_t k_count, int64_t n,
                             const float* nll, const float* lse_logits, const float* g, float* dp, int64_t ds) {
-  FHV_DISPATCH(mixture_backward_chunk, p, ps, x, k_count, n, nll, lse_logits, g, dp, ds)
+  FHV_ISA_DISPATCH(mixture_backward_chunk, , p, ps, x, k_count, n, nll, lse_logits, g, dp, ds)
 }
 
 void logistic_forward_chunk(const float* x, const float* mean, const float* ls, int64_t n, float* nll) {
-  FHV_DISPATCH(logistic_forward_chunk, x, mean, ls, n, nll)
+  FHV_ISA_DISPATCH(logistic_forward_chunk, , x, mean, ls, n, nll)
 }
 
 void logistic_backward_chunk(const float* x, const float* mean, const float* ls, const float* g, int64_t n,
                              float* d_mean, float* d_ls) {
-  FHV_DISPATCH(logistic_backward_chunk, x, mean, ls, g, n, d_mean, d_ls)
+  FHV_ISA_DISPATCH(logistic_backward_chunk, , x, mean, ls, g, n, d_mean, d_ls)
 }
 
 // Where each pixel of a [B, C, H, W] tensor starts, and its channel stride.

@@ -84,17 +84,7 @@ FHV_TARGET_AVX2 void scale_avx2(T* p, int64_t n, float factor) {
 
 template <typename T>
 void scale(T* p, int64_t n, float factor) {
-#if FHV_X86_LEVELS
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      return scale_avx512(p, n, factor);
-    case Isa::kAvx2:
-      return scale_avx2(p, n, factor);
-    default:
-      break;
-  }
-#endif
-  scale_baseline(p, n, factor);
+  FHV_ISA_DISPATCH(scale, , p, n, factor)
 }
 
 template <typename F>

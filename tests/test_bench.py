@@ -5,6 +5,7 @@ Only that they work and report every implementation; speed goals live in the ben
 
 import csv
 import importlib.util
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -13,9 +14,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
-from bench.bench_train import against_best_switch, paired
+from bench.bench_train import Variant, against_best_switch, paired
 from fasthvae.data.dali import dali_available
+from fasthvae.data.torch_loader import PREFETCH_FACTOR
+from fasthvae.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,6 +105,32 @@ def test_bench_loader_feeding_the_step(tmp_path, images):
     assert (float(rows[0]["time_vs_torch"]), rows[0]["faster_rounds"]) == (1.0, "0")
     assert all(float(r["step_ms_median"]) > 0 and len(r["windows_ms"].split()) == 2 for r in rows)
     assert "| hvae | 8 | resident |" in (tmp_path / "loader_feed_cpu_b8.md").read_text()
+
+
+def test_bench_train_windows_each_iterate_their_loader_afresh(tmp_path, images):
+    """A timed window opens its own iteration of its variant's loader (the epoch's first batch
+    again), draws the batches the DataLoader keeps in flight untimed, then its steps, and closes the
+    iteration: no worker process outlives the window."""
+    config = TrainConfig(
+        model="vae", channels=8, latent=16, batch_size=8, data=images, loader="torch", workers=1,
+        compile=False, channels_last=False, fused_optimizer=False, speed="fixed", out=str(tmp_path),
+    )  # fmt: skip
+    variant = Variant("plain", config, fused_ops=False, warmup=1, bare=False)
+    draws, real_next = [], variant.feed.next
+
+    def next_batch():
+        draws.append((real_next(), len(multiprocessing.active_children())))
+        return draws[-1][0]
+
+    variant.feed.next = next_batch
+    for _ in range(2):
+        variant.time_window(3)
+        assert not multiprocessing.active_children(), "the window's workers stopped with it"
+    in_flight = variant.feed.in_flight
+    assert in_flight == PREFETCH_FACTOR and len(draws) == 2 * (in_flight + 3) and len(variant.windows) == 2
+    assert all(children == 1 for _, children in draws), "each window's own worker"
+    first, second = draws[0][0], draws[in_flight + 3][0]
+    assert torch.equal(first, second), "each window starts the epoch afresh"
 
 
 def test_bench_train(tmp_path, images):

@@ -9,6 +9,7 @@ from PIL import Image
 
 from fasthvae.data import LOADERS, DataError, LoaderOptions, load_dataset, make_loader
 from fasthvae.data.dali import dali_available, dali_gpu_problem
+from fasthvae.data.torch_loader import PREFETCH_FACTOR
 
 N, H, W = 203, 8, 12  # odd sizes: partial last batches, non-square images
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali-cuda130 is not installed")
@@ -115,6 +116,15 @@ def test_torch_loader_with_workers(images):
     assert all(torch.equal(a, b) for a, b in zip(with_workers, in_process, strict=True)), (
         "an image's augmentation depends on (seed, epoch, index), not on the worker that loads it"
     )
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_each_loader_says_how_many_batches_it_prepares_ahead(name, images):
+    """What a timed window draws untimed first: the DataLoader's workers' prefetch, DALI's queue,
+    nothing for the resident loader (it gathers a batch when asked)."""
+    options = LoaderOptions(batch_size=32)
+    expected = {"resident": 0, "torch": 3 * PREFETCH_FACTOR, "dali": 2}[name]
+    assert make_loader(name, images, options, num_workers=3).batches_in_flight == expected
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -37,9 +37,12 @@ class LoaderOptions:
 
 
 class BatchLoader(Protocol):
-    """The interface of every loader."""
+    """The interface of every loader. ``batches_in_flight``: the batches it prepares ahead of the
+    consumer off the main thread (worker processes, DALI's prefetch queue; 0 for none), which a
+    timed window lets untimed steps draw first (``fasthvae.training.speed.Feed``)."""
 
     options: LoaderOptions
+    batches_in_flight: int
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 

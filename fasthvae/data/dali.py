@@ -186,6 +186,7 @@ class DaliLoader(_DaliBase):
         )
         self._iterator_args = (iterator_cls, last_batch)
         self._iterator = None
+        self.batches_in_flight = prefetch
 
     def __len__(self) -> int:
         return batches_per_epoch(len(self.images), self.options)
@@ -223,6 +224,7 @@ class DaliFolderLoader(_DaliBase):
         device: str | torch.device = "cpu",
         num_threads: int = 2,
         shuffle_buffer: int = SHUFFLE_BUFFER,
+        prefetch: int = 2,
     ) -> None:
         fn, pipeline_def, types, iterator_cls, last_batch = _dali()
         if not files:
@@ -254,7 +256,9 @@ class DaliFolderLoader(_DaliBase):
             num_threads=num_threads,
             device_id=_device_id(self.device),
             seed=options.seed + 7919 * options.rank,
+            prefetch_queue_depth=prefetch,
         )
+        self.batches_in_flight = prefetch
         policy = last_batch.DROP if options.drop_last else last_batch.PARTIAL
         self._iterator = iterator_cls(
             pipe, ["images", "indices"], reader_name="Reader", auto_reset=True, last_batch_policy=policy

@@ -56,6 +56,7 @@ class ResidentLoader:
         self.n = len(data)
         self.data = torch.cat([data, data.flip(-1)]) if options.flip else data
         self.epoch, self.start_batch = 0, 0
+        self.batches_in_flight = 0  # each batch is gathered when asked for
 
     def __len__(self) -> int:
         return batches_per_epoch(self.n, self.options)

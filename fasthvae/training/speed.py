@@ -255,12 +255,12 @@ def endless(loader: BatchLoader) -> Iterator[torch.Tensor]:
 class Feed:
     """A loader's batches one window at a time: ``window()`` opens a fresh iteration (the
     DataLoader's workers start) and closes it when the window ends (they stop). ``in_flight``: the
-    batches the loader prepares ahead (the DataLoader's; 0 for loaders without workers), which
-    untimed steps draw before a window is timed."""
+    batches the loader prepares ahead (``BatchLoader.batches_in_flight``), which untimed steps draw
+    before a window is timed."""
 
     def __init__(self, loader: BatchLoader) -> None:
         self.loader = loader
-        self.in_flight: int = getattr(loader, "batches_in_flight", 0)
+        self.in_flight = loader.batches_in_flight
         self.batches: Iterator[torch.Tensor] | None = None
 
     @contextlib.contextmanager
