@@ -102,7 +102,7 @@ def fake_measure(choice: dict):
     return measure
 
 
-def fake_measure_loaders(config, rt, images, names):
+def fake_measure_loaders(config, rt, images, names, step):
     """The DataLoader 20% faster in every round."""
     return [
         speed.Candidate({"loader": n}, windows=[0.08 if n == "torch" else 0.1] * speed.ROUNDS) for n in names
@@ -157,13 +157,16 @@ def test_the_cache_key_follows_isa_caps_and_the_code(tmp_path, monkeypatch):
 
 
 def test_a_real_probe_times_every_candidate_and_keeps_the_random_state(tmp_path, monkeypatch):
-    monkeypatch.setattr(speed, "TIMING_SECONDS", 0.5)
+    monkeypatch.setattr(speed, "TIMING_SECONDS", {"step": 0.5, "loader": 0.5})
     c = with_model_defaults(config(tmp_path, compile=False, workers=1))  # eager: no compilation here
     rt = resolve_runtime(c, DistInfo())
+    builds, real_build = [], speed.build_state
+    monkeypatch.setattr(speed, "build_state", lambda *args: builds.append(1) or real_build(*args))
     torch.manual_seed(3)
     before = torch.get_rng_state()
     record = speed.probe(c, rt, IMAGES)
     assert torch.equal(torch.get_rng_state(), before)
+    assert len(builds) == 4, "one model per candidate; the loaders feed the chosen one's step"
     assert [r["loader"] for r in record["candidates"][4:]] == ["resident", "torch"]
     assert not any("loader" in r for r in record["candidates"][:4]), "each candidate records its own"
     assert [(r["channels_last"], r["fused_optimizer"]) for r in record["candidates"][:4]] == [
@@ -182,8 +185,9 @@ def test_a_real_probe_times_every_candidate_and_keeps_the_random_state(tmp_path,
 def test_the_dataloaders_workers_run_only_in_its_own_windows(tmp_path, monkeypatch):
     """Each loader's window draws from its own iteration: the DataLoader's workers are alive while
     it feeds the step and gone while the resident loader does (and after the probe); each window
-    starts after as many untimed steps as the DataLoader keeps batches in flight."""
-    monkeypatch.setattr(speed, "TIMING_SECONDS", 0.5)
+    starts after as many untimed steps as its loader keeps batches in flight (none for the
+    resident loader)."""
+    monkeypatch.setattr(speed, "TIMING_SECONDS", {"step": 0.5, "loader": 0.5})
     c = with_model_defaults(config(tmp_path, compile=False, workers=1))
     rt = resolve_runtime(c, DistInfo())
     draws, real_next, lead_ins, real_rounds = [], speed.Feed.next, [], speed.time_rounds
@@ -193,16 +197,16 @@ def test_the_dataloaders_workers_run_only_in_its_own_windows(tmp_path, monkeypat
         draws.append((type(feed.loader).__name__, len(multiprocessing.active_children())))
         return batch
 
-    def rounds(*args):
+    def rounds(*args, **kwargs):
         lead_ins.append(args[-1])
-        return real_rounds(*args)
+        return real_rounds(*args, **kwargs)
 
     monkeypatch.setattr(speed.Feed, "next", next_batch)
     monkeypatch.setattr(speed, "time_rounds", rounds)
     speed.measure_loaders(c, rt, IMAGES, ["torch", "resident"])
     assert {children for name, children in draws if name == "ResidentLoader"} == {0}
     assert {children for name, children in draws if name == "TorchLoader"} == {1}
-    assert lead_ins == [2] and not multiprocessing.active_children()
+    assert lead_ins == [[2, 0]] and not multiprocessing.active_children()
 
 
 def test_a_run_that_probed_trains_as_a_fixed_run_given_its_choice(data, tmp_path, cache, monkeypatch):

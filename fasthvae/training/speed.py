@@ -18,7 +18,8 @@ the run's own images. Each loader's window opens its own iterator and closes it 
 DataLoader's workers live only during its windows, so their prefetching and refilling fall into no
 other loader's window) and starts after as many untimed steps as the DataLoader keeps batches in
 flight, so that its queue, full when the window starts, was filled under the same contention as
-the window's own batches.
+the window's own batches (the resident loader keeps none: its windows start at once). The loaders
+feed the step stage's chosen step, already compiled and warm.
 
 The choice is cached per machine (CPU, its flags under any ISA cap and the caps themselves, threads,
 GPU), torch and fasthvae version, a digest of fasthvae's sources, device, model, batch, precision and
@@ -63,7 +64,9 @@ CHOICES = (*SWITCHES, "loader")  # the loader is measured feeding the chosen ste
 WARMUP_STEPS = 2  # the first compiles; the second measures a step for the window's length
 ROUNDS = 4
 MIN_GAIN = 0.03  # a candidate must save this share of the defaults' step time to replace them
-TIMING_SECONDS = 30.0  # the timed windows of all candidates together, at most
+# The timed windows of all candidates of a stage together, at most: the step's switches (up to 8
+# candidates), then the loaders (2), so that a warm probe takes under a minute.
+TIMING_SECONDS = {"step": 25.0, "loader": 15.0}
 PROBE_MIN_STEPS = 2000
 CACHE_ENV = "FASTHVAE_CACHE_DIR"
 IMAGE_SHAPE = (3, 32, 32)
@@ -86,11 +89,13 @@ KEY_FIELDS = (
 
 @dataclass
 class Candidate:
-    """One combination of the switches and its measurements (seconds per step of each window)."""
+    """One combination of the switches and its measurements (seconds per step of each window).
+    ``step``: its step on a batch, built and warm (kept for the loader stage; not recorded)."""
 
     switches: dict[str, bool | str]
     first_step_s: float = math.nan
     windows: list[float] = field(default_factory=list)
+    step: Callable[[torch.Tensor], object] | None = field(default=None, repr=False)
 
     @property
     def median(self) -> float:
@@ -193,12 +198,14 @@ def time_rounds(
     measured: list[Candidate],
     device: torch.device,
     windows: list[Callable[[], AbstractContextManager]] | None = None,
-    lead_in: int = 0,
+    lead_ins: list[int] | None = None,
+    stage: str = "step",
 ) -> None:
     """Warm-up, then ``ROUNDS`` rounds of one window per step function, the order rotated each round;
-    each window ~TIMING_SECONDS / (ROUNDS x candidates) long, judged by a warm-up step. A window runs
-    inside its candidate's ``windows`` context, after ``lead_in`` untimed steps."""
+    each window ~TIMING_SECONDS[stage] / (ROUNDS x candidates) long, judged by a warm-up step. A
+    window runs inside its candidate's ``windows`` context, after its ``lead_ins`` untimed steps."""
     windows = windows or [contextlib.nullcontext] * len(steps)
+    lead_ins = lead_ins or [0] * len(steps)
     step_s = []
     for step, window in zip(steps, windows, strict=True):
         with window():
@@ -207,12 +214,12 @@ def time_rounds(
                 step()
             _sync(device)
             step_s.append((time.perf_counter() - start) / max(1, WARMUP_STEPS - 1))
-    window_s = TIMING_SECONDS / (ROUNDS * len(steps))
+    window_s = TIMING_SECONDS[stage] / (ROUNDS * len(steps))
     lengths = [max(1, min(50, round(window_s / s))) for s in step_s]
     for r in range(ROUNDS):
         for i in [(r + k) % len(steps) for k in range(len(steps))]:
             with windows[i]():
-                for _ in range(lead_in):
+                for _ in range(lead_ins[i]):
                     steps[i]()
                 _sync(device)
                 start = time.perf_counter()
@@ -235,14 +242,20 @@ def measure(config: TrainConfig, rt: Runtime, switch_sets: list[dict[str, bool]]
     measured = []
     for switches in switch_sets:
         crt = replace(rt, **switches)
-        state = build_state(config, crt)
-        stepper = build_stepper(state, config, crt, DistInfo())
-        x, weights = synthetic_batch(config, crt), torch.ones(state.model.num_levels, device=rt.device)
-        steps.append(lambda stepper=stepper, x=x, weights=weights: stepper(x, weights))
-        measured.append(Candidate(switches))
+        measured.append(Candidate(switches, step=_build_step(config, crt)))
+        x = synthetic_batch(config, crt)
+        steps.append(lambda step=measured[-1].step, x=x: step(x))
         _first_step(steps[-1], measured[-1], rt.device)
     time_rounds(steps, measured, rt.device)
     return measured
+
+
+def _build_step(config: TrainConfig, rt: Runtime) -> Callable[[torch.Tensor], object]:
+    """The run's step with ``rt``'s switches, on a batch (all KL levels weighted 1)."""
+    state = build_state(config, rt)
+    stepper = build_stepper(state, config, rt, DistInfo())
+    weights = torch.ones(state.model.num_levels, device=rt.device)
+    return lambda x: stepper(x, weights)
 
 
 def endless(loader: BatchLoader) -> Iterator[torch.Tensor]:
@@ -277,25 +290,27 @@ class Feed:
 
 
 def measure_loaders(
-    config: TrainConfig, rt: Runtime, images: np.ndarray, names: list[str]
+    config: TrainConfig,
+    rt: Runtime,
+    images: np.ndarray,
+    names: list[str],
+    step: Callable[[torch.Tensor], object] | None = None,
 ) -> list[Candidate]:
-    """The loaders' candidates, each feeding the run's step (``rt``'s switches) with the run's
-    training images, timed in rotated rounds."""
-    state = build_state(config, rt)
-    stepper = build_stepper(state, config, rt, DistInfo())
-    weights = torch.ones(state.model.num_levels, device=rt.device)
+    """The loaders' candidates, each feeding the run's step (``rt``'s switches; ``step``, the step
+    stage's warm one, else built here) with the run's training images, timed in rotated rounds."""
+    step = step or _build_step(config, rt)
     options = LoaderOptions(
         config.batch_size, flip=config.flip, drop_last=True, seed=config.seed, channels_last=rt.channels_last
     )
     steps, measured, feeds = [], [], []
     for name in names:
         feeds.append(Feed(make_loader(name, images, options, rt.device, num_workers=config.workers)))
-        steps.append(lambda feed=feeds[-1]: stepper(feed.next(), weights))
+        steps.append(lambda feed=feeds[-1]: step(feed.next()))
         measured.append(Candidate({"loader": name}))
         with feeds[-1].window():
             _first_step(steps[-1], measured[-1], rt.device)
-    lead_in = max(feed.in_flight for feed in feeds)
-    time_rounds(steps, measured, rt.device, [feed.window for feed in feeds], lead_in)
+    windows, lead_ins = [feed.window for feed in feeds], [feed.in_flight for feed in feeds]
+    time_rounds(steps, measured, rt.device, windows, lead_ins, stage="loader")
     return measured
 
 
@@ -315,9 +330,13 @@ def probe(config: TrainConfig, rt: Runtime, images: object) -> dict:
     with torch.random.fork_rng(devices=devices):
         measured = measure(config, rt, candidates(config, rt))
         choice = dict(decide(measured))
+        chosen = next(c for c in measured if c.switches == choice)
+        for candidate in measured:  # the others' models and optimizers go now
+            if candidate is not chosen:
+                candidate.step = None
         loaders = loader_candidates(config, rt, images)
         if loaders:
-            timed = measure_loaders(config, replace(rt, **choice), images, loaders)
+            timed = measure_loaders(config, replace(rt, **choice), images, loaders, chosen.step)
             choice |= decide(timed)
             measured += timed
     torch._dynamo.reset()  # the probe's graphs hold its models; the run compiles its own (cache-warm)
