@@ -12,9 +12,9 @@ from fasthvae.data.common import BatchLoader, LoaderOptions, image_batches
 from fasthvae.data.sources import DataError, Dataset, FileSplit, ImageSplit, load_dataset
 
 LOADERS = ("dali", "resident", "torch")
-# The default on every device: no host copies and no worker processes. On a CPU a batch of 32 costs
-# it ~0.2 ms of the main thread, while the DataLoader's workers take their PIL work from the cores
-# the step runs on (results/bench/README.md, "The loader on a CPU").
+# The default on every device: no host copies and no worker processes. On a CPU a batch of 32 takes
+# it ~50 us, while the DataLoader's workers spend milliseconds of CPU on it, on the cores the step
+# runs on (results/bench/README.md, "The loader on a CPU").
 DEFAULT_LOADER = "resident"
 
 __all__ = [
