@@ -1,8 +1,9 @@
 """Images/s of each loader for full CIFAR-10 epochs with random flips, in one process.
 
 The baseline is ``torch.utils.data.DataLoader`` with ``--workers`` workers and torchvision transforms
-(what most training scripts use). Each loader runs one warm-up epoch, then ``--epochs`` timed epochs;
-the median epoch gives images/s. Writes ``loader_<device>.{csv,md}``.
+(what most training scripts use). Each loader runs one warm-up epoch, then ``--epochs`` timed epochs
+of batches with random flips, in channels_last as the trainer takes them (``--no-channels-last``:
+contiguous); the median epoch gives images/s. Writes ``loader_<device>.{csv,md}``.
 
 ``--feed MODEL[:PRESET] ...``: instead, the two array loaders (``torch``, ``resident``) feeding the
 trainer's step (compile, ``--amp``, channels_last and the fused AdamW: the fasthvae path with the
@@ -131,6 +132,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="batches in channels_last, as the trainer takes them by default",
+    )
+    parser.add_argument(
         "--feed", nargs="+", metavar="MODEL[:PRESET]", help="time the loaders feeding these models' steps"
     )
     parser.add_argument("--rounds", type=int, default=16, help="--feed: windows of each loader")
@@ -143,7 +150,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     images = load_dataset(args.data).train.images
-    options = LoaderOptions(batch_size=args.batch_size, flip=True, seed=0)
+    options = LoaderOptions(batch_size=args.batch_size, flip=True, seed=0, channels_last=args.channels_last)
     rows = []
     for name in ("torch", *[n for n in LOADERS if n != "torch"]):
         if name == "dali" and not dali_available():
@@ -158,6 +165,7 @@ def main() -> None:
                 "device": device.type,
                 "images": len(images),
                 "batch_size": args.batch_size,
+                "layout": "channels_last" if args.channels_last else "contiguous",
                 "epoch_s_median": round(median, 4),
                 "images_per_s": round(len(images) / median),
             }
@@ -168,7 +176,7 @@ def main() -> None:
     for row in rows:
         row["speedup_vs_torch"] = round(row["images_per_s"] / base, 2)
 
-    header = ["loader", "device", "epoch s (median)", "images/s", "vs torch DataLoader"]
+    header = ["loader", "device", "epoch s (median)", "images/s", "us / batch", "vs torch DataLoader"]
     print(
         write_report(
             rows,
@@ -179,8 +187,11 @@ def main() -> None:
                 r["device"],
                 str(r["epoch_s_median"]),
                 f"{r['images_per_s']:,}",
+                f"{1e6 * args.batch_size / r['images_per_s']:.0f}",
                 f"{r['speedup_vs_torch']}x",
             ],
+            title=f"Loaders, batch {args.batch_size}, random flips, {rows[0]['layout']}, {machine()}",
+            intro=f"{len(images):,} training images; the median of {args.epochs} epochs after a warm-up one.",
         )
     )
 

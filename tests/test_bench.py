@@ -93,6 +93,7 @@ def test_bench_loader(tmp_path, images):
     rows = read_rows(next(tmp_path.glob("*.csv")))
     expected = {"torch", "resident"} | ({"dali"} if dali_available() else set())  # no DALI: GPU machines
     assert expected <= {r["loader"] for r in rows}
+    assert {r["layout"] for r in rows} == {"channels_last"}, "batches as the trainer takes them"
 
 
 def test_bench_loader_feeding_the_step(tmp_path, images):

@@ -1,6 +1,7 @@
 """Loaders and sources: coverage per epoch, augmentation, seeding, sharding, errors."""
 
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -106,6 +107,20 @@ def test_ddp_shards_are_disjoint_and_cover(name, images, world_size):
 def test_channels_last(images):
     x, _ = next(iter(loader("resident", images, channels_last=True)))
     assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_resident_loader_on_a_cpu_reads_the_callers_array_in_place(images):
+    """No copy of the data set on a CPU, flips included (each batch is flipped as it is gathered);
+    a read-only array (as a memory-mapped one is) is read without a warning."""
+    assert loader("resident", images, flip=True).data.data_ptr() == images.ctypes.data
+    readonly = images.copy()
+    readonly.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x, idx = next(iter(loader("resident", readonly, flip=True)))
+    plain = as_float(images[idx.numpy()])
+    same, mirrored = ((x == y).flatten(1).all(1) for y in (plain, plain.flip(-1)))
+    assert (same | mirrored).all() and mirrored.any(), "each image as it is or mirrored"
 
 
 def test_torch_loader_with_workers(images):

@@ -13,7 +13,7 @@ from fasthvae.data.sources import DataError, Dataset, FileSplit, ImageSplit, loa
 
 LOADERS = ("dali", "resident", "torch")
 # The default on every device: no host copies and no worker processes. On a CPU a batch of 32 takes
-# it ~50 us, while the DataLoader's workers spend milliseconds of CPU on it, on the cores the step
+# it ~0.1 ms, while the DataLoader's workers spend milliseconds of CPU on it, on the cores the step
 # runs on (results/bench/README.md, "The loader on a CPU").
 DEFAULT_LOADER = "resident"
 

@@ -2,6 +2,7 @@
 are gathered with a device-side index and augmented there (no workers, no host copies per batch).
 """
 
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -40,21 +41,20 @@ def to_float(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 class ResidentLoader:
-    """Batches gathered from a uint8 tensor that lives on ``device``.
-
-    With ``flip`` the tensor also holds every image mirrored (twice the memory: 300 MB for
-    CIFAR-10), so a flipped batch is one gather: image ``i`` or its mirror at ``i + N``.
-    """
+    """Batches gathered from the uint8 images [N, H, W, 3] as one tensor on ``device``: on a CPU the
+    caller's array itself (no copy), elsewhere one copy on the device. A batch is one gather, then
+    its flips, crops and the conversion to float [B, 3, H, W]."""
 
     def __init__(
         self, images: np.ndarray, options: LoaderOptions, device: str | torch.device = "cpu"
     ) -> None:
-        check_images(images, "ResidentLoader")
+        images = np.ascontiguousarray(check_images(images, "ResidentLoader"))
         self.options = options
         self.device = torch.device(device)
-        data = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).contiguous()
-        self.n = len(data)
-        self.data = torch.cat([data, data.flip(-1)]) if options.flip else data
+        with warnings.catch_warnings():  # a read-only array (np.load's mmap) is only ever read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.data = torch.from_numpy(images).to(self.device)
+        self.n = len(self.data)
         self.epoch, self.start_batch = 0, 0
         self.batches_in_flight = 0  # each batch is gathered when asked for
 
@@ -69,14 +69,18 @@ class ResidentLoader:
         order = shard_order(self.n, opt, self.epoch).to(self.device)
         gen = epoch_generator(opt.seed + 1, self.epoch, opt.rank, self.device)
         for i, idx in enumerate(batch_slices(order, self.n, opt)):
-            rows = idx
-            if opt.flip:  # pick the mirrored copy with probability 1/2
-                rows = idx + self.n * torch.randint(0, 2, idx.shape, generator=gen, device=self.device)
+            flips = None
+            if opt.flip:  # each image mirrored with probability 1/2
+                flips = torch.randint(0, 2, idx.shape, generator=gen, device=self.device)
             if i < self.start_batch:  # resuming mid-epoch: the skipped batches' draws, not their work
                 if opt.pad_crop:
                     crop_offsets(len(idx), opt.pad_crop, gen, self.device)
                 continue
-            x = self.data.index_select(0, rows)
+            x = self.data.index_select(0, idx)  # [B, H, W, 3]
+            if flips is not None:  # the batch and its mirror side by side, image b's mirror at b + B
+                pick = torch.arange(len(x), device=self.device) + len(x) * flips
+                x = torch.cat([x, x.flip(2)]).index_select(0, pick)
+            x = x.permute(0, 3, 1, 2)  # [B, 3, H, W], channels_last in memory
             if opt.pad_crop:
                 x = random_pad_crop(x, opt.pad_crop, gen)
             yield to_float(x, opt.channels_last), idx
