@@ -10,11 +10,13 @@ trainer's step (compile, ``--amp``, channels_last and the fused AdamW: the fasth
 loader fixed) of each model, at ``--batch-size``. Both trainers live in one process; ``--rounds``
 rounds time one window of ``--steps`` steps of each, the order alternating, each window on its own
 iteration of its loader after untimed steps that draw the batches a DataLoader keeps in flight (as
-``bench_train``'s). The ratio is the median over rounds of each window against the DataLoader's of
-the same round. Writes ``loader_feed_<device>_b<batch>.{csv,md}``.
+``bench_train``'s). The ratio is the median over rounds of each window against the first loader's
+(the DataLoader's by default) of the same round. ``--feed-loaders resident resident`` (or ``torch
+torch``) is the protocol's A/A run: its spread. Writes ``loader_feed_<device>_b<batch>.{csv,md}``.
 
     python -m bench.bench_loader [--data ../shared/data/cifar10/cifar10.npz] [--device cpu|cuda]
     python -m bench.bench_loader --feed vae hvae deep:small --batch-size 128 [--rounds 16]
+                                 [--feed-loaders resident resident]
 """
 
 import argparse
@@ -32,7 +34,7 @@ from fasthvae.data.dali import dali_available
 from fasthvae.hardware import machine
 from fasthvae.train import TrainConfig
 
-FEED_LOADERS = ("torch", "resident")
+FEED_LOADERS = ["torch", "resident"]
 # The fasthvae path's switches with the loader fixed (no probe).
 FASTHVAE_PATH = {"compile": True, "amp": True, "channels_last": True, "fused_optimizer": True}
 
@@ -53,11 +55,12 @@ def time_epochs(loader, epochs: int, device: torch.device) -> list[float]:
 
 
 def feed_rows(spec: str, args: argparse.Namespace) -> list[dict]:
-    """``FEED_LOADERS`` feeding the fasthvae step of ``spec`` (``model[:preset]``), paired rounds."""
+    """``args.feed_loaders`` feeding the fasthvae step of ``spec`` (``model[:preset]``), paired rounds;
+    the first is the reference. A loader named twice is an A/A run (its second trainer is ``name 2``)."""
     model, _, preset = spec.partition(":")
     built = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in FEED_LOADERS:
+        for i, name in enumerate(args.feed_loaders):
             config = TrainConfig(
                 model=model,
                 preset=preset or "small",
@@ -68,11 +71,12 @@ def feed_rows(spec: str, args: argparse.Namespace) -> list[dict]:
                 workers=args.workers,
                 epochs=1,
                 keep_freed_memory=False,
-                out=f"{tmp}/{name}",
+                out=f"{tmp}/{i}",
                 speed="fixed",
                 **FASTHVAE_PATH,
             )
-            built.append(Variant(name, config, fused_ops=True, warmup=args.warmup, bare=False))
+            label = f"{name} 2" if name in args.feed_loaders[:i] else name
+            built.append(Variant(label, config, fused_ops=True, warmup=args.warmup, bare=False))
         for r in range(args.rounds):
             for variant in built[r % 2 :] + built[: r % 2]:
                 variant.time_window(args.steps)
@@ -86,7 +90,7 @@ def feed_rows(spec: str, args: argparse.Namespace) -> list[dict]:
                 "batch_size": args.batch_size,
                 "loader": variant.name,
                 "step_ms_median": round(1000 * statistics.median(variant.windows) / args.steps, 2),
-                "time_vs_torch": round(1 / speedup, 3),
+                "time_vs_first": round(1 / speedup, 3),
                 "faster_rounds": faster,
                 "windows_ms": " ".join(f"{1000 * t / args.steps:.1f}" for t in variant.windows),
             }
@@ -101,20 +105,20 @@ def feed(args: argparse.Namespace) -> None:
         write_report(
             rows,
             args.out / f"loader_feed_{args.device}_b{args.batch_size}",
-            ["model", "batch", "loader", "step ms (median)", "time vs torch DataLoader (rounds faster)"],
+            ["model", "batch", "loader", "step ms (median)", f"time vs {args.feed_loaders[0]} (faster in)"],
             lambda r: [
                 r["model"],
                 str(r["batch_size"]),
                 r["loader"],
                 str(r["step_ms_median"]),
-                f"{r['time_vs_torch']}x ({r['faster_rounds']}/{args.rounds})",
+                f"{r['time_vs_first']}x ({r['faster_rounds']}/{args.rounds})",
             ],
             title=f"The loaders feeding the fasthvae step, {machine()}",
             intro=f"{args.rounds} rounds, each one window of {args.steps} steps per loader, the order "
             "alternating; both trainers in one process, compile, --amp, channels_last and the fused "
             "AdamW, each window on its own loader iteration after the batches a DataLoader keeps in "
-            "flight. The time ratio is the median over rounds of each window against the DataLoader's "
-            "of the same round.",
+            "flight. The time ratio is the median over rounds of each window against the first "
+            "loader's of the same round.",
         )
     )
 
@@ -139,6 +143,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--feed", nargs="+", metavar="MODEL[:PRESET]", help="time the loaders feeding these models' steps"
+    )
+    parser.add_argument(
+        "--feed-loaders",
+        nargs=2,
+        default=FEED_LOADERS,
+        choices=FEED_LOADERS,
+        help="--feed: the two loaders, the first the reference (one named twice: an A/A run)",
     )
     parser.add_argument("--rounds", type=int, default=16, help="--feed: windows of each loader")
     parser.add_argument("--steps", type=int, default=10, help="--feed: steps in a window")
