@@ -139,7 +139,7 @@ def main() -> None:
         "--channels-last",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="batches in channels_last, as the trainer takes them by default",
+        help="epochs: batches in channels_last, as the trainer takes them by default (--feed always is)",
     )
     parser.add_argument(
         "--feed", nargs="+", metavar="MODEL[:PRESET]", help="time the loaders feeding these models' steps"

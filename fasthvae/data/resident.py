@@ -51,7 +51,7 @@ class ResidentLoader:
         images = np.ascontiguousarray(check_images(images, "ResidentLoader"))
         self.options = options
         self.device = torch.device(device)
-        with warnings.catch_warnings():  # a read-only array (np.load's mmap) is only ever read here
+        with warnings.catch_warnings():  # a read-only array (a memory map) is only ever read here
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             self.data = torch.from_numpy(images).to(self.device)
         self.n = len(self.data)

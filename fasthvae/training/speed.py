@@ -65,7 +65,8 @@ WARMUP_STEPS = 2  # the first compiles; the second measures a step for the windo
 ROUNDS = 4
 MIN_GAIN = 0.03  # a candidate must save this share of the defaults' step time to replace them
 # The timed windows of all candidates of a stage together, at most: the step's switches (up to 8
-# candidates), then the loaders (2), so that a warm probe takes under a minute.
+# candidates), then the loaders (2): 58 s for the whole warm probe of the deep model at batch 32 on
+# 2 cores (results/bench/README.md).
 TIMING_SECONDS = {"step": 25.0, "loader": 15.0}
 PROBE_MIN_STEPS = 2000
 CACHE_ENV = "FASTHVAE_CACHE_DIR"
