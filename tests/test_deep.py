@@ -311,8 +311,9 @@ def test_nearest_upsampling_equals_interpolate_and_keeps_channels_last(layout, s
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("group", [0, 3], ids=["1x1", "4x4"])  # 1x1 convs at 1x1, 3x3 convs at 4x4
 def test_prior_and_posterior_as_one_equal_the_two_cells(layout, group):
-    """``LatentGroup.prior_and_posterior`` (the two cells' convs as one call each) gives the prior
-    cell's output on h and the posterior cell's on cat[h, activation]: values and the gradients of
+    """``LatentGroup.prior_and_posterior`` (the two cells' convs as one call each, given the
+    posterior's read of the activation) gives the prior cell's output on h and the posterior cell's
+    on cat[h, activation]: values and the gradients of
     both inputs and of every parameter of both cells, in float64."""
     torch.manual_seed(0)
     model = DeepHVAE("small").double()
@@ -330,7 +331,9 @@ def test_prior_and_posterior_as_one_equal_the_two_cells(layout, group):
         return *block.prior_params(h), *block.posterior_params(h, act)
 
     def as_one():
-        prior, posterior = block.prior_and_posterior(h, act)
+        activation_columns = block.posterior.convs[0].weight[:, 64:]
+        read = torch.nn.functional.conv2d(torch.nn.functional.gelu(act), activation_columns)
+        prior, posterior = block.prior_and_posterior(h, read)
         return *prior, *posterior
 
     inputs = [h, act, *block.prior.parameters(), *block.posterior.parameters()]
@@ -349,8 +352,9 @@ def test_prior_and_posterior_as_one_equal_the_two_cells(layout, group):
 
 def test_the_model_with_heads_as_one_equals_it_with_heads_apart():
     """The whole deep model's loss terms and parameter gradients are the same (float64) with each
-    group's prior and posterior as one set of convs and with the cells apart; the FLOP counter
-    counts 12% more executed FLOPs as one (the zero blocks), which is why bench_train counts apart."""
+    group's prior and posterior as one set of convs (each resolution's posterior reads of the
+    activation as one conv) and with the cells apart; the FLOP counter counts 10% more as one (the
+    last conv's zero blocks, the grouped convs' backward), which is why bench_train counts apart."""
     torch.manual_seed(0)
     model = DeepHVAE("small").double()
     for p in model.parameters():
@@ -373,4 +377,4 @@ def test_the_model_with_heads_as_one_equals_it_with_heads_apart():
         with FlopCounterMode(display=False) as counter:
             loss_and_grads(as_one)
         flops[as_one] = counter.get_total_flops()
-    assert 1.10 < flops[True] / flops[False] < 1.15, flops
+    assert 1.08 < flops[True] / flops[False] < 1.12, flops

@@ -183,23 +183,24 @@ class LatentGroup(nn.Module):
         mu, logvar = self.posterior(torch.cat([h, activation], 1)).chunk(2, 1)
         return mu, soft_clamp(logvar)
 
-    def prior_and_posterior(
-        self, h: Tensor, activation: Tensor
-    ) -> tuple[tuple[Tensor, Tensor, Tensor], Gaussian]:
-        """``prior_params(h)`` and ``posterior_params(h, activation)`` with the two cells run as one:
-        each conv of the pair is one call over both cells' channels (the prior's first conv reads h
-        only, its rows zero on the activation; the 3x3s are grouped convs; the last conv is
-        block-diagonal). The same parameters and values, half the conv calls: a 16-channel conv
-        costs more in calls than in arithmetic. The zero blocks add 12% to the FLOPs the `small`
-        step executes (``tests/test_deep.py``)."""
+    def prior_and_posterior(self, h: Tensor, read: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], Gaussian]:
+        """``prior_params(h)`` and ``posterior_params(h, activation)`` with the two cells run as one,
+        given the posterior's ``read`` of the activation (``DeepHVAE.posterior_reads``): the first
+        conv reads ``gelu(h)`` for both cells (the posterior's first conv over [h, activation] is its
+        conv over h plus its read of the activation), the 3x3s are grouped convs, the last conv is
+        block-diagonal. The same parameters and values, half the conv calls: a 16-channel conv
+        costs more in calls than in arithmetic. The FLOP counter counts 10% more for the `small` step
+        this way (the last conv's zero blocks, and a grouped conv's backward counted as a third more
+        than its two halves'; ``tests/test_deep.py``). No channel concatenation of activations is
+        formed: Inductor lays one out as NCHW in a channels_last step and transposes into it."""
         prior, posterior = self.prior, self.posterior
         first_p, first_q = prior.convs[0], posterior.convs[0]
-        reads_h_only = torch.cat([first_p.weight, torch.zeros_like(first_p.weight)], 1)
         x = F.conv2d(
-            F.gelu(torch.cat([h, activation], 1)),
-            torch.cat([reads_h_only, first_q.weight]),
+            F.gelu(h),
+            torch.cat([first_p.weight, first_q.weight[:, : h.shape[1]]]),
             torch.cat([first_p.bias, first_q.bias]),
         )
+        x = x + F.pad(read, (0, 0, 0, 0, read.shape[1], 0))  # the read reaches the posterior's half
         for conv_p, conv_q in zip(prior.convs[1:], posterior.convs[1:], strict=True):
             weight, bias = torch.cat([conv_p.weight, conv_q.weight]), torch.cat([conv_p.bias, conv_q.bias])
             x = F.conv2d(F.gelu(x), weight, bias, padding=conv_p.padding, groups=2)
@@ -296,6 +297,7 @@ class DeepHVAE(LatentVariableModel):
         each latent group computes its prior and, given the bottom-up ``activations``, its
         posterior, and continues with ``draw(group, (mu_p, logvar_p), (mu_q, logvar_q) or None)``:
         the z that training, encoding, sampling and the importance weights each draw their way."""
+        reads = iter(self.posterior_reads(activations)) if activations is not None else None
         for res, block in self.top_down:
             h = self._fit(h, res)
             if isinstance(block, Cell):
@@ -304,12 +306,27 @@ class DeepHVAE(LatentVariableModel):
             if activations is None:
                 (mu_p, logvar_p, features), posterior = block.prior_params(h), None
             elif self.heads_as_one:
-                (mu_p, logvar_p, features), posterior = block.prior_and_posterior(h, activations[res])
+                (mu_p, logvar_p, features), posterior = block.prior_and_posterior(h, next(reads))
             else:
                 mu_p, logvar_p, features = block.prior_params(h)
                 posterior = block.posterior_params(h, activations[res])
             h = block.advance(h, features, draw(block, (mu_p, logvar_p), posterior))
         return h
+
+    def posterior_reads(self, activations: dict[int, Tensor]) -> list[Tensor]:
+        """Each latent group's read of its resolution's activation, top first (none when
+        ``heads_as_one`` is off): its posterior's first conv on ``gelu(activation)``, the weight's
+        activation columns, no bias. The groups of a resolution read the same activation, so their
+        reads are one conv (their weights stacked), one call per resolution."""
+        if not self.heads_as_one:
+            return []
+        reads: list[Tensor] = []
+        for res in sorted(set(self.resolutions)):
+            groups = [g for g, r in zip(self.groups, self.resolutions, strict=True) if r == res]
+            activation = activations[res]
+            weight = torch.cat([g.posterior.convs[0].weight[:, activation.shape[1] :] for g in groups])
+            reads += F.conv2d(F.gelu(activation), weight).chunk(len(groups), 1)
+        return reads
 
     def forward(self, x: Tensor, kl_reduction: str = "sample") -> Output:
         kls = {}
