@@ -297,7 +297,9 @@ class DeepHVAE(LatentVariableModel):
         each latent group computes its prior and, given the bottom-up ``activations``, its
         posterior, and continues with ``draw(group, (mu_p, logvar_p), (mu_q, logvar_q) or None)``:
         the z that training, encoding, sampling and the importance weights each draw their way."""
-        reads = iter(self.posterior_reads(activations)) if activations is not None else None
+        reads = (
+            iter(self.posterior_reads(activations)) if activations is not None and self.heads_as_one else None
+        )
         for res, block in self.top_down:
             h = self._fit(h, res)
             if isinstance(block, Cell):
@@ -314,12 +316,10 @@ class DeepHVAE(LatentVariableModel):
         return h
 
     def posterior_reads(self, activations: dict[int, Tensor]) -> list[Tensor]:
-        """Each latent group's read of its resolution's activation, top first (none when
-        ``heads_as_one`` is off): its posterior's first conv on ``gelu(activation)``, the weight's
-        activation columns, no bias. The groups of a resolution read the same activation, so their
-        reads are one conv (their weights stacked), one call per resolution."""
-        if not self.heads_as_one:
-            return []
+        """Each latent group's read of its resolution's activation, top first: its posterior's first
+        conv on ``gelu(activation)``, the weight's activation columns, no bias. The groups of a
+        resolution read the same activation, so their reads are one conv (their weights stacked),
+        one call per resolution."""
         reads: list[Tensor] = []
         for res in sorted(set(self.resolutions)):
             groups = [g for g, r in zip(self.groups, self.resolutions, strict=True) if r == res]
