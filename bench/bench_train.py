@@ -30,9 +30,9 @@ Every row is also on the machine's scale (``bench/machine_scale.py``): the FLOPs
 image (counted once, on the plain variant's eager step: convolutions and matrix products, forward
 and backward), the GFLOP/s that makes at the row's speed, and its share of two peaks measured at
 the start of every round: an fp32 sgemm (2048^2) and the model's commonest convolution (the conv
-shape holding most of the step's FLOPs) at the same batch, forward and backward; a row's share is
-the median over rounds of its window against its round's peak. ``--model deep`` runs each
-``--preset`` given, a table each.
+shape holding most of the step's FLOPs) at the same batch, forward and backward, in the faster of
+NCHW and channels_last; a row's share is the median over rounds of its window against its round's
+peak. ``--model deep`` runs each ``--preset`` given, a table each.
 
 ``--top-ops N`` also writes where each variant's step spends its time: the N entries of the profiled
 window with the most self time (device time on CUDA), per step and as a share of the window, in
@@ -46,6 +46,7 @@ record per kernel).
 """
 
 import argparse
+import collections
 import operator
 import statistics
 import tempfile
@@ -241,10 +242,13 @@ class Scale:
     device: torch.device
     sgemm_peaks: list[float] = field(default_factory=list)
     conv_peaks: list[float] = field(default_factory=list)
+    conv_layouts: list[str] = field(default_factory=list)  # the faster layout of each round's conv
 
     def measure_peaks(self, repeats: int) -> None:
         self.sgemm_peaks.append(sgemm_gflops(self.device, repeats=repeats))
-        self.conv_peaks.append(conv_gflops(self.conv, self.batch, self.device, repeats))
+        gflops, layout = conv_gflops(self.conv, self.batch, self.device, repeats)
+        self.conv_peaks.append(gflops)
+        self.conv_layouts.append(layout)
 
     def row(self, windows: list[float], images_per_window: int) -> dict:
         """GFLOP/s of the median window, and the median over rounds of each window's share of the
@@ -261,9 +265,13 @@ class Scale:
         def spread(peaks: list[float]) -> str:
             return f"{statistics.median(peaks):.1f} (rounds: {min(peaks):.1f}-{max(peaks):.1f})"
 
+        counts = collections.Counter(self.conv_layouts)
+        layouts = ", ".join(f"{name} in {n} of {len(self.conv_layouts)}" for name, n in counts.most_common())
+
         return (
             f"fp32 sgemm 2048^2 {spread(self.sgemm_peaks)} GFLOP/s; the model's commonest convolution, "
-            f"{self.conv}, batch {self.batch}, forward and backward, {spread(self.conv_peaks)} GFLOP/s"
+            f"{self.conv}, batch {self.batch}, forward and backward, {spread(self.conv_peaks)} GFLOP/s "
+            f"in the faster layout of each round ({layouts})"
         )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench import machine_scale
 from bench.bench_train import Variant, against_best_switch, paired
 from fasthvae.data.dali import dali_available
 from fasthvae.data.torch_loader import PREFETCH_FACTOR
@@ -231,3 +232,26 @@ def test_bench_recompile(tmp_path, images):
         assert all(
             float(row[k]) > 0 for k in ("first_step_s", "step_ms_before", "odd_batch_step_s", "step_ms_after")
         )
+
+
+@pytest.mark.parametrize(
+    ("rates", "expected"), [((10.0, 20.0), (20.0, "channels_last")), ((30.0, 20.0), (30.0, "NCHW"))]
+)
+def test_conv_peak_is_the_faster_layout(monkeypatch, rates, expected):
+    """The conv peak runs the conv in both layouts, each with its input and gradient laid out so,
+    and keeps the faster one with its name."""
+    seen = []
+
+    def rate(step, device, repeats):
+        _, x, grad = step.args
+        fmt = torch.channels_last if len(seen) else torch.contiguous_format
+        assert x.is_contiguous(memory_format=fmt) and grad.is_contiguous(memory_format=fmt)
+        step()  # the step runs: a forward and a backward into x.grad
+        assert x.grad is not None
+        seen.append(fmt)
+        return rates[len(seen) - 1]
+
+    monkeypatch.setattr(machine_scale, "_step_gflops", rate)
+    shape = machine_scale.ConvShape(3, 5, (3, 3), (1, 1), (1, 1), 1, (6, 6))
+    assert machine_scale.conv_gflops(shape, 2, torch.device("cpu")) == expected
+    assert len(seen) == 2
