@@ -2,7 +2,7 @@
 (``torch.utils.flop_counter``: convolutions and matrix products, forward and backward), and the
 peak the device reaches on the same kind of work, measured in the same process: an fp32 sgemm and
 the model's commonest convolution (the conv shape that holds most of the step's FLOPs) at the
-benchmark's batch size, forward and backward.
+benchmark's batch size, forward and backward, in the faster of NCHW and channels_last.
 """
 
 import functools
