@@ -1,13 +1,13 @@
 """What ATen's call path around oneDNN's convolutions costs: each of the deep model's convolution
-shapes as ``F.conv2d`` and ``aten.convolution_backward`` (bf16, channels_last) against the same
+shapes as ``F.conv2d`` and ``aten.convolution_backward`` (bf16 or fp32, channels_last) against the same
 oneDNN primitives called directly (``bench/onednn_calls.cpp``: built once per shape, executed on the
 tensors' memory), in one process, alternating in rounds; medians, microseconds a call.
 
 The direct calls need a standalone oneDNN, which fasthvae does not otherwise use (torch's own is
 linked in without its API): ``pip install onednn-cpu-gomp onednn-devel-cpu-gomp`` (GNU OpenMP, the
-runtime torch loads, so one thread pool). Writes ``onednn_calls.{csv,md}``.
+runtime torch loads, so one thread pool). Writes ``onednn_calls_<dtype>.{csv,md}``.
 
-    python -m bench.bench_onednn_calls [--onednn PREFIX] [--calls 100] [--rounds 5] [--out results/bench]
+    python -m bench.bench_onednn_calls [--dtype bfloat16|float32] [--onednn PREFIX] [--calls 100] [--rounds 5]
 """
 
 import argparse
@@ -61,22 +61,24 @@ def per_call_us(fn: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def implementations(ext, batch: int, c: int, side: int, o: int, k: int) -> dict[str, Callable[[], object]]:
-    """The four timed calls on one shape (and the kernels oneDNN chose), on random bf16 channels_last
-    tensors."""
+def implementations(
+    ext, dtype: torch.dtype, batch: int, c: int, side: int, o: int, k: int
+) -> dict[str, Callable[[], object]]:
+    """The four timed calls on one shape (and the kernels oneDNN chose), on random channels_last
+    tensors of ``dtype``."""
     cl, pad = torch.channels_last, k // 2
-    x = torch.randn(batch, c, side, side).to(torch.bfloat16).contiguous(memory_format=cl)
-    grad_y = torch.randn(batch, o, side, side).to(torch.bfloat16).contiguous(memory_format=cl)
+    x = torch.randn(batch, c, side, side).to(dtype).contiguous(memory_format=cl)
+    grad_y = torch.randn(batch, o, side, side).to(dtype).contiguous(memory_format=cl)
     weight = torch.randn(o, c, k, k) * 0.1
-    bias = torch.randn(o).to(torch.bfloat16).float()  # the values F.conv2d's bf16 bias holds
-    w16, b16 = weight.to(torch.bfloat16).contiguous(memory_format=cl), bias.to(torch.bfloat16)
+    bias = torch.randn(o).to(dtype).float()  # the values F.conv2d's bias of ``dtype`` holds
+    w_aten, b_aten = weight.to(dtype).contiguous(memory_format=cl), bias.to(dtype)
     packed, packed_backward = ext.pack_weights(x, weight)
     grads = [True, True, True]
     return {
-        "aten forward": lambda: F.conv2d(x, w16, b16, padding=pad),
+        "aten forward": lambda: F.conv2d(x, w_aten, b_aten, padding=pad),
         "direct forward": lambda: ext.forward(x, weight, packed, bias),
         "aten backward": lambda: torch.ops.aten.convolution_backward(
-            grad_y, x, w16, [o], [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, grads
+            grad_y, x, w_aten, [o], [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, grads
         ),
         "direct backward": lambda: ext.backward(grad_y, x, weight, packed_backward),
         "kernels": lambda: ext.kernels(x, weight),
@@ -100,15 +102,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--onednn", type=Path, default=Path(sys.prefix), help="oneDNN's install prefix")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--calls", type=int, default=100, help="calls a timed window")
     parser.add_argument("--rounds", type=int, default=5, help="windows of each implementation, alternating")
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     args = parser.parse_args()
     ext = build(args.onednn)
     torch.manual_seed(0)
-    rows = []
+    dtype, rows = getattr(torch, args.dtype), []
     for c, side, o, k in SHAPES:
-        impls = implementations(ext, args.batch_size, c, side, o, k)
+        try:
+            impls = implementations(ext, dtype, args.batch_size, c, side, o, k)
+        except RuntimeError as error:
+            sys.exit(f"bench_onednn_calls: {str(error).splitlines()[0]}")
         forward_diff = relative_difference(impls["aten forward"](), impls["direct forward"]())
         pairs = zip(impls["aten backward"](), impls["direct backward"](), strict=True)
         grad_diffs = [relative_difference(a, b) for a, b in pairs]
@@ -136,14 +142,15 @@ def main() -> None:
         return [row["shape"], row["kernels"], *(str(row[t]) for t in times), diffs]
 
     intro = (
-        f"bf16, channels_last, batch {args.batch_size}; median of {args.rounds} alternating windows of "
-        f"{args.calls} calls. ATen: `F.conv2d` and `aten.convolution_backward` (all three gradients); "
-        "direct: the same oneDNN primitives built once per shape and executed on the tensors' memory "
-        "(`bench/onednn_calls.cpp`; the weights reordered once into their layouts, outside the timing), "
-        "the weight and bias gradients in f32. Relative difference: the largest against the largest value."
+        f"{args.dtype}, channels_last, batch {args.batch_size}; median of {args.rounds} alternating "
+        f"windows of {args.calls} calls. ATen: `F.conv2d` and `aten.convolution_backward` (all three "
+        "gradients); direct: the same oneDNN primitives built once per shape and executed on the "
+        "tensors' memory (`bench/onednn_calls.cpp`; the weights reordered once into their layouts, "
+        "outside the timing), the weight and bias gradients in float32. Relative difference: the "
+        "largest against the largest value."
     )
     title = f"oneDNN called directly, {machine()}"
-    print(write_report(rows, args.out / "onednn_calls", header, cells, title, intro))
+    print(write_report(rows, args.out / f"onednn_calls_{args.dtype}", header, cells, title, intro))
 
 
 if __name__ == "__main__":

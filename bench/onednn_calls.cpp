@@ -1,6 +1,6 @@
 // oneDNN's convolution primitives called directly (built once per shape, executed on the tensors'
 // memory), for bench_onednn_calls: what ATen's call path around the same primitives costs.
-// bf16 NHWC activations, weights reordered once into the forward and backward-data primitives' own
+// bf16 or f32 NHWC activations, weights reordered once into the forward and backward-data primitives' own
 // layouts (oneDNN may choose a different one for each), f32 bias;
 // the backward's weight and bias gradients in f32 (the weight gradient reordered to OHWI).
 #include <torch/extension.h>
@@ -36,23 +36,30 @@ struct Conv {
   std::string kernels;
 };
 
-// One (batch, in channels, side, out channels, kernel) -> its primitives; stride 1, "same" padding.
-using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>;
+// One (batch, in channels, side, out channels, kernel, data type) -> its primitives; stride 1, "same"
+// padding.
+using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, dt>;
 
-Conv& conv_for(int64_t n, int64_t c, int64_t side, int64_t o, int64_t k) {
+Conv& conv_for(int64_t n, int64_t c, int64_t side, int64_t o, int64_t k, dt data) {
   static std::map<Key, std::unique_ptr<Conv>> cache;
-  auto& slot = cache[Key{n, c, side, o, k}];
+  auto& slot = cache[Key{n, c, side, o, k, data}];
   if (slot) return *slot;
-  slot = std::make_unique<Conv>();
-  Conv& p = *slot;
+  auto conv = std::make_unique<Conv>();
+  Conv& p = *conv;
   const int64_t pad = k / 2;
   const memory::dims strides{1, 1}, padding{pad, pad}, wdims{o, c, k, k};
-  p.src = memory::desc({n, c, side, side}, dt::bf16, tag::nhwc);
-  p.dst = memory::desc({n, o, side, side}, dt::bf16, tag::nhwc);
+  p.src = memory::desc({n, c, side, side}, data, tag::nhwc);
+  p.dst = memory::desc({n, o, side, side}, data, tag::nhwc);
   p.bias = memory::desc({o}, dt::f32, tag::a);
-  const memory::desc any_weights(wdims, dt::bf16, tag::any);
-  dnnl::convolution_forward::primitive_desc fwd(engine(), dnnl::prop_kind::forward_training,
-      dnnl::algorithm::convolution_direct, p.src, any_weights, p.bias, p.dst, strides, padding, padding);
+  const memory::desc any_weights(wdims, data, tag::any);
+  dnnl::convolution_forward::primitive_desc fwd;
+  try {
+    fwd = dnnl::convolution_forward::primitive_desc(engine(), dnnl::prop_kind::forward_training,
+        dnnl::algorithm::convolution_direct, p.src, any_weights, p.bias, p.dst, strides, padding, padding);
+  } catch (const dnnl::error&) {
+    TORCH_CHECK(false, "oneDNN has no ", data == dt::bf16 ? "bfloat16" : "float32",
+        " convolution on this CPU (at the ISA ONEDNN_MAX_CPU_ISA allows): try --dtype float32");
+  }
   dnnl::convolution_backward_data::primitive_desc bwd_data(engine(), dnnl::algorithm::convolution_direct,
       p.src, any_weights, p.dst, strides, padding, padding, fwd);
   dnnl::convolution_backward_weights::primitive_desc bwd_weights(engine(), dnnl::algorithm::convolution_direct,
@@ -66,16 +73,22 @@ Conv& conv_for(int64_t n, int64_t c, int64_t side, int64_t o, int64_t k) {
   p.backward_weights = dnnl::convolution_backward_weights(bwd_weights);
   p.weight_grad_to_ohwi = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), p.weight_grad, engine(), p.weight_grad_ohwi));
   p.kernels = std::string(fwd.impl_info_str()) + " / " + bwd_data.impl_info_str() + " / " + bwd_weights.impl_info_str();
-  return p;
+  slot = std::move(conv);
+  return *slot;
+}
+
+dt data_type_of(const torch::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == torch::kBFloat16 || t.scalar_type() == torch::kFloat32,
+      "tensors must be bfloat16 or float32, not ", t.scalar_type());
+  return t.scalar_type() == torch::kBFloat16 ? dt::bf16 : dt::f32;
 }
 
 Conv& conv_of(const torch::Tensor& x, const torch::Tensor& weight) {
   TORCH_CHECK(x.dim() == 4 && x.size(2) == x.size(3), "x must be [N, C, S, S]");
-  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
-      "x must be bfloat16 and channels_last");
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "x must be channels_last");
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
       "weight must be [O, C, K, K] with an odd K and C as x's");
-  return conv_for(x.size(0), x.size(1), x.size(2), weight.size(0), weight.size(2));
+  return conv_for(x.size(0), x.size(1), x.size(2), weight.size(0), weight.size(2), data_type_of(x));
 }
 
 }  // namespace
@@ -83,8 +96,8 @@ Conv& conv_of(const torch::Tensor& x, const torch::Tensor& weight) {
 // The weights in the forward's and the backward-data's layouts (bytes), from float weights [O, C, K, K].
 std::vector<torch::Tensor> pack_weights(torch::Tensor x, torch::Tensor weight) {
   Conv& p = conv_of(x, weight);
-  auto ohwi = weight.to(torch::kBFloat16).contiguous(at::MemoryFormat::ChannelsLast);
-  memory user(memory::desc(p.weights.get_dims(), dt::bf16, tag::ohwi), engine(), ohwi.data_ptr());
+  auto ohwi = weight.to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
+  memory user(memory::desc(p.weights.get_dims(), data_type_of(x), tag::ohwi), engine(), ohwi.data_ptr());
   std::vector<torch::Tensor> packed;
   for (const auto& layout : {p.weights, p.weights_backward}) {
     packed.push_back(torch::empty({static_cast<int64_t>(layout.get_size())}, torch::kUInt8));
@@ -104,12 +117,12 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor weight, torch::Tensor packe
   return y;
 }
 
-// (grad of x in bf16 NHWC, grad of weight in f32 channels_last [O, C, K, K], grad of bias in f32).
+// (grad of x in x's dtype, NHWC, grad of weight in f32 channels_last [O, C, K, K], grad of bias in f32).
 std::vector<torch::Tensor> backward(
     torch::Tensor grad_y, torch::Tensor x, torch::Tensor weight, torch::Tensor packed_backward) {
   Conv& p = conv_of(x, weight);
-  TORCH_CHECK(grad_y.scalar_type() == torch::kBFloat16 && grad_y.is_contiguous(at::MemoryFormat::ChannelsLast),
-      "grad_y must be bfloat16 and channels_last");
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type() && grad_y.is_contiguous(at::MemoryFormat::ChannelsLast),
+      "grad_y must be channels_last and of x's dtype");
   auto grad_x = torch::empty_like(x);
   auto grad_w_own = torch::empty({static_cast<int64_t>(p.weight_grad.get_size())}, torch::kUInt8);
   auto grad_w = torch::empty(weight.sizes(), torch::dtype(torch::kFloat32).memory_format(at::MemoryFormat::ChannelsLast));
