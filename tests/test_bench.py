@@ -223,6 +223,14 @@ def test_bench_multi_tensor(tmp_path):
     assert {r["speedup_vs_eager"] for r in rows if r["impl"] == "eager"} == {"1.0"}
 
 
+# bench_onednn_calls' own oneDNN: the onednn-cpu-gomp and onednn-devel-cpu-gomp wheels, not a dependency.
+needs_onednn = pytest.mark.skipif(
+    not (Path(sys.prefix) / "include" / "oneapi" / "dnnl" / "dnnl.hpp").exists()
+    or not (Path(sys.prefix) / "lib" / "libdnnl.so").exists(),
+    reason="no standalone oneDNN in this environment (pip install onednn-cpu-gomp onednn-devel-cpu-gomp)",
+)
+
+
 def test_bench_onednn_calls_names_the_missing_onednn(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [
@@ -240,11 +248,27 @@ def test_bench_onednn_calls_names_the_missing_onednn(tmp_path):
     assert not list(tmp_path.glob("onednn_calls*"))
 
 
-@pytest.mark.skipif(
-    not (Path(sys.prefix) / "include" / "oneapi" / "dnnl" / "dnnl.hpp").exists()
-    or not (Path(sys.prefix) / "lib" / "libdnnl.so").exists(),
-    reason="no standalone oneDNN in this environment (pip install onednn-cpu-gomp onednn-devel-cpu-gomp)",
-)
+@needs_onednn
+def test_bench_onednn_calls_names_a_dtype_onednn_lacks(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    command = [
+        sys.executable,
+        "-m",
+        "bench.bench_onednn_calls",
+        "--dtype",
+        "bfloat16",
+        "--out",
+        str(tmp_path),
+    ]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert (
+        "oneDNN has no bfloat16 convolution on this CPU" in done.stderr and "--dtype float32" in done.stderr
+    )
+    assert not list(tmp_path.glob("onednn_calls*"))
+
+
+@needs_onednn
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_bench_onednn_calls(tmp_path, dtype):
     if dtype == "bfloat16" and "avx512bw" not in usable_cpu_flags():
