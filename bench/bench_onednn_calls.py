@@ -30,9 +30,14 @@ SHAPES = [(16, 32, 16, 3), (16, 16, 16, 3), (16, 8, 16, 3), (16, 4, 16, 3), (64,
           (16, 1, 16, 1), (64, 1, 32, 1)]  # fmt: skip
 
 
+def onednn_files(prefix: Path) -> tuple[Path, Path]:
+    """oneDNN's header and library under an install prefix (``include/``, ``lib/``)."""
+    return prefix / "include" / "oneapi" / "dnnl" / "dnnl.hpp", prefix / "lib" / "libdnnl.so"
+
+
 def build(prefix: Path):
-    """The extension, built against oneDNN under ``prefix`` (``include/``, ``lib/``)."""
-    header, lib = prefix / "include" / "oneapi" / "dnnl" / "dnnl.hpp", prefix / "lib" / "libdnnl.so"
+    """The extension, built against oneDNN under ``prefix``."""
+    header, lib = onednn_files(prefix)
     if not header.exists() or not lib.exists():
         missing = header if not header.exists() else lib
         sys.exit(
@@ -63,9 +68,9 @@ def per_call_us(fn: Callable[[], object], calls: int) -> float:
 
 def implementations(
     ext, dtype: torch.dtype, batch: int, c: int, side: int, o: int, k: int
-) -> dict[str, Callable[[], object]]:
-    """The four timed calls on one shape (and the kernels oneDNN chose), on random channels_last
-    tensors of ``dtype``."""
+) -> tuple[dict[str, Callable[[], object]], str]:
+    """The four timed calls on one shape, on random channels_last tensors of ``dtype``, and the
+    kernels oneDNN chose for it."""
     cl, pad = torch.channels_last, k // 2
     x = torch.randn(batch, c, side, side).to(dtype).contiguous(memory_format=cl)
     grad_y = torch.randn(batch, o, side, side).to(dtype).contiguous(memory_format=cl)
@@ -74,20 +79,20 @@ def implementations(
     w_aten, b_aten = weight.to(dtype).contiguous(memory_format=cl), bias.to(dtype)
     packed, packed_backward = ext.pack_weights(x, weight)
     grads = [True, True, True]
-    return {
+    calls = {
         "aten forward": lambda: F.conv2d(x, w_aten, b_aten, padding=pad),
         "direct forward": lambda: ext.forward(x, weight, packed, bias),
         "aten backward": lambda: torch.ops.aten.convolution_backward(
             grad_y, x, w_aten, [o], [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, grads
         ),
         "direct backward": lambda: ext.backward(grad_y, x, weight, packed_backward),
-        "kernels": lambda: ext.kernels(x, weight),
     }
+    return calls, ext.kernels(x, weight)
 
 
 def measure(impls: dict[str, Callable[[], object]], calls: int, rounds: int) -> dict[str, float]:
     """Median us a call of each timed implementation, their windows alternating in rotated order."""
-    names = [name for name in impls if name != "kernels"]
+    names = list(impls)
     times: dict[str, list[float]] = {name: [] for name in names}
     for name in names:
         per_call_us(impls[name], 10)  # warm-up
@@ -112,7 +117,7 @@ def main() -> None:
     dtype, rows = getattr(torch, args.dtype), []
     for c, side, o, k in SHAPES:
         try:
-            impls = implementations(ext, dtype, args.batch_size, c, side, o, k)
+            impls, kernels = implementations(ext, dtype, args.batch_size, c, side, o, k)
         except RuntimeError as error:
             sys.exit(f"bench_onednn_calls: {str(error).splitlines()[0]}")
         forward_diff = relative_difference(impls["aten forward"](), impls["direct forward"]())
@@ -122,7 +127,7 @@ def main() -> None:
         rows.append(
             {
                 "shape": f"{args.batch_size}x{c}x{side}x{side} -> {o}, {k}x{k}",
-                "kernels": impls["kernels"](),
+                "kernels": kernels,
                 **{f"{name.replace(' ', '_')}_us": round(v, 1) for name, v in us.items()},
                 "forward_saved_us": round(us["aten forward"] - us["direct forward"], 1),
                 "backward_saved_us": round(us["aten backward"] - us["direct backward"], 1),

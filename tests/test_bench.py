@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from bench import machine_scale
+from bench.bench_onednn_calls import onednn_files
 from bench.bench_train import Variant, against_best_switch, paired
 from fasthvae.data.dali import dali_available
 from fasthvae.data.torch_loader import PREFETCH_FACTOR
@@ -26,11 +27,19 @@ from fasthvae.train import TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_bench(script: str, *args: str) -> None:
-    """Run as a user would: no Triton interpreter (which tests/conftest.py turns on)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def run_bench(
+    script: str, *args: str, fails: bool = False, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run as a user would: no Triton interpreter (which tests/conftest.py turns on), ``env`` added.
+    ``fails``: the run must exit with an error (its output captured for the test to read)."""
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | (env or {})
     module = "bench." + script.removesuffix(".py")
-    subprocess.run([sys.executable, "-m", module, *args], check=True, cwd=ROOT, env=env)
+    command = [sys.executable, "-m", module, *args]
+    done = subprocess.run(
+        command, check=not fails, cwd=ROOT, env=environment, capture_output=fails, text=True
+    )
+    assert not fails or done.returncode != 0, f"{script} {' '.join(args)} did not fail"
+    return done
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -225,43 +234,21 @@ def test_bench_multi_tensor(tmp_path):
 
 # bench_onednn_calls' own oneDNN: the onednn-cpu-gomp and onednn-devel-cpu-gomp wheels, not a dependency.
 needs_onednn = pytest.mark.skipif(
-    not (Path(sys.prefix) / "include" / "oneapi" / "dnnl" / "dnnl.hpp").exists()
-    or not (Path(sys.prefix) / "lib" / "libdnnl.so").exists(),
+    not all(path.exists() for path in onednn_files(Path(sys.prefix))),
     reason="no standalone oneDNN in this environment (pip install onednn-cpu-gomp onednn-devel-cpu-gomp)",
 )
 
 
 def test_bench_onednn_calls_names_the_missing_onednn(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [
-        sys.executable,
-        "-m",
-        "bench.bench_onednn_calls",
-        "--onednn",
-        str(tmp_path),
-        "--out",
-        str(tmp_path),
-    ]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert done.returncode != 0
+    done = run_bench("bench_onednn_calls.py", "--onednn", str(tmp_path), "--out", str(tmp_path), fails=True)
     assert "no standalone oneDNN under" in done.stderr and "pip install onednn-cpu-gomp" in done.stderr
     assert not list(tmp_path.glob("onednn_calls*"))
 
 
 @needs_onednn
 def test_bench_onednn_calls_names_a_dtype_onednn_lacks(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"ONEDNN_MAX_CPU_ISA": "AVX2"}
-    command = [
-        sys.executable,
-        "-m",
-        "bench.bench_onednn_calls",
-        "--dtype",
-        "bfloat16",
-        "--out",
-        str(tmp_path),
-    ]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert done.returncode != 0
+    args = ["--dtype", "bfloat16", "--out", str(tmp_path)]
+    done = run_bench("bench_onednn_calls.py", *args, fails=True, env={"ONEDNN_MAX_CPU_ISA": "AVX2"})
     assert (
         "oneDNN has no bfloat16 convolution on this CPU" in done.stderr and "--dtype float32" in done.stderr
     )
