@@ -22,17 +22,13 @@ import torch.nn.functional as F
 
 from bench.report import write_report
 from fasthvae.hardware import machine
+from fasthvae.ops.onednn_conv import onednn_files
 
 SOURCE = Path(__file__).with_name("onednn_calls.cpp")
 # (input channels, side, output channels, kernel) at batch 32: the deep model's cells, heads and
 # projections from 32x32 down to 1x1.
 SHAPES = [(16, 32, 16, 3), (16, 16, 16, 3), (16, 8, 16, 3), (16, 4, 16, 3), (64, 8, 16, 1), (64, 4, 64, 1),
           (16, 1, 16, 1), (64, 1, 32, 1)]  # fmt: skip
-
-
-def onednn_files(prefix: Path) -> tuple[Path, Path]:
-    """oneDNN's header and library under an install prefix (``include/``, ``lib/``)."""
-    return prefix / "include" / "oneapi" / "dnnl" / "dnnl.hpp", prefix / "lib" / "libdnnl.so"
 
 
 def build(prefix: Path):

@@ -5,10 +5,11 @@ Variants (all but ``bare`` through the trainer's own step):
 - ``bare``: the plain model in a bare eager loop, ``model.loss`` + backward + ``torch.optim.AdamW``
   (no gradient norms, skip decisions, EMA or records): what the trainer's bookkeeping costs
 - ``plain``: eager, unfused KL and sampling (plain PyTorch ops), torch DataLoader with workers
-- ``+fused-ops``, ``+compile``, ``+amp``, ``+loader``, ``+channels-last``, ``+fused-adamw``: plain plus
-  one feature
+- ``+fused-ops``, ``+compile``, ``+amp``, ``+loader``, ``+channels-last``, ``+fused-adamw``,
+  ``+onednn-conv`` (the deep model, where oneDNN is installed): plain plus one feature
 - ``fasthvae``: the trainer's defaults for this device with ``--amp`` (the README's main command):
-  ``--speed auto`` chooses compile, channels_last, the fused AdamW and the loader by its probe (or its cache,
+  ``--speed auto`` chooses compile, channels_last, the fused AdamW, the oneDNN convolutions and the
+  loader by its probe (or its cache,
   ``fasthvae/training/speed.py``); the ``switches on`` column shows each row's, and where they came from.
   Every row runs with glibc's malloc as it comes, the fasthvae row too: the trainer's
   ``--keep-freed-memory`` is process-wide and cannot be undone, and ``bench/bench_allocator.py``
@@ -72,9 +73,17 @@ from fasthvae.hardware import machine
 from fasthvae.models import DeepHVAE
 from fasthvae.ops import use_backend
 from fasthvae.train import TrainConfig, Trainer
-from fasthvae.training.speed import PROBE_MIN_STEPS, SWITCHES, Feed
+from fasthvae.training.runtime import onednn_conv_unavailable
+from fasthvae.training.speed import PROBE_MIN_STEPS, STAGED, SWITCHES, Feed
 
-PLAIN = {"compile": False, "amp": False, "loader": "torch", "channels_last": False, "fused_optimizer": False}
+PLAIN = {
+    "compile": False,
+    "amp": False,
+    "loader": "torch",
+    "channels_last": False,
+    "fused_optimizer": False,
+    "onednn_conv": False,
+}
 FEATURES = {
     "+fused-ops": {},
     "+compile": {"compile": True},
@@ -82,18 +91,21 @@ FEATURES = {
     "+loader": {"loader": "resident"},
     "+channels-last": {"channels_last": True},
     "+fused-adamw": {"fused_optimizer": True},
+    "+onednn-conv": {"onednn_conv": True},  # where the model and machine can run it
 }
 
 
 BARE = "bare"
 
 
-def variants(device: str) -> dict[str, tuple[dict, bool]]:
+def variants(device: str, model: str) -> dict[str, tuple[dict, bool]]:
     """name -> (config overrides, fused ops on)."""
     table = {BARE: (PLAIN, False), "plain": (PLAIN, False)}
+    onednn_reason = onednn_conv_unavailable(TrainConfig(model=model), torch.device(device))
     for name, change in FEATURES.items():
-        table[name] = ({**PLAIN, **change}, name == "+fused-ops")
-    defaults = {k: None for k in ("compile", "channels_last", "fused_optimizer", "loader")}
+        if name != "+onednn-conv" or onednn_reason is None:
+            table[name] = ({**PLAIN, **change}, name == "+fused-ops")
+    defaults = {k: None for k in ("compile", "channels_last", "fused_optimizer", "onednn_conv", "loader")}
     table["fasthvae"] = ({**defaults, "amp": True}, True)  # python -m fasthvae.train --amp
     return table
 
@@ -227,7 +239,9 @@ class Variant:
 
 def switches_of(trainer: Trainer) -> str:
     """The speed switches a trainer runs with, and where ``--speed`` took them from."""
-    on = [name for name in SWITCHES if getattr(trainer.rt, name)] + [f"{trainer.rt.loader} loader"]
+    on = [name for name in (*SWITCHES, *STAGED) if getattr(trainer.rt, name)] + [
+        f"{trainer.rt.loader} loader"
+    ]
     return f"{', '.join(on)} ({trainer.speed['source'].split(':')[0]})"
 
 
@@ -343,7 +357,7 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
             **overrides,
         )
 
-    chosen = {n: v for n, v in variants(args.device).items() if not args.only or n in args.only}
+    chosen = {n: v for n, v in variants(args.device, args.model).items() if not args.only or n in args.only}
     torch._dynamo.reset()
     with ExitStack() as stack:
         scale = count_scale(config(stack.enter_context(tempfile.TemporaryDirectory()), PLAIN))

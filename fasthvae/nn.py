@@ -1,9 +1,12 @@
-"""``nn.Module`` wrappers of the fused ops, in the style of ``torch.nn`` losses."""
+"""``nn.Module`` wrappers of the fused ops, in the style of ``torch.nn`` losses, and a stride-1
+``Conv2d`` that can run on oneDNN's primitives called directly."""
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fasthvae import ops
+from fasthvae.ops import onednn_conv
 from fasthvae.ops.reference import check_reduction
 
 
@@ -52,3 +55,46 @@ class SampleAndKL(nn.Module):
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}"
+
+
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    padding: int | tuple[int, int] = 0,
+    groups: int = 1,
+    onednn: bool = False,
+) -> Tensor:
+    """``F.conv2d`` at stride 1; on ``fasthvae_onednn`` (:mod:`fasthvae.ops.onednn_conv`) when
+    ``onednn`` is set and ``x`` is a float32 or bfloat16 CPU tensor (or float32 under CPU autocast)."""
+    if onednn and x.device.type == "cpu" and x.dtype in onednn_conv.DTYPES:
+        return onednn_conv.conv2d(x, weight, bias, padding, groups)
+    return F.conv2d(x, weight, bias, padding=padding, groups=groups)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` at stride 1 (the same parameters and state dict) whose convolution runs on
+    ``fasthvae_onednn`` when ``onednn`` is set (:func:`use_onednn_conv`)."""
+
+    onednn = False
+
+    def __init__(
+        self, c_in: int, c_out: int, kernel_size: int, padding: int = 0, groups: int = 1, bias: bool = True
+    ) -> None:
+        super().__init__(c_in, c_out, kernel_size, padding=padding, groups=groups, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return conv2d(x, self.weight, self.bias, self.padding, self.groups, self.onednn)
+
+
+def use_onednn_conv(model: nn.Module, on: bool = True) -> int:
+    """Run the convolutions of ``model``'s modules that offer it (an ``onednn`` attribute:
+    :class:`Conv2d`, and models whose own convolution calls read it) on ``fasthvae_onednn``, or
+    (``on=False``) on ATen. Loads the op first (before ``torch.compile`` traces the model). The
+    number of modules switched."""
+    switched = [m for m in model.modules() if hasattr(m, "onednn")]
+    if on and switched:
+        onednn_conv.load()
+    for module in switched:
+        module.onednn = on
+    return len(switched)

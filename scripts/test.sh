@@ -10,7 +10,7 @@ VENV=${FASTHVAE_VENV:-.venv}
 PY="$VENV/bin/python"
 export PATH="$(pwd)/$VENV/bin:${CUDA_HOME:-/usr/local/cuda}/bin:$PATH"
 "$PY" -c "import torch, torchvision" 2>/dev/null || "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
-"$PY" -m pip install -q --no-build-isolation -e ".[dev,eval,dali]" 2>&1 | grep -v "is ignored" || true
+"$PY" -m pip install -q --no-build-isolation -e ".[dev,eval,dali,onednn]" 2>&1 | grep -v "is ignored" || true
 "$PY" -c "import torch, fasthvae._C"  # the build above must have produced the extension
 
 echo "== ruff"

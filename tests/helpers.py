@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from fasthvae import ops
+from fasthvae.hardware import usable_cpu_flags
 from fasthvae.nn import GaussianKL
-from fasthvae.ops import backend, reference
+from fasthvae.ops import backend, onednn_conv, reference
 from fasthvae.selfcheck.plan import missing_packages
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
@@ -30,6 +31,16 @@ needs_cuda_kernels = [
 # Triton runs compiled on CUDA tensors where there is a GPU, in its interpreter on CPU tensors
 # elsewhere (TRITON_INTERPRET=1, set by conftest.py on machines without a GPU).
 TRITON_DEVICE = "cuda" if GPU and not backend.triton_interpreted() else "cpu"
+
+# The standalone oneDNN of fasthvae_onednn::conv2d and bench_onednn_calls (the ``onednn`` extra).
+needs_onednn = pytest.mark.skipif(
+    not onednn_conv.available(), reason=f"fasthvae_onednn cannot be built here: {onednn_conv.missing()}"
+)
+# oneDNN 3.2 has bfloat16 convolutions from AVX-512 with native bf16 on.
+needs_avx512_bf16 = pytest.mark.skipif(
+    "avx512_bf16" not in usable_cpu_flags(),
+    reason="no native bf16 (avx512_bf16) on this CPU or under its ISA cap",
+)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # One ulp of the output dtype (results are rounded once from float32); float32 allows for the

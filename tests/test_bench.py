@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from bench import machine_scale
-from bench.bench_onednn_calls import onednn_files
 from bench.bench_train import Variant, against_best_switch, paired
 from fasthvae.data.dali import dali_available
 from fasthvae.data.torch_loader import PREFETCH_FACTOR
 from fasthvae.hardware import usable_cpu_flags
 from fasthvae.train import TrainConfig
+from tests.helpers import needs_onednn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -230,13 +230,6 @@ def test_bench_multi_tensor(tmp_path):
     ]
     assert all(float(r["median_ms"]) > 0 and float(r["share_of_copy"]) > 0 for r in rows)
     assert {r["speedup_vs_eager"] for r in rows if r["impl"] == "eager"} == {"1.0"}
-
-
-# bench_onednn_calls' own oneDNN: the onednn-cpu-gomp and onednn-devel-cpu-gomp wheels, not a dependency.
-needs_onednn = pytest.mark.skipif(
-    not all(path.exists() for path in onednn_files(Path(sys.prefix))),
-    reason="no standalone oneDNN in this environment (pip install onednn-cpu-gomp onednn-devel-cpu-gomp)",
-)
 
 
 def test_bench_onednn_calls_names_the_missing_onednn(tmp_path):

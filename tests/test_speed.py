@@ -13,7 +13,7 @@ from fasthvae.training import speed
 from fasthvae.training.config import TrainConfig, with_model_defaults
 from fasthvae.training.distributed import DistInfo
 from fasthvae.training.runtime import resolve_runtime
-from tests.helpers import SMALL
+from tests.helpers import SMALL, needs_onednn
 
 DEFAULTS = {"compile": True, "channels_last": True, "fused_optimizer": True}
 IMAGES = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
@@ -180,6 +180,28 @@ def test_a_real_probe_times_every_candidate_and_keeps_the_random_state(tmp_path,
         {k: r[k] for k in speed.SWITCHES} for r in record["candidates"][:4]
     ]
     assert record["choice"]["loader"] in ("torch", "resident")
+
+
+@needs_onednn
+def test_the_probe_times_the_onednn_convolutions_on_and_off_with_the_chosen_switches(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "TIMING_SECONDS", {"step": 0.5, "staged": 0.5, "loader": 0.5})
+    deep = {"model": "deep", "layout": "1x1,8x1,32d1", "width": 16, "zdim": 2, "batch_size": 4}
+    c = with_model_defaults(config(tmp_path, compile=False, fused_optimizer=True, loader="resident", **deep))
+    rt = resolve_runtime(c, DistInfo())
+    assert rt.onednn_conv, "on by default where it can run"
+    builds, real_build = [], speed.build_state
+    monkeypatch.setattr(speed, "build_state", lambda *args: builds.append(1) or real_build(*args))
+    record = speed.probe(c, rt, IMAGES)
+    assert len(builds) == 3, "two channels_last candidates, then the chosen one's step reused and one more"
+    staged = record["candidates"][2:]
+    first = {k: record["candidates"][0][k] for k in speed.SWITCHES}
+    chosen = {k: record["choice"][k] for k in speed.SWITCHES}
+    assert [r["onednn_conv"] for r in staged] == [True, False]
+    assert all({k: r[k] for k in speed.SWITCHES} == chosen for r in staged)
+    assert chosen in (first, {k: record["candidates"][1][k] for k in speed.SWITCHES})
+    assert record["choice"]["onednn_conv"] in (True, False) and len(record["candidates"]) == 4
+    assert speed.staged_free(c, rt) == ["onednn_conv"]
+    assert speed.staged_free(with_model_defaults(config(tmp_path, onednn_conv=False, **deep)), rt) == []
 
 
 def test_the_dataloaders_workers_run_only_in_its_own_windows(tmp_path, monkeypatch):

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from fasthvae import likelihoods, ops
 from fasthvae.models.base import LatentVariableModel, Output, gaussian_log_prob, sample_gaussian
+from fasthvae.nn import Conv2d, conv2d
 
 IMAGE_SIZE = 32
 LOGVAR_BOUND = 10.0  # sigma in (e^-5, e^5), as NVAE's soft clamp of log sigma at 5
@@ -139,12 +140,12 @@ class Cell(nn.Module):
         k = 3 if res >= 3 else 1
         self.convs = nn.ModuleList(
             [
-                nn.Conv2d(c_in, mid, 1),
-                nn.Conv2d(mid, mid, k, padding=k // 2),
-                nn.Conv2d(mid, mid, k, padding=k // 2),
+                Conv2d(c_in, mid, 1),
+                Conv2d(mid, mid, k, padding=k // 2),
+                Conv2d(mid, mid, k, padding=k // 2),
             ]
         )
-        self.out = nn.Conv2d(mid, c_out, 1)
+        self.out = Conv2d(mid, c_out, 1)
         with torch.no_grad():
             self.out.weight.mul_(out_scale)
             self.out.bias.zero_()
@@ -161,6 +162,8 @@ class Cell(nn.Module):
 class LatentGroup(nn.Module):
     """One top-down step: prior and posterior of z_i, then the state update."""
 
+    onednn = False  # its convolutions on fasthvae_onednn (fasthvae.nn.use_onednn_conv)
+
     def __init__(self, spec: DeepSpec, res: int, depth_scale: float, name: str) -> None:
         super().__init__()
         self.name = name
@@ -170,7 +173,7 @@ class LatentGroup(nn.Module):
         self.prior = Cell(
             w, mid, 2 * z + w, res, residual=False, out_scale=0.0
         )  # starts at N(0, I), no feature
-        self.project = nn.Conv2d(z, w, 1)
+        self.project = Conv2d(z, w, 1)
         with torch.no_grad():
             self.project.weight.mul_(depth_scale)
         self.cell = Cell(w, mid, w, res, residual=True, out_scale=depth_scale)
@@ -195,15 +198,16 @@ class LatentGroup(nn.Module):
         formed: Inductor lays one out as NCHW in a channels_last step and transposes into it."""
         prior, posterior = self.prior, self.posterior
         first_p, first_q = prior.convs[0], posterior.convs[0]
-        x = F.conv2d(
+        x = conv2d(
             F.gelu(h),
             torch.cat([first_p.weight, first_q.weight[:, : h.shape[1]]]),
             torch.cat([first_p.bias, first_q.bias]),
+            onednn=self.onednn,
         )
         x = x + F.pad(read, (0, 0, 0, 0, read.shape[1], 0))  # the read reaches the posterior's half
         for conv_p, conv_q in zip(prior.convs[1:], posterior.convs[1:], strict=True):
             weight, bias = torch.cat([conv_p.weight, conv_q.weight]), torch.cat([conv_p.bias, conv_q.bias])
-            x = F.conv2d(F.gelu(x), weight, bias, padding=conv_p.padding, groups=2)
+            x = conv2d(F.gelu(x), weight, bias, padding=conv_p.padding, groups=2, onednn=self.onednn)
         out_p, out_q = prior.out.weight, posterior.out.weight
         block_diagonal = torch.cat(
             [
@@ -211,7 +215,9 @@ class LatentGroup(nn.Module):
                 torch.cat([torch.zeros_like(out_q), out_q], 1),
             ]
         )
-        out = F.conv2d(F.gelu(x), block_diagonal, torch.cat([prior.out.bias, posterior.out.bias]))
+        out = conv2d(
+            F.gelu(x), block_diagonal, torch.cat([prior.out.bias, posterior.out.bias]), onednn=self.onednn
+        )
         prior_out, posterior_out = out.split([out_p.shape[0], out_q.shape[0]], 1)
         mu_q, logvar_q = posterior_out.chunk(2, 1)
         return self._split_prior(prior_out), (mu_q, soft_clamp(logvar_q))
@@ -226,6 +232,8 @@ class LatentGroup(nn.Module):
 
 class DeepHVAE(LatentVariableModel):
     """``spec`` (a :class:`DeepSpec`, or a preset's name) sizes the model; ``likelihood`` as the others."""
+
+    onednn = False  # its convolutions on fasthvae_onednn (fasthvae.nn.use_onednn_conv)
 
     def __init__(self, spec: DeepSpec | str = "small", likelihood: str = "mixture") -> None:
         super().__init__(likelihood)
@@ -246,7 +254,7 @@ class DeepHVAE(LatentVariableModel):
         depth_scale = 1 / math.sqrt(len(blocks))
         enc_scale = 1 / math.sqrt(spec.encoder_blocks * len(scales))
 
-        self.stem = nn.Conv2d(3, w, 3, padding=1)
+        self.stem = Conv2d(3, w, 3, padding=1)
         self.encoder_scales = scales[::-1]  # bottom-up: 32 first
         self.encoder = nn.ModuleList(
             nn.Sequential(
@@ -267,7 +275,7 @@ class DeepHVAE(LatentVariableModel):
         self.top_down: list[tuple[int, nn.Module]] = [
             (r, next(groups) if latent else next(cells)) for r, latent in blocks
         ]
-        self.head = nn.Conv2d(w, likelihoods.out_channels(likelihood), 1)
+        self.head = Conv2d(w, likelihoods.out_channels(likelihood), 1)
         # Each group's prior and posterior cells as one set of convs (the faster step); False runs
         # them apart, the same values, as the FLOP count of the model's own work needs.
         self.heads_as_one = True
@@ -325,7 +333,7 @@ class DeepHVAE(LatentVariableModel):
             groups = [g for g, r in zip(self.groups, self.resolutions, strict=True) if r == res]
             activation = activations[res]
             weight = torch.cat([g.posterior.convs[0].weight[:, activation.shape[1] :] for g in groups])
-            reads += F.conv2d(F.gelu(activation), weight).chunk(len(groups), 1)
+            reads += conv2d(F.gelu(activation), weight, onednn=self.onednn).chunk(len(groups), 1)
         return reads
 
     def forward(self, x: Tensor, kl_reduction: str = "sample") -> Output:

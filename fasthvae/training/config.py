@@ -111,6 +111,12 @@ class TrainConfig:
     )
     fused_optimizer: bool | None = option(None, "fused AdamW (default: on)", on_resume="change")
     channels_last: bool | None = option(None, "channels_last memory format (default: on)", on_resume="change")
+    onednn_conv: bool | None = option(
+        None,
+        "the deep model's convolutions on oneDNN's primitives called directly, not through ATen "
+        "(CPU; needs the onednn extra: pip install -e '.[onednn]'; default: on where it can run)",
+        on_resume="change",
+    )
     keep_freed_memory: bool = option(
         True,
         "keep freed CPU tensors' memory in the process for the next step (glibc's malloc thresholds "
@@ -119,9 +125,9 @@ class TrainConfig:
     )
     speed: str = option(
         "auto",
-        "auto: --compile, --channels-last, --fused-optimizer and --loader, where not given, chosen by "
-        "a short probe on this machine, model and batch (cached in ~/.cache/fasthvae/speed; runs "
-        "under 2000 steps keep the defaults); fixed: their defaults",
+        "auto: --compile, --channels-last, --fused-optimizer, --onednn-conv and --loader, where not "
+        "given, chosen by a short probe on this machine, model and batch (cached in "
+        "~/.cache/fasthvae/speed; runs under 2000 steps keep the defaults); fixed: their defaults",
         on_resume="change",
         choices=["auto", "fixed"],
     )

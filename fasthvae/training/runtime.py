@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from fasthvae.data import DEFAULT_LOADER
+from fasthvae.ops import onednn_conv
 from fasthvae.training.allocator import keep_freed_memory
 from fasthvae.training.config import TrainConfig, TrainingError
 from fasthvae.training.distributed import DistInfo
@@ -22,6 +23,7 @@ class Runtime:
     compile: bool
     fused_optimizer: bool
     channels_last: bool
+    onednn_conv: bool
     freed_memory_kept: bool  # glibc keeps freed memory for reuse (fasthvae.training.allocator)
     loader: str
     tensorboard: bool
@@ -36,6 +38,7 @@ class Runtime:
             "amp_fallback": self.amp_fallback,
             "channels_last": self.channels_last,
             "fused_optimizer": self.fused_optimizer,
+            "onednn_conv": self.onednn_conv,
             "freed_memory_kept": self.freed_memory_kept,
             "loader": self.loader,
             "tensorboard": self.tensorboard,
@@ -56,6 +59,16 @@ def tensorboard_installed() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
+def onednn_conv_unavailable(config: TrainConfig, device: torch.device) -> str | None:
+    """Why ``--onednn-conv`` cannot run here, or None when it can."""
+    if config.model != "deep":
+        return f"only the deep model's convolutions have it, not the {config.model} model's"
+    if device.type != "cpu":
+        return "it runs on CPU only"
+    reason = onednn_conv.missing()
+    return None if reason is None else f"the op cannot be built: {reason}"
+
+
 def resolve_runtime(config: TrainConfig, dist: DistInfo) -> Runtime:
     name = device_type(config)
     device = torch.device("cuda", dist.local_rank) if name == "cuda" else torch.device("cpu")
@@ -67,6 +80,9 @@ def resolve_runtime(config: TrainConfig, dist: DistInfo) -> Runtime:
     if config.tensorboard and not tensorboard_installed():
         raise TrainingError("--tensorboard needs the tensorboard package: pip install tensorboard")
     amp_dtype, amp_fallback = choose_amp_dtype(config.amp, config.amp_dtype, device)
+    onednn_reason = onednn_conv_unavailable(config, device)
+    if config.onednn_conv and onednn_reason:
+        raise TrainingError(f"--onednn-conv: {onednn_reason}")
     return Runtime(
         device=device,
         amp_dtype=amp_dtype,
@@ -74,6 +90,7 @@ def resolve_runtime(config: TrainConfig, dist: DistInfo) -> Runtime:
         compile=pick(config.compile, True),
         fused_optimizer=pick(config.fused_optimizer, True),
         channels_last=pick(config.channels_last, True),
+        onednn_conv=pick(config.onednn_conv, onednn_reason is None),
         freed_memory_kept=config.keep_freed_memory and keep_freed_memory(),
         loader=config.loader or DEFAULT_LOADER,
         tensorboard=pick(config.tensorboard, tensorboard_installed()),

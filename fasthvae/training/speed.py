@@ -12,6 +12,10 @@ compared with the defaults' window of the same round, so that a drift in the mac
 it was faster in every round and by ``MIN_GAIN`` or more in the median of its ratios: a choice
 made beyond the run-to-run spread; of such candidates the one with the lowest median ratio wins.
 
+Then each staged switch left unset that the run can use (``--onednn-conv``: the deep model on CPU
+with oneDNN installed) is timed the same way, on and off, with the chosen switches (the chosen
+step reused, the other built): a stage of two candidates, not a doubling of the first stage's.
+
 Then, where ``--loader`` is not given and the training images are an array, the loaders (``torch``
 with its worker processes, ``resident``) are timed the same way, each feeding the chosen step with
 the run's own images. Each loader's window opens its own iterator and closes it after (the
@@ -56,18 +60,21 @@ from fasthvae.training.checkpoint import write_text_atomic
 from fasthvae.training.config import TrainConfig
 from fasthvae.training.distributed import DistInfo, broadcast_from_main
 from fasthvae.training.loop import build_stepper
-from fasthvae.training.runtime import Runtime
+from fasthvae.training.runtime import Runtime, onednn_conv_unavailable
 from fasthvae.training.state import build_state
 
 SWITCHES = ("compile", "channels_last", "fused_optimizer")  # the step's, measured on a synthetic batch
-CHOICES = (*SWITCHES, "loader")  # the loader is measured feeding the chosen step
+# Measured after the switches, on and off with the chosen ones (a switch of its own would double the
+# candidates, each compiled): where the model and machine can run it.
+STAGED = ("onednn_conv",)
+CHOICES = (*SWITCHES, *STAGED, "loader")  # the loader is measured feeding the chosen step
 WARMUP_STEPS = 2  # the first compiles; the second measures a step for the window's length
 ROUNDS = 4
 MIN_GAIN = 0.03  # a candidate must save this share of the defaults' step time to replace them
 # The timed windows of all candidates of a stage together, at most: the step's switches (up to 8
-# candidates), then the loaders (2): 58 s for the whole warm probe of the deep model at batch 32 on
-# 2 cores (results/bench/README.md).
-TIMING_SECONDS = {"step": 25.0, "loader": 15.0}
+# candidates), each staged switch (2), then the loaders (2). Without a staged switch, 58 s for the
+# whole warm probe of the deep model at batch 32 on 2 cores (results/bench/README.md).
+TIMING_SECONDS = {"step": 25.0, "staged": 10.0, "loader": 15.0}
 PROBE_MIN_STEPS = 2000
 CACHE_ENV = "FASTHVAE_CACHE_DIR"
 IMAGE_SHAPE = (3, 32, 32)
@@ -237,18 +244,38 @@ def _first_step(step: Callable[[], object], candidate: Candidate, device: torch.
     candidate.first_step_s = time.perf_counter() - start
 
 
-def measure(config: TrainConfig, rt: Runtime, switch_sets: list[dict[str, bool]]) -> list[Candidate]:
-    """The step switches' candidates on a synthetic batch, timed in rotated rounds."""
+def measure(
+    config: TrainConfig,
+    rt: Runtime,
+    switch_sets: list[dict[str, bool]],
+    warm: Candidate | None = None,
+    stage: str = "step",
+) -> list[Candidate]:
+    """The step switches' candidates on a synthetic batch, timed in rotated rounds. ``warm``: a
+    candidate measured before, whose built step serves the first switch set (no second compile)."""
     steps: list[Callable[[], object]] = []
     measured = []
-    for switches in switch_sets:
+    for i, switches in enumerate(switch_sets):
         crt = replace(rt, **switches)
-        measured.append(Candidate(switches, step=_build_step(config, crt)))
+        reused = warm is not None and i == 0
+        measured.append(Candidate(switches, step=warm.step if reused else _build_step(config, crt)))
         x = synthetic_batch(config, crt)
         steps.append(lambda step=measured[-1].step, x=x: step(x))
-        _first_step(steps[-1], measured[-1], rt.device)
-    time_rounds(steps, measured, rt.device)
+        if reused:
+            measured[-1].first_step_s = warm.first_step_s
+        else:
+            _first_step(steps[-1], measured[-1], rt.device)
+    time_rounds(steps, measured, rt.device, stage=stage)
     return measured
+
+
+def staged_free(config: TrainConfig, rt: Runtime) -> list[str]:
+    """The staged switches the command line left unset and this run can use."""
+    return [
+        name
+        for name in STAGED
+        if getattr(config, name) is None and onednn_conv_unavailable(config, rt.device) is None
+    ]
 
 
 def _build_step(config: TrainConfig, rt: Runtime) -> Callable[[torch.Tensor], object]:
@@ -335,6 +362,17 @@ def probe(config: TrainConfig, rt: Runtime, images: object) -> dict:
         for candidate in measured:  # the others' models and optimizers go now
             if candidate is not chosen:
                 candidate.step = None
+        for name in staged_free(config, rt):
+            default = getattr(rt, name)
+            pair = measure(
+                config, rt, [choice | {name: default}, choice | {name: not default}], chosen, "staged"
+            )
+            choice = dict(decide(pair))
+            chosen = next(c for c in pair if c.switches == choice)
+            for candidate in pair:
+                if candidate is not chosen:
+                    candidate.step = None
+            measured += pair
         loaders = loader_candidates(config, rt, images)
         if loaders:
             timed = measure_loaders(config, replace(rt, **choice), images, loaders, chosen.step)
@@ -376,8 +414,10 @@ def choose_speed(
     record: dict = {"mode": config.speed, "choice": defaults}
     if config.speed == "fixed":
         record["source"] = "fixed defaults"
-    elif all(getattr(config, name) is not None for name in SWITCHES) and not loader_candidates(
-        config, rt, images
+    elif (
+        all(getattr(config, name) is not None for name in SWITCHES)
+        and not staged_free(config, rt)
+        and not loader_candidates(config, rt, images)
     ):
         record["source"] = "every switch given"
     elif planned_steps < PROBE_MIN_STEPS:

@@ -9,6 +9,7 @@ from torch import nn
 
 from fasthvae import __version__
 from fasthvae.models import build_model_from_config
+from fasthvae.nn import use_onednn_conv
 from fasthvae.optim import AdamW
 from fasthvae.training import latent_health
 from fasthvae.training.checkpoint import CheckpointError, restore_rng_states, rng_states, save_atomic
@@ -123,6 +124,7 @@ def build_state(config: TrainConfig, rt: Runtime) -> TrainState:
     model = build_model_from_config(asdict(config)).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    use_onednn_conv(model, rt.onednn_conv)
     optimizer = AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=rt.fused_optimizer
     )

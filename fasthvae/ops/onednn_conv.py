@@ -1,0 +1,166 @@
+"""2-D convolution on oneDNN's primitives called directly (``csrc/onednn_conv.cpp``), for the small
+convolutions whose cost in ATen is mostly its call path (``bench/bench_onednn_calls.py``).
+
+>>> from fasthvae.ops import onednn_conv
+>>> y = onednn_conv.conv2d(x, weight, bias, padding=1, groups=1)   # as F.conv2d, stride 1
+
+CPU only; float32 or bfloat16 activations (NCHW or channels_last: the output takes the input's),
+weights of any float dtype (a float32 weight with bfloat16 activations is cast inside, and its
+gradient comes back in float32), stride 1, no dilation. Registered as ``fasthvae_onednn::conv2d`` with
+fake kernels and autograd, so ``torch.compile(fullgraph=True)`` traces it as one node forward and
+two backward (input, weight + bias). Double backward is not supported.
+
+It needs a standalone oneDNN, which torch does not expose (its own is linked in without its API):
+``pip install onednn-cpu-gomp onednn-devel-cpu-gomp`` (GNU OpenMP, the runtime torch loads), or
+``$FASTHVAE_ONEDNN`` naming an install prefix (``include/oneapi/dnnl``, ``lib/libdnnl.so``). The op
+is compiled on first use (about a minute; cached by ``torch.utils.cpp_extension``).
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+ONEDNN_ENV = "FASTHVAE_ONEDNN"
+SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "onednn_conv.cpp"
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def onednn_prefix() -> Path:
+    """Where the standalone oneDNN is looked for: ``$FASTHVAE_ONEDNN``, else this Python's prefix."""
+    return Path(os.environ.get(ONEDNN_ENV) or sys.prefix)
+
+
+def onednn_files(prefix: Path) -> tuple[Path, Path]:
+    """oneDNN's header and library under an install prefix."""
+    return prefix / "include" / "oneapi" / "dnnl" / "dnnl.hpp", prefix / "lib" / "libdnnl.so"
+
+
+def missing() -> str | None:
+    """Why the op cannot be built here (a sentence naming the fix), or None when it can."""
+    if not SOURCE.exists():
+        return f"its source {SOURCE} is missing (install fasthvae from a clone, `pip install -e .`)"
+    for path in onednn_files(onednn_prefix()):
+        if not path.exists():
+            return (
+                f"no standalone oneDNN ({path} is missing): pip install onednn-cpu-gomp "
+                f"onednn-devel-cpu-gomp, or set {ONEDNN_ENV} to an install prefix"
+            )
+    return None
+
+
+def available() -> bool:
+    return missing() is None
+
+
+_loaded = False
+
+
+def load() -> None:
+    """Compile (once, cached on disk) and load the op, which registers ``fasthvae_onednn::*``. The
+    first :func:`conv2d` call does it; a function that ``torch.compile`` traces before any eager call
+    needs it first (compiling a C++ extension is not traceable)."""
+    global _loaded
+    if _loaded:
+        return
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            "fasthvae: call fasthvae.ops.onednn_conv.load() before torch.compile traces conv2d"
+        )
+    reason = missing()
+    if reason is not None:
+        raise RuntimeError(f"fasthvae: the oneDNN convolution cannot be built: {reason}")
+    from torch.utils.cpp_extension import load
+
+    prefix = onednn_prefix()
+    lib = onednn_files(prefix)[1].parent
+    load(
+        "fasthvae_onednn_conv",
+        [str(SOURCE)],
+        extra_include_paths=[str(prefix / "include")],
+        extra_ldflags=[f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"],
+        extra_cflags=["-O2"],
+        is_python_module=False,
+    )
+    _register()
+    _loaded = True
+
+
+def _format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def computes_channels_last(x: Tensor, weight: Tensor) -> bool:
+    """Whether the op computes (and returns) channels_last: when ``x`` or ``weight`` lies so, as
+    ATen's convolution decides, or when a 1x1 image makes both layouts the same memory (oneDNN's
+    faster kernels take channels_last)."""
+    cl = torch.channels_last
+    return x.shape[2] * x.shape[3] == 1 or cl in (suggest_memory_format(x), suggest_memory_format(weight))
+
+
+def _register() -> None:
+    ops = torch.ops.fasthvae_onednn
+
+    @torch.library.register_fake("fasthvae_onednn::conv2d")
+    def _(
+        x: Tensor, weight: Tensor, bias: Tensor | None, padding: list[int], groups: int, channels_last: bool
+    ):
+        n, _, h, w = x.shape
+        o, _, kh, kw = weight.shape
+        shape = (n, o, h + 2 * padding[0] - kh + 1, w + 2 * padding[1] - kw + 1)
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_format(channels_last))
+
+    @torch.library.register_fake("fasthvae_onednn::conv2d_backward_input")
+    def _(grad_y: Tensor, x: Tensor, weight: Tensor, padding: list[int], groups: int, channels_last: bool):
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_format(channels_last))
+
+    @torch.library.register_fake("fasthvae_onednn::conv2d_backward_weight")
+    def _(grad_y: Tensor, x: Tensor, weight: Tensor, padding: list[int], groups: int, channels_last: bool):
+        return (
+            torch.empty_strided(weight.shape, weight.stride(), dtype=weight.dtype, device=weight.device),
+            weight.new_empty(weight.shape[0], dtype=torch.float32),
+        )
+
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias, padding, groups, channels_last = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.args = padding, groups, channels_last
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad_y: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ops.conv2d_backward_input(grad_y, x, weight, *ctx.args)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_w, grad_b = ops.conv2d_backward_weight(grad_y, x, weight, *ctx.args)
+        return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None, None
+
+    torch.library.register_autograd("fasthvae_onednn::conv2d", backward, setup_context=setup_context)
+
+
+def _dense(t: Tensor) -> Tensor:
+    return t if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) else t.contiguous()
+
+
+def conv2d(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: int | tuple[int, int] = 0, groups: int = 1
+) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=padding, groups=groups)`` (stride 1) on oneDNN. Under CPU
+    autocast to bfloat16, ``x`` is cast and ``weight`` and ``bias`` stay as they are (the op casts
+    the weight into its packed layout; the bias is added in float32)."""
+    if not _loaded:
+        load()
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in DTYPES:
+        x = x.to(torch.get_autocast_dtype("cpu"))
+    if x.dtype not in DTYPES:
+        raise TypeError(f"fasthvae_onednn.conv2d: x must be float32 or bfloat16, not {x.dtype}")
+    pad = [padding, padding] if isinstance(padding, int) else list(padding)
+    bias = None if bias is None else bias.float()
+    weight = _dense(weight)
+    channels_last = computes_channels_last(x, weight)
+    x = x.contiguous(memory_format=_format(channels_last))
+    return torch.ops.fasthvae_onednn.conv2d(x, weight, bias, pad, groups, channels_last)

@@ -1,0 +1,189 @@
+"""fasthvae_onednn::conv2d (fasthvae/ops/onednn_conv.py, csrc/onednn_conv.cpp) against a float64
+convolution of the same inputs: values and gradients, float32 and bfloat16, NCHW and channels_last,
+odd and the deep model's shapes, groups, with and without bias; torch.compile(fullgraph=True);
+autocast; the deep model with its convolutions on oneDNN; the errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fasthvae.models import DeepHVAE
+from fasthvae.models.deep import DeepSpec
+from fasthvae.nn import Conv2d, use_onednn_conv
+from fasthvae.ops import onednn_conv
+from fasthvae.training.config import TrainConfig, TrainingError
+from fasthvae.training.distributed import DistInfo
+from fasthvae.training.runtime import resolve_runtime
+from tests.helpers import needs_avx512_bf16, needs_onednn
+
+CL = torch.channels_last
+# Of the largest reference magnitude. Float32: accumulation over at most ~600 products. Bfloat16: the
+# output rounded once to bfloat16 (2^-9 of a value at most its largest), the weight gradient float32.
+TOLERANCE = {torch.float32: 2**-19, torch.bfloat16: 2**-8}
+# (batch, channels in, height, width, channels out, kernel, padding, groups)
+SHAPES = [
+    (3, 5, 7, 9, 6, 3, 1, 1),  # odd, not square
+    (2, 4, 6, 5, 6, 3, 0, 2),  # grouped, no padding
+    (2, 6, 5, 5, 4, 1, 1, 2),  # a 1x1 kernel with padding
+    (4, 16, 1, 1, 16, 1, 0, 1),  # a 1x1 image
+    (32, 16, 32, 32, 16, 3, 1, 1),  # the deep model's commonest
+]
+
+
+def reference(x, weight, bias, padding, groups, grad_y):
+    """The convolution and its gradients in float64, from the values the op computes with (a float32
+    weight under bfloat16 activations is rounded to bfloat16 first)."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = weight.detach().to(x.dtype).double().requires_grad_()
+    b64 = None if bias is None else bias.detach().double().requires_grad_()
+    y = F.conv2d(x64, w64, b64, padding=padding, groups=groups)
+    grads = torch.autograd.grad(y, [t for t in (x64, w64, b64) if t is not None], grad_y.double())
+    return y, grads
+
+
+def assert_near(ours: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str) -> None:
+    scale = expected.abs().max().item()
+    error = (ours.double() - expected).abs().max().item()
+    assert error <= tolerance * scale, f"{what}: {error:.3g} > {tolerance:.3g} x {scale:.3g}"
+
+
+def inputs(shape, dtype, channels_last, bias=True, scale=1.0, seed=0):
+    n, c, h, w, o, k, _, groups = shape
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, h, w, generator=g) * scale).to(dtype)
+    x = x.contiguous(memory_format=CL) if channels_last else x
+    weight = torch.randn(o, c // groups, k, k, generator=g) / (c // groups * k * k) ** 0.5
+    b = torch.randn(o, generator=g) if bias else None
+    return x.requires_grad_(), weight.requires_grad_(), None if b is None else b.requires_grad_()
+
+
+def check_against_reference(shape, dtype, channels_last, bias=True, scale=1.0):
+    *_, padding, groups = shape
+    x, weight, b = inputs(shape, dtype, channels_last, bias, scale)
+    y = onednn_conv.conv2d(x, weight, b, padding, groups)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expected, expected_grads = reference(x, weight, b, padding, groups, grad_y)
+    grads = torch.autograd.grad(y, [t for t in (x, weight, b) if t is not None], grad_y)
+    assert y.dtype == dtype and y.shape == expected.shape
+    tolerance = TOLERANCE[dtype]
+    assert_near(y, expected, tolerance, "output")
+    for name, ours, exp in zip(("x", "weight", "bias"), grads, expected_grads, strict=False):
+        assert ours.dtype == (dtype if name == "x" else torch.float32), name
+        # The weight and bias gradients come back in float32 (accumulated in float32 from the
+        # bfloat16 activations): float32's tolerance with room for the longer sums.
+        assert_near(ours, exp, tolerance if name == "x" else 2**-16, f"grad {name}")
+    return y, grads
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_avx512_bf16)])
+def test_conv2d_values_and_gradients(shape, dtype, channels_last):
+    y, _ = check_against_reference(shape, dtype, channels_last)
+    assert y.is_contiguous(
+        memory_format=CL if onednn_conv.computes_channels_last(y, y) else torch.contiguous_format
+    )
+
+
+@needs_onednn
+@pytest.mark.parametrize("scale", [2.0**-60, 2.0**60], ids=["tiny", "huge"])
+def test_conv2d_extreme_magnitudes(scale):
+    check_against_reference(SHAPES[0], torch.float32, True, scale=scale)
+
+
+@needs_onednn
+def test_conv2d_without_bias_and_on_non_contiguous_inputs():
+    shape = SHAPES[0]
+    check_against_reference(shape, torch.float32, False, bias=False)
+    _, weight, b = inputs(shape, torch.float32, False)
+    wide = torch.randn(3, 10, 7, 9)[:, ::2]  # a strided slice, neither layout
+    kept = weight.detach().permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # a channels_last weight
+    y = onednn_conv.conv2d(wide, kept, b, 1)
+    assert_near(y, F.conv2d(wide.double(), kept.double(), b.double(), padding=1), 2**-19, "strided input")
+    assert y.is_contiguous(memory_format=CL)  # the weight lies channels_last, as ATen decides
+
+
+@needs_onednn
+def test_conv2d_compiles_as_one_graph_with_the_same_values():
+    x, weight, b = inputs(SHAPES[0], torch.float32, True)
+
+    def f(x, weight, b):
+        return onednn_conv.conv2d(x, weight, b, 1)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)
+    y, expected = compiled(x, weight, b), f(x, weight, b)
+    assert torch.equal(y, expected) and y.stride() == expected.stride()
+    grad_y = torch.randn_like(expected)
+    grads = torch.autograd.grad(y, (x, weight, b), grad_y)
+    for ours, exp in zip(grads, torch.autograd.grad(expected, (x, weight, b), grad_y), strict=True):
+        assert torch.equal(ours, exp)
+
+
+@needs_onednn
+@needs_avx512_bf16
+def test_conv2d_under_autocast_casts_the_activations_and_keeps_float32_parameters():
+    x, weight, b = inputs(SHAPES[0], torch.float32, True)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = onednn_conv.conv2d(x, weight, b, 1)
+    plain = onednn_conv.conv2d(x.detach().bfloat16(), weight, b, 1)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, plain)
+    y.float().sum().backward()
+    assert x.grad.dtype == weight.grad.dtype == b.grad.dtype == torch.float32
+
+
+@needs_onednn
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_deep_model_on_onednn_matches_aten(channels_last):
+    """The same model and batch with its convolutions on ATen and on oneDNN: loss and gradients agree
+    to float32 rounding (float32, so the two differ only in the order of their sums)."""
+    torch.manual_seed(0)
+    model = DeepHVAE(DeepSpec("1x1,4x1,8x2,16x1,32d1", width=16, zdim=4, encoder_blocks=1))
+    fmt = CL if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = (torch.randint(0, 256, (4, 3, 32, 32)).float() / 255).contiguous(memory_format=fmt)
+    weights = torch.ones(model.num_levels)
+    results = []
+    for on in (False, True):
+        assert use_onednn_conv(model, on) > 0
+        torch.manual_seed(1)
+        loss = model.loss(x, weights)["loss"]
+        results.append((loss.detach(), torch.autograd.grad(loss, list(model.parameters()))))
+    (loss_aten, grads_aten), (loss_onednn, grads_onednn) = results
+    assert abs(loss_onednn.item() - loss_aten.item()) <= 1e-5 * abs(loss_aten.item())
+    for name, a, b in zip((n for n, _ in model.named_parameters()), grads_aten, grads_onednn, strict=True):
+        assert_near(b, a.double(), 2**-14, name)
+
+
+@needs_onednn
+def test_conv2d_names_bad_input():
+    x, weight, b = inputs(SHAPES[0], torch.float32, False)
+    with pytest.raises(TypeError, match=r"float32 or bfloat16, not torch\.float16"):
+        onednn_conv.conv2d(x.half(), weight, b, 1)
+    with pytest.raises(RuntimeError, match="x has 5 channels, weight"):
+        onednn_conv.conv2d(x, weight[:, :4], b, 1)
+    with pytest.raises(RuntimeError, match="larger than the padded input"):
+        onednn_conv.conv2d(x[:, :, :1, :1], weight, b, 0)
+
+
+def test_conv2d_fallback_when_the_op_is_off():
+    """fasthvae.nn.Conv2d is nn.Conv2d (same parameters and values) while ``onednn`` is off."""
+    torch.manual_seed(0)
+    ours, theirs = Conv2d(4, 6, 3, padding=1), torch.nn.Conv2d(4, 6, 3, padding=1)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 4, 5, 5)
+    assert not ours.onednn and torch.equal(ours(x), theirs(x))
+
+
+def test_missing_onednn_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv(onednn_conv.ONEDNN_ENV, str(tmp_path))
+    reason = onednn_conv.missing()
+    assert "no standalone oneDNN" in reason and "pip install onednn-cpu-gomp" in reason
+    with pytest.raises(TrainingError, match="--onednn-conv: the op cannot be built: no standalone oneDNN"):
+        resolve_runtime(TrainConfig(model="deep", device="cpu", onednn_conv=True), DistInfo())
+    assert not resolve_runtime(TrainConfig(model="deep", device="cpu"), DistInfo()).onednn_conv
+
+
+def test_onednn_conv_is_named_where_the_model_has_none():
+    with pytest.raises(TrainingError, match="only the deep model's convolutions have it, not the hvae"):
+        resolve_runtime(TrainConfig(model="hvae", device="cpu", onednn_conv=True), DistInfo())
