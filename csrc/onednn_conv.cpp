@@ -4,20 +4,20 @@
 // whose per-call work costs more than a small convolution's arithmetic (bench/bench_onednn_calls.py).
 //
 // Built against a standalone oneDNN (fasthvae/ops/onednn_conv.py) and registered as the custom ops
-// fasthvae_onednn::conv2d, ::conv2d_backward_input and ::conv2d_backward_weight. Activations: float32
-// or bfloat16, computed and returned in the layout the caller names (channels_last or NCHW). Weights in any dtype and strides
-// (reordered into the primitive's layout and dtype each call; their gradient comes back in the
-// weights' dtype and strides). Bias: float32.
+// fasthvae_onednn::conv2d and ::conv2d_backward (the input's gradient where asked for, the weight's
+// and the bias's, in one call). Activations: float32 or bfloat16, computed and returned in the layout
+// the caller names (channels_last or NCHW). Weights in any dtype and strides (reordered into the
+// primitive's layout and dtype each call; their gradient comes back in the weights' dtype and
+// strides). Bias: float32.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <array>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
-#include <string>
 #include <tuple>
-#include <vector>
 
 namespace {
 
@@ -61,18 +61,19 @@ struct Conv {
   // different one for each); the weight gradient from the backward's layout into the user's.
   dnnl::reorder pack_forward, pack_backward, unpack_grad;
   memory::desc src, dst, bias, weights, weights_backward, grad_weights, user;
+  at::Tensor zero_bias;  // the forward's bias where the call has none
 };
 
-// (N, C, H, W, O, KH, KW, pad H, pad W, groups, data type, channels_last, weight dtype, weight strides)
-using Key = std::tuple<std::vector<int64_t>, int64_t, dt, bool, dt, std::vector<int64_t>>;
+// N, C, H, W, O, KH, KW, pad H, pad W, groups, data type, channels_last, weight dtype, weight strides.
+using Key = std::array<int64_t, 17>;
 
 Conv& conv_for(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef padding, int64_t groups, bool nhwc) {
   static std::map<Key, std::unique_ptr<Conv>> cache;
   static std::mutex lock;
   const dt data = data_type_of(x.scalar_type());
-  std::vector<int64_t> shape{x.size(0), x.size(1), x.size(2), x.size(3), w.size(0), w.size(2), w.size(3),
-      padding[0], padding[1]};
-  Key key{shape, groups, data, nhwc, data_type_of(w.scalar_type()), w.strides().vec()};
+  const Key key{x.size(0), x.size(1), x.size(2), x.size(3), w.size(0), w.size(2), w.size(3), padding[0],
+      padding[1], groups, static_cast<int64_t>(data), nhwc, static_cast<int64_t>(data_type_of(w.scalar_type())),
+      w.stride(0), w.stride(1), w.stride(2), w.stride(3)};
   std::lock_guard<std::mutex> guard(lock);
   auto& slot = cache[key];
   if (slot) return *slot;
@@ -110,6 +111,7 @@ Conv& conv_for(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef padding
   p.pack_forward = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), p.user, engine(), p.weights));
   p.pack_backward = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), p.user, engine(), p.weights_backward));
   p.unpack_grad = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), p.grad_weights, engine(), p.user));
+  p.zero_bias = at::zeros({o}, at::TensorOptions().dtype(at::kFloat));
   slot = std::move(conv);
   return *slot;
 }
@@ -145,7 +147,7 @@ at::Tensor conv2d(const at::Tensor& x_in, const at::Tensor& w_in, const std::opt
   const auto dims = p.dst.get_dims();
   auto y = at::empty(dims, x.options().memory_format(format_of(nhwc)));
   auto packed = scratch(p.weights);
-  auto b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::zeros({w.size(0)}, x.options().dtype(at::kFloat));
+  const auto b = bias.has_value() ? bias->to(at::kFloat).contiguous() : p.zero_bias;
   auto user = mem(p.user, w), weights = mem(p.weights, packed);
   p.pack_forward.execute(stream(), user, weights);
   p.forward.execute(stream(), {{DNNL_ARG_SRC, mem(p.src, x)}, {DNNL_ARG_WEIGHTS, weights},
@@ -153,50 +155,44 @@ at::Tensor conv2d(const at::Tensor& x_in, const at::Tensor& w_in, const std::opt
   return y;
 }
 
-at::Tensor conv2d_backward_input(const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& w_in,
-    at::IntArrayRef padding, int64_t groups, bool nhwc) {
+// (grad of x in its dtype and the op's layout, or an empty tensor where not asked for; grad of the
+// weight in the weights' dtype and strides; grad of the bias in float32).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(const at::Tensor& grad_y, const at::Tensor& x_in,
+    const at::Tensor& w_in, at::IntArrayRef padding, int64_t groups, bool nhwc, bool input_grad) {
   check(x_in, w_in, padding, groups);
   const auto x = in_layout(x_in, nhwc);
   const auto w = w_in.is_non_overlapping_and_dense() ? w_in : w_in.contiguous();
   Conv& p = conv_for(x, w, padding, groups, nhwc);
   const auto gy = in_layout(grad_y.to(x.scalar_type()), nhwc);
-  auto grad_x = at::empty(x.sizes(), x.options().memory_format(format_of(nhwc)));
-  auto packed = scratch(p.weights_backward);
-  auto user = mem(p.user, w), weights = mem(p.weights_backward, packed);
-  p.pack_backward.execute(stream(), user, weights);
-  p.backward_data.execute(stream(), {{DNNL_ARG_DIFF_DST, mem(p.dst, gy)}, {DNNL_ARG_WEIGHTS, weights},
-      {DNNL_ARG_DIFF_SRC, mem(p.src, grad_x)}});
-  return grad_x;
-}
-
-// (grad of weight in the weights' dtype and strides, grad of bias in float32).
-std::tuple<at::Tensor, at::Tensor> conv2d_backward_weight(const at::Tensor& grad_y, const at::Tensor& x_in,
-    const at::Tensor& w_in, at::IntArrayRef padding, int64_t groups, bool nhwc) {
-  check(x_in, w_in, padding, groups);
-  const auto x = in_layout(x_in, nhwc);
-  const auto w = w_in.is_non_overlapping_and_dense() ? w_in : w_in.contiguous();
-  Conv& p = conv_for(x, w, padding, groups, nhwc);
-  const auto gy = in_layout(grad_y.to(x.scalar_type()), nhwc);
+  const auto dy = mem(p.dst, gy);
+  at::Tensor grad_x = at::empty({0}, x.options());
+  if (input_grad) {
+    grad_x = at::empty(x.sizes(), x.options().memory_format(format_of(nhwc)));
+    auto packed = scratch(p.weights_backward);
+    auto user = mem(p.user, w), weights = mem(p.weights_backward, packed);
+    p.pack_backward.execute(stream(), user, weights);
+    p.backward_data.execute(stream(), {{DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_WEIGHTS, weights},
+        {DNNL_ARG_DIFF_SRC, mem(p.src, grad_x)}});
+  }
   auto grad_w = at::empty_strided(w.sizes(), w.strides(), w.options());
   auto grad_b = at::empty({w.size(0)}, w.options().dtype(at::kFloat));
   auto own = scratch(p.grad_weights);
   auto gw_own = mem(p.grad_weights, own), gw = mem(p.user, grad_w);
-  p.backward_weights.execute(stream(), {{DNNL_ARG_DIFF_DST, mem(p.dst, gy)}, {DNNL_ARG_SRC, mem(p.src, x)},
+  p.backward_weights.execute(stream(), {{DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_SRC, mem(p.src, x)},
       {DNNL_ARG_DIFF_WEIGHTS, gw_own}, {DNNL_ARG_DIFF_BIAS, mem(p.bias, grad_b)}});
   p.unpack_grad.execute(stream(), gw_own, gw);
-  return {grad_w, grad_b};
+  return {grad_x, grad_w, grad_b};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(fasthvae_onednn, m) {
   m.def("conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] padding, int groups, bool channels_last) -> Tensor");
-  m.def("conv2d_backward_input(Tensor grad_y, Tensor x, Tensor weight, int[2] padding, int groups, bool channels_last) -> Tensor");
-  m.def("conv2d_backward_weight(Tensor grad_y, Tensor x, Tensor weight, int[2] padding, int groups, bool channels_last) -> (Tensor, Tensor)");
+  m.def("conv2d_backward(Tensor grad_y, Tensor x, Tensor weight, int[2] padding, int groups, bool channels_last, "
+        "bool input_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fasthvae_onednn, CPU, m) {
   m.impl("conv2d", &conv2d);
-  m.impl("conv2d_backward_input", &conv2d_backward_input);
-  m.impl("conv2d_backward_weight", &conv2d_backward_weight);
+  m.impl("conv2d_backward", &conv2d_backward);
 }

@@ -106,6 +106,7 @@ def test_conv2d_without_bias_and_on_non_contiguous_inputs():
 
 @needs_onednn
 def test_conv2d_compiles_as_one_graph_with_the_same_values():
+    onednn_conv.load()  # before torch.compile traces it (compiling the extension is not traceable)
     x, weight, b = inputs(SHAPES[0], torch.float32, True)
 
     def f(x, weight, b):
@@ -117,6 +118,11 @@ def test_conv2d_compiles_as_one_graph_with_the_same_values():
     grad_y = torch.randn_like(expected)
     grads = torch.autograd.grad(y, (x, weight, b), grad_y)
     for ours, exp in zip(grads, torch.autograd.grad(expected, (x, weight, b), grad_y), strict=True):
+        assert torch.equal(ours, exp)
+    # An input without a gradient (as the model's first convolution has): the backward skips it.
+    frozen = x.detach()
+    grads = torch.autograd.grad(compiled(frozen, weight, b), (weight, b), grad_y)
+    for ours, exp in zip(grads, torch.autograd.grad(f(frozen, weight, b), (weight, b), grad_y), strict=True):
         assert torch.equal(ours, exp)
 
 

@@ -4,11 +4,12 @@ convolutions whose cost in ATen is mostly its call path (``bench/bench_onednn_ca
 >>> from fasthvae.ops import onednn_conv
 >>> y = onednn_conv.conv2d(x, weight, bias, padding=1, groups=1)   # as F.conv2d, stride 1
 
-CPU only; float32 or bfloat16 activations (NCHW or channels_last: the output takes the input's),
-weights of any float dtype (a float32 weight with bfloat16 activations is cast inside, and its
-gradient comes back in float32), stride 1, no dilation. Registered as ``fasthvae_onednn::conv2d`` with
-fake kernels and autograd, so ``torch.compile(fullgraph=True)`` traces it as one node forward and
-two backward (input, weight + bias). Double backward is not supported.
+CPU only; float32 or bfloat16 activations (computed and returned channels_last where the input or
+the weight lies so, or on a 1x1 image; NCHW otherwise), weights of any float dtype (a float32
+weight with bfloat16 activations is cast inside, and its gradient comes back in float32), stride 1,
+no dilation. Registered as ``fasthvae_onednn::conv2d`` with fake kernels and autograd, so
+``torch.compile(fullgraph=True)`` traces it as one node forward and one backward (the input's
+gradient where it is needed, the weight's and the bias's). Double backward is not supported.
 
 It needs a standalone oneDNN, which torch does not expose (its own is linked in without its API):
 ``pip install onednn-cpu-gomp onednn-devel-cpu-gomp`` (GNU OpenMP, the runtime torch loads), or
@@ -113,13 +114,20 @@ def _register() -> None:
         shape = (n, o, h + 2 * padding[0] - kh + 1, w + 2 * padding[1] - kw + 1)
         return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_format(channels_last))
 
-    @torch.library.register_fake("fasthvae_onednn::conv2d_backward_input")
-    def _(grad_y: Tensor, x: Tensor, weight: Tensor, padding: list[int], groups: int, channels_last: bool):
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_format(channels_last))
-
-    @torch.library.register_fake("fasthvae_onednn::conv2d_backward_weight")
-    def _(grad_y: Tensor, x: Tensor, weight: Tensor, padding: list[int], groups: int, channels_last: bool):
+    @torch.library.register_fake("fasthvae_onednn::conv2d_backward")
+    def _(
+        grad_y: Tensor,
+        x: Tensor,
+        weight: Tensor,
+        padding: list[int],
+        groups: int,
+        channels_last: bool,
+        input_grad: bool,
+    ):
+        shape = x.shape if input_grad else (0,)
+        fmt = _format(channels_last) if input_grad else torch.contiguous_format
         return (
+            torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt),
             torch.empty_strided(weight.shape, weight.stride(), dtype=weight.dtype, device=weight.device),
             weight.new_empty(weight.shape[0], dtype=torch.float32),
         )
@@ -132,12 +140,9 @@ def _register() -> None:
 
     def backward(ctx, grad_y: Tensor):
         x, weight = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = ops.conv2d_backward_input(grad_y, x, weight, *ctx.args)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_w, grad_b = ops.conv2d_backward_weight(grad_y, x, weight, *ctx.args)
-        return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None, None
+        input_grad = ctx.needs_input_grad[0]
+        grad_x, grad_w, grad_b = ops.conv2d_backward(grad_y, x, weight, *ctx.args, input_grad)
+        return grad_x if input_grad else None, grad_w, grad_b if ctx.has_bias else None, None, None, None
 
     torch.library.register_autograd("fasthvae_onednn::conv2d", backward, setup_context=setup_context)
 
