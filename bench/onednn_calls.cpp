@@ -11,21 +11,15 @@
 #include <string>
 #include <tuple>
 
+#include "onednn_conv_primitives.h"
+
 namespace {
 
 using dnnl::memory;
 using tag = memory::format_tag;
 using dt = memory::data_type;
-
-dnnl::engine& engine() {
-  static dnnl::engine e(dnnl::engine::kind::cpu, 0);
-  return e;
-}
-
-dnnl::stream& stream() {
-  static dnnl::stream s(engine());
-  return s;
-}
+using fasthvae_onednn::engine;
+using fasthvae_onednn::stream;
 
 struct Conv {
   dnnl::convolution_forward forward;
@@ -47,23 +41,12 @@ Conv& conv_for(int64_t n, int64_t c, int64_t side, int64_t o, int64_t k, dt data
   auto conv = std::make_unique<Conv>();
   Conv& p = *conv;
   const int64_t pad = k / 2;
-  const memory::dims strides{1, 1}, padding{pad, pad}, wdims{o, c, k, k};
+  const memory::dims wdims{o, c, k, k};
   p.src = memory::desc({n, c, side, side}, data, tag::nhwc);
   p.dst = memory::desc({n, o, side, side}, data, tag::nhwc);
   p.bias = memory::desc({o}, dt::f32, tag::a);
-  const memory::desc any_weights(wdims, data, tag::any);
-  dnnl::convolution_forward::primitive_desc fwd;
-  try {
-    fwd = dnnl::convolution_forward::primitive_desc(engine(), dnnl::prop_kind::forward_training,
-        dnnl::algorithm::convolution_direct, p.src, any_weights, p.bias, p.dst, strides, padding, padding);
-  } catch (const dnnl::error&) {
-    TORCH_CHECK(false, "oneDNN has no ", data == dt::bf16 ? "bfloat16" : "float32",
-        " convolution on this CPU (at the ISA ONEDNN_MAX_CPU_ISA allows): try --dtype float32");
-  }
-  dnnl::convolution_backward_data::primitive_desc bwd_data(engine(), dnnl::algorithm::convolution_direct,
-      p.src, any_weights, p.dst, strides, padding, padding, fwd);
-  dnnl::convolution_backward_weights::primitive_desc bwd_weights(engine(), dnnl::algorithm::convolution_direct,
-      p.src, memory::desc(wdims, dt::f32, tag::any), p.bias, p.dst, strides, padding, padding, fwd);
+  const auto [fwd, bwd_data, bwd_weights] =
+      fasthvae_onednn::conv_descs(p.src, p.dst, p.bias, wdims, data, {pad, pad}, ": try --dtype float32");
   p.weights = fwd.weights_desc();
   p.weights_backward = bwd_data.weights_desc();
   p.weight_grad = bwd_weights.diff_weights_desc();

@@ -19,21 +19,15 @@
 #include <oneapi/dnnl/dnnl.hpp>
 #include <tuple>
 
+#include "onednn_conv_primitives.h"
+
 namespace {
 
 using dnnl::memory;
 using tag = memory::format_tag;
 using dt = memory::data_type;
-
-dnnl::engine& engine() {
-  static dnnl::engine e(dnnl::engine::kind::cpu, 0);
-  return e;
-}
-
-dnnl::stream& stream() {
-  static dnnl::stream s(engine());
-  return s;
-}
+using fasthvae_onednn::engine;
+using fasthvae_onednn::stream;
 
 dt data_type_of(at::ScalarType t) {
   switch (t) {
@@ -81,7 +75,6 @@ Conv& conv_for(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef padding
   Conv& p = *conv;
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3), o = w.size(0);
   const int64_t oh = h + 2 * padding[0] - w.size(2) + 1, ow = wd + 2 * padding[1] - w.size(3) + 1;
-  const memory::dims strides{1, 1}, pad{padding[0], padding[1]};
   const memory::dims wdims = groups == 1 ? memory::dims{o, c, w.size(2), w.size(3)}
                                          : memory::dims{groups, o / groups, c / groups, w.size(2), w.size(3)};
   const tag layout = nhwc ? tag::nhwc : tag::nchw;
@@ -89,19 +82,8 @@ Conv& conv_for(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef padding
   p.dst = memory::desc({n, o, oh, ow}, data, layout);
   p.bias = memory::desc({o}, dt::f32, tag::a);
   p.user = user_weights(w, groups);
-  const memory::desc any_weights(wdims, data, tag::any);
-  dnnl::convolution_forward::primitive_desc fwd;
-  try {
-    fwd = dnnl::convolution_forward::primitive_desc(engine(), dnnl::prop_kind::forward_training,
-        dnnl::algorithm::convolution_direct, p.src, any_weights, p.bias, p.dst, strides, pad, pad);
-  } catch (const dnnl::error&) {
-    TORCH_CHECK(false, "fasthvae_onednn: oneDNN has no ", data == dt::bf16 ? "bfloat16" : "float32",
-        " convolution on this CPU (at the ISA ONEDNN_MAX_CPU_ISA allows)");
-  }
-  dnnl::convolution_backward_data::primitive_desc bwd_data(engine(), dnnl::algorithm::convolution_direct,
-      p.src, any_weights, p.dst, strides, pad, pad, fwd);
-  dnnl::convolution_backward_weights::primitive_desc bwd_weights(engine(), dnnl::algorithm::convolution_direct,
-      p.src, memory::desc(wdims, dt::f32, tag::any), p.bias, p.dst, strides, pad, pad, fwd);
+  const auto [fwd, bwd_data, bwd_weights] =
+      fasthvae_onednn::conv_descs(p.src, p.dst, p.bias, wdims, data, {padding[0], padding[1]});
   p.weights = fwd.weights_desc();
   p.weights_backward = bwd_data.weights_desc();
   p.grad_weights = bwd_weights.diff_weights_desc();

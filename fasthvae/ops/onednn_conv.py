@@ -14,9 +14,10 @@ gradient where it is needed, the weight's and the bias's). Double backward is no
 It needs a standalone oneDNN, which torch does not expose (its own is linked in without its API):
 ``pip install onednn-cpu-gomp onednn-devel-cpu-gomp`` (GNU OpenMP, the runtime torch loads), or
 ``$FASTHVAE_ONEDNN`` naming an install prefix (``include/oneapi/dnnl``, ``lib/libdnnl.so``). The op
-is compiled on first use (about a minute; cached by ``torch.utils.cpp_extension``).
+is compiled on first use and cached by ``torch.utils.cpp_extension``.
 """
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch._prims_common import suggest_memory_format
 
 ONEDNN_ENV = "FASTHVAE_ONEDNN"
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "onednn_conv.cpp"
+SHARED_HEADER = SOURCE.with_name("onednn_conv_primitives.h")  # also included by bench/onednn_calls.cpp
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -57,6 +59,19 @@ def available() -> bool:
     return missing() is None
 
 
+def build_args(prefix: Path) -> dict:
+    """``torch.utils.cpp_extension.load``'s arguments for an extension on oneDNN under ``prefix``
+    that includes ``csrc/``'s shared header. The header's digest is a define, so that a changed header
+    rebuilds the extension (``load`` keys its cache by the sources and these arguments)."""
+    lib = onednn_files(prefix)[1].parent
+    digest = hashlib.sha256(SHARED_HEADER.read_bytes()).hexdigest()[:16]
+    return {
+        "extra_include_paths": [str(prefix / "include"), str(SOURCE.parent)],
+        "extra_ldflags": [f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"],
+        "extra_cflags": ["-O2", f"-DFASTHVAE_ONEDNN_HEADER={digest}"],
+    }
+
+
 _loaded = False
 
 
@@ -76,16 +91,7 @@ def load() -> None:
         raise RuntimeError(f"fasthvae: the oneDNN convolution cannot be built: {reason}")
     from torch.utils.cpp_extension import load
 
-    prefix = onednn_prefix()
-    lib = onednn_files(prefix)[1].parent
-    load(
-        "fasthvae_onednn_conv",
-        [str(SOURCE)],
-        extra_include_paths=[str(prefix / "include")],
-        extra_ldflags=[f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"],
-        extra_cflags=["-O2"],
-        is_python_module=False,
-    )
+    load("fasthvae_onednn_conv", [str(SOURCE)], is_python_module=False, **build_args(onednn_prefix()))
     _register()
     _loaded = True
 

@@ -65,8 +65,8 @@ from fasthvae.training.state import build_state
 
 SWITCHES = ("compile", "channels_last", "fused_optimizer")  # the step's, measured on a synthetic batch
 # Measured after the switches, on and off with the chosen ones (a switch of its own would double the
-# candidates, each compiled): where the model and machine can run it.
-STAGED = ("onednn_conv",)
+# candidates, each compiled), where the model and machine can run it: name -> why it cannot.
+STAGED = {"onednn_conv": onednn_conv_unavailable}
 CHOICES = (*SWITCHES, *STAGED, "loader")  # the loader is measured feeding the chosen step
 WARMUP_STEPS = 2  # the first compiles; the second measures a step for the window's length
 ROUNDS = 4
@@ -273,8 +273,8 @@ def staged_free(config: TrainConfig, rt: Runtime) -> list[str]:
     """The staged switches the command line left unset and this run can use."""
     return [
         name
-        for name in STAGED
-        if getattr(config, name) is None and onednn_conv_unavailable(config, rt.device) is None
+        for name, unavailable in STAGED.items()
+        if getattr(config, name) is None and unavailable(config, rt.device) is None
     ]
 
 
@@ -350,6 +350,15 @@ def loader_candidates(config: TrainConfig, rt: Runtime, images: object) -> list[
     return [rt.loader, "resident" if rt.loader == "torch" else "torch"]
 
 
+def keep_chosen(measured: list[Candidate], choice: dict) -> Candidate:
+    """The candidate with the ``choice``'s switches; the others' models and optimizers go now."""
+    chosen = next(c for c in measured if c.switches == choice)
+    for candidate in measured:
+        if candidate is not chosen:
+            candidate.step = None
+    return chosen
+
+
 def probe(config: TrainConfig, rt: Runtime, images: object) -> dict:
     """Measure the step's candidates and decide; then, with the chosen switches, the loaders'. The
     random state as before. The record for config.json."""
@@ -358,20 +367,14 @@ def probe(config: TrainConfig, rt: Runtime, images: object) -> dict:
     with torch.random.fork_rng(devices=devices):
         measured = measure(config, rt, candidates(config, rt))
         choice = dict(decide(measured))
-        chosen = next(c for c in measured if c.switches == choice)
-        for candidate in measured:  # the others' models and optimizers go now
-            if candidate is not chosen:
-                candidate.step = None
+        chosen = keep_chosen(measured, choice)
         for name in staged_free(config, rt):
             default = getattr(rt, name)
             pair = measure(
                 config, rt, [choice | {name: default}, choice | {name: not default}], chosen, "staged"
             )
             choice = dict(decide(pair))
-            chosen = next(c for c in pair if c.switches == choice)
-            for candidate in pair:
-                if candidate is not chosen:
-                    candidate.step = None
+            chosen = keep_chosen(pair, choice)
             measured += pair
         loaders = loader_candidates(config, rt, images)
         if loaders:
