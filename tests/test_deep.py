@@ -16,8 +16,10 @@ from fasthvae.eval.runs import load_run
 from fasthvae.models import PRESETS, DeepHVAE, build_model_from_config, deep
 from fasthvae.ops import reference
 from fasthvae.training.checkpoint import load_checkpoint
+from fasthvae.training.config import TrainConfig
 from fasthvae.training.grad_skip import AdaptiveSkip
 from fasthvae.training.latent_health import HealthMonitor
+from fasthvae.training.state import adaptive_skip
 from tests.helpers import (
     DEEP_TINY,
     KILL_AFTER_FIRST_CHECKPOINT,
@@ -176,6 +178,14 @@ def test_adaptive_skip_skips_a_spike_not_a_normal_step():
     assert skip.allows(1.5), "a normal one is not"
     assert not skip.allows(math.nan) and not skip.allows(math.inf)
     assert skip.skipped == 3
+
+
+def test_the_trainers_adaptive_skip_lives_on_the_training_device():
+    """Its window meets the step's gradient norm on that device (a CPU window beside a CUDA norm
+    is an error): the meta device stands in for a GPU here."""
+    config = TrainConfig(model="deep", skip_factor=10.0)
+    assert adaptive_skip(config, torch.device("meta")).norms.is_meta
+    assert adaptive_skip(replace(config, skip_factor=0.0), torch.device("cpu")) is None
 
 
 def test_adaptive_skip_never_stalls_a_healthy_run():

@@ -297,3 +297,13 @@ def test_cpu_mixture_gives_the_same_bits_on_any_thread_count(kernel, layout):
         with torch_threads(5):
             five = run_mixture(kernel, x, params, reduction, grad, layout)
         assert all(torch.equal(a, b) for a, b in zip(one, five, strict=True))
+
+
+def test_the_reference_gradient_is_zero_at_the_log_scale_clamp():
+    """At log-scale -7 itself the reference's gradient is zero, as the kernels' (it is written out,
+    not left to torch.clamp's choice of subgradient at its bound)."""
+    log_scale = torch.tensor([-7.0, -6.5, -7.5], dtype=torch.float64, requires_grad=True)
+    x = torch.full((3,), 0.5, dtype=torch.float64)
+    nll = reference.logistic_nll(x, torch.zeros(3, dtype=torch.float64), log_scale)
+    (d,) = torch.autograd.grad(nll.sum(), log_scale)
+    assert d[0] == 0 and d[2] == 0 and d[1] != 0

@@ -35,9 +35,12 @@ def random_pad_crop(x: torch.Tensor, pad: int, generator: torch.Generator) -> to
 
 
 def to_float(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """uint8 [B, C, H, W] -> float32 in [0, 1] (x / 255, as torchvision's ToTensor)."""
+    """uint8 [B, C, H, W] -> float32 in [0, 1] (x / 255, as torchvision's ToTensor), the same bits
+    on every device. The divisor is a tensor on x's device: CUDA divides by a Python number as a
+    product with its reciprocal, which differs from x / 255 in the last bit for 126 of the 256 values."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return x.to(torch.float32, memory_format=fmt).div_(255)
+    divisor = torch.full((), 255.0, device=x.device)  # a fill, not a host-to-device copy
+    return x.to(torch.float32, memory_format=fmt).div_(divisor)
 
 
 class ResidentLoader:

@@ -169,7 +169,9 @@ def logistic_nll(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -
     its centre (PixelCNN++). In the compute dtype."""
     ct = compute_dtype(mean.dtype)
     x, mean, log_scale = x.to(ct) * 2 - 1, mean.to(ct), log_scale.to(ct)  # bin half-width 1/255
-    log_scale = log_scale.clamp(min=MIN_LOG_SCALE)
+    # The clamp with a zero gradient at -7 itself, as the kernels': written out, not left to the
+    # subgradient torch.clamp takes at its bound.
+    log_scale = torch.where(log_scale > MIN_LOG_SCALE, log_scale, MIN_LOG_SCALE)
     centered = x - mean
     inv_s = torch.exp(-log_scale)
     plus = inv_s * (centered + 1 / 255)

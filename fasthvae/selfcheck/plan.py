@@ -78,28 +78,28 @@ def plan(
         if toolkit:
             build_env["CUDA_HOME"] = toolkit
         build_cmd = [python, "setup.py", "-q", "build_ext", "--inplace"]
-        steps.append(Step("build the kernels", build_cmd, 150, build_env))
+        steps.append(Step("build the kernels", build_cmd, 110, build_env))
     if rehearse:  # a CUDA run becomes its collection (every module it imports resolves)
         pytest, parallel = [*base, "--collect-only", "-q"], []
         steps.append(Step("collect the whole suite", pytest, 90, pytest=True))
     steps.append(Step("environment", [python, "-m", "fasthvae.cli", "env"], 15))
     kernel_files = ["tests/test_ops_kernels.py", "tests/test_likelihood_ops.py", "tests/test_ops_api.py"]
     kernels = [*pytest, *parallel, *kernel_files, "-k", KERNEL_TESTS]
-    steps.append(Step("kernels on CUDA", kernels, 100, gpu, pytest=True))
+    steps.append(Step("kernels on CUDA", kernels, 90, gpu, pytest=True))
     # Every other gpu-marked test: the kernel files ran in the step above, the training runs below.
     skipped = [arg for path in (*kernel_files, "tests/test_gpu_training.py") for arg in ("--ignore", path)]
     others = [*pytest, "-m", "gpu", *skipped]
-    steps.append(Step("gpu tests", others, 45, gpu, pytest=True))
+    steps.append(Step("gpu tests", others, 55, gpu, pytest=True))
     training = [*pytest, *parallel, "tests/test_gpu_training.py"]
-    steps.append(Step("training runs on CUDA", training, 90, gpu, pytest=True))
+    steps.append(Step("training runs on CUDA", training, 80, gpu, pytest=True))
     bench_out = ["--out", str(out / "bench")]
     data_args = ["--data", data] if data else []
     benches = [
         # one shape per kind of op: every (op, shape) compiles the reference formula once
-        ("bench_ops", ["--shapes", "hvae-conv", "cifar-b32", "--repeats", "10"], 40),
+        ("bench_ops", ["--shapes", "hvae-conv", "cifar-b32", "--repeats", "10"], 65),
         ("bench_train", ["--model", "hvae", "--only", "plain", "+fused-ops", "--warmup", "2", "--steps", "10",
-                         "--repeats", "2", *data_args], 30),
-        ("bench_loader", ["--epochs", "2", *data_args], 10),
+                         "--repeats", "2", *data_args], 45),
+        ("bench_loader", ["--epochs", "2", *data_args], 20),
     ]  # fmt: skip
     for name, args, cap in benches:
         run_args = ["--help"] if rehearse else ["--device", "cuda", *args, *bench_out]

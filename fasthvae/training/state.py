@@ -111,12 +111,13 @@ class TrainState:
         )
 
 
-def adaptive_skip(config: TrainConfig) -> AdaptiveSkip | None:
-    """The update skipping of ``--skip-factor``: a lasting change of scale goes on after
-    ``SKIP_PATIENCE`` skipped steps, always before ``--max-skips`` would stop the run."""
+def adaptive_skip(config: TrainConfig, device: torch.device) -> AdaptiveSkip | None:
+    """The update skipping of ``--skip-factor`` on the training device: a lasting change of scale
+    goes on after ``SKIP_PATIENCE`` skipped steps, always before ``--max-skips`` would stop the run."""
     if not config.skip_factor:
         return None
-    return AdaptiveSkip(config.skip_factor, patience=min(SKIP_PATIENCE, config.max_skips - 1))
+    patience = min(SKIP_PATIENCE, config.max_skips - 1)
+    return AdaptiveSkip(config.skip_factor, patience=patience, device=device)
 
 
 def build_state(config: TrainConfig, rt: Runtime) -> TrainState:
@@ -133,6 +134,6 @@ def build_state(config: TrainConfig, rt: Runtime) -> TrainState:
         optimizer=optimizer,
         scaler=grad_scaler(rt.device, rt.amp_dtype),
         ema=EMA(model, config.ema) if config.ema else None,
-        skip=adaptive_skip(config),
+        skip=adaptive_skip(config, rt.device),
         health=latent_health.HealthMonitor(),
     )
