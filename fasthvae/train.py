@@ -278,7 +278,10 @@ class Trainer:
     def runtime_record(self) -> dict:
         """What this process resolved (device, precision, the speed switches and how they were
         chosen, loader), for config and summary."""
-        return self.rt.record(self.dist.world_size) | {"speed": self.speed}
+        record = self.rt.record(self.dist.world_size) | {"speed": self.speed}
+        if self.step_fn.compile_failure:  # compilation was the default and failed: trained eager
+            record |= {"compile": False, "compile_failed": self.step_fn.compile_failure}
+        return record
 
     def run(self, on_epoch: Callable[[dict], None] | None = None) -> dict:
         """Train to ``config.epochs``, then summarize; ``on_epoch(row)`` after each epoch (rank 0).
@@ -287,8 +290,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             for stale in self.out.glob(".checkpoint.pt.*.tmp"):  # left by a process killed mid-save
                 stale.unlink(missing_ok=True)
-            record = asdict(self.config) | {"runtime": self.runtime_record()}
-            write_text_atomic(json.dumps(record, indent=2) + "\n", self.out / "config.json")
+            self._write_config()
         tb = None
         if self.rt.tensorboard and self.dist.is_main:
             skipped = sum(r["skipped_steps"] for r in self.history)
@@ -307,6 +309,10 @@ class Trainer:
             summary = self.summarize()
             write_text_atomic(json.dumps(summary, indent=2) + "\n", self.out / "summary.json")
         return summary
+
+    def _write_config(self) -> None:
+        record = asdict(self.config) | {"runtime": self.runtime_record()}
+        write_text_atomic(json.dumps(record, indent=2) + "\n", self.out / "config.json")
 
     def _train(
         self, policy: StopPolicy, tb: artifacts.TensorBoardLog | None, on_epoch: Callable[[dict], None] | None
@@ -330,6 +336,8 @@ class Trainer:
                 if summary:
                     print(f"fasthvae.train: epoch {self.epoch}: {summary}", file=sys.stderr, flush=True)
                 self._write_outputs(row, tb)
+                if self.step_fn.compile_failure:  # the runtime changed after config.json was written
+                    self._write_config()
             self._save()
             policy.saved()
             if on_epoch is not None and self.dist.is_main:

@@ -273,3 +273,17 @@ def assert_same_state(a: dict, b: dict) -> None:
     for index, state in a["optimizer"]["state"].items():
         for name, value in state.items():
             assert torch.equal(b["optimizer"]["state"][index][name], value), (index, name)
+
+
+def make_compilation_fail(monkeypatch) -> None:
+    """torch.compile as the trainer calls it, with a backend that raises as a compiler crash does
+    (Dynamo wraps the error in BackendCompilerFailed)."""
+    real = torch.compile
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("the compiler broke")
+
+    monkeypatch.setattr(
+        torch, "compile", lambda model, mode=None, **kw: real(model, backend=broken_backend, **kw)
+    )
+    torch._dynamo.reset()

@@ -41,14 +41,26 @@ def test_pytest_results_are_read_from_serial_and_parallel_logs():
         "tests/test_a.py::test_x[cuda] PASSED                  [ 10%]",
         "tests/test_a.py::test_y FAILED                        [ 20%]",
         "[gw3] [ 30%] SKIPPED tests/test_b.py::test_z[triton-torch.float16]",
+        "tests/test_b.py::test_started[cuda] ",  # xdist names a test as it starts
+        "[gw5] PASSED tests/test_b.py::test_started[cuda]",  # the classic console style
+        "[gw1] PASSED tests/test_b.py::test_shapes[(0, 3)] ",
+        "tests/test_b.py::test_shapes[(1, 3)] SKIPPED (no GPU)          [ 40%]",
         "tests/test_c.py::test_listed",
+        "tests/test_c.py::test_listed[(2, 5)]",
         "some other output",
+        "=============================== warnings summary ===============================",
+        "tests/test_a.py::test_x[cuda]",  # where a warning came from, not a collected test
+        "  UserWarning: ...",
     ])  # fmt: skip
     assert finished_tests(log) == {
         "tests/test_a.py::test_x[cuda]": "PASSED",
         "tests/test_a.py::test_y": "FAILED",
         "tests/test_b.py::test_z[triton-torch.float16]": "SKIPPED",
+        "tests/test_b.py::test_started[cuda]": "PASSED",
+        "tests/test_b.py::test_shapes[(0, 3)]": "PASSED",
+        "tests/test_b.py::test_shapes[(1, 3)]": "SKIPPED",
         "tests/test_c.py::test_listed": "COLLECTED",
+        "tests/test_c.py::test_listed[(2, 5)]": "COLLECTED",
     }
 
 

@@ -13,7 +13,7 @@ from fasthvae.training import speed
 from fasthvae.training.config import TrainConfig, with_model_defaults
 from fasthvae.training.distributed import DistInfo
 from fasthvae.training.runtime import resolve_runtime
-from tests.helpers import SMALL, needs_onednn
+from tests.helpers import SMALL, make_compilation_fail, needs_onednn
 
 DEFAULTS = {"compile": True, "channels_last": True, "fused_optimizer": True}
 IMAGES = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
@@ -180,6 +180,24 @@ def test_a_real_probe_times_every_candidate_and_keeps_the_random_state(tmp_path,
         {k: r[k] for k in speed.SWITCHES} for r in record["candidates"][:4]
     ]
     assert record["choice"]["loader"] in ("torch", "resident")
+
+
+def test_a_candidate_that_fails_is_left_out_and_never_chosen(tmp_path, monkeypatch, capsys):
+    """The defaults compile, and their compilation fails: the probe says so, times the rest and
+    chooses among them; the record keeps the failure."""
+    monkeypatch.setattr(speed, "TIMING_SECONDS", {"step": 0.5, "loader": 0.5})
+    make_compilation_fail(monkeypatch)
+    c = with_model_defaults(config(tmp_path, channels_last=False, fused_optimizer=False, loader="resident"))
+    rt = resolve_runtime(c, DistInfo())
+    assert rt.compile
+    record = speed.probe(c, rt, IMAGES)
+    torch._dynamo.reset()
+    failed, eager = record["candidates"]
+    assert failed["compile"] and "the compiler broke" in failed["failed"] and "step_ms" not in failed
+    assert not eager["compile"] and len(eager["step_ms"]) == speed.ROUNDS
+    assert record["choice"]["compile"] is False
+    assert "failed, left out (BackendCompilerFailed" in capsys.readouterr().err
+    assert "probe of 2 candidates" in speed.describe(record | {"source": "probe", "cache": "x"})
 
 
 @needs_onednn

@@ -20,6 +20,7 @@ from tests.helpers import (
     PROBE_ON_RANK_0,
     SMALL,
     assert_same_state,
+    make_compilation_fail,
     run_process,
     scale_loss_by_step,
     slow_rank_0_evaluation,
@@ -372,6 +373,23 @@ def test_an_odd_last_batch_leaves_the_compiled_step_static(data, tmp_path, monke
     run(data, tmp_path, "--limit-train", "80", "--compile", "--no-tensorboard", "--fid-samples", "0")
     torch._dynamo.reset()
     assert len(symbolic) >= 2 and not any(symbolic), symbolic  # 80 = 2 x 32 + 16: two shapes, both static
+
+
+def test_a_default_compilation_that_fails_trains_eager_and_says_so(data, tmp_path, monkeypatch, capsys):
+    """Compilation on by default (not asked for) that fails on the first step: the run trains
+    without it, prints why, and config.json and summary.json say so; asked for, it is an error."""
+    make_compilation_fail(monkeypatch)
+    summary = run(data, tmp_path / "auto", "--limit-train", "64", "--speed", "fixed", "--no-tensorboard")
+    assert "the step failed to compile (BackendCompilerFailed" in capsys.readouterr().err
+    config = json.loads((tmp_path / "auto" / "config.json").read_text())["runtime"]
+    for runtime in (summary["runtime"], config):
+        assert runtime["compile"] is False and "the compiler broke" in runtime["compile_failed"]
+    assert len(read_metrics(tmp_path / "auto")) == 2
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="the compiler broke"):
+        train.main(
+            ["--data", data, "--out", str(tmp_path / "asked"), *SMALL, "--limit-train", "64", "--compile"]
+        )
+    torch._dynamo.reset()
 
 
 def test_epochs_drop_their_last_partial_batch_with_ddp_and_on_cuda():

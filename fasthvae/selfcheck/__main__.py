@@ -32,7 +32,7 @@ def synthetic_data(path: Path, train: int = 4096, test: int = 512) -> str:
     return str(path)
 
 
-def header(rehearse: bool, data_note: str, caps: float) -> list[str]:
+def header(rehearse: bool, data_note: str, budget_s: float, caps: float) -> list[str]:
     if rehearse:
         where = f"CPU rehearsal (no GPU): {machine()}; optional packages hidden: {', '.join(OPTIONAL)}"
     else:
@@ -49,7 +49,7 @@ def header(rehearse: bool, data_note: str, caps: float) -> list[str]:
         f"{where}  ",
         f"Python {platform.python_version()} (`{sys.executable}`), torch {torch.__version__}, "
         f"Triton {triton_version}  ",
-        f"Budget {BUDGET_S} s; the GPU steps' caps sum to {caps:.0f} s.  ",
+        f"Budget {budget_s:.0f} s; the GPU steps' caps sum to {caps:.0f} s.  ",
         f"Data for the benchmarks: {data_note}.  ",
         f"Started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.",
     ]
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     where = {"data": data, "build": args.build, "arch": arch, "cpus": os.cpu_count() or 1}
     steps = plan(sys.executable, out, rehearse=args.rehearse, **where)
     on_gpu = plan(sys.executable, out, rehearse=False, **where)
-    top = header(args.rehearse, data_note, sum(s.cap_s for s in on_gpu))
+    top = header(args.rehearse, data_note, 60 * args.minutes, sum(s.cap_s for s in on_gpu))
     missing, results = missing_packages(), []
     for step in steps:
         write_report(out, top, missing, results, running=step.name)

@@ -13,11 +13,15 @@ from pathlib import Path
 
 from fasthvae.selfcheck.plan import Step
 
-# pytest -v lines: "tests/x.py::test[id] PASSED [ 10%]" serially, "[gw0] [ 10%] PASSED tests/x.py::test"
-# under xdist.
-_SERIAL = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
-_XDIST = re.compile(r"^\[gw\d+\] \[\s*\d+%\] (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS) (tests/\S+::\S+)")
-_COLLECTED = re.compile(r"^(tests/\S+::\S+)$")  # --collect-only -q
+# pytest -v lines, serially "tests/x.py::test[id] PASSED [ 10%]", under xdist
+# "[gw0] [ 10%] PASSED tests/x.py::test" (no percentage in the classic console style); ids may hold
+# spaces ("test[(0, 3)]").
+_OUTCOME = "(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)"
+_SERIAL = re.compile(rf"^(tests/\S+::.+?) {_OUTCOME}\b")
+_XDIST = re.compile(rf"^\[gw\d+\] (?:\[\s*\d+%\] )?{_OUTCOME} (tests/\S+::.*?)\s*$")
+_COLLECTED = re.compile(r"^(tests/\S+::.*\S)$")  # --collect-only -q (ids may hold spaces)
+# The summaries after the results ("=== warnings summary ===") name tests too: reading stops there.
+_SUMMARY = re.compile(r"^=+ (warnings summary|short test summary info|FAILURES|ERRORS) =+$")
 KILL_GRACE_S = 5.0
 
 
@@ -48,6 +52,8 @@ def finished_tests(log_text: str) -> dict[str, str]:
     """Each finished test of a pytest -v log and its outcome (collected tests: ``COLLECTED``)."""
     results = {}
     for line in log_text.splitlines():
+        if _SUMMARY.match(line):
+            break
         if serial := _SERIAL.match(line):
             results[serial.group(1)] = serial.group(2)
         elif xdist := _XDIST.match(line):

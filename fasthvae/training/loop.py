@@ -9,12 +9,15 @@ the step reads its decision back.
 """
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch._dynamo.exc import BackendCompilerFailed
+from torch._inductor.exc import InductorError
 from tqdm import tqdm
 
 from fasthvae import ops
@@ -26,6 +29,17 @@ from fasthvae.training.distributed import DistInfo, all_reduce_sum
 from fasthvae.training.precision import autocast
 from fasthvae.training.runtime import Runtime
 from fasthvae.training.state import EpochProgress, TrainState
+
+# What a failed compilation raises (Inductor's error is Dynamo's backend failure in newer torch).
+COMPILE_ERRORS = (BackendCompilerFailed, InductorError)
+
+
+def error_line(err: BaseException) -> str:
+    """An error in one line: its type and first line, a compiler's with the error inside it."""
+    inner = getattr(err, "inner_exception", None)
+    cause = f"{type(inner).__name__}: {inner}" if inner is not None else str(err)
+    lines = cause.strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
 
 
 class Objective(nn.Module):
@@ -56,9 +70,18 @@ class Stepper:
     so every rank sees the same norm and decides alike."""
 
     def __init__(
-        self, state: TrainState, objective: nn.Module, config: TrainConfig, rt: Runtime, sync_free: bool
+        self,
+        state: TrainState,
+        objective: nn.Module,
+        config: TrainConfig,
+        rt: Runtime,
+        sync_free: bool,
+        eager: nn.Module | None = None,
     ) -> None:
         self.state, self.objective, self.rt, self.sync_free = state, objective, rt, sync_free
+        # ``eager``: the objective uncompiled, taken instead when the compiled one fails to compile
+        # on the first step (compilation is a default, not asked for); ``compile_failure`` says why.
+        self.eager, self.compile_failure = eager, None
         self.max_norm = config.grad_clip or math.inf
         self.terms = ["loss", "recon", *state.model.kl_levels]
         named = list(state.model.named_parameters())
@@ -67,6 +90,24 @@ class Stepper:
         self.no_scale = torch.tensor([math.nan], device=rt.device)
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor) -> StepResult:
+        if self.eager is None:
+            return self._step(x, weights)
+        try:  # the first step compiles; a failure comes before the optimizer's update
+            result = self._step(x, weights)
+        except COMPILE_ERRORS as err:
+            self.compile_failure = error_line(err)
+            print(
+                f"fasthvae.train: the step failed to compile ({self.compile_failure}); "
+                "training without torch.compile (--compile makes this an error)",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.objective = self.eager
+            result = self._step(x, weights)
+        self.eager = None
+        return result
+
+    def _step(self, x: torch.Tensor, weights: torch.Tensor) -> StepResult:
         s = self.state
         with autocast(self.rt.device.type, self.rt.amp_dtype):
             terms = self.objective(x, weights)
@@ -115,13 +156,15 @@ def build_stepper(state: TrainState, config: TrainConfig, rt: Runtime, dist: Dis
     if dist.enabled:
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+    eager = None
     if rt.compile:
+        eager = objective if config.compile is None else None  # asked for: a failure is an error
         # dynamic=False: an epoch's last partial batch (kept on one CPU process) gets a static graph
         # of its own. Left to dynamo's automatic dynamic shapes, it would recompile the step with a
         # symbolic batch size, which every later full batch then runs (bench/bench_recompile.py).
         objective = torch.compile(objective, mode=config.compile_mode, dynamic=False)
     # Skips decided on the device need the fused AdamW (its found_inf): then the step never waits.
-    return Stepper(state, objective, config, rt, sync_free=rt.fused_optimizer)
+    return Stepper(state, objective, config, rt, sync_free=rt.fused_optimizer, eager=eager)
 
 
 @dataclass

@@ -59,7 +59,7 @@ from fasthvae.hardware import ISA_CAP_ENVS, cpu_name, usable_cpu_flags
 from fasthvae.training.checkpoint import write_text_atomic
 from fasthvae.training.config import TrainConfig
 from fasthvae.training.distributed import DistInfo, broadcast_from_main
-from fasthvae.training.loop import build_stepper
+from fasthvae.training.loop import build_stepper, error_line
 from fasthvae.training.runtime import Runtime, onednn_conv_unavailable
 from fasthvae.training.state import build_state
 
@@ -104,12 +104,15 @@ class Candidate:
     first_step_s: float = math.nan
     windows: list[float] = field(default_factory=list)
     step: Callable[[torch.Tensor], object] | None = field(default=None, repr=False)
+    failed: str | None = None  # why its first step raised (not timed, never chosen)
 
     @property
     def median(self) -> float:
         return statistics.median(self.windows)
 
     def record(self) -> dict:
+        if self.failed:
+            return {**self.switches, "failed": self.failed}
         return {
             **self.switches,
             "first_step_s": round(self.first_step_s, 2),
@@ -178,8 +181,10 @@ def candidates(config: TrainConfig, rt: Runtime) -> list[dict[str, bool]]:
 
 
 def decide(measured: list[Candidate]) -> dict[str, bool | str]:
-    """The defaults (``measured[0]``) unless a candidate beat them in every round, by at least
-    ``MIN_GAIN`` in the median of its per-round ratios; of such candidates, the lowest median."""
+    """The defaults (``measured[0]``; where they failed, the first candidate that ran) unless a
+    candidate beat them in every round, by at least ``MIN_GAIN`` in the median of its per-round
+    ratios; of such candidates, the lowest median."""
+    measured = [c for c in measured if not c.failed]
     default = measured[0]
 
     def ratios(c: Candidate) -> list[float]:
@@ -254,18 +259,29 @@ def measure(
     """The step switches' candidates on a synthetic batch, timed in rotated rounds. ``warm``: a
     candidate measured before, whose built step serves the first switch set (no second compile)."""
     steps: list[Callable[[], object]] = []
-    measured = []
+    measured, ran, errors = [], [], []
     for i, switches in enumerate(switch_sets):
         crt = replace(rt, **switches)
-        reused = warm is not None and i == 0
-        measured.append(Candidate(switches, step=warm.step if reused else _build_step(config, crt)))
+        candidate = Candidate(switches)
+        measured.append(candidate)
         x = synthetic_batch(config, crt)
-        steps.append(lambda step=measured[-1].step, x=x: step(x))
-        if reused:
-            measured[-1].first_step_s = warm.first_step_s
+        if warm is not None and i == 0:
+            candidate.step, candidate.first_step_s = warm.step, warm.first_step_s
         else:
-            _first_step(steps[-1], measured[-1], rt.device)
-    time_rounds(steps, measured, rt.device, stage=stage)
+            try:  # the switches as given: a compilation that fails is this candidate's failure
+                candidate.step = _build_step(replace(config, **switches), crt)
+                _first_step(lambda step=candidate.step, x=x: step(x), candidate, rt.device)
+            except Exception as err:  # a switch this machine cannot run: left out, said why
+                candidate.step, candidate.failed = None, error_line(err)
+                errors.append(err)
+                warning = f"fasthvae.train: speed auto: {switches} failed, left out ({candidate.failed})"
+                print(warning, file=sys.stderr, flush=True)
+                continue
+        steps.append(lambda step=candidate.step, x=x: step(x))
+        ran.append(candidate)
+    if not ran:
+        raise errors[0]
+    time_rounds(steps, ran, rt.device, stage=stage)
     return measured
 
 
@@ -399,7 +415,8 @@ def describe(record: dict) -> str:
     )
     source = record["source"]
     if source == "probe":
-        fastest = min(record["candidates"], key=lambda c: statistics.median(c["step_ms"]))
+        timed = [c for c in record["candidates"] if "step_ms" in c]
+        fastest = min(timed, key=lambda c: statistics.median(c["step_ms"]))
         return (
             f"speed auto: {choice} (probe of {len(record['candidates'])} candidates, "
             f"{record['probe_s']} s; fastest median {statistics.median(fastest['step_ms']):.1f} ms/step; "
