@@ -275,15 +275,19 @@ def assert_same_state(a: dict, b: dict) -> None:
             assert torch.equal(b["optimizer"]["state"][index][name], value), (index, name)
 
 
-def make_compilation_fail(monkeypatch) -> None:
-    """torch.compile as the trainer calls it, with a backend that raises as a compiler crash does
-    (Dynamo wraps the error in BackendCompilerFailed)."""
+def compile_with_backend(monkeypatch, backend) -> None:
+    """torch.compile as the trainer calls it (``mode`` dropped), with ``backend`` instead of
+    Inductor; Dynamo's caches reset so that no earlier graph is reused."""
     real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kw: real(model, backend=backend, **kw))
+    torch._dynamo.reset()
+
+
+def make_compilation_fail(monkeypatch) -> None:
+    """torch.compile with a backend that raises as a compiler crash does (Dynamo wraps the error
+    in BackendCompilerFailed)."""
 
     def broken_backend(gm, example_inputs):
         raise RuntimeError("the compiler broke")
 
-    monkeypatch.setattr(
-        torch, "compile", lambda model, mode=None, **kw: real(model, backend=broken_backend, **kw)
-    )
-    torch._dynamo.reset()
+    compile_with_backend(monkeypatch, broken_backend)

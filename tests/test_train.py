@@ -20,6 +20,7 @@ from tests.helpers import (
     PROBE_ON_RANK_0,
     SMALL,
     assert_same_state,
+    compile_with_backend,
     make_compilation_fail,
     run_process,
     scale_loss_by_step,
@@ -367,9 +368,7 @@ def test_an_odd_last_batch_leaves_the_compiled_step_static(data, tmp_path, monke
         symbolic.append(any(isinstance(v, torch.SymInt) for v in values + sizes))
         return gm.forward
 
-    compile_ = torch.compile
-    monkeypatch.setattr(train.torch, "compile", lambda m, mode=None, **kw: compile_(m, backend=record, **kw))
-    torch._dynamo.reset()
+    compile_with_backend(monkeypatch, record)
     run(data, tmp_path, "--limit-train", "80", "--compile", "--no-tensorboard", "--fid-samples", "0")
     torch._dynamo.reset()
     assert len(symbolic) >= 2 and not any(symbolic), symbolic  # 80 = 2 x 32 + 16: two shapes, both static

@@ -34,13 +34,17 @@ def random_pad_crop(x: torch.Tensor, pad: int, generator: torch.Generator) -> to
     return padded[batch, chans, rows, cols]
 
 
-def to_float(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+def to_float(x: torch.Tensor, channels_last: bool, divisor: torch.Tensor) -> torch.Tensor:
     """uint8 [B, C, H, W] -> float32 in [0, 1] (x / 255, as torchvision's ToTensor), the same bits
-    on every device. The divisor is a tensor on x's device: CUDA divides by a Python number as a
-    product with its reciprocal, which differs from x / 255 in the last bit for 126 of the 256 values."""
+    on every device: ``divisor`` is 255 as a tensor on x's device (:func:`byte_divisor`)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    divisor = torch.full((), 255.0, device=x.device)  # a fill, not a host-to-device copy
     return x.to(torch.float32, memory_format=fmt).div_(divisor)
+
+
+def byte_divisor(device: torch.device) -> torch.Tensor:
+    """255 on ``device``, a true division's divisor: CUDA divides by a Python number as a product
+    with its reciprocal, which differs from x / 255 in the last bit for 126 of the 256 values."""
+    return torch.full((), 255.0, device=device)  # a fill, not a host-to-device copy
 
 
 class ResidentLoader:
@@ -57,6 +61,7 @@ class ResidentLoader:
         with warnings.catch_warnings():  # a read-only array (a memory map) is only ever read here
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             self.data = torch.from_numpy(images).to(self.device)
+        self.divisor = byte_divisor(self.device)
         self.n = len(self.data)
         self.epoch, self.start_batch = 0, 0
         self.batches_in_flight = 0  # each batch is gathered when asked for
@@ -86,4 +91,4 @@ class ResidentLoader:
             x = x.permute(0, 3, 1, 2)  # [B, 3, H, W], channels_last in memory
             if opt.pad_crop:
                 x = random_pad_crop(x, opt.pad_crop, gen)
-            yield to_float(x, opt.channels_last), idx
+            yield to_float(x, opt.channels_last, self.divisor), idx
