@@ -24,7 +24,10 @@ window gives images/s; the ratio to plain is the median over rounds of the windo
 window of the same round. One more window under ``torch.profiler`` gives the fused ops' share of
 the step (self time of the ``fasthvae::`` ops over all ops; for variants with the fused ops).
 Compiled variants also report the compile time (the first step's time less a timed step's) and
-dynamo's graph breaks (0: the whole step is one graph, as ``fullgraph=True`` demands). Writes
+dynamo's graph breaks (0: the whole step is one graph, as ``fullgraph=True`` demands). On CUDA
+every variant runs that profiled window, which also gives the share of its wall time in which the
+GPU ran a kernel or a copy (``GPU busy``). A variant whose first step fails to compile (a compiler
+crash on this machine) is left out, named with its error in the report, and the others run. Writes
 ``train_<device>_<model>.{csv,md}``.
 
 Every row is also on the machine's scale (``bench/machine_scale.py``): the FLOPs of a step per
@@ -59,6 +62,7 @@ from pathlib import Path
 
 import torch
 import torch._inductor.config as inductor_config
+from torch.autograd import DeviceType
 
 from bench.machine_scale import (
     ConvShape,
@@ -73,6 +77,7 @@ from fasthvae.hardware import machine
 from fasthvae.models import DeepHVAE
 from fasthvae.ops import use_backend
 from fasthvae.train import TrainConfig, Trainer
+from fasthvae.training.loop import COMPILE_ERRORS, error_line
 from fasthvae.training.runtime import onednn_conv_unavailable
 from fasthvae.training.speed import PROBE_MIN_STEPS, STAGED, SWITCHES, Feed
 
@@ -96,6 +101,10 @@ FEATURES = {
 
 
 BARE = "bare"
+BUSY_NOTE = (
+    " GPU busy: the share of one more window's wall time, under the profiler, in which the GPU ran a"
+    " kernel or a copy; the rest it waited on the host."
+)
 
 
 def variants(device: str, model: str) -> dict[str, tuple[dict, bool]]:
@@ -122,6 +131,20 @@ def ops_share(profile: torch.profiler.profile, device: str) -> float:
     total = sum(getattr(e, attr) for e in events)
     ours = sum(getattr(e, attr) for e in events if e.key.startswith("fasthvae::"))
     return ours / total if total else 0.0
+
+
+def device_busy(profile: torch.profiler.profile, wall_s: float) -> float:
+    """The share of ``wall_s`` in which the device ran at least one of the profile's kernels or
+    copies (their time ranges merged, so that streams running at once count once). Far below 1: the
+    step waits on the host."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end) for e in profile.events() if e.device_type != DeviceType.CPU
+    )
+    busy_us, end = 0.0, float("-inf")
+    for start, stop in spans:
+        busy_us += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return busy_us / 1e6 / wall_s if wall_s > 0 else 0.0
 
 
 def top_entries(profile: torch.profiler.profile, device: str, steps: int, count: int) -> list[dict]:
@@ -219,9 +242,10 @@ class Variant:
             self.windows.append(time.perf_counter() - start)
         return self.windows[-1]
 
-    def profile(self, steps: int, top_ops: int) -> tuple[float | None, list[dict], list[dict]]:
-        """One more window under the profiler: the fused ops' share (None without them), the
-        ``top_ops`` entries with the most self time and the window by resolution (when asked)."""
+    def profile(self, steps: int, top_ops: int) -> "Profiled":
+        """One more window under the profiler: the fused ops' share (None without them), on CUDA the
+        share of the window's wall time the GPU spent in kernels and copies, the ``top_ops`` entries
+        with the most self time and the window by resolution (when asked)."""
         device = self.trainer.rt.device.type
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device == "cuda":
@@ -229,12 +253,52 @@ class Variant:
         with use_backend(self.backend), self.feed.window():
             self._steps(self.feed.in_flight)
             with torch.profiler.profile(activities=activities, record_shapes=bool(top_ops)) as profile:
-                self._steps(steps)
+                start = time.perf_counter()
+                self._steps(steps)  # ends with a device sync: the wall time holds every kernel
+                wall_s = time.perf_counter() - start
         share = ops_share(profile, device) if self.fused_ops else None
+        busy = device_busy(profile, wall_s) if device == "cuda" else None
         if not top_ops:
-            return share, [], []
+            return Profiled(share, busy)
         top = top_entries(profile, device, steps, top_ops)
-        return share, top, by_resolution(profile, device, steps, self.batch)
+        return Profiled(share, busy, top, by_resolution(profile, device, steps, self.batch))
+
+
+@dataclass
+class Profiled:
+    """What one profiled window of a variant showed (see ``Variant.profile``)."""
+
+    fused_ops_share: float | None = None
+    device_busy: float | None = None
+    top: list[dict] = field(default_factory=list)
+    resolutions: list[dict] = field(default_factory=list)
+
+
+def build_variants(
+    configs: dict[str, TrainConfig], fused_ops: dict[str, bool], warmup: int
+) -> tuple[list[Variant], dict[str, str]]:
+    """Each variant built in order; one whose compilation fails (a compiler crash on this machine)
+    is left out with its error in one line, so the others still run. None built: the first error."""
+    built, failed, errors = [], {}, []
+    for name, config in configs.items():
+        try:
+            built.append(Variant(name, config, fused_ops[name], warmup, name == BARE))
+        except COMPILE_ERRORS as err:
+            failed[name] = error_line(err)
+            errors.append(err)
+            torch._dynamo.reset()  # nothing of the failed graph is reused by the next variant
+            print(f"{name}: left out, its first step failed to compile: {failed[name]}", flush=True)
+            continue
+        print(f"{name}: built, {built[-1].switches}", flush=True)
+    if not built and errors:
+        raise errors[0]
+    return built, failed
+
+
+def left_out(failed: dict[str, str]) -> str:
+    """The report's sentence on the variants left out ("" when none was)."""
+    named = "; ".join(f"`{name}` ({error})" for name, error in failed.items())
+    return f" Left out, their first step failed to compile: {named}." if failed else ""
 
 
 def switches_of(trainer: Trainer) -> str:
@@ -362,22 +426,24 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
     with ExitStack() as stack:
         scale = count_scale(config(stack.enter_context(tempfile.TemporaryDirectory()), PLAIN))
         print(f"{scale.flops_per_image / 1e6:.1f} MFLOP per image", flush=True)
-        built = []
-        for name, (overrides, fused_ops) in chosen.items():
-            tmp = stack.enter_context(tempfile.TemporaryDirectory())
-            built.append(Variant(name, config(tmp, overrides), fused_ops, args.warmup, name == BARE))
-            print(f"{name}: built, {built[-1].switches}", flush=True)
+        configs = {
+            name: config(stack.enter_context(tempfile.TemporaryDirectory()), o)
+            for name, (o, _) in chosen.items()
+        }
+        fused = {name: fused_ops for name, (_, fused_ops) in chosen.items()}
+        built, failed = build_variants(configs, fused, args.warmup)
         for variant in built:
             variant.settle()
         run_rounds(built, scale, args)
         print(f"peaks: {scale.describe()}", flush=True)
         plain = next((v for v in built if v.name == "plain"), built[0])
         for variant in built:
-            share, top, resolutions = None, [], []
-            if variant.fused_ops or args.top_ops:
-                share, top, resolutions = variant.profile(args.steps, args.top_ops)
-            top_rows += [{"variant": variant.name, "rank": n, **entry} for n, entry in enumerate(top, 1)]
-            resolution_rows += [{"variant": variant.name, **entry} for entry in resolutions]
+            profiled = Profiled()
+            if variant.fused_ops or args.top_ops or args.device == "cuda":
+                profiled = variant.profile(args.steps, args.top_ops)
+            share, busy = profiled.fused_ops_share, profiled.device_busy
+            top_rows += [{"variant": variant.name, "rank": n, **e} for n, e in enumerate(profiled.top, 1)]
+            resolution_rows += [{"variant": variant.name, **entry} for entry in profiled.resolutions]
             median, breaks = statistics.median(variant.windows), variant.graph_breaks
             speedup, faster = paired(variant.windows, plain.windows)
             rows.append(
@@ -391,6 +457,7 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
                     "speedup_vs_plain": speedup,
                     "faster_rounds": faster,
                     "fused_ops_share": None if share is None else round(share, 4),
+                    "device_busy": None if busy is None else round(busy, 4),
                     "compile_s": round(variant.first_step - median / args.steps, 1) if breaks >= 0 else None,
                     "graph_breaks": breaks if breaks >= 0 else None,
                     "switches": variant.switches,
@@ -403,6 +470,7 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
 
     header = ["variant", "step ms (median)", "images/s", "vs plain (rounds faster)"]
     header += ["fused ops' share of the step"]
+    header += ["GPU busy"] if args.device == "cuda" else []
     header += ["compile s", "graph breaks", "switches on", "MFLOP / image", "GFLOP/s", "of sgemm peak"]
     header += ["of conv peak"]
     print(
@@ -416,6 +484,7 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
                 str(r["images_per_s"]),
                 f"{r['speedup_vs_plain']}x ({r['faster_rounds']}/{args.repeats})",
                 "—" if r["fused_ops_share"] is None else f"{100 * r['fused_ops_share']:.1f}%",
+                *([f"{100 * r['device_busy']:.0f}%"] if args.device == "cuda" else []),
                 "—" if r["compile_s"] is None else str(r["compile_s"]),
                 "—" if r["graph_breaks"] is None else str(r["graph_breaks"]),
                 r["switches"],
@@ -430,7 +499,7 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
             "to plain and the shares of the peaks the medians over rounds (each window against plain's "
             f"and the peaks of its own round). Peaks (median over rounds): {scale.describe()}. FLOPs per "
             "image: convolutions and matrix products of one eager step, forward and backward "
-            f"(FlopCounterMode).{against_best}",
+            f"(FlopCounterMode).{against_best}{left_out(failed)}{BUSY_NOTE if args.device == 'cuda' else ''}",
         )
     )
     if top_rows:

