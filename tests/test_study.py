@@ -11,8 +11,9 @@ from fasthvae import train
 from fasthvae.hardware import machine
 from fasthvae.study import __main__ as study_cli
 from fasthvae.study import plots
+from fasthvae.study import rows as study_rows
 from fasthvae.study.claims import evaluate_claims
-from fasthvae.study.rows import ROWS, Row, register_row, select_rows
+from fasthvae.study.rows import ROWS, Row, register_row, register_variant, select_rows
 from fasthvae.study.runner import Run, read_protocol, run_config
 from fasthvae.training.checkpoint import load_checkpoint
 from fasthvae.training.config import validate, with_model_defaults
@@ -119,6 +120,15 @@ def test_rows_are_registered_by_name():
         register_row(Row("vae", "again", {"model": "vae", "schedule": "beta"}))
     with pytest.raises(ValueError, match="must name a model"):
         Row("x", "x", {"model": "vae"})
+
+
+def test_a_variant_row_is_its_parents_config_with_the_changes(monkeypatch):
+    monkeypatch.setattr(study_rows, "ROWS", dict(ROWS))  # registered here only
+    row = register_variant("deep-e12", "12 epochs", "deep-z16-b16-e11", {"epochs": 12})
+    parent = ROWS["deep-z16-b16-e11"]
+    assert dict(row.config) == dict(parent.config) | {"epochs": 12} and row.epochs(30) == 12
+    assert row.budget_row == parent.budget_row == "vae" and parent.epochs(30) == 11
+    assert study_rows.ROWS["deep-e12"] is row and "deep-e12" not in ROWS
 
 
 def study(data, out, *extra) -> int:

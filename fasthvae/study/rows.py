@@ -1,7 +1,8 @@
 """The study's rows: a name, the model and KL schedule it trains, and the study's own numbers.
 
 A row is a training config minus the protocol (data, epochs, batch, lr, seed, FID) that every row
-shares. New rows (the deep model, say) are added with :func:`register_row`.
+shares. New rows (the deep model, say) are added with :func:`register_row`, and a row that
+changes another's config with :func:`register_variant`.
 """
 
 from collections.abc import Mapping
@@ -49,6 +50,12 @@ def register_row(row: Row) -> Row:
         raise ValueError(f"a study row named {row.name!r} exists already")
     ROWS[row.name] = row
     return row
+
+
+def register_variant(name: str, label: str, parent: str, changes: Mapping[str, object]) -> Row:
+    """A row that trains ``parent``'s config with ``changes``, under ``parent``'s time budget."""
+    base = ROWS[parent]
+    return register_row(Row(name, label, dict(base.config) | dict(changes), budget_row=base.budget_row))
 
 
 def select_rows(names: list[str]) -> list[Row]:
@@ -100,98 +107,79 @@ register_row(
     )
 )
 # `deep-bce` with the learning rate annealed from 1e-3 to 0 over its 14 epochs (cosine).
-register_row(
-    Row(
-        "deep-bce-cosine",
-        "Deep HVAE (small), BCE, staggered, cosine lr",
-        dict(ROWS["deep-bce"].config) | {"lr_schedule": "cosine"},
-        budget_row="vae",
-    )
+register_variant(
+    "deep-bce-cosine",
+    "Deep HVAE (small), BCE, staggered, cosine lr",
+    "deep-bce",
+    {"lr_schedule": "cosine"},
 )
 # `deep-bce` with its KL schedule stretched over the first 10 of its 14 epochs, then held at its
 # final weights, so the reconstruction can settle at them.
-register_row(
-    Row(
-        "deep-bce-hold",
-        "Deep HVAE (small), BCE, staggered over 10 of 14 epochs",
-        dict(ROWS["deep-bce"].config) | {"schedule_epochs": 10},
-        budget_row="vae",
-    )
+register_variant(
+    "deep-bce-hold",
+    "Deep HVAE (small), BCE, staggered over 10 of 14 epochs",
+    "deep-bce",
+    {"schedule_epochs": 10},
 )
 # The `deep` row with more updates in the same time: batch 32, a learning rate of 3e-3 after a
 # linear warm-up over the first 0.1 epoch, annealed to 0 by a cosine over the 8 epochs that fit.
-register_row(
-    Row(
-        "deep-fast",
-        "Deep HVAE (small), batch 32, cosine lr",
-        dict(ROWS["deep"].config)
-        | {"batch_size": 32, "lr": 3e-3, "lr_warmup": 0.1, "lr_schedule": "cosine", "epochs": 8},
-        budget_row="vae",
-    )
+register_variant(
+    "deep-fast",
+    "Deep HVAE (small), batch 32, cosine lr",
+    "deep",
+    {"batch_size": 32, "lr": 3e-3, "lr_warmup": 0.1, "lr_schedule": "cosine", "epochs": 8},
 )
 # `deep-fast` with every group's KL weight ramped linearly from 0 to 1 over the first epoch (NVAE's
 # KL warm-up, against latent groups that collapse early).
-register_row(
-    Row(
-        "deep-fast-klw",
-        "Deep HVAE (small), batch 32, cosine lr, KL warm-up",
-        dict(ROWS["deep-fast"].config) | {"kl_warmup": 1.0},
-        budget_row="vae",
-    )
+register_variant(
+    "deep-fast-klw",
+    "Deep HVAE (small), batch 32, cosine lr, KL warm-up",
+    "deep-fast",
+    {"kl_warmup": 1.0},
 )
 # `deep-fast-klw`'s recipe over the 14 epochs that fit in the budget at the compiled step's ~290
 # images/s on 2 AVX-512 cores (8 fitted at the ~150 images/s the step ran at when it was defined).
-register_row(
-    Row(
-        "deep-long",
-        "Deep HVAE (small), batch 32, cosine lr over 14 epochs, KL warm-up",
-        dict(ROWS["deep-fast-klw"].config) | {"epochs": 14},
-        budget_row="vae",
-    )
+register_variant(
+    "deep-long",
+    "Deep HVAE (small), batch 32, cosine lr over 14 epochs, KL warm-up",
+    "deep-fast-klw",
+    {"epochs": 14},
 )
 # `deep-long` with a 32x32 latent group in place of the 32x32 cell and two of the 8x8 groups moved
 # to 16x16 (a screen of a quarter of the budget: 0.03 bits/dim ahead of `small` in less time), its
 # cosine over the 11 epochs that fit at ~1.3x the time per epoch.
-register_row(
-    Row(
-        "deep-hires",
-        "Deep HVAE (small, 32x32 latents), batch 32, cosine lr over 11 epochs, KL warm-up",
-        dict(ROWS["deep-long"].config) | {"layout": "1x2,4x4,8x4,16x4,32x1", "epochs": 11},
-        budget_row="vae",
-    )
+register_variant(
+    "deep-hires",
+    "Deep HVAE (small, 32x32 latents), batch 32, cosine lr over 11 epochs, KL warm-up",
+    "deep-long",
+    {"layout": "1x2,4x4,8x4,16x4,32x1", "epochs": 11},
 )
 # `deep-hires` with 16 channels in each latent group instead of 8 and batch 16 (a screen of a
 # quarter of the budget: zdim 16 0.034 bits/dim ahead at the same time per epoch; batch 16 on it a
 # further 0.104 ahead after three epochs at ~1.35x the time per epoch, and 0.023 ahead after two,
 # in 3/4 of the time; 32 channels and a second 32x32 group fell behind), its cosine over the 9
 # epochs that fit.
-register_row(
-    Row(
-        "deep-hires-z16-b16",
-        "Deep HVAE (small, 32x32 latents, zdim 16), batch 16, cosine lr over 9 epochs, KL warm-up",
-        dict(ROWS["deep-hires"].config) | {"zdim": 16, "batch_size": 16, "epochs": 9},
-        budget_row="vae",
-    )
+register_variant(
+    "deep-hires-z16-b16",
+    "Deep HVAE (small, 32x32 latents, zdim 16), batch 16, cosine lr over 9 epochs, KL warm-up",
+    "deep-hires",
+    {"zdim": 16, "batch_size": 16, "epochs": 9},
 )
 # `deep-hires-z16-b16` over the 10 epochs that fit at the step with its convolutions on oneDNN called
 # directly (0.85-0.88x the step's time at batch 16 on 2 AVX-512 cores; 9 fitted before).
-register_row(
-    Row(
-        "deep-z16-b16-long",
-        "Deep HVAE (small, 32x32 latents, zdim 16), batch 16, cosine lr over 10 epochs, KL warm-up",
-        dict(ROWS["deep-hires-z16-b16"].config) | {"epochs": 10},
-        budget_row="vae",
-    )
+register_variant(
+    "deep-z16-b16-long",
+    "Deep HVAE (small, 32x32 latents, zdim 16), batch 16, cosine lr over 10 epochs, KL warm-up",
+    "deep-hires-z16-b16",
+    {"epochs": 10},
 )
 # `deep-z16-b16-long` over 11 epochs: its two seeds' epochs took 208-259 s, so 11 fit in the budget
 # with 3.8 minutes to spare at the slower seed's pace.
-register_row(
-    Row(
-        "deep-z16-b16-e11",
-        "Deep HVAE (small, 32x32 latents, zdim 16), batch 16, cosine lr over 11 epochs, KL warm-up",
-        dict(ROWS["deep-z16-b16-long"].config) | {"epochs": 11},
-        budget_row="vae",
-    )
+register_variant(
+    "deep-z16-b16-e11",
+    "Deep HVAE (small, 32x32 latents, zdim 16), batch 16, cosine lr over 11 epochs, KL warm-up",
+    "deep-z16-b16-long",
+    {"epochs": 11},
 )
 BITS_PER_DIM_TARGET = 4.0  # the deep rows' goal: test bits/dim of `small` within the VAE's training time
 # Every deep row, in registration order.
