@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fasthvae import train
 from fasthvae.eval.metrics import evaluate_model, iw_bound
 from fasthvae.eval.runs import load_run
-from fasthvae.models import PRESETS, DeepHVAE, build_model_from_config, deep
+from fasthvae.models import PRESETS, DeepHVAE, build_model, build_model_from_config, deep
 from fasthvae.ops import reference
 from fasthvae.training.checkpoint import load_checkpoint
 from fasthvae.training.config import TrainConfig
@@ -110,6 +110,41 @@ def test_group_kls_sum_to_the_kl_of_all_latents(monkeypatch):
     everything = [torch.cat(parts, 1) for parts in zip(*params, strict=True)]
     total = reference.gaussian_kl(*everything, "sample")
     assert torch.allclose(sum(out.kls.values()), total, rtol=1e-5)
+
+
+def test_free_bits_floor_each_kl_term_of_the_loss_and_stop_its_gradient_below_the_floor():
+    """Each KL enters the loss as max(its batch mean, free_bits x its group's latent dimensions):
+    a floor above every group leaves the reconstruction's gradient alone; the terms stay plain."""
+    model, x, weights = tiny(), images(8), torch.tensor([1.0, 0.5, 1.0, 1.0, 1.0])
+    assert model.kl_dims == {n: 2 * r * r for n, r in zip(model.group_names, (1, 4, 8, 16, 32), strict=True)}
+
+    def loss_and_grads(free_bits: float, key: str = "loss") -> tuple[dict, list[torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(1)  # the same posterior samples in every call
+        terms = model.loss(x, weights, free_bits)
+        terms[key].backward()
+        return terms, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain, _ = loss_and_grads(0.0)
+    floor = 0.05
+    floored, _ = loss_and_grads(floor)
+    expected = floored["recon"] + sum(
+        weights[model.kl_levels[n]] * max(floored[n], floor * model.kl_dims[n]) for n in model.group_names
+    )
+    assert torch.allclose(floored["loss"], expected, rtol=1e-6)
+    assert all(torch.equal(plain[n], floored[n]) for n in ["recon", *model.group_names]), "terms stay plain"
+    assert any(floored[n] < floor * model.kl_dims[n] for n in model.group_names), "some group is floored"
+    assert floored["loss"] > plain["loss"]
+    _, above_all = loss_and_grads(1e6)
+    _, recon_only = loss_and_grads(0.0, key="recon")
+    assert all(torch.equal(a, b) for a, b in zip(above_all, recon_only, strict=True))
+
+
+def test_every_model_counts_the_latent_dimensions_of_its_kls():
+    assert build_model("vae", latent=64).kl_dims == {"kl_z": 64}
+    assert build_model("hvae", latent=32, z1_channels=4).kl_dims == {"kl_z1": 4 * 8 * 8, "kl_z2": 32}
+    small = DeepHVAE(replace(PRESETS["small"], layout="1x2,4x4,8x4,16x4,32x1", zdim=16))
+    assert sum(small.kl_dims.values()) == 37_920  # the deep rows' latent dimensions (latent health)
 
 
 def test_soft_clamped_log_variances_stay_finite_in_low_precision():

@@ -212,6 +212,18 @@ def test_cosine_learning_rate_per_step_and_its_end(data, tmp_path, capsys):
     assert [float(r["lr"]) for r in read_metrics(tmp_path)] == [0.001]
 
 
+def test_free_bits_reach_the_steps_loss_and_must_not_be_negative(data, tmp_path, capsys):
+    """Far above every KL, each term of the trained loss is its floor: loss - recon is the floor
+    times the model's latent dimensions (z1 4 x 8 x 8, z2 16 in SMALL), at weight 1."""
+    base = ["--data", data, "--out", str(tmp_path), *SMALL, "--limit-train", "64", "--no-compile"]
+    assert train.main([*base, "--epochs", "1", "--schedule", "constant", "--free-bits", "100"]) == 0
+    row = read_metrics(tmp_path)[0]
+    assert float(row["loss"]) - float(row["recon"]) == pytest.approx(100 * (4 * 8 * 8 + 16), rel=1e-5)
+    assert json.loads((tmp_path / "config.json").read_text())["free_bits"] == 100
+    assert train.main([*base, "--overwrite", "--free-bits", "-1"]) == 2
+    assert "--free-bits must be >= 0, got -1.0" in capsys.readouterr().err
+
+
 def test_kl_warm_up_reaches_the_steps_weights(data, tmp_path):
     base = ["--data", data, "--out", str(tmp_path), *SMALL, "--limit-train", "64", "--no-compile"]
     assert train.main([*base, "--epochs", "2", "--schedule", "constant", "--kl-warmup", "4"]) == 0

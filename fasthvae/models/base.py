@@ -37,11 +37,13 @@ def sample_gaussian(mu: Tensor, logvar: Tensor) -> Tensor:
 
 class LatentVariableModel(nn.Module):
     """Base of the models: ``forward(x, kl_reduction)`` gives an :class:`Output`; ``kl_levels`` names
-    its KLs and the hierarchy level of each (0 the top), whose schedule weight it takes.
-    ``analytic_elbo``: reconstruction plus the KLs of ``forward`` is an unbiased estimate of the
-    negative ELBO (else evaluation uses ``log_weight``)."""
+    its KLs and the hierarchy level of each (0 the top), whose schedule weight it takes, and
+    ``kl_dims`` the latent dimensions behind each. ``analytic_elbo``: reconstruction plus the KLs
+    of ``forward`` is an unbiased estimate of the negative ELBO (else evaluation uses
+    ``log_weight``)."""
 
     kl_levels: dict[str, int]
+    kl_dims: dict[str, int]
     analytic_elbo: bool = True
 
     def __init__(self, likelihood: str) -> None:
@@ -53,13 +55,22 @@ class LatentVariableModel(nn.Module):
     def num_levels(self) -> int:
         return max(self.kl_levels.values()) + 1
 
-    def loss(self, x: Tensor, weights: Tensor | list[float]) -> dict[str, Tensor]:
+    def loss(self, x: Tensor, weights: Tensor | list[float], free_bits: float = 0.0) -> dict[str, Tensor]:
         """Mean over the batch of recon + KLs weighted by level (``weights[level]``, the schedule's
-        :meth:`~fasthvae.schedules.Schedule.level_weights`), with each term's batch mean (float32)."""
+        :meth:`~fasthvae.schedules.Schedule.level_weights`), with each term's batch mean (float32).
+
+        ``free_bits`` > 0 (nats per latent dimension): each KL enters the loss as the larger of its
+        batch mean and ``free_bits`` times its latent dimensions (free bits, Kingma et al. 2016), so
+        a group below its floor gets no KL gradient; the terms returned stay the plain KLs."""
         out = self(x)
         recon = likelihoods.nll(self.likelihood, out.decoded, x)
-        total = recon + sum(weights[self.kl_levels[k]] * kl for k, kl in out.kls.items())
-        terms = {"loss": total.mean(), "recon": recon.mean()}
+        if free_bits:
+            floored = (torch.clamp_min(kl.mean(), free_bits * self.kl_dims[k]) for k, kl in out.kls.items())
+            kl_sum = sum(weights[self.kl_levels[k]] * kl for k, kl in zip(out.kls, floored, strict=True))
+            loss = recon.mean() + kl_sum
+        else:
+            loss = (recon + sum(weights[self.kl_levels[k]] * kl for k, kl in out.kls.items())).mean()
+        terms = {"loss": loss, "recon": recon.mean()}
         terms.update({k: kl.mean() for k, kl in out.kls.items()})
         return terms
 

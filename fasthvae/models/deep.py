@@ -250,6 +250,7 @@ class DeepHVAE(LatentVariableModel):
         self.kl_levels = {
             n: latent_scales.index(r) for n, r in zip(self.group_names, self.resolutions, strict=True)
         }
+        self.kl_dims = {n: spec.zdim * r * r for n, r in zip(self.group_names, self.resolutions, strict=True)}
         w, mid = spec.width, max(1, int(spec.width * spec.bottleneck))
         depth_scale = 1 / math.sqrt(len(blocks))
         enc_scale = 1 / math.sqrt(spec.encoder_blocks * len(scales))

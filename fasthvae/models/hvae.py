@@ -33,6 +33,7 @@ class HVAE(LatentVariableModel):
     ) -> None:
         super().__init__(likelihood)
         self.latent, self.z1_channels = latent, z1_channels
+        self.kl_dims = {"kl_z1": z1_channels * 8 * 8, "kl_z2": latent}
         width = channels * 2**LEVELS
         self.width = width
         self.encoder = encoder_trunk(channels, LEVELS)

@@ -21,6 +21,7 @@ class VAE(LatentVariableModel):
     def __init__(self, channels: int = 32, latent: int = 128, likelihood: str = "bernoulli") -> None:
         super().__init__(likelihood)
         self.latent = latent
+        self.kl_dims = {"kl_z": latent}
         self.width = channels * 2**LEVELS
         self.encoder = encoder_trunk(channels, LEVELS)
         self.posterior = GaussianHead(nn.Linear(self.width * 16, 2 * latent))

@@ -98,6 +98,12 @@ class TrainConfig:
     kl_warmup: float = option(
         0.0, "epochs of a linear warm-up of every KL weight from 0 (0: none)", on_resume="keep"
     )
+    free_bits: float = option(
+        0.0,
+        "a floor on each KL term of the training loss, in nats per latent dimension of its group: a "
+        "group below it gets no KL gradient (free bits; 0: none; the reported KLs and ELBO stay plain)",
+        on_resume="keep",
+    )
     weight_decay: float = option(0.0, "AdamW weight decay", on_resume="keep")
     grad_clip: float = option(100.0, "max gradient norm (0: no clipping)", on_resume="keep")
     amp: bool = option(False, "mixed precision (autocast)", on_resume="keep")
@@ -382,6 +388,7 @@ def validate(config: TrainConfig) -> None:
         "lr",
         "lr_warmup",
         "kl_warmup",
+        "free_bits",
         "weight_decay",
         "grad_clip",
         "workers",

@@ -45,12 +45,12 @@ def error_line(err: BaseException) -> str:
 class Objective(nn.Module):
     """``model.loss`` as a module, so DDP sees the forward pass and torch.compile takes it whole."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, free_bits: float = 0.0) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.free_bits = model, free_bits
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.model.loss(x, weights)
+        return self.model.loss(x, weights, self.free_bits)
 
 
 @dataclass
@@ -152,7 +152,7 @@ class Stepper:
 def build_stepper(state: TrainState, config: TrainConfig, rt: Runtime, dist: DistInfo) -> Stepper:
     """The step of ``state``'s model as ``rt`` runs it: wrapped in DDP under ``dist``, compiled when
     ``rt.compile``, with device-side skip decisions when the optimizer is fused."""
-    objective: nn.Module = Objective(state.model)
+    objective: nn.Module = Objective(state.model, config.free_bits)
     if dist.enabled:
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
