@@ -65,9 +65,10 @@ class LatentVariableModel(nn.Module):
         out = self(x)
         recon = likelihoods.nll(self.likelihood, out.decoded, x)
         if free_bits:
-            floored = (torch.clamp_min(kl.mean(), free_bits * self.kl_dims[k]) for k, kl in out.kls.items())
-            kl_sum = sum(weights[self.kl_levels[k]] * kl for k, kl in zip(out.kls, floored, strict=True))
-            loss = recon.mean() + kl_sum
+            loss = recon.mean() + sum(
+                weights[self.kl_levels[k]] * torch.clamp_min(kl.mean(), free_bits * self.kl_dims[k])
+                for k, kl in out.kls.items()
+            )
         else:
             loss = (recon + sum(weights[self.kl_levels[k]] * kl for k, kl in out.kls.items())).mean()
         terms = {"loss": loss, "recon": recon.mean()}
