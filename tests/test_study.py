@@ -218,6 +218,9 @@ def test_bits_per_dim_picture_only_for_runs_that_measured_it_each_epoch(tmp_path
         [without, Run(ROWS["deep"], 0, tmp_path, history=epochs)], tmp_path / "b.png", 4.0
     )
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Both axes of the picture: minutes summed over the epochs before, and the epochs themselves.
+    deep = Run(ROWS["deep"], 0, tmp_path, history=[*epochs, {"epoch": 3.0, "seconds": 280.0}])
+    assert plots.bits_per_dim_curve(deep) == [(5.0, 1.0, 5.1), (9.833333333333334, 2.0, 4.9)]
 
 
 def undated(path) -> list[str]:
@@ -342,6 +345,10 @@ def test_a_row_with_a_time_budget_trains_for_its_budget_rows_time(data, tmp_path
     assert study(data, bare, "--report-only", "--import-table", str(pooled / "study.json")) == 0
     described = (bare / "study.md").read_text()
     assert re.search(r"trained: seed 0: 2 epochs in \d+\.\d min \(imported\)\.", described), described
+    vae_history = first["rows"]["vae"]["runs"][0]["history"]  # its metrics.csv, kept for curves
+    assert [e["epoch"] for e in vae_history] == [1.0, 2.0] and "recon" in vae_history[0]
+    again = json.loads((bare / "study.json").read_text())["rows"]["vae"]["runs"][0]
+    assert again["history"] == vae_history and "history" not in table["rows"]["vae"]["metrics"]
     changed = first | {"rows": first["rows"] | {"vae": first["rows"]["vae"] | {"config": {"model": "vae"}}}}
     (tmp_path / "changed.json").write_text(json.dumps(changed))
     report = ("--report-only", "--import-table", str(tmp_path / "changed.json"))

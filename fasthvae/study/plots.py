@@ -1,6 +1,7 @@
 """The study's pictures: study.png (every row's curves on shared axes, the schedules underneath),
 samples.png (per row a strip of samples and a strip of reconstructions of the same inputs) and
-bits_per_dim.png (test bits/dim against training time, for the runs that measured it each epoch)."""
+bits_per_dim.png (test bits/dim against training time and against epochs, for the runs that
+measured it each epoch)."""
 
 from pathlib import Path
 
@@ -69,31 +70,41 @@ def save_curves(runs: list[Run], path: Path) -> None:
     plt.close(fig)
 
 
+def bits_per_dim_curve(run: Run) -> list[tuple[float, float, float]]:
+    """(training minutes, epoch, test bits/dim) after each epoch of ``run`` that measured it."""
+    minutes = training_minutes(run.history)
+    return [
+        (m, e["epoch"], e["test_bits_per_dim"])
+        for m, e in zip(minutes, run.history, strict=True)
+        if "test_bits_per_dim" in e
+    ]
+
+
 def save_bits_per_dim(runs: list[Run], path: Path, target: float | None = None) -> bool:
-    """Test bits/dim after each epoch (``--test-every-epoch``) against training minutes, one line per
-    run, with ``target`` as a dashed line; False (and no file) when no run has such a curve."""
+    """Test bits/dim after each epoch (``--test-every-epoch``) against training minutes (left) and
+    against epochs (right: the axis that does not depend on the machine's speed), one line per run,
+    with ``target`` as a dashed line; False (and no file) when no run has such a curve."""
     curves = [r for r in runs if any("test_bits_per_dim" in e for e in r.history)]
     if not curves:
         return False
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (by_time, by_epoch) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     colors: dict[str, str] = {}
     for run in curves:
         color = colors.setdefault(run.row.name, f"C{len(colors)}")
-        minutes = training_minutes(run.history)
-        points = [
-            (m, e["test_bits_per_dim"])
-            for m, e in zip(minutes, run.history, strict=True)
-            if "test_bits_per_dim" in e
-        ]
-        ax.plot(*zip(*points, strict=True), "o-", color=color, label=f"{run.row.label}, seed {run.seed}")
-    if target is not None:
-        ax.axhline(target, linestyle="--", color="grey", label=f"target {target}")
-    ax.set_xlabel("training time (minutes, evaluation excluded)")
-    ax.set_ylabel("test bits/dim (-ELBO)")
-    ax.set_title("Bits/dim of the test images measured after each epoch")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        at_minute, at_epoch, bits = zip(*bits_per_dim_curve(run), strict=True)
+        label = f"{run.row.label}, seed {run.seed}"
+        by_time.plot(at_minute, bits, "o-", color=color, label=label)
+        by_epoch.plot(at_epoch, bits, "o-", color=color, label=label)
+    for ax in (by_time, by_epoch):
+        if target is not None:
+            ax.axhline(target, linestyle="--", color="grey", label=f"target {target}")
+        ax.grid(alpha=0.3)
+    by_time.set_xlabel("training time (minutes, evaluation excluded)")
+    by_epoch.set_xlabel("epoch")
+    by_time.set_ylabel("test bits/dim (-ELBO)")
+    by_epoch.legend(fontsize=7)
+    fig.suptitle("Bits/dim of the test images measured after each epoch")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

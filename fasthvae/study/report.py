@@ -103,13 +103,14 @@ def _minutes(history: list[dict]) -> float:
 
 def _trained(run: Run) -> str | None:
     """How far a run trained: its epochs and minutes (an imported run's from its table's numbers)."""
-    if run.history:
+    if run.measured is None:
+        if not run.history:
+            return None
         return f"seed {run.seed}: {len(run.history)} epochs in {_minutes(run.history):.1f} min"
-    measured = run.measured or {}
-    if "train_seconds" not in measured:
+    if "train_seconds" not in run.measured:
         return None
-    epochs = f"{measured['epochs']:.0f} epochs in " if "epochs" in measured else ""
-    return f"seed {run.seed}: {epochs}{measured['train_seconds'] / 60:.1f} min (imported)"
+    epochs = f"{run.measured['epochs']:.0f} epochs in " if "epochs" in run.measured else ""
+    return f"seed {run.seed}: {epochs}{run.measured['train_seconds'] / 60:.1f} min (imported)"
 
 
 def _mean(entry: dict | None, key: str) -> float | None:
@@ -287,6 +288,7 @@ def to_json(runs: list[Run], protocol: dict, commands: list[str], claims: list[C
                     {"seed": r.seed, "status": r.status, "error": r.error}
                     | ({"imported_from": r.source} if r.source else {})
                     | run_metrics(r)
+                    | ({"history": r.history} if r.history else {})
                     for r in e["runs"]
                 ],
             }

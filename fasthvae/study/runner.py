@@ -84,14 +84,15 @@ def read_run(out: Path, row: Row, seed: int) -> Run:
     return run
 
 
-RUN_FIELDS = ("seed", "status", "error", "imported_from")  # a study.json run's fields that are no metric
+# A study.json run's fields that are no metric (its per-epoch metrics.csv rows are its "history").
+RUN_FIELDS = ("seed", "status", "error", "imported_from", "history")
 
 
 def import_table(path: Path, protocol: dict) -> tuple[list[Run], list[str], list[str]]:
     """The finished runs of another study's ``study.json`` made under the same protocol (a row that
-    ran elsewhere): their measured numbers, without curves or checkpoints; the rows left out (one
-    whose config is not today's row of that name measured another model); the machines that
-    trained them."""
+    ran elsewhere): their measured numbers and per-epoch history (where the table kept it), without
+    checkpoints; the rows left out (one whose config is not today's row of that name measured
+    another model); the machines that trained them."""
     try:
         record = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
@@ -107,8 +108,9 @@ def import_table(path: Path, protocol: dict) -> tuple[list[Run], list[str], list
             if r["status"] == "done":
                 measured = {k: v for k, v in r.items() if k not in RUN_FIELDS}
                 source = r.get("imported_from", " && ".join(record.get("commands") or [record["command"]]))
-                folder = Path(path).parent
-                runs.append(Run(ROWS[name], r["seed"], folder, "done", measured=measured, source=source))
+                run = Run(ROWS[name], r["seed"], Path(path).parent, "done", measured=measured, source=source)
+                run.history = r.get("history", [])
+                runs.append(run)
     return runs, left_out, [record["machine"]] if record.get("machine") else []
 
 
