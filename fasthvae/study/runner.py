@@ -108,9 +108,19 @@ def import_table(path: Path, protocol: dict) -> tuple[list[Run], list[str], list
             if r["status"] == "done":
                 measured = {k: v for k, v in r.items() if k not in RUN_FIELDS}
                 source = r.get("imported_from", " && ".join(record.get("commands") or [record["command"]]))
-                run = Run(ROWS[name], r["seed"], Path(path).parent, "done", measured=measured, source=source)
-                run.history = r.get("history", [])
-                runs.append(run)
+                history = r.get("history", [])
+                folder = Path(path).parent
+                runs.append(
+                    Run(
+                        ROWS[name],
+                        r["seed"],
+                        folder,
+                        "done",
+                        history=history,
+                        measured=measured,
+                        source=source,
+                    )
+                )
     return runs, left_out, [record["machine"]] if record.get("machine") else []
 
 
