@@ -122,6 +122,10 @@ class Schedule:
         ramp = warm_up(epoch, self.warmup)
         return [ramp * w for w in self._scheduled(epoch, levels)]
 
+    def warming_up(self, epoch: float) -> bool:
+        """Whether the KL warm-up still ramps at ``epoch`` (where ``--kl-balance`` acts)."""
+        return warm_up(epoch, self.warmup) < 1.0
+
     def _scheduled(self, epoch: float, levels: int) -> list[float]:
         if self.name == "constant":
             return [1.0] * levels

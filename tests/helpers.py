@@ -145,9 +145,9 @@ def scale_loss_by_step(monkeypatch: pytest.MonkeyPatch, factor: Callable[[int], 
     real = train.Objective.forward
     calls = {"n": 0}
 
-    def scaled(self, x, weights):
+    def scaled(self, x, weights, balance=None):
         calls["n"] += 1
-        terms = real(self, x, weights)
+        terms = real(self, x, weights, balance)
         terms["loss"] = terms["loss"] * factor(calls["n"])
         return terms
 

@@ -140,6 +140,75 @@ def test_free_bits_floor_each_kl_term_of_the_loss_and_stop_its_gradient_below_th
     assert all(torch.equal(a, b) for a, b in zip(above_all, recon_only, strict=True))
 
 
+def test_kl_balancing_scales_each_term_by_its_kl_per_dimension_over_the_groups_mean():
+    """balance 1: each KL term weighed by c = (KL + 0.01) / dims over the mean of that across the
+    groups, c taking no gradient; balance 0: the plain loss; in between, 1 + balance * (c - 1)."""
+    model, x, weights = tiny(), images(8), torch.tensor([1.0, 0.5, 1.0, 1.0, 1.0])
+
+    def loss_and_grads(balance: float | None, manual: dict[str, float] | None = None):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same posterior samples in every call
+        terms = model.loss(x, weights, balance=None if balance is None else torch.tensor(balance))
+        if manual is not None:  # the loss rebuilt from the terms with constant coefficients
+            terms["loss"] = terms["recon"] + sum(
+                weights[model.kl_levels[n]] * manual[n] * terms[n] for n in model.group_names
+            )
+        terms["loss"].backward()
+        return terms, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain, plain_grads = loss_and_grads(None)
+    per_dim = {n: (plain[n].item() + 0.01) / model.kl_dims[n] for n in model.group_names}
+    mean = sum(per_dim.values()) / len(per_dim)
+    c = {n: v / mean for n, v in per_dim.items()}
+    assert max(c.values()) / min(c.values()) > 2, "the groups differ: the test can tell"
+    for balance in (0.0, 0.4, 1.0):
+        scale = {n: 1 + balance * (c[n] - 1) for n in model.group_names}
+        balanced, grads = loss_and_grads(balance)
+        _, expected_grads = loss_and_grads(None, manual=scale)
+        expected = balanced["recon"] + sum(
+            weights[model.kl_levels[n]] * scale[n] * balanced[n] for n in model.group_names
+        )
+        assert torch.allclose(balanced["loss"], expected, rtol=1e-5)
+        assert all(torch.equal(plain[n], balanced[n]) for n in ["recon", *model.group_names]), (
+            "terms stay plain"
+        )
+        assert all(
+            torch.allclose(g, e, rtol=1e-4, atol=1e-6) for g, e in zip(grads, expected_grads, strict=True)
+        )
+    assert all(
+        torch.allclose(g, e, rtol=1e-4, atol=1e-6)
+        for g, e in zip(loss_and_grads(0.0)[1], plain_grads, strict=True)
+    )
+    coefficients = model.kl_balance_coefficients({n: plain[n] for n in model.group_names})
+    assert sum(coefficients.values()).item() == pytest.approx(len(model.group_names), rel=1e-6)
+
+
+def test_kl_balancing_composes_with_free_bits():
+    """Each floored term is scaled by its coefficient, computed from the plain KLs."""
+    model, x, weights = tiny(), images(8), torch.ones(5)
+    torch.manual_seed(1)
+    terms = model.loss(x, weights, free_bits=0.05, balance=torch.tensor(1.0))
+    c = model.kl_balance_coefficients({n: terms[n] for n in model.group_names})
+    expected = terms["recon"] + sum(c[n] * max(terms[n], 0.05 * model.kl_dims[n]) for n in model.group_names)
+    assert torch.allclose(terms["loss"], expected, rtol=1e-5)
+
+
+def test_a_compiled_loss_takes_each_steps_balance_without_recompiling():
+    from torch._dynamo.testing import CompileCounter
+
+    model, x, weights = tiny(), images(4), torch.ones(5)
+    counter = CompileCounter()
+    compiled = torch.compile(model.loss, backend=counter, dynamic=False)
+    for balance in (1.0, 0.5, 0.0):
+        torch.manual_seed(1)
+        terms = compiled(x, weights, 0.0, torch.tensor(balance))
+        torch.manual_seed(1)
+        assert torch.allclose(
+            terms["loss"], model.loss(x, weights, 0.0, torch.tensor(balance))["loss"], rtol=1e-5
+        )
+    assert counter.frame_count == 1
+
+
 def test_every_model_counts_the_latent_dimensions_of_its_kls():
     assert build_model("vae", latent=64).kl_dims == {"kl_z": 64}
     assert build_model("hvae", latent=32, z1_channels=4).kl_dims == {"kl_z1": 4 * 8 * 8, "kl_z2": 32}

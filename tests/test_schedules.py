@@ -110,6 +110,12 @@ def test_kl_warm_up_ramps_every_level_of_any_schedule_from_zero(name, epoch, ram
         Schedule(name, 10, warmup=-1)
 
 
+@pytest.mark.parametrize(("epoch", "ramping"), [(0, True), (1.99, True), (2, False), (6, False)])
+def test_the_kl_warm_up_ramps_until_its_last_epoch(epoch, ramping):
+    assert Schedule("constant", 10, warmup=2).warming_up(epoch) is ramping
+    assert Schedule("constant", 10).warming_up(epoch) is False  # no warm-up: never ramping
+
+
 def test_unknown_learning_rate_schedule():
     with pytest.raises(ValueError, match="unknown learning-rate schedule 'linear'"):
         lr_factor("linear", 1.0, 10)

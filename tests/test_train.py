@@ -15,6 +15,7 @@ from fasthvae.hardware import cpu_flags
 from fasthvae.models import build_model
 from fasthvae.training.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from fasthvae.training.distributed import DistInfo
+from fasthvae.training.loop import Stepper
 from tests.helpers import (
     KILL_AFTER_FIRST_CHECKPOINT,
     PROBE_ON_RANK_0,
@@ -234,6 +235,29 @@ def test_kl_warm_up_reaches_the_steps_weights(data, tmp_path):
     first = rows[0]
     kl = sum(float(v) for k, v in first.items() if k.startswith("kl"))
     assert kl > 0 and 0 <= float(first["loss"]) - float(first["recon"]) <= 0.125 * kl * (1 + 1e-6)
+
+
+def test_kl_balancing_acts_while_the_kl_warm_up_ramps_and_needs_one(data, tmp_path, monkeypatch, capsys):
+    """Each step of the warm-up's epoch gets balance 1, each step after it 0; the option is kept
+    in config.json, and without --kl-warmup it is an error naming both options."""
+    seen: list[tuple[int, float | None]] = []
+    real = Stepper.__call__
+
+    def recording(self, x, weights, balance=None):
+        seen.append((len(seen), None if balance is None else balance.item()))
+        return real(self, x, weights, balance)
+
+    monkeypatch.setattr(Stepper, "__call__", recording)
+    base = ["--data", data, "--out", str(tmp_path), *SMALL, "--limit-train", "64", "--no-compile"]
+    args = ["--epochs", "2", "--schedule", "constant", "--batch-size", "32", "--kl-warmup", "1"]
+    assert train.main([*base, *args, "--kl-balance"]) == 0
+    assert [b for _, b in seen] == [1.0, 1.0, 0.0, 0.0]
+    assert json.loads((tmp_path / "config.json").read_text())["kl_balance"] is True
+    seen.clear()
+    assert train.main([*base, *args, "--overwrite"]) == 0
+    assert [b for _, b in seen] == [None] * 4, "off by default"
+    assert train.main([*base, "--overwrite", "--kl-balance"]) == 2
+    assert "--kl-balance acts while the KL warm-up ramps: give --kl-warmup" in capsys.readouterr().err
 
 
 def test_discretized_likelihood_reports_bits_per_dim(data, tmp_path):

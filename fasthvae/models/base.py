@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from fasthvae import likelihoods
 
 LOG_2PI = math.log(2 * math.pi)
+KL_BALANCE_EPS = 0.01  # nats added to each group's KL before balancing, as NVAE's kl_per_group
 
 
 @dataclass
@@ -55,25 +56,51 @@ class LatentVariableModel(nn.Module):
     def num_levels(self) -> int:
         return max(self.kl_levels.values()) + 1
 
-    def loss(self, x: Tensor, weights: Tensor | list[float], free_bits: float = 0.0) -> dict[str, Tensor]:
+    def loss(
+        self,
+        x: Tensor,
+        weights: Tensor | list[float],
+        free_bits: float = 0.0,
+        balance: Tensor | float | None = None,
+    ) -> dict[str, Tensor]:
         """Mean over the batch of recon + KLs weighted by level (``weights[level]``, the schedule's
         :meth:`~fasthvae.schedules.Schedule.level_weights`), with each term's batch mean (float32).
 
         ``free_bits`` > 0 (nats per latent dimension): each KL enters the loss as the larger of its
         batch mean and ``free_bits`` times its latent dimensions (free bits, Kingma et al. 2016), so
-        a group below its floor gets no KL gradient; the terms returned stay the plain KLs."""
+        a group below its floor gets no KL gradient. ``balance`` in [0, 1] (a tensor, so that a
+        compiled loss takes each step's value without recompiling): each KL term is further scaled
+        by ``1 + balance * (c - 1)``, ``c`` its :meth:`kl_balance_coefficients`. The terms returned
+        stay the plain KLs."""
         out = self(x)
         recon = likelihoods.nll(self.likelihood, out.decoded, x)
-        if free_bits:
+        if free_bits or balance is not None:
+            means = {k: kl.mean() for k, kl in out.kls.items()}
+            scale = dict.fromkeys(means, 1.0)
+            if balance is not None:
+                scale = {k: 1 + balance * (c - 1) for k, c in self.kl_balance_coefficients(means).items()}
             loss = recon.mean() + sum(
-                weights[self.kl_levels[k]] * torch.clamp_min(kl.mean(), free_bits * self.kl_dims[k])
-                for k, kl in out.kls.items()
+                weights[self.kl_levels[k]]
+                * scale[k]
+                * (torch.clamp_min(kl, free_bits * self.kl_dims[k]) if free_bits else kl)
+                for k, kl in means.items()
             )
         else:
             loss = (recon + sum(weights[self.kl_levels[k]] * kl for k, kl in out.kls.items())).mean()
         terms = {"loss": loss, "recon": recon.mean()}
         terms.update({k: kl.mean() for k, kl in out.kls.items()})
         return terms
+
+    def kl_balance_coefficients(self, kls: dict[str, Tensor]) -> dict[str, Tensor]:
+        """KL balancing (NVAE, Vahdat & Kautz 2020): each group's coefficient is proportional to its
+        batch-mean KL per latent dimension (plus ``KL_BALANCE_EPS`` nats a group), the coefficients
+        averaging 1 over the groups; no gradient flows through them. A group that carries little is
+        weighed little, so the KL does not push it the rest of the way to nothing while the others
+        learn."""
+        per_dim = torch.stack(
+            [(kl.detach().float().abs() + KL_BALANCE_EPS) / self.kl_dims[k] for k, kl in kls.items()]
+        )
+        return dict(zip(kls, per_dim / per_dim.mean(), strict=True))
 
     @torch.no_grad()
     def elbo(self, x: Tensor) -> Tensor:

@@ -104,6 +104,13 @@ class TrainConfig:
         "group below it gets no KL gradient (free bits; 0: none; the reported KLs and ELBO stay plain)",
         on_resume="keep",
     )
+    kl_balance: bool = option(
+        False,
+        "while the KL warm-up ramps, scale each group's KL by its KL per latent dimension over the "
+        "groups' mean, so a group carrying little is not pushed to nothing (KL balancing, NVAE; needs "
+        "--kl-warmup)",
+        on_resume="keep",
+    )
     weight_decay: float = option(0.0, "AdamW weight decay", on_resume="keep")
     grad_clip: float = option(100.0, "max gradient norm (0: no clipping)", on_resume="keep")
     amp: bool = option(False, "mixed precision (autocast)", on_resume="keep")
@@ -408,6 +415,8 @@ def validate(config: TrainConfig) -> None:
         raise TrainingError(f"--ema must be in [0, 1), got {config.ema}")
     if config.skip_factor != 0 and not config.skip_factor > 1:
         raise TrainingError(f"--skip-factor must be 0 (off) or above 1, got {config.skip_factor}")
+    if config.kl_balance and not config.kl_warmup:
+        raise TrainingError("--kl-balance acts while the KL warm-up ramps: give --kl-warmup EPOCHS too")
     if config.model == "deep":
         try:
             deep_spec(asdict(config))

@@ -49,8 +49,10 @@ class Objective(nn.Module):
         super().__init__()
         self.model, self.free_bits = model, free_bits
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.model.loss(x, weights, self.free_bits)
+    def forward(
+        self, x: torch.Tensor, weights: torch.Tensor, balance: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        return self.model.loss(x, weights, self.free_bits, balance)
 
 
 @dataclass
@@ -89,11 +91,15 @@ class Stepper:
         self.params = [p for _, p in named]
         self.no_scale = torch.tensor([math.nan], device=rt.device)
 
-    def __call__(self, x: torch.Tensor, weights: torch.Tensor) -> StepResult:
+    def __call__(
+        self, x: torch.Tensor, weights: torch.Tensor, balance: torch.Tensor | None = None
+    ) -> StepResult:
+        """One step at the KL ``weights`` of each level and, with ``--kl-balance``, the balancing's
+        strength ``balance`` (see ``LatentVariableModel.loss``)."""
         if self.eager is None:
-            return self._step(x, weights)
+            return self._step(x, weights, balance)
         try:  # the first step compiles; a failure comes before the optimizer's update
-            result = self._step(x, weights)
+            result = self._step(x, weights, balance)
         except COMPILE_ERRORS as err:
             self.compile_failure = error_line(err)
             print(
@@ -103,14 +109,14 @@ class Stepper:
                 flush=True,
             )
             self.objective = self.eager
-            result = self._step(x, weights)
+            result = self._step(x, weights, balance)
         self.eager = None
         return result
 
-    def _step(self, x: torch.Tensor, weights: torch.Tensor) -> StepResult:
+    def _step(self, x: torch.Tensor, weights: torch.Tensor, balance: torch.Tensor | None) -> StepResult:
         s = self.state
         with autocast(self.rt.device.type, self.rt.amp_dtype):
-            terms = self.objective(x, weights)
+            terms = self.objective(x, weights, balance)
         s.optimizer.zero_grad(set_to_none=True)
         s.scaler.scale(terms["loss"]).backward()
         s.scaler.unscale_(s.optimizer)
@@ -212,6 +218,10 @@ class EpochRun:
         sums = p.sums.to(device)
         weights = [self.schedule.level_weights(state.epoch + i / n_batches, levels) for i in range(n_batches)]
         weights_table = torch.tensor(weights, device=device)  # one copy per epoch
+        balance_table = None
+        if self.config.kl_balance:  # full strength while the KL warm-up ramps, off after
+            ramping = [self.schedule.warming_up(state.epoch + i / n_batches) for i in range(n_batches)]
+            balance_table = torch.tensor(ramping, dtype=torch.float32, device=device)
         lr_name, total, warmup = self.config.lr_schedule, self.schedule.total_epochs, self.config.lr_warmup
         lrs = [
             self.config.lr * lr_factor(lr_name, state.epoch + i / n_batches, total, warmup)
@@ -230,7 +240,7 @@ class EpochRun:
         for i, (x, _) in enumerate(self.loader, start=p.batch):
             for group in state.optimizer.param_groups:
                 group["lr"] = lrs[i]
-            result = self.stepper(x, weights_table[i])
+            result = self.stepper(x, weights_table[i], None if balance_table is None else balance_table[i])
             state.step += 1
             taken = result.taken
             sums[:n_terms] += torch.where(taken, result.row[:n_terms].double() * len(x), 0.0)

@@ -295,11 +295,13 @@ def staged_free(config: TrainConfig, rt: Runtime) -> list[str]:
 
 
 def _build_step(config: TrainConfig, rt: Runtime) -> Callable[[torch.Tensor], object]:
-    """The run's step with ``rt``'s switches, on a batch (all KL levels weighted 1)."""
+    """The run's step with ``rt``'s switches, on a batch (all KL levels weighted 1, KL balancing
+    at full strength where the run has it)."""
     state = build_state(config, rt)
     stepper = build_stepper(state, config, rt, DistInfo())
     weights = torch.ones(state.model.num_levels, device=rt.device)
-    return lambda x: stepper(x, weights)
+    balance = torch.ones((), device=rt.device) if config.kl_balance else None
+    return lambda x: stepper(x, weights, balance)
 
 
 def endless(loader: BatchLoader) -> Iterator[torch.Tensor]:
