@@ -74,8 +74,8 @@ class LatentVariableModel(nn.Module):
         stay the plain KLs."""
         out = self(x)
         recon = likelihoods.nll(self.likelihood, out.decoded, x)
+        means = {k: kl.mean() for k, kl in out.kls.items()}
         if free_bits or balance is not None:
-            means = {k: kl.mean() for k, kl in out.kls.items()}
             scale = dict.fromkeys(means, 1.0)
             if balance is not None:
                 scale = {k: 1 + balance * (c - 1) for k, c in self.kl_balance_coefficients(means).items()}
@@ -87,9 +87,7 @@ class LatentVariableModel(nn.Module):
             )
         else:
             loss = (recon + sum(weights[self.kl_levels[k]] * kl for k, kl in out.kls.items())).mean()
-        terms = {"loss": loss, "recon": recon.mean()}
-        terms.update({k: kl.mean() for k, kl in out.kls.items()})
-        return terms
+        return {"loss": loss, "recon": recon.mean(), **means}
 
     def kl_balance_coefficients(self, kls: dict[str, Tensor]) -> dict[str, Tensor]:
         """KL balancing (NVAE, Vahdat & Kautz 2020): each group's coefficient is proportional to its
