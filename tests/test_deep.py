@@ -86,6 +86,14 @@ def test_layout_errors_are_clear():
             deep.parse_layout(bad)
     with pytest.raises(ValueError, match="unknown deep preset"):
         build_model_from_config({"model": "deep", "preset": "huge", "likelihood": "mixture"})
+    with pytest.raises(ValueError, match="posterior must be one of absolute, residual"):
+        replace(TINY, posterior="relative")
+
+
+def test_a_config_names_the_posterior_and_one_without_it_keeps_the_absolute():
+    base = {"model": "deep", "preset": "small", "likelihood": "mixture"}
+    assert build_model_from_config(base).spec.posterior == "absolute"
+    assert build_model_from_config(base | {"posterior": "residual"}).spec.posterior == "residual"
 
 
 def test_preset_sizes():
@@ -110,6 +118,60 @@ def test_group_kls_sum_to_the_kl_of_all_latents(monkeypatch):
     everything = [torch.cat(parts, 1) for parts in zip(*params, strict=True)]
     total = reference.gaussian_kl(*everything, "sample")
     assert torch.allclose(sum(out.kls.values()), total, rtol=1e-5)
+
+
+def residual_tiny(seed: int = 0) -> DeepHVAE:
+    torch.manual_seed(seed)
+    return DeepHVAE(replace(TINY, posterior="residual"))
+
+
+def test_the_residual_posterior_is_the_prior_plus_offsets_and_its_kl_depends_on_them_only(monkeypatch):
+    """Each group's q is N(mu_p + dmu, e^(logvar_p + dlogvar)) from its cell's outputs, its KL is
+    0.5 (dmu^2 / sigma_p^2 + e^dlogvar - 1 - dlogvar), and that KL has no gradient in the prior's
+    mean (float64, weights perturbed off their initial zeros, the prior and posterior cells apart)."""
+    model = residual_tiny().double()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    model.heads_as_one = False
+    outputs, passed = [], []
+    real_outputs, real_sample = deep.LatentGroup.posterior_outputs, deep.ops.sample_and_kl
+
+    def recording_outputs(self, h, activation):
+        outputs.append(real_outputs(self, h, activation))
+        return outputs[-1]
+
+    def recording_sample(mu, logvar, mu_p, logvar_p, **kwargs):
+        passed.append((mu, logvar, mu_p, logvar_p))
+        return real_sample(mu, logvar, mu_p, logvar_p, **kwargs)
+
+    monkeypatch.setattr(deep.LatentGroup, "posterior_outputs", recording_outputs)
+    monkeypatch.setattr(deep.ops, "sample_and_kl", recording_sample)
+    out = model(images(3).double())
+    assert len(passed) == len(model.groups)
+    for (dmu, dlogvar), (mu, logvar, mu_p, logvar_p), kl in zip(
+        outputs, passed, out.kls.values(), strict=True
+    ):
+        assert torch.equal(mu, mu_p + dmu)
+        assert torch.equal(logvar, deep.soft_clamp(logvar_p + dlogvar))
+        offset = logvar - logvar_p  # dlogvar after the clamp
+        closed = 0.5 * ((mu - mu_p) ** 2 / logvar_p.exp() + offset.exp() - 1 - offset).flatten(1).sum(1)
+        torch.testing.assert_close(kl, closed, rtol=1e-10, atol=1e-10)
+        grad_mu_p = torch.autograd.grad(kl.sum(), mu_p, retain_graph=True)[0]
+        assert grad_mu_p.abs().max() < 1e-9 * (1 + kl.sum().item())
+
+
+def test_the_residual_posterior_starts_as_the_absolute_one():
+    """The priors start at N(0, I) (their last conv is zero), so with the same weights and noise the
+    residual model's loss terms equal the absolute one's bit for bit at initialisation."""
+    absolute, residual = tiny(), residual_tiny()
+    residual.load_state_dict(absolute.state_dict())
+    x = images(4)
+    terms = []
+    for model in (absolute, residual):
+        torch.manual_seed(3)
+        terms.append(model.loss(x, [1.0] * model.num_levels))
+    for name, value in terms[0].items():
+        assert torch.equal(value, terms[1][name]), name
 
 
 def test_free_bits_floor_each_kl_term_of_the_loss_and_stop_its_gradient_below_the_floor():
@@ -442,7 +504,7 @@ def test_prior_and_posterior_as_one_equal_the_two_cells(layout, group):
     )
 
     def separate():
-        return *block.prior_params(h), *block.posterior_params(h, act)
+        return *block.prior_params(h), *block.posterior_outputs(h, act)
 
     def as_one():
         activation_columns = block.posterior.convs[0].weight[:, 64:]
@@ -464,13 +526,14 @@ def test_prior_and_posterior_as_one_equal_the_two_cells(layout, group):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_the_model_with_heads_as_one_equals_it_with_heads_apart():
+@pytest.mark.parametrize("posterior", deep.POSTERIORS)
+def test_the_model_with_heads_as_one_equals_it_with_heads_apart(posterior):
     """The whole deep model's loss terms and parameter gradients are the same (float64) with each
     group's prior and posterior as one set of convs (each resolution's posterior reads of the
     activation as one conv) and with the cells apart; the FLOP counter counts 10% more as one (the
     last conv's zero blocks, the grouped convs' backward), which is why bench_train counts apart."""
     torch.manual_seed(0)
-    model = DeepHVAE("small").double()
+    model = DeepHVAE(replace(PRESETS["small"], posterior=posterior)).double()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64)

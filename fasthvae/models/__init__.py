@@ -5,7 +5,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from fasthvae.models.base import LatentVariableModel, Output
-from fasthvae.models.deep import PRESETS, DeepHVAE, DeepSpec
+from fasthvae.models.deep import POSTERIORS, PRESETS, DeepHVAE, DeepSpec
 from fasthvae.models.hvae import HVAE
 from fasthvae.models.vae import VAE
 
@@ -14,6 +14,7 @@ MODELS = {"vae": VAE, "hvae": HVAE, "deep": DeepHVAE}
 __all__ = [
     "HVAE",
     "MODELS",
+    "POSTERIORS",
     "PRESETS",
     "VAE",
     "DeepHVAE",
@@ -44,8 +45,9 @@ def build_model_from_config(config: Mapping) -> LatentVariableModel:
 
 
 def deep_spec(config: Mapping) -> DeepSpec:
-    """The preset a config names, with its ``layout``, ``width`` and ``zdim`` overrides (None: keep)."""
+    """The preset a config names, with its ``layout``, ``width``, ``zdim`` and ``posterior``
+    overrides (None or absent: keep)."""
     if config["preset"] not in PRESETS:
         raise ValueError(f"unknown deep preset {config['preset']!r}; choose one of {', '.join(PRESETS)}")
-    overrides = {k: config[k] for k in ("layout", "width", "zdim") if config.get(k) is not None}
+    overrides = {k: config[k] for k in ("layout", "width", "zdim", "posterior") if config.get(k) is not None}
     return replace(PRESETS[config["preset"]], **overrides)

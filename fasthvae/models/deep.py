@@ -17,6 +17,11 @@ The layout is one string of top-down blocks: ``"RxN"`` = N latent groups at reso
 (32), upsampling by nearest neighbour between them. Log-variances are soft-clamped to
 (-LOGVAR_BOUND, LOGVAR_BOUND), so exp(+-logvar / 2) stays finite in fp16 and bf16.
 
+The posterior is ``absolute`` (its cell outputs q's mean and log-variance) or ``residual`` (NVAE's
+residual normal: its cell outputs offsets from the prior's, mu_q = mu_p + dmu and
+logvar_q = logvar_p + dlogvar, so q follows p as the prior moves and the KL depends on the offsets
+only: 0.5 (dmu^2 / sigma_p^2 + e^dlogvar - 1 - dlogvar)).
+
 Reconstruction plus the analytic KLs (each with z_<i drawn from q) is an unbiased estimate of the
 negative ELBO: the KL of group i is the expectation over z_i given the very z_<i that later groups
 condition on.
@@ -39,6 +44,7 @@ from fasthvae.nn import Conv2d, conv2d
 
 IMAGE_SIZE = 32
 LOGVAR_BOUND = 10.0  # sigma in (e^-5, e^5), as NVAE's soft clamp of log sigma at 5
+POSTERIORS = ("absolute", "residual")
 _TOKEN = re.compile(r"^(\d+)([xd])(\d+)$")
 
 
@@ -46,13 +52,15 @@ _TOKEN = re.compile(r"^(\d+)([xd])(\d+)$")
 class DeepSpec:
     """The deep model's size: ``layout`` (top-down groups), ``width`` (channels of the residual
     stream), ``zdim`` (channels per latent group), ``encoder_blocks`` (residual cells per resolution
-    in the bottom-up pass) and ``bottleneck`` (a cell's inner width / width)."""
+    in the bottom-up pass), ``bottleneck`` (a cell's inner width / width) and ``posterior``
+    (``absolute`` or ``residual``: see the module's docstring)."""
 
     layout: str
     width: int
     zdim: int
     encoder_blocks: int
     bottleneck: float = 0.25
+    posterior: str = "absolute"
 
     def __post_init__(self) -> None:
         parse_layout(self.layout)
@@ -61,6 +69,10 @@ class DeepSpec:
                 raise ValueError(f"deep model: {name} must be positive, got {getattr(self, name)}")
         if not 0 < self.bottleneck <= 1:
             raise ValueError(f"deep model: bottleneck must be in (0, 1], got {self.bottleneck}")
+        if self.posterior not in POSTERIORS:
+            raise ValueError(
+                f"deep model: posterior must be one of {', '.join(POSTERIORS)}, got {self.posterior!r}"
+            )
 
 
 def parse_blocks(layout: str) -> list[tuple[int, bool]]:
@@ -113,6 +125,17 @@ def soft_clamp(x: Tensor, bound: float = LOGVAR_BOUND) -> Tensor:
 
 
 Gaussian = tuple[Tensor, Tensor]  # (mu, logvar)
+
+
+def posterior_from(outputs: Gaussian, prior: Gaussian, kind: str) -> Gaussian:
+    """q's (mu, logvar) from its cell's two outputs: themselves (``absolute``) or offsets from the
+    prior's (``residual``); the log-variance soft-clamped once."""
+    mu, logvar = outputs
+    if kind == "residual":
+        mu, logvar = prior[0] + mu, prior[1] + logvar
+    return mu, soft_clamp(logvar)
+
+
 # How a latent group draws its z in a top-down walk: (group, prior, posterior or None) -> z.
 Draw = Callable[["LatentGroup", Gaussian, Gaussian | None], Tensor]
 
@@ -182,12 +205,14 @@ class LatentGroup(nn.Module):
         """(mu_p, logvar_p, features for the state) from the top-down state h."""
         return self._split_prior(self.prior(h))
 
-    def posterior_params(self, h: Tensor, activation: Tensor) -> Gaussian:
+    def posterior_outputs(self, h: Tensor, activation: Tensor) -> Gaussian:
+        """The posterior cell's two outputs from h and the activation (``posterior_from`` makes
+        them q's mean and log-variance)."""
         mu, logvar = self.posterior(torch.cat([h, activation], 1)).chunk(2, 1)
-        return mu, soft_clamp(logvar)
+        return mu, logvar
 
     def prior_and_posterior(self, h: Tensor, read: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], Gaussian]:
-        """``prior_params(h)`` and ``posterior_params(h, activation)`` with the two cells run as one,
+        """``prior_params(h)`` and ``posterior_outputs(h, activation)`` with the two cells run as one,
         given the posterior's ``read`` of the activation (``DeepHVAE.posterior_reads``): the first
         conv reads ``gelu(h)`` for both cells (the posterior's first conv over [h, activation] is its
         conv over h plus its read of the activation), the 3x3s are grouped convs, the last conv is
@@ -220,7 +245,7 @@ class LatentGroup(nn.Module):
         )
         prior_out, posterior_out = out.split([out_p.shape[0], out_q.shape[0]], 1)
         mu_q, logvar_q = posterior_out.chunk(2, 1)
-        return self._split_prior(prior_out), (mu_q, soft_clamp(logvar_q))
+        return self._split_prior(prior_out), (mu_q, logvar_q)
 
     def _split_prior(self, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mu, logvar, features = out[:, : self.zdim], out[:, self.zdim : 2 * self.zdim], out[:, 2 * self.zdim :]
@@ -320,7 +345,9 @@ class DeepHVAE(LatentVariableModel):
                 (mu_p, logvar_p, features), posterior = block.prior_and_posterior(h, next(reads))
             else:
                 mu_p, logvar_p, features = block.prior_params(h)
-                posterior = block.posterior_params(h, activations[res])
+                posterior = block.posterior_outputs(h, activations[res])
+            if posterior is not None:
+                posterior = posterior_from(posterior, (mu_p, logvar_p), self.spec.posterior)
             h = block.advance(h, features, draw(block, (mu_p, logvar_p), posterior))
         return h
 

@@ -19,7 +19,7 @@ from typing import Any
 from fasthvae.data import DEFAULT_LOADER, LOADERS
 from fasthvae.fid_extractors import EXTRACTORS, INCEPTION, TINY
 from fasthvae.likelihoods import LIKELIHOODS
-from fasthvae.models import MODELS, PRESETS, deep_spec
+from fasthvae.models import MODELS, POSTERIORS, PRESETS, deep_spec
 from fasthvae.schedules import LR_SCHEDULES, REFERENCE_EPOCHS, SCHEDULES
 from fasthvae.training.grad_skip import SKIP_PATIENCE
 
@@ -79,6 +79,13 @@ class TrainConfig:
     )
     width: int | None = option(None, "deep: channels of the residual stream", on_resume="keep")
     zdim: int | None = option(None, "deep: channels of each latent group", on_resume="keep")
+    posterior: str = option(
+        "absolute",
+        "deep: q's cell gives its mean and log-variance (absolute), or offsets from the prior's "
+        "(residual, NVAE's residual normal: q follows p as p moves)",
+        on_resume="keep",
+        choices=list(POSTERIORS),
+    )
     epochs: int = option(
         REFERENCE_EPOCHS,
         "epochs; the schedule is stretched to fit (its anchors are for 100)",
