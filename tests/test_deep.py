@@ -1,6 +1,7 @@
 """The deep top-down HVAE: presets and layouts, its KLs and bounds, EMA, update skipping, latent
 health, resume and compile (CPU, tiny configs)."""
 
+import csv
 import json
 import math
 from dataclasses import replace
@@ -26,6 +27,7 @@ from tests.helpers import (
     assert_same_state,
     run_process,
     scale_loss_by_step,
+    torchrun,
 )
 
 TINY = deep.DeepSpec("1x1,4x1,8x1,16x1,32x1", width=8, zdim=2, encoder_blocks=1)
@@ -172,6 +174,24 @@ def test_the_residual_posterior_starts_as_the_absolute_one():
         terms.append(model.loss(x, [1.0] * model.num_levels))
     for name, value in terms[0].items():
         assert torch.equal(value, terms[1][name]), name
+
+
+def test_the_residual_posterior_with_kl_balancing_trains_under_ddp(data, tmp_path):
+    """Two gloo ranks train the deep model with the residual posterior and KL balancing through
+    the warm-up epoch (balancing on) and the next (off): every parameter takes part in each step's
+    gradient (DDP fails on one that does not), and both epochs end finite. (128 images, 2 ranks,
+    batch 16: 4 steps per rank per epoch.)"""
+    out = tmp_path / "ddp"
+    args = [*TINY_ARGS, "--batch-size", "16", "--posterior", "residual", "--kl-warmup", "1", "--kl-balance"]
+    args += ["--data", data, "--out", str(out), "--epochs", "2", "--limit-train", "128", "--no-tensorboard"]
+    proc = torchrun("-m", "fasthvae.train", *args, "--speed", "fixed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert all(math.isfinite(float(row["loss"])) and row["skipped_steps"] == "0" for row in rows)
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["step"] == 8 and len(state["rng"]) == 2
 
 
 def test_free_bits_floor_each_kl_term_of_the_loss_and_stop_its_gradient_below_the_floor():
