@@ -3,6 +3,7 @@ that uses every op; the trainer's small configuration, runs in a fresh process a
 steps; optional packages a test needs."""
 
 import contextlib
+import csv
 import os
 import subprocess
 import sys
@@ -232,6 +233,12 @@ def save_then_die(self):
 train.Trainer._save = save_then_die
 train.main(sys.argv[1:])
 """
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """The rows of a run folder's metrics.csv, one per epoch, as strings."""
+    with open(out / "metrics.csv") as f:
+        return list(csv.DictReader(f))
 
 
 def run_process(*argv: str, code: str | None = None) -> subprocess.CompletedProcess:

@@ -1,7 +1,6 @@
 """The deep top-down HVAE: presets and layouts, its KLs and bounds, EMA, update skipping, latent
 health, resume and compile (CPU, tiny configs)."""
 
-import csv
 import json
 import math
 from dataclasses import replace
@@ -25,6 +24,7 @@ from tests.helpers import (
     DEEP_TINY,
     KILL_AFTER_FIRST_CHECKPOINT,
     assert_same_state,
+    read_metrics,
     run_process,
     scale_loss_by_step,
     torchrun,
@@ -186,8 +186,7 @@ def test_the_residual_posterior_with_kl_balancing_trains_under_ddp(data, tmp_pat
     args += ["--data", data, "--out", str(out), "--epochs", "2", "--limit-train", "128", "--no-tensorboard"]
     proc = torchrun("-m", "fasthvae.train", *args, "--speed", "fixed")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(out / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_metrics(out)
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert all(math.isfinite(float(row["loss"])) and row["skipped_steps"] == "0" for row in rows)
     state = load_checkpoint(out / "checkpoint.pt")

@@ -1,6 +1,5 @@
 """``--speed auto``: the candidates, the decision rule, the cache, and a run that probed."""
 
-import csv
 import json
 import multiprocessing
 
@@ -13,7 +12,7 @@ from fasthvae.training import speed
 from fasthvae.training.config import TrainConfig, with_model_defaults
 from fasthvae.training.distributed import DistInfo
 from fasthvae.training.runtime import resolve_runtime
-from tests.helpers import SMALL, make_compilation_fail, needs_onednn
+from tests.helpers import SMALL, make_compilation_fail, needs_onednn, read_metrics
 
 DEFAULTS = {"compile": True, "channels_last": True, "fused_optimizer": True}
 IMAGES = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
@@ -260,8 +259,6 @@ def test_a_run_that_probed_trains_as_a_fixed_run_given_its_choice(data, tmp_path
     auto = json.loads((tmp_path / "auto" / "config.json").read_text())["runtime"]
     assert auto["speed"]["source"] == "probe" and auto["speed"]["choice"] == choice
     assert (auto["compile"], auto["channels_last"], auto["fused_optimizer"]) == (False, False, False)
-    rows = []
-    for name in ("auto", "fixed"):
-        with open(tmp_path / name / "metrics.csv") as f:
-            rows.append([{k: r[k] for k in ("loss", "recon", "kl_z1", "kl_z2")} for r in csv.DictReader(f)])
+    columns = ("loss", "recon", "kl_z1", "kl_z2")
+    rows = [[{k: r[k] for k in columns} for r in read_metrics(tmp_path / name)] for name in ("auto", "fixed")]
     assert rows[0] == rows[1]

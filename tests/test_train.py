@@ -1,6 +1,5 @@
 """The trainer: smoke runs, learning, resume, checkpoints, robustness, AMP and DDP (CPU)."""
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -23,6 +22,7 @@ from tests.helpers import (
     assert_same_state,
     compile_with_backend,
     make_compilation_fail,
+    read_metrics,
     run_process,
     scale_loss_by_step,
     slow_rank_0_evaluation,
@@ -34,11 +34,6 @@ def run(data: str, out: Path, *extra: str) -> dict:
     argv = ["--data", data, "--out", str(out), "--epochs", "2", *SMALL, *extra]
     assert train.main(argv) == 0
     return json.loads((out / "summary.json").read_text())
-
-
-def read_metrics(out: Path) -> list[dict]:
-    with open(out / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.parametrize("model", ["vae", "hvae"])
