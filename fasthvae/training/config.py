@@ -184,6 +184,13 @@ class TrainConfig:
         "(0: skip only non-finite steps; default 10 for deep, 0 otherwise)",
         on_resume="keep",
     )
+    skip_rewind: bool = option(
+        False,
+        f"when {SKIP_PATIENCE} steps in a row are skipped above the threshold, undo the last step taken "
+        "before them (weights and optimizer state) instead of taking the next one; a second such "
+        "burst before any step is taken goes on as a change of scale (needs --skip-factor)",
+        on_resume="keep",
+    )
     ema: float | None = option(
         None,
         "EMA rate of the weights used for evaluation and samples (0: off; default 0.999 for deep)",
@@ -422,6 +429,8 @@ def validate(config: TrainConfig) -> None:
         raise TrainingError(f"--ema must be in [0, 1), got {config.ema}")
     if config.skip_factor != 0 and not config.skip_factor > 1:
         raise TrainingError(f"--skip-factor must be 0 (off) or above 1, got {config.skip_factor}")
+    if config.skip_rewind and not config.skip_factor:
+        raise TrainingError("--skip-rewind acts on skips above the threshold: give --skip-factor above 1 too")
     if config.kl_balance and not config.kl_warmup:
         raise TrainingError("--kl-balance acts while the KL warm-up ramps: give --kl-warmup EPOCHS too")
     if config.model == "deep":

@@ -5,7 +5,8 @@ A step is skipped when its loss or gradients are non-finite, or its gradient nor
 adaptive threshold. The record names the first term of the objective that went non-finite (the
 reconstruction, then each KL group in the model's order), else the first parameter (in module order) whose
 gradient did, else (a threshold skip) the parameter with the largest gradient norm; with the step,
-the gradient norm and threshold, the loss scale and the schedule's weights.
+the gradient norm and threshold, the loss scale, the schedule's weights, and whether the step undid
+the last one taken (``--skip-rewind``).
 """
 
 import json
@@ -114,4 +115,6 @@ class SkipLog:
             return None
         kinds = Counter(_kind(r) for r in records)
         parts = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
-        return f"{len(records)} skipped step(s) ({parts}; see skips.jsonl)"
+        rewinds = sum(bool(r.get("rewound")) for r in records)
+        undone = f", {rewinds} undoing the last step taken" if rewinds else ""
+        return f"{len(records)} skipped step(s) ({parts}{undone}; see skips.jsonl)"

@@ -9,6 +9,12 @@ which enter the window too, move its median. So no run waits more than ``patienc
 threshold, which the trainer keeps below its consecutive-skip limit. The first ``warmup`` norms only
 skip on non-finite values.
 
+With ``rewind``, the first streak that reaches ``patience`` is read the other way: the last step
+taken before it moved the weights into a region where every batch's gradient explodes. That step
+is undone (:class:`fasthvae.training.rewind.StepRewind`) instead of the burst's gradient being
+taken, and the streak starts again; a second streak that reaches ``patience`` before any step is
+taken is a change of scale, and goes on as without ``rewind``.
+
 The window lives on the training device and the decision is a device tensor (:meth:`allows_tensor`),
 so a step can be skipped or taken without the host waiting for the GPU.
 """
@@ -22,11 +28,18 @@ class AdaptiveSkip:
     """``skip = AdaptiveSkip(factor=10)``; ``skip.allows(norm)`` is True when the step may be taken."""
 
     def __init__(
-        self, factor: float, window: int = 200, warmup: int = 20, patience: int = SKIP_PATIENCE, device="cpu"
+        self,
+        factor: float,
+        window: int = 200,
+        warmup: int = 20,
+        patience: int = SKIP_PATIENCE,
+        rewind: bool = False,
+        device="cpu",
     ) -> None:
         if factor <= 1:
             raise ValueError(f"the skip factor must be above 1 (a multiple of the median), got {factor}")
         self.factor, self.window, self.warmup, self.patience = factor, window, warmup, patience
+        self.rewind = rewind
         # Finite norms above the threshold in a row, up to the last one (non-finite ones keep it).
         self.streak = torch.zeros((), dtype=torch.int64, device=device)
         # A ring of the last finite norms (NaN: empty slot), its next slot and its fill, in float64.
@@ -34,10 +47,17 @@ class AdaptiveSkip:
         self.next = torch.zeros((), dtype=torch.int64, device=device)
         self.count = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped_t = torch.zeros((), dtype=torch.int64, device=device)
+        # Rewinds so far, and whether one happened since the last step taken.
+        self.rewinds_t = torch.zeros((), dtype=torch.int64, device=device)
+        self.rewound = torch.zeros((), dtype=torch.bool, device=device)
 
     @property
     def skipped(self) -> int:
         return int(self.skipped_t)
+
+    @property
+    def rewinds(self) -> int:
+        return int(self.rewinds_t)
 
     def threshold_tensor(self) -> torch.Tensor:
         """The largest norm a step may have now (inf during the warm-up), on the device."""
@@ -50,17 +70,30 @@ class AdaptiveSkip:
     def allows_tensor(self, norm: torch.Tensor) -> torch.Tensor:
         """Whether a step of gradient norm ``norm`` (a device scalar) may be taken, as a device bool;
         records the norm."""
+        return self.decide_tensor(norm)[0]
+
+    def decide_tensor(self, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(taken, rewind) for a step of gradient norm ``norm`` (a device scalar), as device bools:
+        whether it may be taken, and whether the last step taken must be undone (never both);
+        records the norm."""
         norm = norm.to(torch.float64)
         finite = torch.isfinite(norm)
         above = finite & (norm > self.threshold_tensor())
-        ok = finite & (~above | (self.streak >= self.patience))  # False for NaN and inf
-        self.streak.copy_(torch.where(above, self.streak + 1, torch.where(finite, 0, self.streak)))
+        at_patience = above & (self.streak >= self.patience)
+        # Only as the streak reaches the patience: an accepted change of scale goes on after it.
+        first = at_patience & (self.streak == self.patience) & ~self.rewound
+        rewind = first if self.rewind else torch.zeros_like(first)
+        ok = finite & (~above | (at_patience & ~rewind))  # False for NaN and inf
+        streak = torch.where(above, self.streak + 1, torch.where(finite, 0, self.streak))
+        self.streak.copy_(torch.where(rewind, 0, streak))
+        self.rewound.copy_(~ok & (self.rewound | rewind))
+        self.rewinds_t += rewind
         slot = self.next.view(1)
         self.norms.index_copy_(0, slot, torch.where(finite, norm, self.norms.index_select(0, slot)))
         self.next.copy_((self.next + finite) % self.window)
         self.count.copy_(torch.clamp(self.count + finite, max=self.window))
         self.skipped_t += ~ok
-        return ok
+        return ok, rewind
 
     def allows(self, norm: float) -> bool:
         return bool(self.allows_tensor(torch.tensor(norm, device=self.norms.device)))
@@ -69,7 +102,13 @@ class AdaptiveSkip:
         """The window oldest first, as plain floats (the format checkpoints have always had)."""
         order = (self.next - self.count + torch.arange(self.window, device=self.norms.device)) % self.window
         ordered = self.norms[order[: int(self.count)]]
-        return {"norms": ordered.tolist(), "skipped": self.skipped, "streak": int(self.streak)}
+        return {
+            "norms": ordered.tolist(),
+            "skipped": self.skipped,
+            "streak": int(self.streak),
+            "rewinds": self.rewinds,
+            "rewound": bool(self.rewound),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         norms = state["norms"][-self.window :]
@@ -80,3 +119,5 @@ class AdaptiveSkip:
         self.next.fill_(len(norms) % self.window)
         self.skipped_t.fill_(state["skipped"])
         self.streak.fill_(state.get("streak", 0))  # older checkpoints have none
+        self.rewinds_t.fill_(state.get("rewinds", 0))
+        self.rewound.fill_(state.get("rewound", False))

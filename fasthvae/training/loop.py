@@ -58,8 +58,9 @@ class Objective(nn.Module):
 @dataclass
 class StepResult:
     """One step, on the device: ``row`` holds the terms (``Stepper.terms`` order), the gradient
-    norm, the skip threshold, the loss scale (NaN: no scaler), whether the step was taken, then the
-    gradient norm of each parameter in ``params`` (indices into ``Stepper.param_names``)."""
+    norm, the skip threshold, whether the step was taken, whether it undid the last one taken
+    (``--skip-rewind``), the loss scale (NaN: no scaler), then the gradient norm of each parameter in
+    ``params`` (indices into ``Stepper.param_names``)."""
 
     row: torch.Tensor
     taken: torch.Tensor
@@ -90,6 +91,7 @@ class Stepper:
         self.param_names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self.no_scale = torch.tensor([math.nan], device=rt.device)
+        self.no_rewind = torch.tensor(False, device=rt.device)
 
     def __call__(
         self, x: torch.Tensor, weights: torch.Tensor, balance: torch.Tensor | None = None
@@ -127,31 +129,36 @@ class Stepper:
         if math.isfinite(self.max_norm):  # as clip_grad_norm_
             ops.multi_tensor_scale_(grads, torch.clamp(self.max_norm / (norm + 1e-6), max=1.0))
         threshold = s.skip.threshold_tensor().float() if s.skip else torch.full_like(norm, math.inf)
-        taken = s.skip.allows_tensor(norm) if s.skip else torch.isfinite(norm)
+        taken, rewind = s.skip.decide_tensor(norm) if s.skip else (torch.isfinite(norm), self.no_rewind)
         scale = s.scaler._get_scale_async().view(1).float() if s.scaler.is_enabled() else self.no_scale
+        if s.rewind is not None:
+            s.rewind.keep(taken if self.sync_free else bool(taken))
         if self.sync_free:
             s.optimizer.found_inf = (~taken).float()  # the fused AdamW leaves everything as it was
             s.optimizer.step()
         elif bool(taken):
             s.scaler.step(s.optimizer)
+        if s.rewind is not None:
+            s.rewind.restore(rewind if self.sync_free else bool(rewind))
         if s.ema is not None:
             s.ema.update(s.model, taken)
         s.scaler.update()
         values = torch.stack([terms[k].detach().float() for k in self.terms])
-        head = torch.stack([norm, threshold, taken.float()])
+        head = torch.stack([norm, threshold, taken.float(), rewind.float()])
         return StepResult(torch.cat([values, head, scale, param_norms]), taken, present)
 
     def record(self, result: list[float], params: tuple[int, ...]) -> dict:
         """The host form of a result's row."""
         n = len(self.terms)
-        scale = result[n + 3]
+        scale = result[n + 4]
         return {
             "terms": dict(zip(self.terms, result[:n], strict=True)),
             "grad_norm": result[n],
             "threshold": result[n + 1],
             "taken": result[n + 2] == 1.0,
+            "rewound": result[n + 3] == 1.0,
             "loss_scale": None if math.isnan(scale) else scale,
-            "param_norms": {self.param_names[i]: v for i, v in zip(params, result[n + 4 :], strict=True)},
+            "param_norms": {self.param_names[i]: v for i, v in zip(params, result[n + 5 :], strict=True)},
         }
 
 
@@ -291,7 +298,10 @@ class EpochRun:
                 record["threshold"] if self.state.skip else None,
                 record["loss_scale"],
             )
-            self.skips.add({"epoch": self.state.epoch + 1, "step": step, "weights": weights, **why})
+            rewound = record["rewound"]
+            self.skips.add(
+                {"epoch": self.state.epoch + 1, "step": step, "weights": weights, **why, "rewound": rewound}
+            )
             if p.consecutive_skips >= self.config.max_skips:
                 raise TrainingError(too_many_skips(self.state, self.config, self.skips, step))
         self.pending = []

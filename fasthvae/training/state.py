@@ -18,6 +18,7 @@ from fasthvae.training.distributed import DistInfo
 from fasthvae.training.ema import EMA
 from fasthvae.training.grad_skip import SKIP_PATIENCE, AdaptiveSkip
 from fasthvae.training.precision import grad_scaler
+from fasthvae.training.rewind import StepRewind
 from fasthvae.training.runtime import Runtime
 
 
@@ -53,6 +54,7 @@ class TrainState:
     ema: EMA | None
     skip: AdaptiveSkip | None
     health: latent_health.HealthMonitor
+    rewind: StepRewind | None = None  # --skip-rewind
     epoch: int = 0  # epochs finished
     step: int = 0  # optimizer steps taken or skipped
     history: list[dict] = field(default_factory=list)
@@ -70,7 +72,8 @@ class TrainState:
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"{path}: does not fit this model ({err})") from err
         self.scaler.load_state_dict(saved["scaler"])
-        for name, part in (("ema", self.ema), ("skip", self.skip), ("health", self.health)):
+        parts = (("ema", self.ema), ("skip", self.skip), ("health", self.health), ("rewind", self.rewind))
+        for name, part in parts:
             if part is not None and saved.get(name) is not None:
                 part.load_state_dict(saved[name])
         self.epoch, self.step, self.history = saved["epoch"], saved["step"], saved["history"]
@@ -97,6 +100,7 @@ class TrainState:
                 "ema": self.ema.state_dict() if self.ema else None,
                 "skip": self.skip.state_dict() if self.skip else None,
                 "health": self.health.state_dict(),
+                "rewind": self.rewind.state_dict() if self.rewind else None,
                 "epoch": self.epoch,
                 "step": self.step,
                 "history": self.history,
@@ -117,7 +121,7 @@ def adaptive_skip(config: TrainConfig, device: torch.device) -> AdaptiveSkip | N
     if not config.skip_factor:
         return None
     patience = min(SKIP_PATIENCE, config.max_skips - 1)
-    return AdaptiveSkip(config.skip_factor, patience=patience, device=device)
+    return AdaptiveSkip(config.skip_factor, patience=patience, rewind=config.skip_rewind, device=device)
 
 
 def build_state(config: TrainConfig, rt: Runtime) -> TrainState:
@@ -136,4 +140,5 @@ def build_state(config: TrainConfig, rt: Runtime) -> TrainState:
         ema=EMA(model, config.ema) if config.ema else None,
         skip=adaptive_skip(config, rt.device),
         health=latent_health.HealthMonitor(),
+        rewind=StepRewind(optimizer) if config.skip_rewind else None,
     )
