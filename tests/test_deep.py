@@ -471,8 +471,9 @@ def test_health_monitor_warns_on_collapse_and_dominance():
     assert monitor.summary()["collapsed"] == ["b"] and monitor.summary()["dominant"] == "a"
 
 
-def test_deep_resume_equals_an_uninterrupted_run(data, tmp_path):
-    common = ["--data", data, *TINY_ARGS, "--epochs", "2", "--limit-train", "96", "--seed", "4"]
+@pytest.mark.parametrize("rewind", [[], ["--skip-rewind"]], ids=["plain", "skip-rewind"])
+def test_deep_resume_equals_an_uninterrupted_run(data, tmp_path, rewind):
+    common = ["--data", data, *TINY_ARGS, "--epochs", "2", "--limit-train", "96", "--seed", "4", *rewind]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_process(*common, "--out", str(straight)).returncode == 0
     killed = run_process(*common, "--out", str(split), code=KILL_AFTER_FIRST_CHECKPOINT)
@@ -485,6 +486,9 @@ def test_deep_resume_equals_an_uninterrupted_run(data, tmp_path):
     for key, value in a["ema"]["model"].items():
         assert torch.equal(b["ema"]["model"][key], value), key
     assert a["skip"] == b["skip"] and a["health"] == b["health"]
+    assert (a["rewind"] is None) == (b["rewind"] is None) == (not rewind)
+    if rewind:  # the copy of the weights and state before the last step taken
+        assert all(torch.equal(x, y) for x, y in zip(a["rewind"]["saved"], b["rewind"]["saved"], strict=True))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
