@@ -97,6 +97,9 @@ def test_rewind_restores_the_weights_and_optimizer_state_before_the_last_step_ta
     resumed = StepRewind(resumed_optimizer)
     resumed.load_state_dict(rewind.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(resumed.saved, rewind.saved, strict=True))
+    fresh = StepRewind(AdamW(small_model().parameters(), lr=1e-2, fused=fused))  # no state yet
+    with pytest.raises(ValueError, match="--skip-rewind holds 16 tensors of 4 parameters' state"):
+        fresh.load_state_dict(rewind.state_dict())
 
 
 def test_trainer_rewinds_through_a_burst_and_goes_on(data, tmp_path, monkeypatch):

@@ -71,7 +71,10 @@ class StepRewind:
         """After the optimizer's state is loaded."""
         self._listed()
         if state["states"] != self._states or len(state["saved"]) != len(self.saved):
-            return  # saved before the optimizer had its state: the copy is the weights as loaded
+            raise ValueError(
+                f"the checkpoint's copy for --skip-rewind holds {len(state['saved'])} tensors of "
+                f"{state['states']} parameters' state; this optimizer has {len(self.saved)} of {self._states}"
+            )
         torch._foreach_copy_(
             self.saved, [t.to(s.device) for t, s in zip(state["saved"], self.saved, strict=True)]
         )

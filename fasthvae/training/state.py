@@ -75,7 +75,10 @@ class TrainState:
         parts = (("ema", self.ema), ("skip", self.skip), ("health", self.health), ("rewind", self.rewind))
         for name, part in parts:
             if part is not None and saved.get(name) is not None:
-                part.load_state_dict(saved[name])
+                try:
+                    part.load_state_dict(saved[name])
+                except (ValueError, KeyError) as err:
+                    raise CheckpointError(f"{path}: its {name} state does not fit this run ({err})") from err
         self.epoch, self.step, self.history = saved["epoch"], saved["step"], saved["history"]
         progress = saved.get("progress")
         self.progress = EpochProgress.from_state_dict(progress, rank) if progress else EpochProgress()
