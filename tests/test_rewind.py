@@ -120,3 +120,26 @@ def test_skip_rewind_needs_the_threshold(data, tmp_path, capsys):
     argv = ["--data", data, "--out", str(tmp_path), *TINY_ARGS, "--skip-rewind", "--skip-factor", "0"]
     assert train.main(argv) == 2
     assert "--skip-rewind acts on skips above the threshold" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("beta2", [0.999, 0.9])
+def test_a_gradient_spike_moves_a_weight_by_a_tenth_over_the_root_of_one_minus_beta2(beta2):
+    """What --adam-beta2 documents: after many steps of small gradients, a gradient 1e6 times
+    larger moves the weight by lr * 0.1 / sqrt(1 - beta2) (to 1%), for either AdamW."""
+    for fused in (False, True):
+        weight = nn.Parameter(torch.zeros(3))
+        optimizer = AdamW([weight], lr=1e-3, betas=(0.9, beta2), fused=fused)
+        for sign in [1.0, -1.0] * 5000:  # a zero mean, so the first moment is ~0 before the spike
+            weight.grad = torch.full((3,), sign * 1e-3)
+            optimizer.step()
+        before = weight.detach().clone()
+        weight.grad = torch.full((3,), 1e3)
+        optimizer.step()
+        moved = (before - weight.detach()) / 1e-3
+        assert torch.allclose(moved, torch.full((3,), 0.1 / (1 - beta2) ** 0.5), rtol=1e-2), (fused, moved)
+
+
+def test_the_trainer_builds_adamw_with_the_asked_beta2(data, tmp_path):
+    config = train.parse_args(["--data", data, "--out", str(tmp_path), *TINY_ARGS, "--adam-beta2", "0.9"])
+    assert train.Trainer(config).state.optimizer.param_groups[0]["betas"] == (0.9, 0.9)
+    assert train.main(["--data", data, "--out", str(tmp_path), *TINY_ARGS, "--adam-beta2", "1"]) == 2

@@ -119,6 +119,12 @@ class TrainConfig:
         on_resume="keep",
     )
     weight_decay: float = option(0.0, "AdamW weight decay", on_resume="keep")
+    adam_beta2: float = option(
+        0.999,
+        "AdamW's second-moment rate; a step whose gradient dwarfs the recent ones moves a weight by up "
+        "to lr * 0.1 / sqrt(1 - beta2): 3.2 lr at 0.999, 0.32 lr at 0.9 (VDVAE's)",
+        on_resume="keep",
+    )
     grad_clip: float = option(100.0, "max gradient norm (0: no clipping)", on_resume="keep")
     amp: bool = option(False, "mixed precision (autocast)", on_resume="keep")
     amp_dtype: str = option("bf16", "fp16 uses a GradScaler", on_resume="keep", choices=["bf16", "fp16"])
@@ -425,6 +431,8 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and not value > 0:
             raise TrainingError(f"--{name.replace('_', '-')} must be positive minutes, got {value}")
+    if not 0 < config.adam_beta2 < 1:
+        raise TrainingError(f"--adam-beta2 must be in (0, 1), got {config.adam_beta2}")
     if not 0 <= config.ema < 1:
         raise TrainingError(f"--ema must be in [0, 1), got {config.ema}")
     if config.skip_factor != 0 and not config.skip_factor > 1:

@@ -134,7 +134,11 @@ def build_state(config: TrainConfig, rt: Runtime) -> TrainState:
         model = model.to(memory_format=torch.channels_last)
     use_onednn_conv(model, rt.onednn_conv)
     optimizer = AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=rt.fused_optimizer
+        model.parameters(),
+        lr=config.lr,
+        betas=(0.9, config.adam_beta2),
+        weight_decay=config.weight_decay,
+        fused=rt.fused_optimizer,
     )
     return TrainState(
         model=model,
