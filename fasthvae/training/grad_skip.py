@@ -9,11 +9,12 @@ which enter the window too, move its median. So no run waits more than ``patienc
 threshold, which the trainer keeps below its consecutive-skip limit. The first ``warmup`` norms only
 skip on non-finite values.
 
-With ``rewind``, the first streak that reaches ``patience`` is read the other way: the last step
-taken before it moved the weights into a region where every batch's gradient explodes. That step
-is undone (:class:`fasthvae.training.rewind.StepRewind`) instead of the burst's gradient being
-taken, and the streak starts again; a second streak that reaches ``patience`` before any step is
-taken is a change of scale, and goes on as without ``rewind``.
+With ``rewind``, the first streak that reaches ``patience`` is read the other way, as a sign that
+the last step taken before it moved the weights where every batch's gradient explodes (on the deep
+recipe's one measured burst the weights before that step exploded too). That step is undone
+(:class:`fasthvae.training.rewind.StepRewind`) instead of the burst's gradient being taken, and the
+streak starts again; a second streak that reaches ``patience`` before any step is taken is a change
+of scale, and goes on as without ``rewind``.
 
 The window lives on the training device and the decision is a device tensor (:meth:`allows_tensor`),
 so a step can be skipped or taken without the host waiting for the GPU.
@@ -81,8 +82,7 @@ class AdaptiveSkip:
         above = finite & (norm > self.threshold_tensor())
         at_patience = above & (self.streak >= self.patience)
         # Only as the streak reaches the patience: an accepted change of scale goes on after it.
-        first = at_patience & (self.streak == self.patience) & ~self.rewound
-        rewind = first if self.rewind else torch.zeros_like(first)
+        rewind = above & (self.streak == self.patience) & ~self.rewound & self.rewind
         ok = finite & (~above | (at_patience & ~rewind))  # False for NaN and inf
         streak = torch.where(above, self.streak + 1, torch.where(finite, 0, self.streak))
         self.streak.copy_(torch.where(rewind, 0, streak))
