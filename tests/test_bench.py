@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import multiprocessing
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -262,6 +263,29 @@ def test_bench_allocator(tmp_path, images):
     assert [r["setting"].split(" ")[0] for r in rows] == ["glibc's", "emulated:", "freed"]
     assert all(float(r["ms_per_step"]) > 0 and len(r["windows_ms"].split()) >= 1 for r in rows)
     assert rows[2]["vs_emulated"].endswith("/2)") and not rows[0]["vs_emulated"]
+
+
+def test_bench_budget_predicts_a_row_against_its_budget_row(tmp_path, images):
+    run_bench("bench_budget.py", "--rows", "deep-z16-b16-e12-rp-klb-b09", "--data", images,
+              "--epochs", "2", "--no-compile", "--rounds", "2", "--window-seconds", "0.01",
+              "--out", str(tmp_path))  # fmt: skip
+    vae, deep = read_rows(tmp_path / "budget_cpu_deep-z16-b16-e12-rp-klb-b09.csv")
+    assert (vae["row"], vae["steps_per_run"], vae["share_of_budget"]) == ("vae", "8", "")  # 2 x 512/128
+    assert (deep["epochs"], deep["steps_per_run"]) == ("12", "384")  # the row's own epochs, batch 16
+    windows = {}
+    for r, counted in ((vae, 0.0), (deep, float(deep["compile_s"]))):  # the budgeted row's compilation
+        windows[r["row"]] = [float(w) for w in r["windows_ms"].split()]
+        assert float(r["ms_per_step"]) == pytest.approx(statistics.median(windows[r["row"]]), abs=0.05)
+        minutes = (int(r["steps_per_run"]) * float(r["ms_per_step"]) / 1000 + counted) / 60
+        assert float(r["predicted_minutes"]) == pytest.approx(minutes, rel=1e-3)
+    compiled = float(deep["compile_s"])
+    shares = [
+        (384 * d / 1000 + compiled) / (8 * v / 1000)
+        for d, v in zip(windows[deep["row"]], windows["vae"], strict=True)
+    ]
+    share, rounds = deep["share_of_budget"].split()
+    assert float(share) == pytest.approx(statistics.median(shares), rel=2e-3)
+    assert rounds == f"({sum(s <= 1 for s in shares)}/2)"
 
 
 def test_bench_multi_tensor(tmp_path):
