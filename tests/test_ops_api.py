@@ -371,6 +371,27 @@ class ConvLatent(torch.nn.Module):
         return self.dec(z), kl
 
 
+def test_seed_draws_compile_under_inductors_cpp_wrapper():
+    """On the CPU the ops draw their seeds through ``fasthvae::cpu_seed``: Inductor's C++ wrapper
+    can call it, where it cannot pass ``torch.randint``'s dtype argument; the
+    compiled draws equal eager's, and two draws in one graph stay two."""
+    torch._dynamo.reset()
+    mu, logvar = torch.randn(3, 8), torch.randn(3, 8)
+
+    def two_samples(mu: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.reparameterize(mu, logvar), ops.reparameterize(mu, logvar)
+
+    torch.manual_seed(0)
+    want = two_samples(mu, logvar)
+    with torch._inductor.config.patch(cpp_wrapper=True):
+        compiled = torch.compile(two_samples, fullgraph=True)
+        torch.manual_seed(0)
+        got = compiled(mu, logvar)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not torch.equal(want[0], want[1])
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=str)
 def test_compiled_op_keeps_the_eager_layout_and_values(memory_format):
     """Under torch.compile the fake kernels promise the layouts the real ones return (Inductor

@@ -105,6 +105,8 @@ def _seed(generator: torch.Generator | None, device: torch.device) -> Tensor:
     on the CPU otherwise; from ``generator``'s device when one is given."""
     where = generator.device if generator is not None else device
     if where.type != "cuda":
+        if generator is None:
+            return library.cpu_seed(_SEED_HIGH)
         where = torch.device("cpu")
     return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=where, generator=generator)
 

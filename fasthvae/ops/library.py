@@ -1,9 +1,10 @@
 """The fused ops as ``torch.library`` custom ops: real kernels, fake kernels and autograd.
 
-Registered ops (namespace ``fasthvae``): ``gaussian_kl``, ``reparameterize``, ``sample_and_kl``
-and their shared ``gaussian_backward``. ``torch.compile(fullgraph=True)`` traces them as single
-nodes. Noise comes from a per-call int64 seed tensor and is regenerated in the backward pass, so
-no eps is ever saved. Double backward is not supported.
+Registered ops (namespace ``fasthvae``): ``gaussian_kl``, ``reparameterize``, ``sample_and_kl``,
+their shared ``gaussian_backward``, and ``cpu_seed`` (the seeds' draw on the CPU).
+``torch.compile(fullgraph=True)`` traces them as single nodes. Noise comes from a per-call int64
+seed tensor and is regenerated in the backward pass, so no eps is ever saved. Double backward is
+not supported.
 
 Memory layout: the kernels walk dense tensors in memory order. When ``logvar``'s strides put the
 batch dim outermost in another order than the plain one (``channels_last``, or the channel halves
@@ -125,6 +126,22 @@ def _kl_like(mu: Tensor, logvar: Tensor, reduction: str) -> Tensor:
         return _empty_like_op(logvar)
     ct = reference.compute_dtype(mu.dtype)
     return mu.new_empty((reference.num_rows(mu),) if reduction == "sample" else (), dtype=ct)
+
+
+# ---- cpu_seed -------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fasthvae::cpu_seed", mutates_args=(), tags=torch.Tag.nondeterministic_seeded)
+def cpu_seed(high: int) -> Tensor:
+    """``torch.randint(0, high, ())`` from PyTorch's CPU generator (the same draw), as an op of its
+    own: in a compiled graph Inductor's C++ wrapper cannot pass randint's dtype argument to it.
+    Tagged random, so that no compiler pass merges two draws or recomputes one."""
+    return torch.randint(0, high, (), dtype=torch.int64)
+
+
+@cpu_seed.register_fake
+def _(high):
+    return torch.empty((), dtype=torch.int64)
 
 
 # ---- gaussian_kl ----------------------------------------------------------------------------
