@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from bench.bench_train import switches_of
 from bench.report import write_report
 from fasthvae.data import BatchLoader
 from fasthvae.hardware import machine
@@ -43,7 +44,6 @@ from fasthvae.train import Trainer
 from fasthvae.training import artifacts
 from fasthvae.training.config import add_options
 from fasthvae.training.loop import EpochRun
-from fasthvae.training.speed import CHOICES
 
 
 class Window:
@@ -77,11 +77,11 @@ class RowRun:
 
     def window(self, steps: int) -> float:
         """Seconds per step of one window of the trainer's epoch loop."""
-        t = self.trainer
-        run = EpochRun(t.state, t.step_fn, Window(t.loader, steps), t.schedule, t.config, t.dist, t.skips,
+        t, window = self.trainer, Window(self.trainer.loader, steps)
+        run = EpochRun(t.state, t.step_fn, window, t.schedule, t.config, t.dist, t.skips,
                        t.rt.log_every, poll=lambda: (False, False), save=lambda: None,
                        on_step=self.tb.step if self.tb is not None else None)  # fmt: skip
-        return run.run()["seconds"] / min(steps, self.batches)
+        return run.run()["seconds"] / len(window)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -159,8 +159,6 @@ def record(run: RowRun, budget: RowRun | None) -> dict:
             for w, b in zip(run.windows, budget.windows, strict=True)
         ]
         share = f"{statistics.median(shares):.3f} ({sum(s <= 1 for s in shares)}/{len(shares)})"
-    chosen = {name: getattr(t.rt, name) for name in CHOICES}
-    switches = [f"{k} {v}" if isinstance(v, str) else k for k, v in chosen.items() if v]
     return {
         "row": run.row.name,
         "batch": t.config.batch_size,
@@ -168,7 +166,7 @@ def record(run: RowRun, budget: RowRun | None) -> dict:
         "steps_per_run": run.steps_per_run,
         "ms_per_step": 1000 * step_s,
         "compile_s": compile_s,
-        "switches": ", ".join(switches),
+        "switches": switches_of(t),
         "predicted_minutes": (run.steps_per_run * step_s + counted_s) / 60,
         "share_of_budget": share,
         "windows_ms": " ".join(f"{1000 * w:.1f}" for w in run.windows),

@@ -390,6 +390,10 @@ def test_seed_draws_compile_under_inductors_cpp_wrapper():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert not torch.equal(want[0], want[1])
     torch._dynamo.reset()
+    torch.manual_seed(1)
+    drawn = library.cpu_seed(2**63 - 1)
+    torch.manual_seed(1)
+    assert torch.equal(drawn, torch.randint(0, 2**63 - 1, (), dtype=torch.int64))  # randint's draw
 
 
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=str)
