@@ -137,6 +137,26 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def recording_backend(*targets) -> tuple[Callable, list[tuple[object, list]]]:
+    """A ``torch.compile`` backend (AOTAutograd, the graphs run as traced) and the list it fills with
+    (op, its arguments' example values) for every call of ``targets`` in the forward and backward
+    graphs: the layouts a compiled step hands an op."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    calls: list[tuple[object, list]] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        for target in targets:
+            for node in gm.graph.find_nodes(op="call_function", target=target):
+                calls.append(
+                    (target, [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in node.args])
+                )
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=record, bw_compiler=record), calls
+
+
 def scale_loss_by_step(monkeypatch: pytest.MonkeyPatch, factor: Callable[[int], float]) -> dict[str, int]:
     """Multiply the training loss of the n-th objective call (from 1) by ``factor(n)``: NaN, huge
     or lasting gradients injected at chosen steps. Returns the call counter (``{"n": calls}``),

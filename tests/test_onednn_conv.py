@@ -14,7 +14,7 @@ from fasthvae.ops import onednn_conv
 from fasthvae.training.config import TrainConfig, TrainingError
 from fasthvae.training.distributed import DistInfo
 from fasthvae.training.runtime import resolve_runtime
-from tests.helpers import needs_avx512_bf16, needs_onednn
+from tests.helpers import needs_avx512_bf16, needs_onednn, recording_backend
 
 CL = torch.channels_last
 # Of the largest reference magnitude. Float32: accumulation over at most ~600 products. Bfloat16: the
@@ -123,6 +123,28 @@ def test_conv2d_compiles_as_one_graph_with_the_same_values():
     frozen = x.detach()
     grads = torch.autograd.grad(compiled(frozen, weight, b), (weight, b), grad_y)
     for ours, exp in zip(grads, torch.autograd.grad(f(frozen, weight, b), (weight, b), grad_y), strict=True):
+        assert torch.equal(ours, exp)
+
+
+@needs_onednn
+def test_compiled_backward_gives_the_op_its_gradient_in_the_ops_layout():
+    """A channels_last convolution whose output's gradient arrives NCHW (here through ``.contiguous()``;
+    in the deep model, a split's backward): the traced backward lays the gradient out channels_last
+    before the op, where Inductor writes it in the kernel that makes it, instead of a copy inside."""
+    onednn_conv.load()
+    x, weight, b = inputs(SHAPES[0], torch.float32, True)
+    backend, calls = recording_backend(torch.ops.fasthvae_onednn.conv2d_backward.default)
+
+    def f(x, weight, b):
+        return onednn_conv.conv2d(x, weight, b, 1).contiguous()
+
+    y = torch.compile(f, backend=backend, fullgraph=True)(x, weight, b)
+    assert y.is_contiguous()
+    grad_y = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, weight, b), grad_y)
+    layouts = [(args[0].is_contiguous(memory_format=CL), args[0].is_contiguous()) for _, args in calls]
+    assert layouts == [(True, False)]
+    for ours, exp in zip(grads, torch.autograd.grad(f(x, weight, b), (x, weight, b), grad_y), strict=True):
         assert torch.equal(ours, exp)
 
 

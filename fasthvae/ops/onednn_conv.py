@@ -147,6 +147,9 @@ def _register() -> None:
     def backward(ctx, grad_y: Tensor):
         x, weight = ctx.saved_tensors
         input_grad = ctx.needs_input_grad[0]
+        # The incoming gradient in the op's layout here, where torch.compile can write it so in the
+        # kernel that makes it (a split's backward lays its cat out NCHW), not in a copy in the op.
+        grad_y = grad_y.to(x.dtype).contiguous(memory_format=_format(ctx.args[2]))
         grad_x, grad_w, grad_b = ops.conv2d_backward(grad_y, x, weight, *ctx.args, input_grad)
         return grad_x if input_grad else None, grad_w, grad_b if ctx.has_bias else None, None, None, None
 
