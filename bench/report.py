@@ -1,8 +1,23 @@
 """Writes a benchmark's rows as CSV and as a Markdown table (``<stem>.csv``, ``<stem>.md``)."""
 
 import csv
+import os
 from collections.abc import Callable
 from pathlib import Path
+
+# Where Inductor keeps its files, not how it compiles; Inductor sets it itself when it starts.
+INDUCTOR_CACHE_DIR = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def inductor_environment() -> str:
+    """Inductor's settings given in the environment (``TORCHINDUCTOR_*`` but its cache directory),
+    as a clause for a table's intro ("" when none is)."""
+    given = sorted(
+        f"`{k}={v}`"
+        for k, v in os.environ.items()
+        if k.startswith("TORCHINDUCTOR_") and k != INDUCTOR_CACHE_DIR
+    )
+    return f" Inductor's settings from the environment: {', '.join(given)}." if given else ""
 
 
 def write_report(

@@ -24,10 +24,12 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
 
 # PyTorch's ISA cap: its kernels and Inductor's generated code use no wider vectors than this level.
 # An AVX-512 machine measures its AVX2 paths with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2
-# (oneDNN's convolutions) and FASTHVAE_CPU_ISA=avx2 (fasthvae's kernels): docs/benchmarks.md.
+# (oneDNN's convolutions), FASTHVAE_CPU_ISA=avx2 (fasthvae's kernels) and MKL_ENABLE_INSTRUCTIONS=AVX2
+# (MKL's matrix products, the sgemm peak among them): docs/benchmarks.md.
 ISA_CAP_ENV = "ATEN_CPU_CAPABILITY"
-# Every variable that caps a library's vector width: PyTorch's, oneDNN's convolutions, fasthvae's kernels.
-ISA_CAP_ENVS = (ISA_CAP_ENV, "ONEDNN_MAX_CPU_ISA", "FASTHVAE_CPU_ISA")
+# Every variable that caps a library's vector width: PyTorch's, oneDNN's convolutions, fasthvae's
+# kernels, MKL's.
+ISA_CAP_ENVS = (ISA_CAP_ENV, "ONEDNN_MAX_CPU_ISA", "FASTHVAE_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 # The flags each cap leaves out, by prefix ("avx" also covers avx2 and avx512*).
 _ABOVE_CAP = {"avx2": ("avx512", "amx"), "default": ("avx", "fma", "f16c", "amx")}
 
@@ -61,12 +63,13 @@ def simd_level(flags: set[str]) -> str:
 
 
 def machine() -> str:
-    """One line naming the CPU, its SIMD level (the capped one, and the CPU's, under a cap), the
-    threads torch uses, the GPU and torch: what a figure ran on."""
+    """One line naming the CPU, its SIMD level (under a cap the capped one, every cap set, and the
+    CPU's), the threads torch uses, the GPU and torch: what a figure ran on."""
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
     flags = cpu_flags()
     simd = simd_level(usable_cpu_flags(flags))
     if simd != simd_level(flags):
-        simd = f"{simd or 'no SIMD'} by {ISA_CAP_ENV}={os.environ[ISA_CAP_ENV]} on an {simd_level(flags)} CPU"
+        caps = ", ".join(f"{name}={os.environ[name]}" for name in ISA_CAP_ENVS if os.environ.get(name))
+        simd = f"{simd or 'no SIMD'} by {caps} on an {simd_level(flags)} CPU"
     cpu = f"{cpu_name()} ({simd + ', ' if simd else ''}{torch.get_num_threads()} threads)"
     return f"{cpu}{gpu}; torch {torch.__version__}"

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench import machine_scale
+from bench import bench_waits, machine_scale
+from bench.bench_threads import amdahl_fit
 from bench.bench_train import (
     PLAIN,
     Variant,
@@ -27,6 +28,7 @@ from bench.bench_train import (
     left_out,
     paired,
 )
+from bench.report import inductor_environment
 from fasthvae.data.dali import dali_available
 from fasthvae.data.torch_loader import PREFETCH_FACTOR
 from fasthvae.hardware import usable_cpu_flags
@@ -263,6 +265,70 @@ def test_bench_allocator(tmp_path, images):
     assert [r["setting"].split(" ")[0] for r in rows] == ["glibc's", "emulated:", "freed"]
     assert all(float(r["ms_per_step"]) > 0 and len(r["windows_ms"].split()) >= 1 for r in rows)
     assert rows[2]["vs_emulated"].endswith("/2)") and not rows[0]["vs_emulated"]
+
+
+def test_bench_threads(tmp_path, images):
+    run_bench("bench_threads.py", "--model", "vae", "--data", images, "--batch-size", "4", "--no-compile",
+              "--threads", "1", "2", "--rounds", "1", "--warmup", "1", "--steps", "1", "--windows", "1",
+              "--out", str(tmp_path))  # fmt: skip
+    rows = read_rows(tmp_path / "threads_cpu_vae_b4.csv")
+    assert [r["threads"] for r in rows[:2]] == ["1", "2"] and rows[2]["threads"].startswith("fit: S = ")
+    assert all(float(r["ms_per_step"]) > 0 and float(r["sgemm_gflops"]) > 0 for r in rows)
+    assert rows[1]["speedup"].endswith("/1)") and not rows[0]["speedup"]
+
+
+def test_amdahl_fit_recovers_the_serial_and_parallel_parts():
+    serial, parallel = amdahl_fit([1, 2, 4], [0.04 + 0.09 / n for n in (1, 2, 4)])
+    assert serial == pytest.approx(0.04, abs=1e-12) and parallel == pytest.approx(0.09, abs=1e-12)
+    with pytest.raises(ValueError, match="two different thread counts"):
+        amdahl_fit([2, 2], [0.1, 0.1])
+
+
+def test_bench_waits_finds_where_the_main_thread_runs_alone():
+    """perf's samples: the main thread (tid == pid) matched with the worker's nearest sample; it
+    runs alone where the worker is in the OpenMP runtime, and a sample with no worker sample near
+    it is left out."""
+    inductor = "/tmp/torchinductor_u/ab/cabc.main.so"
+    gomp = "/x/torch/lib/libgomp.so.1"
+    lines = [
+        f"   100/100   5.000000:   7f01 kernel ({inductor})",
+        f"   100/101   5.000020:   7f02 kernel ({inductor})",
+        "   100/100   5.001000:   7f03 _PyEval_EvalFrameDefault (/usr/lib/libpython3.11.so.1.0)",
+        f"   100/101   5.001030:   7f04 [unknown] ({gomp})",
+        "   100/100   5.002000:   7f05 _int_malloc (/usr/lib/x86_64-linux-gnu/libc.so.6)",
+        f"   100/101   5.002050:   7f06 [unknown] ({gomp})",
+        "   100/100   5.004000:   7f07 [unknown] (/tmp/perf-100.map)",
+        "not a sample line",
+    ]
+    samples = bench_waits.parse(lines)
+    assert len(samples) == 7
+    found = bench_waits.waits(samples, match_s=100e-6)
+    assert found["matched"] == 3 and found["worker_threads"] == 1
+    assert found["alone"] == {"Python and torch's bindings": 1, "libc (malloc, free, copies)": 1}
+    assert found["main"]["oneDNN's JIT kernels"] == 1 and found["workers"][bench_waits.OPENMP] == 2
+    rows = {r["code"]: r for r in bench_waits.report_rows(found)}
+    inductor_row = rows["Inductor's kernels"]
+    assert inductor_row["main_thread"] == 0.25 and inductor_row["workers"] == 1 / 3
+    assert rows["all"]["main_alone"] == 1.0
+    # Sleef's vector math in libtorch_cpu is its own class, not ATen's
+    assert bench_waits.code_class("Sleef_expf16_u10 (/x/torch/lib/libtorch_cpu.so)").startswith("vector math")
+    assert bench_waits.code_class("at::empty (/x/torch/lib/libtorch_cpu.so)") == "ATen and c10"
+
+
+def test_tables_name_inductors_settings_from_the_environment(monkeypatch):
+    for key in [k for k in os.environ if k.startswith("TORCHINDUCTOR_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/x")  # a location, which Inductor sets itself
+    assert inductor_environment() == ""
+    monkeypatch.setenv("TORCHINDUCTOR_CPP_WRAPPER", "1")
+    expected = " Inductor's settings from the environment: `TORCHINDUCTOR_CPP_WRAPPER=1`."
+    assert inductor_environment() == expected
+
+
+def test_bench_waits_names_a_missing_perf(monkeypatch):
+    monkeypatch.setattr(bench_waits.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match="needs Linux perf"):
+        bench_waits.main([])
 
 
 def test_bench_budget_predicts_a_row_against_its_budget_row(tmp_path, images):

@@ -87,8 +87,12 @@ def test_the_machine_line_names_the_simd_level_figures_differ_by(monkeypatch, fl
 
 def test_the_machine_line_names_an_isa_cap_and_the_cpu_under_it(monkeypatch):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "fma", "avx512f", "avx512_bf16"})
+    for name in hardware.ISA_CAP_ENVS:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(hardware.ISA_CAP_ENV, "avx2")
     assert "(AVX2 by ATEN_CPU_CAPABILITY=avx2 on an AVX-512 + bf16 CPU, " in hardware.machine()
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")  # every cap set is named: a partial cap shows
+    assert "by ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2 on an AVX-512" in hardware.machine()
 
 
 def test_env_names_what_a_bug_report_needs(capsys):

@@ -148,7 +148,8 @@ def test_the_cache_key_follows_isa_caps_and_the_code(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     plain = speed.cache_key(c, rt, 1)
     assert plain["code"] == speed.code_digest() and len(plain["code"]) == 16
-    for name, value in [("ONEDNN_MAX_CPU_ISA", "AVX2"), ("FASTHVAE_CPU_ISA", "avx2")]:
+    caps = [("ONEDNN_MAX_CPU_ISA", "AVX2"), ("FASTHVAE_CPU_ISA", "avx2"), ("MKL_ENABLE_INSTRUCTIONS", "AVX2")]
+    for name, value in caps:
         monkeypatch.setenv(name, value)
         assert speed.cache_path(speed.cache_key(c, rt, 1)) != speed.cache_path(plain)
         monkeypatch.delenv(name)

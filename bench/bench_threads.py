@@ -1,0 +1,202 @@
+"""The training step over the machine's cores: its serial and parallel parts (Amdahl's law).
+
+Each round starts one process per thread count of ``--threads`` (the order alternating between
+rounds), each with ``OMP_NUM_THREADS`` and torch's threads set to its count. A process builds the
+trainer's step as ``python -m fasthvae.train --amp`` runs it with every speed switch on (compile,
+channels_last, the fused AdamW, the deep model's oneDNN convolutions where they can run; freed memory
+kept), warms it up on one batch of the training set, times ``--windows`` windows of ``--steps``
+steps and then an fp32 sgemm (2048^2) at its thread count. Inductor compiles each thread count's
+kernels for that count; its on-disk caches make a thread count's later processes start warm.
+
+The step's median times T(n) are fitted with T(n) = S + P / n by least squares: P is the time one
+core spends in work the cores share, S the time no added core shortens (Python and dispatch,
+allocation, kernels too small to split, threads waiting on each other). The report gives, per
+thread count, the median ms per step, the speed-up over the first count (median of the per-round
+ratios), GFLOP/s (FLOPs per image counted once on the eager step, as ``bench/bench_train.py`` counts them) and
+its share of that count's sgemm peak; then S and P, and the step at the most threads were S zero:
+the ceiling that removing overhead alone can reach with the kernels as they are. Writes
+``threads_<device>_<model>.{csv,md}``.
+
+    python -m bench.bench_threads [--model deep] [--preset small] [--batch-size 32] [--threads 1 2]
+                                  [--rounds 3] [--data PATH]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.bench_train import count_scale
+from bench.machine_scale import sgemm_gflops
+from bench.report import inductor_environment, write_report
+from fasthvae.hardware import machine
+from fasthvae.train import TrainConfig, Trainer
+from fasthvae.training.runtime import onednn_conv_unavailable
+
+RESULT = "bench_threads result: "  # the line a child process reports on
+
+
+def config(args: argparse.Namespace, out: str, fast: bool) -> TrainConfig:
+    """The run's config: ``fast``, every speed switch on (``--amp``); else plain eager fp32."""
+    base = TrainConfig(model=args.model, preset=args.preset)
+    onednn = onednn_conv_unavailable(base, torch.device("cpu")) is None
+    return TrainConfig(
+        model=args.model,
+        preset=args.preset,
+        batch_size=args.batch_size,
+        data=args.data,
+        limit_train=args.batch_size,
+        epochs=1,
+        out=out,
+        speed="fixed",
+        loader="resident",
+        amp=fast,
+        compile=fast and args.compile,
+        channels_last=fast,
+        fused_optimizer=fast,
+        onednn_conv=fast and onednn,
+    )
+
+
+def one_batch_step(trainer: Trainer):
+    x, _ = next(iter(trainer.loader))
+    weights = torch.ones(trainer.model.num_levels)
+    return (lambda: trainer.step_fn(x, weights)), len(x)
+
+
+def child(args: argparse.Namespace) -> None:
+    """Time the step at this process's thread count; print one JSON line."""
+    torch.set_num_threads(args.child)
+    with tempfile.TemporaryDirectory() as tmp:
+        step, _ = one_batch_step(Trainer(config(args, tmp, fast=True)))
+        for _ in range(args.warmup):
+            step()
+        windows = []
+        for _ in range(args.windows):
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            windows.append((time.perf_counter() - start) / args.steps)
+    sgemm = sgemm_gflops(torch.device("cpu"))
+    print(RESULT + json.dumps({"threads": args.child, "windows": windows, "sgemm": sgemm}), flush=True)
+
+
+def run_child(args: argparse.Namespace, threads: int) -> dict:
+    flags = [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in CHILD_FLAGS and v is not None
+    ]
+    command = [sys.executable, "-m", "bench.bench_threads", f"--child={threads}", *flags]
+    if not args.compile:
+        command.append("--no-compile")
+    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
+    if done.returncode != 0 or not lines:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+        raise SystemExit(f"bench_threads: the {threads}-thread process failed:\n{tail}")
+    return json.loads(lines[-1].removeprefix(RESULT))
+
+
+CHILD_FLAGS = ("model", "preset", "batch_size", "data", "warmup", "steps", "windows")
+
+
+def amdahl_fit(threads: list[int], seconds: list[float]) -> tuple[float, float]:
+    """Least-squares (S, P) of seconds = S + P / threads."""
+    xs = [1 / n for n in threads]
+    mx, my = statistics.fmean(xs), statistics.fmean(seconds)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        raise ValueError("Amdahl's fit needs at least two different thread counts")
+    p = sum((x - mx) * (y - my) for x, y in zip(xs, seconds, strict=True)) / sxx
+    return my - p * mx, p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="deep", choices=["vae", "hvae", "deep"])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--data", default=None, help="as the trainer's --data")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="steps per window")
+    parser.add_argument("--windows", type=int, default=5, help="windows per process")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default="results/bench")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args)
+    counts = sorted(set(args.threads))
+    if len(counts) < 2 or counts[0] < 1:
+        parser.error("--threads needs two or more different positive counts")
+    with tempfile.TemporaryDirectory() as tmp:
+        flops_per_image = count_scale(config(args, tmp, fast=False)).flops_per_image
+    runs: dict[int, list[dict]] = {n: [] for n in counts}
+    for r in range(args.rounds):
+        for n in counts[:: 1 if r % 2 == 0 else -1]:
+            runs[n].append(run_child(args, n))
+            median_ms = 1000 * statistics.median(runs[n][-1]["windows"])
+            print(f"round {r + 1}: {n} threads {median_ms:.1f} ms", flush=True)
+    rows, stem = report_rows(runs, flops_per_image, args.batch_size), output_stem(args)
+    label = f"deep `{args.preset}`" if args.model == "deep" else args.model.upper()
+    intro = (
+        f"{machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. The trainer's step with every "
+        f"speed switch on (`--amp`), {label}, batch {args.batch_size}, one batch; "
+        f"{args.rounds} rounds of one process per thread count (order alternating), each {args.windows} "
+        f"windows of {args.steps} steps after {args.warmup} warm-up steps; {flops_per_image / 1e6:.1f} MFLOP "
+        "per image (eager step, forward and backward). Fit: T(n) = S + P / n by least squares on the "
+        "medians."
+    ) + inductor_environment()
+    header = ["threads", "ms / step (median)", "speed-up (rounds)", "GFLOP/s", "sgemm peak GFLOP/s"]
+    header.append("of sgemm peak")
+
+    def cells(row: dict) -> list[str]:
+        return [row["threads"], f"{row['ms_per_step']:.1f}", row["speedup"], f"{row['gflops']:.1f}",
+                f"{row['sgemm_gflops']:.1f}", f"{row['share_of_sgemm']:.0%}"]  # fmt: skip
+
+    title = "The training step over the machine's cores"
+    print(write_report(rows, stem, header, cells, title=title, intro=intro))
+
+
+def output_stem(args: argparse.Namespace) -> Path:
+    model = [args.model, args.preset] if args.model == "deep" else [args.model]
+    return Path(args.out) / f"threads_cpu_{'_'.join(model)}_b{args.batch_size}"
+
+
+def report_rows(runs: dict[int, list[dict]], flops_per_image: float, batch: int) -> list[dict]:
+    """One row per thread count, then the fit's: S, and the step at the most threads were S zero."""
+    counts = sorted(runs)
+    medians = {n: statistics.median(statistics.median(run["windows"]) for run in runs[n]) for n in counts}
+    peaks = {n: statistics.median(run["sgemm"] for run in runs[n]) for n in counts}
+    serial, parallel = amdahl_fit(counts, [medians[n] for n in counts])
+
+    def row(threads: str, seconds: float, peak: float, speedup: str = "") -> dict:
+        gflops = flops_per_image * batch / seconds / 1e9
+        return {"threads": threads, "ms_per_step": 1000 * seconds, "speedup": speedup, "gflops": gflops,
+                "sgemm_gflops": peak, "share_of_sgemm": gflops / peak}  # fmt: skip
+
+    rows = []
+    for n in counts:
+        ratios = [
+            statistics.median(first["windows"]) / statistics.median(run["windows"])
+            for first, run in zip(runs[counts[0]], runs[n], strict=True)
+        ]
+        faster = f"{statistics.median(ratios):.2f}x ({sum(r > 1 for r in ratios)}/{len(ratios)})"
+        rows.append(row(str(n), medians[n], peaks[n], faster if n != counts[0] else ""))
+    most = counts[-1]
+    rows.append(row(f"fit: S = {1000 * serial:.1f} ms, P = {1000 * parallel:.1f} ms; at {most}, S zero",
+                    parallel / most, peaks[most]))  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    main()
