@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     header.append("of sgemm peak")
 
     def cells(row: dict) -> list[str]:
+        if row["ms_per_step"] is None:
+            return [row["threads"], "—", "", "—", f"{row['sgemm_gflops']:.1f}", "—"]
         return [row["threads"], f"{row['ms_per_step']:.1f}", row["speedup"], f"{row['gflops']:.1f}",
                 f"{row['sgemm_gflops']:.1f}", f"{row['share_of_sgemm']:.0%}"]  # fmt: skip
 
@@ -179,10 +181,11 @@ def report_rows(runs: dict[int, list[dict]], flops_per_image: float, batch: int)
     peaks = {n: statistics.median(run["sgemm"] for run in runs[n]) for n in counts}
     serial, parallel = amdahl_fit(counts, [medians[n] for n in counts])
 
-    def row(threads: str, seconds: float, peak: float, speedup: str = "") -> dict:
-        gflops = flops_per_image * batch / seconds / 1e9
-        return {"threads": threads, "ms_per_step": 1000 * seconds, "speedup": speedup, "gflops": gflops,
-                "sgemm_gflops": peak, "share_of_sgemm": gflops / peak}  # fmt: skip
+    def row(threads: str, seconds: float | None, peak: float, speedup: str = "") -> dict:
+        gflops = None if seconds is None else flops_per_image * batch / seconds / 1e9
+        return {"threads": threads, "ms_per_step": None if seconds is None else 1000 * seconds,
+                "speedup": speedup, "gflops": gflops, "sgemm_gflops": peak,
+                "share_of_sgemm": None if gflops is None else gflops / peak}  # fmt: skip
 
     rows = []
     for n in counts:
@@ -192,9 +195,11 @@ def report_rows(runs: dict[int, list[dict]], flops_per_image: float, batch: int)
         ]
         faster = f"{statistics.median(ratios):.2f}x ({sum(r > 1 for r in ratios)}/{len(ratios)})"
         rows.append(row(str(n), medians[n], peaks[n], faster if n != counts[0] else ""))
-    most = counts[-1]
-    rows.append(row(f"fit: S = {1000 * serial:.1f} ms, P = {1000 * parallel:.1f} ms; at {most}, S zero",
-                    parallel / most, peaks[most]))  # fmt: skip
+    most, fit = counts[-1], f"fit: S = {1000 * serial:.1f} ms, P = {1000 * parallel:.1f} ms"
+    if parallel > 0:
+        rows.append(row(f"{fit}; at {most}, S zero", parallel / most, peaks[most]))
+    else:  # more threads were not faster (a loaded machine, or a step too small to share)
+        rows.append(row(f"{fit}: more threads were not faster", None, peaks[most]))
     return rows
 
 

@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import multiprocessing
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import torch
 
 from bench import bench_waits, machine_scale
 from bench.bench_threads import amdahl_fit
+from bench.bench_threads import report_rows as threads_report_rows
 from bench.bench_train import (
     PLAIN,
     Variant,
@@ -272,9 +274,20 @@ def test_bench_threads(tmp_path, images):
               "--threads", "1", "2", "--rounds", "1", "--warmup", "1", "--steps", "1", "--windows", "1",
               "--out", str(tmp_path))  # fmt: skip
     rows = read_rows(tmp_path / "threads_cpu_vae_b4.csv")
-    assert [r["threads"] for r in rows[:2]] == ["1", "2"] and rows[2]["threads"].startswith("fit: S = ")
-    assert all(float(r["ms_per_step"]) > 0 and float(r["sgemm_gflops"]) > 0 for r in rows)
+    assert [r["threads"] for r in rows[:2]] == ["1", "2"]
+    assert all(float(r["ms_per_step"]) > 0 and float(r["sgemm_gflops"]) > 0 for r in rows[:2])
     assert rows[1]["speedup"].endswith("/1)") and not rows[0]["speedup"]
+    # the fit passes through both medians (2 thread counts); on a loaded machine P may come out <= 0
+    serial, parallel = map(float, re.match(r"fit: S = (\S+) ms, P = (\S+) ms", rows[2]["threads"]).groups())
+    for n, r in zip((1, 2), rows, strict=False):
+        assert serial + parallel / n == pytest.approx(float(r["ms_per_step"]), abs=0.11)
+    assert (rows[2]["ms_per_step"] == "") == (parallel <= 0)
+
+
+def test_bench_threads_says_when_more_threads_were_not_faster():
+    runs = {n: [{"windows": [t], "sgemm": 100.0}] for n, t in ((1, 0.010), (2, 0.012))}
+    fit = threads_report_rows(runs, flops_per_image=1e6, batch=4)[-1]
+    assert fit["threads"].endswith("more threads were not faster") and fit["ms_per_step"] is None
 
 
 def test_amdahl_fit_recovers_the_serial_and_parallel_parts():
