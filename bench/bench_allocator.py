@@ -24,8 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
+from bench.one_step import add_step_arguments, model_names, one_batch_step
 from bench.report import write_report
 from fasthvae.hardware import machine
 from fasthvae.train import TrainConfig, Trainer
@@ -58,19 +57,12 @@ def build_step(args: argparse.Namespace, out: str) -> Callable[[], object]:
         epochs=1,
         out=out,
     )
-    trainer = Trainer(config)
-    x, _ = next(iter(trainer.loader))
-    weights = torch.ones(trainer.model.num_levels)
-    return lambda: trainer.step_fn(x, weights)
+    return one_batch_step(Trainer(config))[0]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="deep", choices=["vae", "hvae", "deep"])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--data", default=None, help="as the trainer's --data")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    add_step_arguments(parser)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5, help="steps per window")
     parser.add_argument("--rounds", type=int, default=12)
@@ -103,12 +95,12 @@ def main(argv: list[str] | None = None) -> None:
         row(f"emulated: mmap {mib} MiB, trim {2 * mib} MiB", timed["emulated"]),
         row("freed memory kept (the trainer's default)", timed["kept"], ratios),
     ]
-    model = [args.model, args.preset] if args.model == "deep" else [args.model]
-    stem = Path(args.out) / f"allocator_cpu_{'_'.join(model)}"
+    name = model_names(args)[1]
+    stem = Path(args.out) / f"allocator_cpu_{name}"
     intro = (
         f"{machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. The trainer's step "
-        f"(`--speed fixed` defaults{'' if args.compile else ' but eager'}, `--amp`), {' '.join(model)}, "
-        f"batch {args.batch_size}; "
+        f"(`--speed fixed` defaults{'' if args.compile else ' but eager'}, `--amp`), "
+        f"{name.replace('_', ' ')}, batch {args.batch_size}; "
         f"{args.rounds} rounds of one {args.steps}-step window per setting, order alternating."
     )
     header = ["setting", "median ms / step", "page faults / step", "x emulated default (rounds faster)"]

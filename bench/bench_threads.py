@@ -35,47 +35,19 @@ import torch
 
 from bench.bench_train import count_scale
 from bench.machine_scale import sgemm_gflops
+from bench.one_step import add_step_arguments, fast_config, model_names, one_batch_step
 from bench.report import inductor_environment, write_report
 from fasthvae.hardware import machine
-from fasthvae.train import TrainConfig, Trainer
-from fasthvae.training.runtime import onednn_conv_unavailable
+from fasthvae.train import Trainer
 
 RESULT = "bench_threads result: "  # the line a child process reports on
-
-
-def config(args: argparse.Namespace, out: str, fast: bool) -> TrainConfig:
-    """The run's config: ``fast``, every speed switch on (``--amp``); else plain eager fp32."""
-    base = TrainConfig(model=args.model, preset=args.preset)
-    onednn = onednn_conv_unavailable(base, torch.device("cpu")) is None
-    return TrainConfig(
-        model=args.model,
-        preset=args.preset,
-        batch_size=args.batch_size,
-        data=args.data,
-        limit_train=args.batch_size,
-        epochs=1,
-        out=out,
-        speed="fixed",
-        loader="resident",
-        amp=fast,
-        compile=fast and args.compile,
-        channels_last=fast,
-        fused_optimizer=fast,
-        onednn_conv=fast and onednn,
-    )
-
-
-def one_batch_step(trainer: Trainer):
-    x, _ = next(iter(trainer.loader))
-    weights = torch.ones(trainer.model.num_levels)
-    return (lambda: trainer.step_fn(x, weights)), len(x)
 
 
 def child(args: argparse.Namespace) -> None:
     """Time the step at this process's thread count; print one JSON line."""
     torch.set_num_threads(args.child)
     with tempfile.TemporaryDirectory() as tmp:
-        step, _ = one_batch_step(Trainer(config(args, tmp, fast=True)))
+        step, _ = one_batch_step(Trainer(fast_config(args, tmp)))
         for _ in range(args.warmup):
             step()
         windows = []
@@ -120,12 +92,8 @@ def amdahl_fit(threads: list[int], seconds: list[float]) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="deep", choices=["vae", "hvae", "deep"])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--data", default=None, help="as the trainer's --data")
+    add_step_arguments(parser)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="steps per window")
     parser.add_argument("--windows", type=int, default=5, help="windows per process")
@@ -139,15 +107,16 @@ def main(argv: list[str] | None = None) -> None:
     if len(counts) < 2 or counts[0] < 1:
         parser.error("--threads needs two or more different positive counts")
     with tempfile.TemporaryDirectory() as tmp:
-        flops_per_image = count_scale(config(args, tmp, fast=False)).flops_per_image
+        flops_per_image = count_scale(fast_config(args, tmp, fast=False)).flops_per_image
     runs: dict[int, list[dict]] = {n: [] for n in counts}
     for r in range(args.rounds):
         for n in counts[:: 1 if r % 2 == 0 else -1]:
             runs[n].append(run_child(args, n))
             median_ms = 1000 * statistics.median(runs[n][-1]["windows"])
             print(f"round {r + 1}: {n} threads {median_ms:.1f} ms", flush=True)
-    rows, stem = report_rows(runs, flops_per_image, args.batch_size), output_stem(args)
-    label = f"deep `{args.preset}`" if args.model == "deep" else args.model.upper()
+    label, name = model_names(args)
+    rows = report_rows(runs, flops_per_image, args.batch_size)
+    stem = Path(args.out) / f"threads_cpu_{name}_b{args.batch_size}"
     intro = (
         f"{machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. The trainer's step with every "
         f"speed switch on (`--amp`), {label}, batch {args.batch_size}, one batch; "
@@ -167,11 +136,6 @@ def main(argv: list[str] | None = None) -> None:
 
     title = "The training step over the machine's cores"
     print(write_report(rows, stem, header, cells, title=title, intro=intro))
-
-
-def output_stem(args: argparse.Namespace) -> Path:
-    model = [args.model, args.preset] if args.model == "deep" else [args.model]
-    return Path(args.out) / f"threads_cpu_{'_'.join(model)}_b{args.batch_size}"
 
 
 def report_rows(runs: dict[int, list[dict]], flops_per_image: float, batch: int) -> list[dict]:

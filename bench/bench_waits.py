@@ -1,6 +1,6 @@
 """Where the training step's threads wait, and what the main thread runs meanwhile (Linux ``perf``).
 
-Builds the trainer's step as ``bench/bench_threads.py`` does (every speed switch on, ``--amp``, one
+Builds the trainer's step as ``bench/one_step.py`` does (every speed switch on, ``--amp``, one
 batch of the training set), warms it up, then samples every thread of the process with ``perf
 record`` for ``--seconds`` while the step runs, and reads the samples back with ``perf script``. Each
 sample is classed by the code it lies in (the library's path: Inductor's kernels, oneDNN's JIT
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_threads import config, one_batch_step
+from bench.one_step import add_step_arguments, fast_config, model_names, one_batch_step
 from bench.report import inductor_environment, write_report
 from fasthvae.hardware import machine
 from fasthvae.train import Trainer
@@ -160,11 +160,7 @@ def report_rows(found: dict) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="deep", choices=["vae", "hvae", "deep"])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--data", default=None, help="as the trainer's --data")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    add_step_arguments(parser)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--match-us", type=float, default=100.0)
@@ -176,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("bench_waits: torch runs one thread here; there is no worker to wait")
     os.environ.setdefault("ONEDNN_JIT_PROFILE", "1")
     with tempfile.TemporaryDirectory() as tmp:
-        step, _ = one_batch_step(Trainer(config(args, tmp, fast=True)))
+        step, _ = one_batch_step(Trainer(fast_config(args, tmp)))
         for _ in range(args.warmup):
             step()
         start = time.perf_counter()
@@ -186,9 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = report_rows(found)
     n_main, n_workers = sum(found["main"].values()), sum(found["workers"].values())
     alone = sum(found["alone"].values()) / max(found["matched"], 1)
-    model = [args.model, args.preset] if args.model == "deep" else [args.model]
-    label = f"deep `{args.preset}`" if args.model == "deep" else args.model.upper()
-    stem = Path(args.out) / f"waits_cpu_{'_'.join(model)}_b{args.batch_size}"
+    label, name = model_names(args)
+    stem = Path(args.out) / f"waits_cpu_{name}_b{args.batch_size}"
     intro = (
         f"{machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. The trainer's step with every "
         f"speed switch on (`--amp`), {label}, batch {args.batch_size}, one batch, about {step_ms:.0f} ms a "
