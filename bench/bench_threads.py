@@ -12,10 +12,11 @@ The step's median times T(n) are fitted with T(n) = S + P / n by least squares: 
 core spends in work the cores share, S the time no added core shortens (Python and dispatch,
 allocation, kernels too small to split, threads waiting on each other). The report gives, per
 thread count, the median ms per step, the speed-up over the first count (median of the per-round
-ratios), GFLOP/s (FLOPs per image counted once on the eager step, as ``bench/bench_train.py`` counts them) and
-its share of that count's sgemm peak; then S and P, and the step at the most threads were S zero:
-the ceiling that removing overhead alone can reach with the kernels as they are. Writes
-``threads_<device>_<model>.{csv,md}``.
+ratios), GFLOP/s (FLOPs per image counted once on the eager step, as ``bench/bench_train.py``
+counts them) and its share of that count's sgemm peak; then S and P, and the step at the most
+threads were S zero: the ceiling that removing overhead alone can reach with the kernels as they
+are (where more threads were not faster, the report says so instead). Writes
+``threads_cpu_<model>_b<batch>.{csv,md}``.
 
     python -m bench.bench_threads [--model deep] [--preset small] [--batch-size 32] [--threads 1 2]
                                   [--rounds 3] [--data PATH]

@@ -9,7 +9,7 @@ is in the OpenMP runtime. Each sample of the main thread is matched with the nea
 every worker within ``--match-us``; the main thread ran alone where every matched worker waited.
 Reports each thread kind's samples by class, the share of the main thread's samples in which it ran
 alone, and what it ran then: the part of the step that a second core does not shorten. Writes
-``waits_<device>_<model>.{csv,md}``.
+``waits_cpu_<model>_b<batch>.{csv,md}``.
 
 Needs ``perf`` (linux-tools) and leave to record this process (root, or
 ``/proc/sys/kernel/perf_event_paranoid`` at 1 or below). oneDNN names its JIT kernels for perf
