@@ -36,19 +36,20 @@ import torch
 
 from bench.bench_train import count_scale
 from bench.machine_scale import sgemm_gflops
-from bench.one_step import add_step_arguments, fast_config, model_names, one_batch_step
+from bench.one_step import add_step_arguments, model_names, one_batch_step, step_config
 from bench.report import inductor_environment, write_report
 from fasthvae.hardware import machine
 from fasthvae.train import Trainer
 
 RESULT = "bench_threads result: "  # the line a child process reports on
+CHILD_FLAGS = ("model", "preset", "batch_size", "data", "warmup", "steps", "windows")  # passed on to it
 
 
 def child(args: argparse.Namespace) -> None:
     """Time the step at this process's thread count; print one JSON line."""
     torch.set_num_threads(args.child)
     with tempfile.TemporaryDirectory() as tmp:
-        step, _ = one_batch_step(Trainer(fast_config(args, tmp)))
+        step, _ = one_batch_step(Trainer(step_config(args, tmp)))
         for _ in range(args.warmup):
             step()
         windows = []
@@ -75,9 +76,6 @@ def run_child(args: argparse.Namespace, threads: int) -> dict:
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
         raise SystemExit(f"bench_threads: the {threads}-thread process failed:\n{tail}")
     return json.loads(lines[-1].removeprefix(RESULT))
-
-
-CHILD_FLAGS = ("model", "preset", "batch_size", "data", "warmup", "steps", "windows")
 
 
 def amdahl_fit(threads: list[int], seconds: list[float]) -> tuple[float, float]:
@@ -108,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(counts) < 2 or counts[0] < 1:
         parser.error("--threads needs two or more different positive counts")
     with tempfile.TemporaryDirectory() as tmp:
-        flops_per_image = count_scale(fast_config(args, tmp, fast=False)).flops_per_image
+        flops_per_image = count_scale(step_config(args, tmp, fast=False)).flops_per_image
     runs: dict[int, list[dict]] = {n: [] for n in counts}
     for r in range(args.rounds):
         for n in counts[:: 1 if r % 2 == 0 else -1]:
@@ -126,8 +124,9 @@ def main(argv: list[str] | None = None) -> None:
         "per image (eager step, forward and backward). Fit: T(n) = S + P / n by least squares on the "
         "medians."
     ) + inductor_environment()
-    header = ["threads", "ms / step (median)", "speed-up (rounds)", "GFLOP/s", "sgemm peak GFLOP/s"]
-    header.append("of sgemm peak")
+    header = [
+        "threads", "ms / step (median)", "speed-up (rounds)", "GFLOP/s", "sgemm peak GFLOP/s", "of sgemm peak"
+    ]  # fmt: skip
 
     def cells(row: dict) -> list[str]:
         if row["ms_per_step"] is None:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from bench.one_step import add_step_arguments, fast_config, model_names, one_batch_step
+from bench.one_step import add_step_arguments, model_names, one_batch_step, step_config
 from bench.report import inductor_environment, write_report
 from fasthvae.hardware import machine
 from fasthvae.train import Trainer
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("bench_waits: torch runs one thread here; there is no worker to wait")
     os.environ.setdefault("ONEDNN_JIT_PROFILE", "1")
     with tempfile.TemporaryDirectory() as tmp:
-        step, _ = one_batch_step(Trainer(fast_config(args, tmp)))
+        step, _ = one_batch_step(Trainer(step_config(args, tmp)))
         for _ in range(args.warmup):
             step()
         start = time.perf_counter()

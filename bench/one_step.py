@@ -26,7 +26,7 @@ def model_names(args: argparse.Namespace) -> tuple[str, str]:
     return args.model.upper(), args.model
 
 
-def fast_config(args: argparse.Namespace, out: str, fast: bool = True) -> TrainConfig:
+def step_config(args: argparse.Namespace, out: str, fast: bool = True) -> TrainConfig:
     """The step as ``python -m fasthvae.train --amp`` runs it with every speed switch on (compile
     as ``--compile`` says; the deep model's oneDNN convolutions where they can run; freed memory
     kept, the trainer's default); ``fast=False``: plain eager float32."""

@@ -130,7 +130,7 @@ def test_conv2d_compiles_as_one_graph_with_the_same_values():
 def test_compiled_backward_gives_the_op_its_gradient_in_the_ops_layout():
     """A channels_last convolution whose output's gradient arrives NCHW (here through ``.contiguous()``;
     in the deep model, a split's backward): the traced backward lays the gradient out channels_last
-    before the op, where Inductor writes it in the kernel that makes it, instead of a copy inside."""
+    before the op (where a compiler can write it so in the kernel that makes it), not in a copy inside."""
     onednn_conv.load()
     x, weight, b = inputs(SHAPES[0], torch.float32, True)
     backend, calls = recording_backend(torch.ops.fasthvae_onednn.conv2d_backward.default)
