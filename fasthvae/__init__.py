@@ -6,7 +6,9 @@
 >>> elbo = model.elbo(x)                          # nats per image
 """
 
-__version__ = "0.1.0"
+from fasthvae.version import __version__
+
+__all__ = ["__version__", "load"]
 
 
 def load(path, device="cpu", dtype=None):

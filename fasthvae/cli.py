@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fasthvae import __version__
+from fasthvae.version import __version__
 
 BENCHES = ("ops", "train", "loader")
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"

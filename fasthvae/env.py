@@ -8,9 +8,9 @@ import sys
 
 import torch
 
-from fasthvae import __version__
 from fasthvae.hardware import ISA_CAP_ENVS, cpu_flags, cpu_name
 from fasthvae.ops import backend
+from fasthvae.version import __version__
 
 PACKAGES = ("torch", "torchvision", "triton", "nvidia-dali-cuda130", "torch-fidelity", "tensorboard", "numpy")
 SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16")

@@ -2,6 +2,7 @@
 ``env``, ``--version``; a trained model in three lines, and clear errors for checkpoints that do not
 fit."""
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -28,6 +29,11 @@ def test_the_console_script_is_installed_and_knows_its_version():
     assert SCRIPT.is_file(), "pip install -e . installs the fasthvae command"
     out = run(str(SCRIPT), "--version")
     assert out.returncode == 0 and out.stdout.strip() == f"fasthvae {fasthvae.__version__}"
+
+
+def test_the_package_metadata_takes_its_version_from_the_code():
+    # pyproject.toml declares the version dynamic, read from fasthvae/version.py at install
+    assert importlib.metadata.version("fasthvae") == fasthvae.__version__
 
 
 SUBCOMMANDS = {  # the fasthvae subcommand -> its python -m form

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import torch
 
-from fasthvae import __version__
 from fasthvae.models import LatentVariableModel, build_model_from_config
 from fasthvae.training.checkpoint import CheckpointError, load_checkpoint
+from fasthvae.version import __version__
 
 
 def load_run(

@@ -53,7 +53,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fasthvae import __version__
 from fasthvae.data import BatchLoader, LoaderOptions, make_loader
 from fasthvae.hardware import ISA_CAP_ENVS, cpu_name, usable_cpu_flags
 from fasthvae.training.checkpoint import write_text_atomic
@@ -62,6 +61,7 @@ from fasthvae.training.distributed import DistInfo, broadcast_from_main
 from fasthvae.training.loop import build_stepper, error_line
 from fasthvae.training.runtime import Runtime, onednn_conv_unavailable
 from fasthvae.training.state import build_state
+from fasthvae.version import __version__
 
 SWITCHES = ("compile", "channels_last", "fused_optimizer")  # the step's, measured on a synthetic batch
 # Measured after the switches, on and off with the chosen ones (a switch of its own would double the

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fasthvae import __version__
 from fasthvae.models import build_model_from_config
 from fasthvae.nn import use_onednn_conv
 from fasthvae.optim import AdamW
@@ -20,6 +19,7 @@ from fasthvae.training.grad_skip import SKIP_PATIENCE, AdaptiveSkip
 from fasthvae.training.precision import grad_scaler
 from fasthvae.training.rewind import StepRewind
 from fasthvae.training.runtime import Runtime
+from fasthvae.version import __version__
 
 
 @dataclass
