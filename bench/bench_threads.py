@@ -1,12 +1,14 @@
-"""The training step over the machine's cores: its serial and parallel parts (Amdahl's law).
+"""The training step over the machine's cores: its serial and parallel parts (Amdahl's law), at one
+batch size or several (whether the serial part grows with the batch or is the step's own).
 
-Each round starts one process per thread count of ``--threads`` (the order alternating between
-rounds), each with ``OMP_NUM_THREADS`` and torch's threads set to its count. A process builds the
-trainer's step as ``python -m fasthvae.train --amp`` runs it with every speed switch on (compile,
-channels_last, the fused AdamW, the deep model's oneDNN convolutions where they can run; freed memory
-kept), warms it up on one batch of the training set, times ``--windows`` windows of ``--steps``
-steps and then an fp32 sgemm (2048^2) at its thread count. Inductor compiles each thread count's
-kernels for that count; its on-disk caches make a thread count's later processes start warm.
+Each round starts one process per thread count of ``--threads`` and batch size of ``--batch-sizes``
+(the order alternating between rounds), each with ``OMP_NUM_THREADS`` and torch's threads set to its
+count. A process builds the trainer's step as ``python -m fasthvae.train --amp`` runs it with every
+speed switch on (compile, channels_last, the fused AdamW, the deep model's oneDNN convolutions where
+they can run; freed memory kept), warms it up on one batch of the training set, times ``--windows``
+windows of ``--steps`` steps and then an fp32 sgemm (2048^2) at its thread count. Inductor compiles
+each thread count's kernels for that count; its on-disk caches make a thread count's later processes
+start warm.
 
 The step's median times T(n) are fitted with T(n) = S + P / n by least squares: P is the time one
 core spends in work the cores share, S the time no added core shortens (Python and dispatch,
@@ -15,11 +17,11 @@ thread count, the median ms per step, the speed-up over the first count (median 
 ratios), GFLOP/s (FLOPs per image counted once on the eager step, as ``bench/bench_train.py``
 counts them) and its share of that count's sgemm peak; then S and P, and the step at the most
 threads were S zero: the ceiling that removing overhead alone can reach with the kernels as they
-are (where more threads were not faster, the report says so instead). Writes
-``threads_cpu_<model>_b<batch>.{csv,md}``.
+are (where more threads were not faster, the report says so instead). These rows come once per
+batch size of ``--batch-sizes``. Writes ``threads_cpu_<model>_b<batch>[-<batch>...].{csv,md}``.
 
-    python -m bench.bench_threads [--model deep] [--preset small] [--batch-size 32] [--threads 1 2]
-                                  [--rounds 3] [--data PATH]
+    python -m bench.bench_threads [--model deep] [--preset small] [--batch-size 32 | --batch-sizes 16 32]
+                                  [--threads 1 2] [--rounds 3] [--data PATH]
 """
 
 import argparse
@@ -62,10 +64,9 @@ def child(args: argparse.Namespace) -> None:
     print(RESULT + json.dumps({"threads": args.child, "windows": windows, "sgemm": sgemm}), flush=True)
 
 
-def run_child(args: argparse.Namespace, threads: int) -> dict:
-    flags = [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in CHILD_FLAGS and v is not None
-    ]
+def run_child(args: argparse.Namespace, threads: int, batch: int) -> dict:
+    given = vars(args) | {"batch_size": batch}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in given.items() if k in CHILD_FLAGS and v is not None]
     command = [sys.executable, "-m", "bench.bench_threads", f"--child={threads}", *flags]
     if not args.compile:
         command.append("--no-compile")
@@ -74,7 +75,7 @@ def run_child(args: argparse.Namespace, threads: int) -> dict:
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
     if done.returncode != 0 or not lines:
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
-        raise SystemExit(f"bench_threads: the {threads}-thread process failed:\n{tail}")
+        raise SystemExit(f"bench_threads: the {threads}-thread process at batch {batch} failed:\n{tail}")
     return json.loads(lines[-1].removeprefix(RESULT))
 
 
@@ -92,6 +93,9 @@ def amdahl_fit(threads: list[int], seconds: list[float]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_step_arguments(parser)
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", help="several batch sizes in one run (instead of --batch-size)"
+    )
     parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="steps per window")
@@ -103,36 +107,46 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         return child(args)
     counts = sorted(set(args.threads))
+    batches = sorted(set(args.batch_sizes or [args.batch_size]))
     if len(counts) < 2 or counts[0] < 1:
         parser.error("--threads needs two or more different positive counts")
+    if batches[0] < 1:
+        parser.error("--batch-sizes must be positive")
     with tempfile.TemporaryDirectory() as tmp:
         flops_per_image = count_scale(step_config(args, tmp, fast=False)).flops_per_image
-    runs: dict[int, list[dict]] = {n: [] for n in counts}
+    pairs = [(b, n) for b in batches for n in counts]
+    runs: dict[tuple[int, int], list[dict]] = {pair: [] for pair in pairs}
     for r in range(args.rounds):
-        for n in counts[:: 1 if r % 2 == 0 else -1]:
-            runs[n].append(run_child(args, n))
-            median_ms = 1000 * statistics.median(runs[n][-1]["windows"])
-            print(f"round {r + 1}: {n} threads {median_ms:.1f} ms", flush=True)
+        for b, n in pairs[:: 1 if r % 2 == 0 else -1]:
+            runs[b, n].append(run_child(args, n, b))
+            median_ms = 1000 * statistics.median(runs[b, n][-1]["windows"])
+            print(f"round {r + 1}: batch {b}, {n} threads {median_ms:.1f} ms", flush=True)
     label, name = model_names(args)
-    rows = report_rows(runs, flops_per_image, args.batch_size)
-    stem = Path(args.out) / f"threads_cpu_{name}_b{args.batch_size}"
+    rows = [
+        {"batch": b} | row
+        for b in batches
+        for row in report_rows({n: runs[b, n] for n in counts}, flops_per_image, b)
+    ]
+    stem = Path(args.out) / f"threads_cpu_{name}_b{'-'.join(map(str, batches))}"
     intro = (
         f"{machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. The trainer's step with every "
-        f"speed switch on (`--amp`), {label}, batch {args.batch_size}, one batch; "
-        f"{args.rounds} rounds of one process per thread count (order alternating), each {args.windows} "
-        f"windows of {args.steps} steps after {args.warmup} warm-up steps; {flops_per_image / 1e6:.1f} MFLOP "
-        "per image (eager step, forward and backward). Fit: T(n) = S + P / n by least squares on the "
-        "medians."
+        f"speed switch on (`--amp`), {label}, batch {', '.join(map(str, batches))}, one batch; "
+        f"{args.rounds} rounds of one process per thread count and batch (order alternating), each "
+        f"{args.windows} windows of {args.steps} steps after {args.warmup} warm-up steps; "
+        f"{flops_per_image / 1e6:.1f} MFLOP per image (eager step, forward and backward). Fit: T(n) = S + "
+        "P / n by least squares on the medians of each batch."
     ) + inductor_environment()
     header = [
-        "threads", "ms / step (median)", "speed-up (rounds)", "GFLOP/s", "sgemm peak GFLOP/s", "of sgemm peak"
+        "batch", "threads", "ms / step (median)", "speed-up (rounds)", "GFLOP/s", "sgemm peak GFLOP/s",
+        "of sgemm peak",
     ]  # fmt: skip
 
     def cells(row: dict) -> list[str]:
         if row["ms_per_step"] is None:
-            return [row["threads"], "—", "", "—", f"{row['sgemm_gflops']:.1f}", "—"]
-        return [row["threads"], f"{row['ms_per_step']:.1f}", row["speedup"], f"{row['gflops']:.1f}",
-                f"{row['sgemm_gflops']:.1f}", f"{row['share_of_sgemm']:.0%}"]  # fmt: skip
+            return [str(row["batch"]), row["threads"], "—", "", "—", f"{row['sgemm_gflops']:.1f}", "—"]
+        return [str(row["batch"]), row["threads"], f"{row['ms_per_step']:.1f}", row["speedup"],
+                f"{row['gflops']:.1f}", f"{row['sgemm_gflops']:.1f}",
+                f"{row['share_of_sgemm']:.0%}"]  # fmt: skip
 
     title = "The training step over the machine's cores"
     print(write_report(rows, stem, header, cells, title=title, intro=intro))

@@ -270,18 +270,21 @@ def test_bench_allocator(tmp_path, images):
 
 
 def test_bench_threads(tmp_path, images):
-    run_bench("bench_threads.py", "--model", "vae", "--data", images, "--batch-size", "4", "--no-compile",
-              "--threads", "1", "2", "--rounds", "1", "--warmup", "1", "--steps", "1", "--windows", "1",
-              "--out", str(tmp_path))  # fmt: skip
-    rows = read_rows(tmp_path / "threads_cpu_vae_b4.csv")
-    assert [r["threads"] for r in rows[:2]] == ["1", "2"]
-    assert all(float(r["ms_per_step"]) > 0 and float(r["sgemm_gflops"]) > 0 for r in rows[:2])
-    assert rows[1]["speedup"].endswith("/1)") and not rows[0]["speedup"]
-    # the fit passes through both medians (2 thread counts); on a loaded machine P may come out <= 0
-    serial, parallel = map(float, re.match(r"fit: S = (\S+) ms, P = (\S+) ms", rows[2]["threads"]).groups())
-    for n, r in zip((1, 2), rows, strict=False):
-        assert serial + parallel / n == pytest.approx(float(r["ms_per_step"]), abs=0.11)
-    assert (rows[2]["ms_per_step"] == "") == (parallel <= 0)
+    run_bench("bench_threads.py", "--model", "vae", "--data", images, "--batch-sizes", "2", "4",
+              "--no-compile", "--threads", "1", "2", "--rounds", "1", "--warmup", "1", "--steps", "1",
+              "--windows", "1", "--out", str(tmp_path))  # fmt: skip
+    rows = read_rows(tmp_path / "threads_cpu_vae_b2-4.csv")
+    assert [(r["batch"], r["threads"][:4]) for r in rows] == [
+        ("2", "1"), ("2", "2"), ("2", "fit:"), ("4", "1"), ("4", "2"), ("4", "fit:")
+    ]  # fmt: skip
+    for fit, counts in ((rows[2], rows[:2]), (rows[5], rows[3:5])):
+        assert all(float(r["ms_per_step"]) > 0 and float(r["sgemm_gflops"]) > 0 for r in counts)
+        assert counts[1]["speedup"].endswith("/1)") and not counts[0]["speedup"]
+        # the fit passes through both medians (2 thread counts); on a loaded machine P may come out <= 0
+        serial, parallel = map(float, re.match(r"fit: S = (\S+) ms, P = (\S+) ms", fit["threads"]).groups())
+        for n, r in zip((1, 2), counts, strict=True):
+            assert serial + parallel / n == pytest.approx(float(r["ms_per_step"]), abs=0.11)
+        assert (fit["ms_per_step"] == "") == (parallel <= 0)
 
 
 def test_bench_threads_says_when_more_threads_were_not_faster():
