@@ -93,9 +93,8 @@ def amdahl_fit(threads: list[int], seconds: list[float]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_step_arguments(parser)
-    parser.add_argument(
-        "--batch-sizes", type=int, nargs="+", help="several batch sizes in one run (instead of --batch-size)"
-    )
+    parser.set_defaults(batch_size=None)  # 32 unless given, so that giving both flags is an error
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="several batch sizes in one run")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="steps per window")
@@ -107,11 +106,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         return child(args)
     counts = sorted(set(args.threads))
-    batches = sorted(set(args.batch_sizes or [args.batch_size]))
+    if args.batch_sizes and args.batch_size is not None:
+        parser.error("give --batch-size or --batch-sizes, not both")
+    batches = sorted(set(args.batch_sizes or [args.batch_size or 32]))
     if len(counts) < 2 or counts[0] < 1:
         parser.error("--threads needs two or more different positive counts")
     if batches[0] < 1:
-        parser.error("--batch-sizes must be positive")
+        parser.error("batch sizes must be positive")
+    args.batch_size = batches[-1]  # the eager step that counts the FLOPs per image
     with tempfile.TemporaryDirectory() as tmp:
         flops_per_image = count_scale(step_config(args, tmp, fast=False)).flops_per_image
     pairs = [(b, n) for b in batches for n in counts]

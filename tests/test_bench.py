@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import bench_waits, machine_scale
+from bench import bench_threads, bench_waits, machine_scale
 from bench.bench_threads import amdahl_fit
 from bench.bench_threads import report_rows as threads_report_rows
 from bench.bench_train import (
@@ -285,6 +285,12 @@ def test_bench_threads(tmp_path, images):
         for n, r in zip((1, 2), counts, strict=True):
             assert serial + parallel / n == pytest.approx(float(r["ms_per_step"]), abs=0.11)
         assert (fit["ms_per_step"] == "") == (parallel <= 0)
+
+
+def test_bench_threads_takes_one_of_its_batch_flags(capsys):
+    with pytest.raises(SystemExit):
+        bench_threads.main(["--batch-size", "4", "--batch-sizes", "2", "4"])
+    assert "give --batch-size or --batch-sizes, not both" in capsys.readouterr().err
 
 
 def test_bench_threads_says_when_more_threads_were_not_faster():
