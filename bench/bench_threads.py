@@ -93,7 +93,8 @@ def amdahl_fit(threads: list[int], seconds: list[float]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_step_arguments(parser)
-    parser.set_defaults(batch_size=None)  # 32 unless given, so that giving both flags is an error
+    default_batch = parser.get_default("batch_size")
+    parser.set_defaults(batch_size=None)  # that default unless given, so that giving both flags is an error
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="several batch sizes in one run")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
     parser.add_argument("--warmup", type=int, default=3)
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     counts = sorted(set(args.threads))
     if args.batch_sizes and args.batch_size is not None:
         parser.error("give --batch-size or --batch-sizes, not both")
-    batches = sorted(set(args.batch_sizes or [args.batch_size or 32]))
+    batches = sorted(set(args.batch_sizes or [args.batch_size or default_batch]))
     if len(counts) < 2 or counts[0] < 1:
         parser.error("--threads needs two or more different positive counts")
     if batches[0] < 1:
