@@ -95,12 +95,12 @@ def main(argv: list[str] | None = None) -> None:
         row(f"emulated: mmap {mib} MiB, trim {2 * mib} MiB", timed["emulated"]),
         row("freed memory kept (the trainer's default)", timed["kept"], ratios),
     ]
-    name = model_names(args)[1]
+    label, name = model_names(args)
     stem = Path(args.out) / f"allocator_cpu_{name}"
     intro = (
         f"{machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. The trainer's step "
         f"(`--speed fixed` defaults{'' if args.compile else ' but eager'}, `--amp`), "
-        f"{name.replace('_', ' ')}, batch {args.batch_size}; "
+        f"{label}, batch {args.batch_size}; "
         f"{args.rounds} rounds of one {args.steps}-step window per setting, order alternating."
     )
     header = ["setting", "median ms / step", "page faults / step", "x emulated default (rounds faster)"]
