@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fasthvae import ops
+from fasthvae.hardware import usable_cpu_flags
 from fasthvae.nn import GaussianKL, Reparameterize, SampleAndKL
 from fasthvae.ops import backend, library, reference
 from fasthvae.ops.philox import philox_randn_at, philox_uint32
@@ -430,3 +431,52 @@ def test_compile_caches_are_keyed_by_the_ops_code():
         assert torch.compiler.config.cache_key_tag.startswith("mine+fasthvae-ops-")
         library._tag_compile_caches()  # once only
         assert torch.compiler.config.cache_key_tag.count("fasthvae-ops-") == 1
+
+
+def test_compile_caches_are_keyed_by_the_cpu_code_path():
+    """The tag names ATen's CPU capability, which Inductor vectorizes its C++ kernels for and which
+    ATEN_CPU_CAPABILITY caps, so a graph compiled under one cap is never reused under another."""
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    assert torch.compiler.config.cache_key_tag.endswith(f"-cpu-{capability}")
+
+
+_COMPILED_AGAINST_EAGER = """
+import sys, torch, torch.nn.functional as F
+if sys.argv[1] == "fasthvae":
+    import fasthvae.ops.library
+f = lambda x: F.gelu(x) * 2 + 1
+x = torch.randn(64, 1000, generator=torch.Generator().manual_seed(0))
+print((torch.compile(f)(x) - f(x)).abs().max().item())
+"""
+
+
+@pytest.mark.skipif(
+    "avx512f" not in usable_cpu_flags(), reason="needs a CPU with AVX-512 (two vector widths)"
+)
+def test_a_graph_compiled_under_one_isa_cap_is_not_reused_under_another(tmp_path):
+    """One Inductor cache, a process under no cap (AVX-512) then one capped to AVX2, the same graph:
+    with fasthvae imported the second compiles its own kernels and matches eager. The same two
+    processes without fasthvae show what the tag prevents (torch 2.14.1 reuses the first's code,
+    vectorized for 16 floats, under the AVX2 cap: wrong values or a crash); where that no longer
+    happens, the test has nothing to show and skips."""
+
+    def run(cap: str, imports: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / imports), "ATEN_CPU_CAPABILITY": cap}
+        return subprocess.run(
+            [sys.executable, "-c", _COMPILED_AGAINST_EAGER, imports],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    def max_error(done: subprocess.CompletedProcess) -> float:
+        assert done.returncode == 0, done.stderr[-2000:]
+        return float(done.stdout.split()[-1])
+
+    assert max_error(run("avx512", "torch")) < 1e-5
+    control = run("avx2", "torch")
+    if control.returncode == 0 and max_error(control) < 1e-5:
+        pytest.skip("this torch does not reuse a graph compiled under another ISA cap")
+    assert max_error(run("avx512", "fasthvae")) < 1e-5
+    assert max_error(run("avx2", "fasthvae")) < 1e-5

@@ -28,12 +28,18 @@ Order = tuple[int, ...] | None
 
 
 def _tag_compile_caches() -> None:
-    """Put a fingerprint of these ops' code into torch.compile's cache keys. Inductor's on-disk
-    cache keys a graph by its nodes, not by the fake kernels of the custom ops in it, so a graph
-    compiled against another fasthvae would be reused with that version's output layouts (Inductor
-    then fails its stride assertions). The tag is appended to any the user set."""
+    """Put into torch.compile's cache keys two things the compiled code depends on and the keys miss
+    (torch 2.14.1), appended to any tag the user set:
+
+    - a fingerprint of these ops' code: Inductor's on-disk cache keys a graph by its nodes, not by
+      the fake kernels of the custom ops in it, so a graph compiled against another fasthvae would be
+      reused with that version's output layouts (Inductor then fails its stride assertions);
+    - the CPU code path, ATen's capability (``ATEN_CPU_CAPABILITY`` caps it): Inductor vectorizes
+      its C++ kernels for it, so a graph compiled under another cap would be reused vectorized for
+      the other width, computing wrong values or storing past its buffers' ends."""
     sources = sorted(Path(__file__).parent.glob("*.py"))
-    tag = "fasthvae-ops-" + hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
+    tag = f"fasthvae-ops-{digest}-cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
     current = torch.compiler.config.cache_key_tag
     if tag not in current:
         torch.compiler.config.cache_key_tag = f"{current}+{tag}" if current else tag
