@@ -440,6 +440,20 @@ def test_compile_caches_are_keyed_by_the_cpu_code_path():
     assert torch.compiler.config.cache_key_tag.endswith(f"-cpu-{capability}")
 
 
+def test_custom_ops_give_their_tags_as_a_sequence():
+    """``torch.library.custom_op(..., tags=...)`` takes a sequence in torch 2.11 (the oldest torch
+    the package supports, the GPU machine's), where a single tag fails the import of the whole
+    package; torch 2.14 takes either, so only the source can show it here."""
+    single = []
+    for path in sorted(p for folder in ("fasthvae", "tests", "bench") for p in (ROOT / folder).rglob("*.py")):
+        for call in ast.walk(ast.parse(path.read_text())):
+            if isinstance(call, ast.Call) and getattr(call.func, "attr", None) == "custom_op":
+                tags = [k.value for k in call.keywords if k.arg == "tags"]
+                if tags and not isinstance(tags[0], (ast.Tuple, ast.List)):
+                    single.append(f"{path.relative_to(ROOT)}:{call.lineno}")
+    assert not single, f"custom ops whose tags are not a tuple or list: {single}"
+
+
 _COMPILED_AGAINST_EAGER = """
 import sys, torch, torch.nn.functional as F
 if sys.argv[1] == "fasthvae":

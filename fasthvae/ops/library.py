@@ -137,7 +137,7 @@ def _kl_like(mu: Tensor, logvar: Tensor, reduction: str) -> Tensor:
 # ---- cpu_seed -------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fasthvae::cpu_seed", mutates_args=(), tags=torch.Tag.nondeterministic_seeded)
+@torch.library.custom_op("fasthvae::cpu_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def cpu_seed(high: int) -> Tensor:
     """``torch.randint(0, high, ())`` from PyTorch's CPU generator (the same draw), as an op of its
     own: in a compiled graph Inductor's C++ wrapper cannot pass randint's dtype argument to it.
