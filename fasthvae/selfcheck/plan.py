@@ -24,8 +24,6 @@ PACKAGES = (
 )
 # The kernel tests that need CUDA: every triton and cuda case, and the noise compared across kernels.
 KERNEL_TESTS = "triton or cuda or on_noise"
-# Inductor's reductions as loops over blocks of a row, never a whole row held at once (persistent).
-NO_PERSISTENT_REDUCTIONS = {"TORCHINDUCTOR_PERSISTENT_REDUCTIONS": "0"}
 
 
 @dataclass(frozen=True)
@@ -42,14 +40,12 @@ class Step:
 
 @dataclass(frozen=True)
 class Bench:
-    """A benchmark step: ``python -m bench.<module> --device cuda <args> --out OUT/<folder>``."""
+    """A benchmark step: ``python -m bench.<module> --device cuda <args> --out OUT/bench``."""
 
     name: str
     module: str
     args: list[str]
     cap_s: float
-    env: dict[str, str] = field(default_factory=dict)
-    folder: str = "bench"
 
 
 def missing_packages(names: tuple[str, ...] = PACKAGES) -> list[str]:
@@ -110,25 +106,19 @@ def plan(
     deep = ["--model", "deep", "--preset", "small", "--batch-size", "32"]
     hvae = ["--model", "hvae", "--only", "plain", "+fused-ops"]
     short = ["--warmup", "2", "--steps", "10", "--repeats", "2"]
-    once = ["--warmup", "1", "--steps", "5", "--repeats", "1", "--peak-repeats", "1"]
     benches = [
         # one shape per kind of op: every (op, shape) compiles the reference formula once
         Bench("bench_ops", "bench_ops", ["--shapes", "hvae-conv", "cifar-b32", "--repeats", "10"], 60),
         # --top-ops: where the step's time goes on the GPU (each variant's kernels, how busy the GPU is)
         Bench("bench_train", "bench_train", [*hvae, *short, "--top-ops", "15", *data_args], 45),
         Bench("bench_loader", "bench_loader", ["--epochs", "2", *data_args], 20),
-        # the deep model compiled in float32, then once more without Inductor's persistent reductions
-        # (the kind of kernel Triton 3.6 rejected there): which compiles, and how fast
+        # the deep model compiled in float32 without the fused ops, its noise drawn by ATen
+        # (training.loop.compile_options): a cold compile of ~150 Triton kernels
         Bench("bench_train deep", "bench_train",
-              [*deep, "--only", "plain", "+compile", *short, "--top-ops", "15", *data_args], 90),
-        Bench("bench_train deep, no persistent reductions", "bench_train",
-              [*deep, "--only", "+compile", *once, *data_args], 70, NO_PERSISTENT_REDUCTIONS,
-              "bench-no-persistent-reductions"),
+              [*deep, "--only", "plain", "+compile", *short, "--top-ops", "15", *data_args], 160),
     ]  # fmt: skip
     for bench in benches:
-        run_args = (
-            ["--help"] if rehearse else ["--device", "cuda", *bench.args, "--out", str(out / bench.folder)]
-        )
+        run_args = ["--help"] if rehearse else ["--device", "cuda", *bench.args, "--out", str(out / "bench")]
         command = [python, "-m", f"bench.{bench.module}", *run_args]
-        steps.append(Step(bench.name, command, bench.cap_s, gpu | bench.env))
+        steps.append(Step(bench.name, command, bench.cap_s, gpu))
     return steps

@@ -162,6 +162,19 @@ class Stepper:
         }
 
 
+def compile_options(mode: str, device: torch.device) -> dict[str, object]:
+    """Inductor's options for the step: ``mode``'s, and on CUDA random ops drawn by ATen
+    (``fallback_random``). Inductor otherwise draws the unfused step's noise inside its own kernels,
+    and Triton 3.6 (torch 2.11) rejects the one it makes of the deep model's noise fused with its
+    likelihood (``PassManager::run failed`` for sm_90); ATen's draw is also the eager step's."""
+    from torch._inductor import list_mode_options
+
+    options = dict(list_mode_options(mode, dynamic=False))
+    if device.type == "cuda":
+        options["fallback_random"] = True
+    return options
+
+
 def build_stepper(state: TrainState, config: TrainConfig, rt: Runtime, dist: DistInfo) -> Stepper:
     """The step of ``state``'s model as ``rt`` runs it: wrapped in DDP under ``dist``, compiled when
     ``rt.compile``, with device-side skip decisions when the optimizer is fused."""
@@ -175,7 +188,9 @@ def build_stepper(state: TrainState, config: TrainConfig, rt: Runtime, dist: Dis
         # dynamic=False: an epoch's last partial batch (kept on one CPU process) gets a static graph
         # of its own. Left to dynamo's automatic dynamic shapes, it would recompile the step with a
         # symbolic batch size, which every later full batch then runs (bench/bench_recompile.py).
-        objective = torch.compile(objective, mode=config.compile_mode, dynamic=False)
+        objective = torch.compile(
+            objective, dynamic=False, options=compile_options(config.compile_mode, rt.device)
+        )
     # Skips decided on the device need the fused AdamW (its found_inf): then the step never waits.
     return Stepper(state, objective, config, rt, sync_free=rt.fused_optimizer, eager=eager)
 
