@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fasthvae.selfcheck.plan import BUDGET_S, Step, plan
 from fasthvae.selfcheck.report import write_report
@@ -168,3 +169,19 @@ def test_the_launcher_names_the_interpreter_to_set_when_none_has_torch(tmp_path)
     assert proc.stderr.strip().splitlines() == [
         "gpu_check.sh: no Python here imports torch (tried: /bin/false); set PYTHON=/path/to/python"
     ]
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="torch built without CUDA")
+def test_the_step_compiles_for_a_gpu_without_one(tmp_path):
+    """``cross_compile`` builds a step's forward and backward graphs for sm_90 on this CPU: every
+    Triton kernel compiled, none loaded, no GPU or driver present (the VAE at batch 2: the smallest
+    graphs; the deep model's take minutes)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "fasthvae.selfcheck.cross_compile", "--model", "vae", "--batch-size", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("sm_90")]
+    assert [line.split(": ")[1] for line in lines] == ["forward", "backward"], done.stdout
+    assert all(int(line.split(": ")[2].split()[0]) > 0 for line in lines), lines
