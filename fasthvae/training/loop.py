@@ -166,7 +166,7 @@ def compile_options(mode: str, device: torch.device) -> dict[str, object]:
     """Inductor's options for the step: ``mode``'s, and on CUDA random ops drawn by ATen
     (``fallback_random``). Inductor otherwise draws the unfused step's noise inside its own kernels,
     and Triton 3.6 (torch 2.11) rejects the one it makes of the deep model's noise fused with its
-    likelihood (``PassManager::run failed`` for sm_90); ATen's draw is also the eager step's."""
+    likelihood (``PassManager::run failed`` for sm_90); ATen draws it in a kernel of its own."""
     from torch._inductor import list_mode_options
 
     options = dict(list_mode_options(mode, dynamic=False))
