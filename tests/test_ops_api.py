@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,6 +274,11 @@ def test_triton_compiles_ahead_of_time_for_sm80_without_spills_or_low_occupancy(
     assert "| sm_80 | bf16 | `backward[8x128," in (tmp_path / "triton_resources.md").read_text()
 
 
+def _tree_python_files() -> list[Path]:
+    """Every Python file of the package, the tests and the benchmarks, in a stable order."""
+    return sorted(p for folder in ("fasthvae", "tests", "bench") for p in (ROOT / folder).rglob("*.py"))
+
+
 def _is_triton_jit(decorator: ast.expr) -> bool:
     target = decorator.func if isinstance(decorator, ast.Call) else decorator
     if isinstance(target, ast.Attribute):
@@ -308,7 +314,7 @@ def test_every_triton_kernel_is_compiled_ahead_of_time():
     compiled = [s.kernel.fn for dtype in ("fp32", "fp16", "bf16") for s in specs(dtype, also)]
     roots = {(fn.__module__, fn.__name__) for fn in compiled}
     missing = []
-    for path in sorted(p for folder in ("fasthvae", "tests", "bench") for p in (ROOT / folder).rglob("*.py")):
+    for path in _tree_python_files():
         tree = ast.parse(path.read_text())
         top, nested = _jit_functions(tree)
         module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
@@ -445,7 +451,7 @@ def test_custom_ops_give_their_tags_as_a_sequence():
     the package supports, the GPU machine's), where a single tag fails the import of the whole
     package; torch 2.14 takes either, so only the source can show it here."""
     single = []
-    for path in sorted(p for folder in ("fasthvae", "tests", "bench") for p in (ROOT / folder).rglob("*.py")):
+    for path in _tree_python_files():
         for call in ast.walk(ast.parse(path.read_text())):
             if isinstance(call, ast.Call) and getattr(call.func, "attr", None) == "custom_op":
                 tags = [k.value for k in call.keywords if k.arg == "tags"]
