@@ -378,12 +378,15 @@ class ConvLatent(torch.nn.Module):
         return self.dec(z), kl
 
 
-def test_seed_draws_compile_under_inductors_cpp_wrapper():
+@pytest.mark.parametrize("graph", ["inference", "training"])
+def test_seed_draws_compile_under_inductors_cpp_wrapper(graph):
     """On the CPU the ops draw their seeds through ``fasthvae::cpu_seed``: Inductor's C++ wrapper
-    can call it, where it cannot pass ``torch.randint``'s dtype argument; the
-    compiled draws equal eager's, and two draws in one graph stay two."""
+    can call it, where it cannot pass ``torch.randint``'s dtype argument; the compiled draws equal
+    eager's, and two draws in one graph stay two, in the training graph too (where AOTAutograd's
+    common-subexpression pass of torch 2.11 spared only aten's random ops)."""
     torch._dynamo.reset()
-    mu, logvar = torch.randn(3, 8), torch.randn(3, 8)
+    grad = graph == "training"
+    mu, logvar = torch.randn(3, 8, requires_grad=grad), torch.randn(3, 8, requires_grad=grad)
 
     def two_samples(mu: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.reparameterize(mu, logvar), ops.reparameterize(mu, logvar)

@@ -150,6 +150,23 @@ def _(high):
     return torch.empty((), dtype=torch.int64)
 
 
+def _spare_seed_draws_from_cse() -> None:
+    """AOTAutograd's common-subexpression pass over the training graph spares random ops by a list
+    of aten's (torch 2.11; later versions also read the tag): two ``cpu_seed`` draws with the same
+    argument would become one, and every latent group of a compiled step would share its noise.
+    Listing the op there keeps each draw its own; where torch no longer has the list, nothing to do."""
+    try:
+        from torch._functorch import compile_utils
+    except ImportError:
+        return
+    spared = getattr(compile_utils, "rand_ops", None)
+    if isinstance(spared, list) and torch.ops.fasthvae.cpu_seed not in spared:
+        spared.append(torch.ops.fasthvae.cpu_seed)
+
+
+_spare_seed_draws_from_cse()
+
+
 # ---- gaussian_kl ----------------------------------------------------------------------------
 
 
