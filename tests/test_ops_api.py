@@ -391,12 +391,18 @@ def test_seed_draws_compile_under_inductors_cpp_wrapper(graph):
     def two_samples(mu: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.reparameterize(mu, logvar), ops.reparameterize(mu, logvar)
 
+    def grad_of(samples: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The gradient in logvar, which holds each sample's noise: the backward's draws too."""
+        return torch.autograd.grad((samples[0] + 2 * samples[1]).sum(), logvar)[0]
+
     torch.manual_seed(0)
     want = two_samples(mu, logvar)
     with torch._inductor.config.patch(cpp_wrapper=True):
         compiled = torch.compile(two_samples, fullgraph=True)
         torch.manual_seed(0)
         got = compiled(mu, logvar)
+        if grad:
+            torch.testing.assert_close(grad_of(got), grad_of(want), rtol=1e-6, atol=1e-6)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert not torch.equal(want[0], want[1])
     torch._dynamo.reset()
