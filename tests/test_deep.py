@@ -351,7 +351,8 @@ def test_compiles_whole_with_fullgraph():
     ours = compiled(x, weights)
     ours["loss"].backward()
     assert all(p.grad is not None for p in model.parameters())
-    assert ours["loss"].item() == pytest.approx(eager["loss"].item(), rel=1e-4)
+    # The same noise: equal on torch 2.11 and 2.14.1; two groups sharing one seed were 1.9e-4 apart.
+    assert ours["loss"].item() == pytest.approx(eager["loss"].item(), rel=1e-5)
 
 
 def test_adaptive_skip_skips_a_spike_not_a_normal_step():
