@@ -392,7 +392,7 @@ def test_seed_draws_compile_under_inductors_cpp_wrapper(graph):
         return ops.reparameterize(mu, logvar), ops.reparameterize(mu, logvar)
 
     def grad_of(samples: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """The gradient in logvar, which holds each sample's noise: the backward's draws too."""
+        """The gradient in logvar, which holds each sample's noise as the backward regenerates it."""
         return torch.autograd.grad((samples[0] + 2 * samples[1]).sum(), logvar)[0]
 
     torch.manual_seed(0)
