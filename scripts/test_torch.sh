@@ -13,11 +13,11 @@ shift
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-mkdir "$WORK/tree"
 [ -d "$ROOT/../shared" ] && ln -s "$(cd "$ROOT/../shared" && pwd)" "$WORK/shared"
-(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard |
-  while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
-  tar --null -T - -cf -) | tar -xf - -C "$WORK/tree"
+# The self-check rehearsal's copy: what git lists (tracked, and new files it does not ignore).
+(cd "$ROOT" && "$PY" -c 'import sys; from pathlib import Path
+from fasthvae.selfcheck.rehearsal import copy_tree
+copy_tree(Path.cwd(), Path(sys.argv[1]), with_extension=False)' "$WORK/tree")
 cd "$WORK/tree"
 git init -q && git add -A  # a checkout of its own: the self-check's rehearsal copies what git lists
 "$PY" -c "import sys, numpy, torch, triton
