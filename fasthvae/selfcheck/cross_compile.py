@@ -26,7 +26,7 @@ import torch
 
 from fasthvae.models import build_model_from_config
 from fasthvae.ops.backend import use_backend
-from fasthvae.training.config import TrainConfig, with_model_defaults
+from fasthvae.training.config import TrainConfig, add_options, with_model_defaults
 from fasthvae.training.loop import Objective, compile_options
 
 CUDA = torch.device("cuda", 0)
@@ -190,14 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", default="deep", choices=["vae", "hvae", "deep"])
-    p.add_argument("--preset", default="small")
-    p.add_argument("--batch-size", type=int, default=32)
+    add_options(p, ("model", "preset", "batch_size"), {"model": "deep", "batch_size": 32})
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     p.add_argument(
         "--fused-ops", action="store_true", help="the fused ops (Triton) instead of the reference formulas"
     )
-    p.add_argument("--channels-last", action="store_true")
+    # Off unless given, unlike the trainer's option: the plain layout is the one the H200 failed on.
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     args = p.parse_args(argv)
     config = TrainConfig(
         model=args.model, preset=args.preset, batch_size=args.batch_size, channels_last=args.channels_last
