@@ -88,6 +88,22 @@ def test_claims_use_the_mean_over_seeds_and_report_the_spread():
     )
     missing = evaluate_claims({"vae": values["vae"]})
     assert [c.holds for c in missing] == [None, None, None]
+    assert missing[0].detail == "no finished run of hvae-alpha-beta in this report"
+    assert missing[1].detail == "no finished run of hvae-beta in this report", "one reason said once"
+    assert missing[2].detail == (
+        "FID, HVAE (beta only) vs VAE: no finished run of hvae-beta in this report; "
+        "FID, HVAE (alpha-beta) vs VAE: no finished run of hvae-alpha-beta in this report"
+    )
+    apart = evaluate_claims({"vae": values["vae"], "hvae-alpha-beta": {2: values["hvae-alpha-beta"][0]}})
+    assert (
+        apart[0].holds is None and "no seed on which both hvae-alpha-beta and vae finished" in apart[0].detail
+    )
+    half = evaluate_claims(values | {"hvae-beta": {0: {"recon_bce": 110.0}}})[1]
+    assert half.holds is None, "one of two comparisons measured is not a verdict"
+    assert half.detail == (
+        "recon, HVAE (beta only) vs VAE: +10.0% (1 seed); "
+        "FID, HVAE (beta only) vs VAE: fid not measured on a seed of both"
+    )
 
 
 def test_the_deep_claim_compares_with_the_best_study_row_on_each_metric():
@@ -110,6 +126,10 @@ def test_the_deep_claim_compares_with_the_best_study_row_on_each_metric():
     )
     assert [c.name for c in both[3:]] == ["4", "4 (deep-bce)"], "a claim for each deep row"
     assert "FID, deep-bce vs vae: +1.0%" in both[4].detail and both[4].holds is False
+    alone = evaluate_claims({"deep": {0: {"recon_bce": 940, "fid": 101}}})[3]
+    assert alone.holds is None and alone.detail == (
+        "no finished run of a study row (vae, hvae-beta, hvae-alpha-beta) in this report"
+    )
 
 
 def test_rows_are_registered_by_name():
@@ -354,10 +374,16 @@ def test_a_row_with_a_time_budget_trains_for_its_budget_rows_time(data, tmp_path
     report = ("--report-only", "--import-table", str(tmp_path / "changed.json"))
     assert study(data, pooled, *report) == 0
     assert "Not imported (its row has changed since): vae" in (pooled / "study.md").read_text()
-    older = {k: v for k, v in first.items() if k != "commands"} | {"command": "python -m fasthvae.study x"}
-    (tmp_path / "older.json").write_text(json.dumps(older))  # a table from before "commands"
+    older = {k: v for k, v in first.items() if k not in ("commands", "machines")} | {
+        "command": "python -m fasthvae.study x",
+        "machine": f"{machine()}; {machine()}; CPU B (AVX2, 1 threads), no GPU; torch 2.11.0",
+    }
+    (tmp_path / "older.json").write_text(json.dumps(older))  # a table from before "commands" and "machines"
     assert study(data, pooled, "--report-only", "--import-table", str(tmp_path / "older.json")) == 0
     assert "| vae | 0 | `runs/study/study.json` |" in (pooled / "study.md").read_text()
+    machines = [machine(), "CPU B (AVX2, 1 threads), no GPU; torch 2.11.0"]
+    assert json.loads((pooled / "study.json").read_text())["machines"] == machines, "each machine once"
+    assert f"Machine: {'; '.join(machines)}  " in (pooled / "study.md").read_text()
     (tmp_path / "other.json").write_text(json.dumps(first | {"protocol": first["protocol"] | {"lr": 1.0}}))
     assert study(data, pooled, "--report-only", "--import-table", str(tmp_path / "other.json")) == 2
 

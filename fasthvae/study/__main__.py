@@ -109,7 +109,7 @@ class Study:
         if self.args.import_table is not None:
             imported, left_out, elsewhere = import_table(self.args.import_table, self.protocol)
             runs = pool(runs, imported)
-            machines = [*(machines or []), *(m for m in elsewhere if m and m not in (machines or []))]
+            machines = list(dict.fromkeys([*(machines or []), *elsewhere]))
             notes = [f"Not imported (its row has changed since): {', '.join(left_out)}."] if left_out else []
         claims = write_tables(self.out, runs, self.protocol, self.commands, machines, notes)
         if pictures:

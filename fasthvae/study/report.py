@@ -257,7 +257,7 @@ def markdown(
         ]
     lines += ["", "Values are mean ± sd over seeds; ratios are of means. img/s: median over epochs.", ""]
     lines += ["## The claims (1-3: the study's; 4: its next step, for each deep row that ran)", ""]
-    verdict = {True: "**holds**", False: "**does not hold**", None: "not measured yet"}
+    verdict = {True: "**holds**", False: "**does not hold**", None: "not decided"}
     lines += [f"{c.name}. {c.text}: {verdict[c.holds]} — {c.detail}" for c in claims]
     return "\n".join(lines) + "\n"
 
@@ -272,11 +272,14 @@ def to_csv(runs: list[Run]) -> str:
     return buf.getvalue()
 
 
-def to_json(runs: list[Run], protocol: dict, commands: list[str], claims: list[Claim], machines: str) -> str:
+def to_json(
+    runs: list[Run], protocol: dict, commands: list[str], claims: list[Claim], machines: list[str]
+) -> str:
     rows = aggregate(runs)
     record = {
         "commands": commands,
-        "machine": machines,
+        "machine": "; ".join(machines),
+        "machines": machines,
         "protocol": protocol,
         "rows": {
             name: {
@@ -310,8 +313,10 @@ def write_tables(
     """study.md, study.csv and study.json in ``out``; returns the claims' verdicts. ``machines``: those
     that trained the runs (protocol.json records them), else this one; ``notes``: lines for study.md."""
     claims = evaluate_claims(claim_values(runs))
-    trained_on = "; ".join(machines or [machine()])
-    write_text_atomic(markdown(runs, protocol, commands, claims, trained_on, list(notes)), out / "study.md")
+    trained_on = machines or [machine()]
+    write_text_atomic(
+        markdown(runs, protocol, commands, claims, "; ".join(trained_on), list(notes)), out / "study.md"
+    )
     write_text_atomic(to_csv(runs), out / "study.csv")
     write_text_atomic(to_json(runs, protocol, commands, claims, trained_on), out / "study.json")
     return claims

@@ -121,7 +121,19 @@ def import_table(path: Path, protocol: dict) -> tuple[list[Run], list[str], list
                         source=source,
                     )
                 )
-    return runs, left_out, [record["machine"]] if record.get("machine") else []
+    return runs, left_out, record.get("machines") or machine_lines(record.get("machine", ""))
+
+
+def machine_lines(joined: str) -> list[str]:
+    """The machines of a study table's one-line ``machine`` (tables that kept no list): each one's
+    line is ``CPU..., GPU...; torch VERSION``, so a part that starts with ``torch `` ends a machine."""
+    lines: list[str] = []
+    for part in filter(None, joined.split("; ")):
+        if part.startswith("torch ") and lines and "; torch " not in lines[-1]:
+            lines[-1] += f"; {part}"
+        else:
+            lines.append(part)
+    return lines
 
 
 def pool(own: list[Run], imported: list[Run]) -> list[Run]:
