@@ -102,7 +102,7 @@ def test_claims_use_the_mean_over_seeds_and_report_the_spread():
     assert half.holds is None, "one of two comparisons measured is not a verdict"
     assert half.detail == (
         "recon, HVAE (beta only) vs VAE: +10.0% (1 seed); "
-        "FID, HVAE (beta only) vs VAE: fid not measured on a seed of both"
+        "FID, HVAE (beta only) vs VAE: not measured on a seed both rows finished"
     )
 
 
@@ -241,6 +241,16 @@ def test_bits_per_dim_picture_only_for_runs_that_measured_it_each_epoch(tmp_path
     # Both axes of the picture: minutes summed over the epochs before, and the epochs themselves.
     deep = Run(ROWS["deep"], 0, tmp_path, history=[*epochs, {"epoch": 3.0, "seconds": 280.0}])
     assert plots.bits_per_dim_curve(deep) == [(5.0, 1.0, 5.1), (9.833333333333334, 2.0, 4.9)]
+    # The key: a colour per row, a line style per seed, the target dashed; none of them per run.
+    runs = [Run(ROWS[row], seed, tmp_path, history=epochs) for row in ("deep", "deep-bce") for seed in (1, 0)]
+    assert plots.bits_per_dim_legend(runs, 4.0) == [
+        (ROWS["deep"].label, "C0", "-"),
+        (ROWS["deep-bce"].label, "C1", "-"),
+        ("seed 0", "black", "-"),
+        ("seed 1", "black", ":"),
+        ("target 4.0", "grey", "--"),
+    ]
+    assert plots.save_bits_per_dim(runs, tmp_path / "four.png", 4.0)
 
 
 def undated(path) -> list[str]:

@@ -36,7 +36,7 @@ def _paired(values: Values, a: str, b: str | None, metric: str) -> list[float]:
     return out
 
 
-def _missing(values: Values, a: str, b: str | None, metric: str) -> str:
+def _missing(values: Values, a: str, b: str | None) -> str:
     """Why ``a`` against ``b`` has no paired value: a row without finished runs here, no seed in
     common, or the metric not measured."""
     if b is None:
@@ -46,7 +46,7 @@ def _missing(values: Values, a: str, b: str | None, metric: str) -> str:
         return f"no finished run of {' or '.join(absent)} in this report"
     if not set(values[a]) & set(values[b]):
         return f"no seed on which both {a} and {b} finished"
-    return f"{metric} not measured on a seed of both"
+    return "not measured on a seed both rows finished"
 
 
 def _percent(x: float, sign: str = "+") -> str:
@@ -66,7 +66,7 @@ def _claim(name: str, text: str, sign: int, values: Values, comparisons: dict[st
     """Holds when every comparison's mean relative difference has the sign ``sign`` (-1: lower); not
     decided (``holds`` None) while a comparison has no paired value, the detail saying why."""
     diffs = {label: _paired(values, *c) for label, c in comparisons.items()}
-    why = {label: _missing(values, *comparisons[label]) for label, d in diffs.items() if not d}
+    why = {label: _missing(values, *comparisons[label][:2]) for label, d in diffs.items() if not d}
     if len(why) == len(diffs) and len(set(why.values())) == 1:
         return Claim(name, text, None, next(iter(why.values())))  # one reason for every comparison
     detail = "; ".join(f"{label}: {_spread(d) if d else why[label]}" for label, d in diffs.items())

@@ -80,32 +80,54 @@ def bits_per_dim_curve(run: Run) -> list[tuple[float, float, float]]:
     ]
 
 
+SEED_STYLES = ("-", ":", "-.")  # a run's line by its seed; the target's is dashed
+
+
+def bits_per_dim_legend(runs: list[Run], target: float | None) -> list[tuple[str, str, str]]:
+    """The picture's key as (label, colour, line style): a colour per row, a line style per seed,
+    the target last."""
+    rows = list(dict.fromkeys(r.row.label for r in runs))
+    seeds = sorted({r.seed for r in runs})
+    return (
+        [(label, f"C{i}", "-") for i, label in enumerate(rows)]
+        + [(f"seed {s}", "black", SEED_STYLES[i % len(SEED_STYLES)]) for i, s in enumerate(seeds)]
+        + ([(f"target {target}", "grey", "--")] if target is not None else [])
+    )
+
+
 def save_bits_per_dim(runs: list[Run], path: Path, target: float | None = None) -> bool:
     """Test bits/dim after each epoch (``--test-every-epoch``) against training minutes (left) and
-    against epochs (right: the axis that does not depend on the machine's speed), one line per run,
-    with ``target`` as a dashed line; False (and no file) when no run has such a curve."""
+    against epochs (right: the axis that does not depend on the machine's speed), one line per run
+    (its row's colour, its seed's line style), ``target`` dashed, the key underneath; False (and no
+    file) when no run has such a curve."""
     curves = [r for r in runs if any("test_bits_per_dim" in e for e in r.history)]
     if not curves:
         return False
     plt = _pyplot()
-    fig, (by_time, by_epoch) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    colors: dict[str, str] = {}
+    from matplotlib.lines import Line2D
+
+    legend = bits_per_dim_legend(curves, target)
+    style = {label: (color, line) for label, color, line in legend}
+    height = 4.5 + 0.22 * len(legend)
+    fig, (by_time, by_epoch) = plt.subplots(1, 2, figsize=(13, height), sharey=True)
     for run in curves:
-        color = colors.setdefault(run.row.name, f"C{len(colors)}")
         at_minute, at_epoch, bits = zip(*bits_per_dim_curve(run), strict=True)
-        label = f"{run.row.label}, seed {run.seed}"
-        by_time.plot(at_minute, bits, "o-", color=color, label=label)
-        by_epoch.plot(at_epoch, bits, "o-", color=color, label=label)
+        color, line = style[run.row.label][0], style[f"seed {run.seed}"][1]
+        for ax, x in ((by_time, at_minute), (by_epoch, at_epoch)):
+            ax.plot(x, bits, marker="o", markersize=4, linestyle=line, color=color)
     for ax in (by_time, by_epoch):
         if target is not None:
-            ax.axhline(target, linestyle="--", color="grey", label=f"target {target}")
+            ax.axhline(target, linestyle="--", color="grey")
         ax.grid(alpha=0.3)
     by_time.set_xlabel("training time (minutes, evaluation excluded)")
     by_epoch.set_xlabel("epoch")
     by_time.set_ylabel("test bits/dim (-ELBO)")
-    by_epoch.legend(fontsize=7)
+    handles = [
+        Line2D([], [], color=c, linestyle=ls, marker="o" if c != "grey" else None) for _, c, ls in legend
+    ]
+    fig.legend(handles, [label for label, _, _ in legend], loc="lower center", fontsize=8, frameon=False)
     fig.suptitle("Bits/dim of the test images measured after each epoch")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.22 * len(legend) / height + 0.02, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
