@@ -267,7 +267,7 @@ register_variant(
     {"epochs": 9},
 )
 # The same recipe over 10 epochs: they fit 47.6 minutes on the Intel Xeon at a step of 85 ms or
-# less (its loop measured 77 ms at batch 16 on a fast day, 90-96 ms on the 9-epoch row's slowest).
+# less (its loop measured 77 ms at batch 16 on a fast day, 90-96 ms in the 9-epoch row's seed 0).
 register_variant(
     "deep-z16-b16-e10-rp-klb-b09",
     "Deep HVAE (small, 32x32 latents, zdim 16), batch 16, cosine lr over 10 epochs, KL warm-up, KL "
