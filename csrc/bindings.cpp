@@ -16,12 +16,13 @@ void check_like(const at::Tensor& ref, const at::Tensor& t, const char* name, co
               " but ", ref_name, " has dtype ", ref.scalar_type());
   TORCH_CHECK(t.device() == ref.device(), "fasthvae: ", name, " is on ", t.device(), " but ", ref_name,
               " is on ", ref.device());
-  TORCH_CHECK(t.is_contiguous(), "fasthvae: ", name, " must be contiguous");
+  TORCH_CHECK(t.is_contiguous() || t.is_cpu(), "fasthvae: ", name, " must be contiguous on ", t.device());
 }
 
 void check_inputs(const at::Tensor& mu, const at::Tensor& logvar,
                   const std::optional<at::Tensor>& mu_p, const std::optional<at::Tensor>& logvar_p) {
-  TORCH_CHECK(mu.is_contiguous(), "fasthvae: mu must be contiguous");
+  // The CPU loops read any layout (rows of contiguous elements as they lie, anything else copied).
+  TORCH_CHECK(mu.is_contiguous() || mu.is_cpu(), "fasthvae: mu must be contiguous on ", mu.device());
   TORCH_CHECK(mu.scalar_type() == at::kFloat || mu.scalar_type() == at::kHalf ||
                   mu.scalar_type() == at::kBFloat16,
               "fasthvae: fused kernels take float32, float16 or bfloat16, got ", mu.scalar_type());

@@ -5,10 +5,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <optional>
 #include <type_traits>
 
 #include "cpu_common.h"
@@ -23,7 +23,7 @@ constexpr int64_t kBlock = 4096;  // elements per reduction block (one partial s
 constexpr int64_t kChunk = 256;   // elements per SIMD chunk (float staging buffers)
 constexpr int64_t kGroups = kChunk / 4 + 8;  // noise groups of 4 covering any chunk, 8-aligned
 static_assert(kBlock % kChunk == 0 && kChunk % 4 == 0);
-constexpr int64_t kMinElemsPerTask = 16384;
+constexpr int64_t kMinElemsPerTask = 4096;  // a block a task: a batch-32 8x8 latent uses both threads
 
 // ---- SIMD chunks: float arrays of n <= kChunk elements -------------------
 
@@ -99,6 +99,66 @@ FHV_INLINE void backward_chunk_impl(const float* __restrict mu, const float* __r
     dmu[i] = gmu;
     dlv[i] = glv;
   }
+}
+
+// ---- inputs read where they lie -------------------------------------------
+
+// A tensor's elements, in the order of its dims, as rows of `run` contiguous elements `stride`
+// apart: a dense tensor (one row), or a slice of a dense one along a dim, such as a channel half of
+// a channels_last tensor viewed in its memory order (rows of C elements, 2C apart) or of an NCHW
+// one (rows of C * H * W elements).
+struct Rows {
+  int64_t run;
+  int64_t stride;
+};
+
+std::optional<Rows> rows_of(const at::Tensor& t) {
+  const int64_t numel = t.numel();
+  if (numel == 0 || t.is_contiguous()) return Rows{std::max<int64_t>(numel, 1), std::max<int64_t>(numel, 1)};
+  int64_t d = t.dim() - 1, run = 1;
+  for (; d >= 0; --d) {  // the dense suffix: one row's elements
+    if (t.size(d) == 1) continue;
+    if (t.stride(d) != run) break;
+    run *= t.size(d);
+  }
+  if (d < 0) return Rows{numel, numel};
+  const int64_t stride = t.stride(d);
+  if (stride < run) return std::nullopt;  // rows would overlap (or run backwards)
+  for (int64_t e = d - 1, next = stride * t.size(d); e >= 0; --e) {  // rows evenly spaced
+    if (t.size(e) == 1) continue;
+    if (t.stride(e) != next) return std::nullopt;
+    next *= t.size(e);
+  }
+  return Rows{run, stride};
+}
+
+// The tensor the loops read for `t`: itself where its elements lie in rows, else a contiguous copy.
+at::Tensor readable(const at::Tensor& t) { return rows_of(t).has_value() ? t : t.contiguous(); }
+
+std::optional<at::Tensor> readable(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(readable(*t)) : std::nullopt;
+}
+
+Rows rows_or_dense(const at::Tensor& t) { return *rows_of(t); }
+
+Rows rows_or_dense(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? *rows_of(*t) : Rows{1, 1};
+}
+
+// A float view of the elements [c, c + n) of a tensor laid out as `rows` (see load_float): the
+// pointer itself for dense float data, else a copy in buf.
+template <typename T>
+const float* load_rows(const T* base, const Rows& rows, int64_t c, int64_t n, float* buf) {
+  if (base == nullptr) return nullptr;
+  if (rows.run == rows.stride) return load_float(base + c, n, buf);
+  int64_t row = c / rows.run, k = c % rows.run;
+  for (int64_t done = 0; done < n; ++row, k = 0) {
+    const int64_t len = std::min(rows.run - k, n - done);
+    const float* part = load_float(base + row * rows.stride + k, len, buf + done);
+    if (part != buf + done) std::copy(part, part + len, buf + done);
+    done += len;
+  }
+  return buf;
 }
 
 // ---- the loops compiled for each ISA level, and their dispatch -------------
@@ -244,6 +304,8 @@ void forward_typed(const at::Tensor& mu, const at::Tensor& lv, const std::option
   T* z_d = mut_ptr_or_null<T>(z);
   T* kl_d = mut_ptr_or_null<T>(kl_elem);
   float* part_d = mut_ptr_or_null<float>(partials);
+  const Rows r_mu = rows_or_dense(mu), r_lv = rows_or_dense(lv), r_mup = rows_or_dense(mu_p),
+             r_lvp = rows_or_dense(lv_p);
   const int64_t rows = num_rows(mu);
   for_each_block(rows, mu.numel() / rows, [&](int64_t block, int64_t begin, int64_t end) {
     alignas(64) float buf[6][kChunk];
@@ -251,10 +313,10 @@ void forward_typed(const at::Tensor& mu, const at::Tensor& lv, const std::option
     float acc = 0.0f;
     for (int64_t c = begin; c < end; c += kChunk) {
       const int64_t n = std::min(kChunk, end - c);
-      const float* m = load_float(mu_d + c, n, buf[0]);
-      const float* l = load_float(lv_d + c, n, buf[1]);
-      const float* mp = kPrior ? load_float(mup_d + c, n, buf[2]) : nullptr;
-      const float* lp = kPrior ? load_float(lvp_d + c, n, buf[3]) : nullptr;
+      const float* m = load_rows(mu_d, r_mu, c, n, buf[0]);
+      const float* l = load_rows(lv_d, r_lv, c, n, buf[1]);
+      const float* mp = kPrior ? load_rows(mup_d, r_mup, c, n, buf[2]) : nullptr;
+      const float* lp = kPrior ? load_rows(lvp_d, r_lvp, c, n, buf[3]) : nullptr;
       float* zf = kSample ? out_float(z_d + c, buf[4]) : nullptr;
       float* klf = kKL ? (row_sums ? buf[5] : out_float(kl_d + c, buf[5])) : nullptr;
       const float* eps = kSample ? noise_chunk(seed, static_cast<uint64_t>(c), n, noise) : nullptr;
@@ -289,6 +351,9 @@ void backward_typed(const at::Tensor& mu, const at::Tensor& lv,
   T* dlv_d = dlv.mutable_data_ptr<T>();
   T* dmup_d = mut_ptr_or_null<T>(dmu_p);
   T* dlvp_d = mut_ptr_or_null<T>(dlv_p);
+  const Rows r_mu = rows_or_dense(mu), r_lv = rows_or_dense(lv), r_mup = rows_or_dense(mu_p),
+             r_lvp = rows_or_dense(lv_p), r_gz = rows_or_dense(grad_z),
+             r_gk = kRowGrad ? Rows{1, 1} : rows_or_dense(grad_kl);
   const int64_t rows = num_rows(mu);
   const int64_t inner = mu.numel() / rows;
   for_each_block(rows, inner, [&](int64_t /*block*/, int64_t begin, int64_t end) {
@@ -297,12 +362,12 @@ void backward_typed(const at::Tensor& mu, const at::Tensor& lv,
     const float g_row = kRowGrad ? gk_rows[begin / inner] : 0.0f;
     for (int64_t c = begin; c < end; c += kChunk) {
       const int64_t n = std::min(kChunk, end - c);
-      const float* m = kKL ? load_float(mu_d + c, n, buf[0]) : nullptr;
-      const float* l = load_float(lv_d + c, n, buf[1]);
-      const float* mp = kPrior ? load_float(mup_d + c, n, buf[2]) : nullptr;
-      const float* lp = kPrior ? load_float(lvp_d + c, n, buf[3]) : nullptr;
-      const float* gz = kSample ? load_float(gz_d + c, n, buf[4]) : nullptr;
-      const float* gk = (kKL && !kRowGrad) ? load_float(gk_d + c, n, buf[5]) : nullptr;
+      const float* m = kKL ? load_rows(mu_d, r_mu, c, n, buf[0]) : nullptr;
+      const float* l = load_rows(lv_d, r_lv, c, n, buf[1]);
+      const float* mp = kPrior ? load_rows(mup_d, r_mup, c, n, buf[2]) : nullptr;
+      const float* lp = kPrior ? load_rows(lvp_d, r_lvp, c, n, buf[3]) : nullptr;
+      const float* gz = kSample ? load_rows(gz_d, r_gz, c, n, buf[4]) : nullptr;
+      const float* gk = (kKL && !kRowGrad) ? load_rows(gk_d, r_gk, c, n, buf[5]) : nullptr;
       float* a = out_float(dmu_d + c, buf[6]);
       float* b = out_float(dlv_d + c, buf[7]);
       float* ap = kPrior ? out_float(dmup_d + c, buf[8]) : nullptr;
@@ -321,18 +386,21 @@ void backward_typed(const at::Tensor& mu, const at::Tensor& lv,
 
 }  // namespace
 
-std::vector<at::Tensor> forward_cpu(const at::Tensor& mu, const at::Tensor& logvar,
-                                    const std::optional<at::Tensor>& mu_p,
-                                    const std::optional<at::Tensor>& logvar_p, uint64_t seed,
+std::vector<at::Tensor> forward_cpu(const at::Tensor& mu_in, const at::Tensor& logvar_in,
+                                    const std::optional<at::Tensor>& mu_p_in,
+                                    const std::optional<at::Tensor>& logvar_p_in, uint64_t seed,
                                     bool sample, int64_t kl_mode) {
+  const at::Tensor mu = readable(mu_in), logvar = readable(logvar_in);
+  const std::optional<at::Tensor> mu_p = readable(mu_p_in), logvar_p = readable(logvar_p_in);
   const bool has_kl = kl_mode != kNoKL;
   const bool row_sums = kl_mode == kRowSumKL;
   const bool prior = mu_p.has_value();
   const int64_t rows = num_rows(mu);
   const int64_t inner = rows == 0 ? 0 : mu.numel() / rows;
   const int64_t blocks_per_row = (inner + kBlock - 1) / kBlock;
-  at::Tensor z = sample ? at::empty_like(mu) : at::Tensor();
-  at::Tensor kl_elem = (has_kl && !row_sums) ? at::empty_like(mu) : at::Tensor();
+  // Outputs contiguous in the inputs' dim order (the order the caller views them in).
+  at::Tensor z = sample ? at::empty(mu.sizes(), mu.options()) : at::Tensor();
+  at::Tensor kl_elem = (has_kl && !row_sums) ? at::empty(mu.sizes(), mu.options()) : at::Tensor();
   at::Tensor partials =
       row_sums ? at::zeros({rows, std::max<int64_t>(blocks_per_row, 1)}, mu.options().dtype(at::kFloat))
                : at::Tensor();
@@ -356,16 +424,20 @@ std::vector<at::Tensor> forward_cpu(const at::Tensor& mu, const at::Tensor& logv
   return {z, row_sums ? partials.sum(1) : kl_elem};
 }
 
-std::vector<at::Tensor> backward_cpu(const at::Tensor& mu, const at::Tensor& logvar,
-                                     const std::optional<at::Tensor>& mu_p,
-                                     const std::optional<at::Tensor>& logvar_p, uint64_t seed,
-                                     const std::optional<at::Tensor>& grad_z,
-                                     const std::optional<at::Tensor>& grad_kl, bool grad_kl_rows) {
+std::vector<at::Tensor> backward_cpu(const at::Tensor& mu_in, const at::Tensor& logvar_in,
+                                     const std::optional<at::Tensor>& mu_p_in,
+                                     const std::optional<at::Tensor>& logvar_p_in, uint64_t seed,
+                                     const std::optional<at::Tensor>& grad_z_in,
+                                     const std::optional<at::Tensor>& grad_kl_in, bool grad_kl_rows) {
+  const at::Tensor mu = readable(mu_in), logvar = readable(logvar_in);
+  const std::optional<at::Tensor> mu_p = readable(mu_p_in), logvar_p = readable(logvar_p_in),
+                                  grad_z = readable(grad_z_in), grad_kl = readable(grad_kl_in);
   const bool prior = mu_p.has_value();
-  at::Tensor dmu = at::empty_like(mu);
-  at::Tensor dlv = at::empty_like(logvar);
-  at::Tensor dmu_p = prior ? at::empty_like(mu) : at::Tensor();
-  at::Tensor dlv_p = prior ? at::empty_like(mu) : at::Tensor();
+  // Gradients contiguous in the inputs' dim order.
+  at::Tensor dmu = at::empty(mu.sizes(), mu.options());
+  at::Tensor dlv = at::empty(logvar.sizes(), logvar.options());
+  at::Tensor dmu_p = prior ? at::empty(mu.sizes(), mu.options()) : at::Tensor();
+  at::Tensor dlv_p = prior ? at::empty(mu.sizes(), mu.options()) : at::Tensor();
   if (mu.numel() > 0) {
     FHV_DISPATCH_KERNEL_TYPES(mu.scalar_type(), "fasthvae_backward_cpu", [&] {
       with_flag(grad_z.has_value(), [&](auto s) {

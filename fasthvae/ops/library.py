@@ -6,12 +6,14 @@ their shared ``gaussian_backward``, and ``cpu_seed`` (the seeds' draw on the CPU
 seed tensor and is regenerated in the backward pass, so no eps is ever saved. Double backward is
 not supported.
 
-Memory layout: the kernels walk dense tensors in memory order. When ``logvar``'s strides put the
-batch dim outermost in another order than the plain one (``channels_last``, or the channel halves
-that ``chunk(2, 1)`` makes of a channels_last tensor), inputs dense in that order go to the
-kernels as they lie (the halves get one compacting copy each) and outputs and gradients come back
-in that order; any other layout goes through ``.contiguous()``. Noise follows the order the kernels
-walk: a channels_last input gets the noise of its NHWC-contiguous twin.
+Memory layout: the kernels walk tensors in memory order. When ``logvar``'s strides put the batch
+dim outermost in another order than the plain one (``channels_last``, or the channel halves that
+``chunk(2, 1)`` makes of a channels_last tensor), inputs go to the kernels in that order, and
+outputs and gradients come back in it (dense). The CPU loops read any input whose elements lie in
+evenly spaced rows of contiguous elements where it lies (a dense tensor, a channel half of a
+channels_last or an NCHW tensor); the GPU kernels take such slices compacted, one copy each; any
+other layout goes through ``.contiguous()``. Noise follows the order the kernels walk: a
+channels_last input gets the noise of its NHWC-contiguous twin.
 """
 
 import hashlib
@@ -67,6 +69,18 @@ def _in_order(t: Tensor | None, order: Order) -> Tensor | None:
     return t.contiguous() if order is None else t.permute(order).contiguous()
 
 
+def _viewed_in_order(t: Tensor | None, order: Order) -> Tensor | None:
+    """``t`` with its dims in ``order`` (a view): what the CPU loops take, reading rows of contiguous
+    elements where they lie (a channel half of a channels_last tensor: no compacting copy)."""
+    return t if t is None or order is None else t.permute(order)
+
+
+def _placer(name: str):
+    """How a backend's kernels take an input in the kernels' order: a view for the CPU loops,
+    a contiguous tensor for the others."""
+    return _viewed_in_order if name == "cpu" else _in_order
+
+
 def _restore(t: Tensor | None, order: Order) -> Tensor | None:
     """A kernel's output in ``order`` back to the callers' dim order (a view)."""
     if t is None or order is None:
@@ -117,8 +131,9 @@ def _reference_forward(mu, logvar, mu_p, logvar_p, seed, sample, kl_mode):
 def _forward(mu, logvar, mu_p, logvar_p, seed: Tensor | None, sample: bool, kl_mode: int):
     """Run the selected backend's forward kernel: (z or None, elementwise KL / row sums or None)."""
     order = memory_order(logvar)
-    mu, logvar, mu_p, logvar_p = (_in_order(t, order) for t in (mu, logvar, mu_p, logvar_p))
     name = backend.resolve(mu.device, mu.dtype)
+    place = _placer(name)
+    mu, logvar, mu_p, logvar_p = (place(t, order) for t in (mu, logvar, mu_p, logvar_p))
     if name in ("cpu", "cuda", "triton"):
         kernels = backend.triton_kernels() if name == "triton" else backend.extension()
         z, kl = kernels.forward(mu, logvar, mu_p, logvar_p, _seed_on(seed, mu.device), sample, kl_mode)
@@ -229,9 +244,10 @@ def gaussian_backward(
 ) -> list[Tensor]:
     """[dmu, dlogvar(, dmu_p, dlogvar_p)] of sum(grad_z * z) + sum(grad_kl * kl)."""
     order = memory_order(logvar)
+    place = _placer(backend.resolve(logvar.device, logvar.dtype))
     if grad_kl is not None:  # per row: float32 [rows]; elementwise: laid out as logvar
-        grad_kl = grad_kl.contiguous() if grad_kl_rows else _in_order(grad_kl.to(logvar.dtype), order)
-    mu, logvar, mu_p, logvar_p, grad_z = (_in_order(t, order) for t in (mu, logvar, mu_p, logvar_p, grad_z))
+        grad_kl = grad_kl.contiguous() if grad_kl_rows else place(grad_kl.to(logvar.dtype), order)
+    mu, logvar, mu_p, logvar_p, grad_z = (place(t, order) for t in (mu, logvar, mu_p, logvar_p, grad_z))
     return [
         _restore(g, order) for g in _backward(mu, logvar, mu_p, logvar_p, seed, grad_z, grad_kl, grad_kl_rows)
     ]
