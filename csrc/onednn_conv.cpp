@@ -1,6 +1,7 @@
 // 2-D convolution (stride 1, any padding, groups) on oneDNN's primitives called directly: each
-// shape's forward, backward-data and backward-weights primitives are built once and cached, and a
-// call executes them on the tensors' own memory. ATen reaches the same primitives through ideep,
+// shape's forward, backward-data and backward-weights primitives are built once and cached, bound
+// once per thread (Bound, below), and a call executes them on the tensors' own memory, allocating
+// only its outputs. ATen reaches the same primitives through ideep,
 // whose per-call work costs more than a small convolution's arithmetic (bench/bench_onednn_calls.py).
 //
 // Built against a standalone oneDNN (fasthvae/ops/onednn_conv.py) and registered as the custom ops
@@ -18,6 +19,7 @@
 #include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
 #include <tuple>
+#include <unordered_map>
 
 #include "onednn_conv_primitives.h"
 
@@ -120,20 +122,58 @@ at::Tensor scratch(const memory::desc& d) {
   return at::empty({static_cast<int64_t>(d.get_size())}, at::TensorOptions().dtype(at::kByte));
 }
 
+// One thread's bindings of a convolution's primitives: memory objects whose data handles a call sets
+// to its tensors, buffers for the packed weights and the weight gradient in oneDNN's layouts, and
+// each primitive's arguments, all made on the thread's first call of that convolution, so that a
+// call allocates only its outputs.
+struct Bound {
+  memory src, dst, bias, user, diff_src, diff_dst, diff_bias, user_grad;
+  memory weights, weights_backward, grad_weights;  // on the buffers below, for good
+  at::Tensor packed, packed_backward, grad_own;
+  std::unordered_map<int, memory> pack_forward, forward, pack_backward, backward_data, backward_weights,
+      unpack_grad;
+};
+
+memory unbound(const memory::desc& d) { return memory(d, engine(), DNNL_MEMORY_NONE); }
+
+Bound& bound_for(const Conv& p) {
+  thread_local std::unordered_map<const Conv*, std::unique_ptr<Bound>> all;
+  auto& slot = all[&p];
+  if (slot) return *slot;
+  slot = std::make_unique<Bound>();
+  Bound& b = *slot;
+  b.src = unbound(p.src), b.dst = unbound(p.dst), b.bias = unbound(p.bias), b.user = unbound(p.user);
+  b.diff_src = unbound(p.src), b.diff_dst = unbound(p.dst), b.diff_bias = unbound(p.bias);
+  b.user_grad = unbound(p.user);
+  b.packed = scratch(p.weights), b.packed_backward = scratch(p.weights_backward), b.grad_own = scratch(p.grad_weights);
+  b.weights = mem(p.weights, b.packed), b.weights_backward = mem(p.weights_backward, b.packed_backward);
+  b.grad_weights = mem(p.grad_weights, b.grad_own);
+  b.pack_forward = {{DNNL_ARG_FROM, b.user}, {DNNL_ARG_TO, b.weights}};
+  b.forward = {{DNNL_ARG_SRC, b.src}, {DNNL_ARG_WEIGHTS, b.weights}, {DNNL_ARG_BIAS, b.bias}, {DNNL_ARG_DST, b.dst}};
+  b.pack_backward = {{DNNL_ARG_FROM, b.user}, {DNNL_ARG_TO, b.weights_backward}};
+  b.backward_data = {{DNNL_ARG_DIFF_DST, b.diff_dst}, {DNNL_ARG_WEIGHTS, b.weights_backward},
+      {DNNL_ARG_DIFF_SRC, b.diff_src}};
+  b.backward_weights = {{DNNL_ARG_DIFF_DST, b.diff_dst}, {DNNL_ARG_SRC, b.src},
+      {DNNL_ARG_DIFF_WEIGHTS, b.grad_weights}, {DNNL_ARG_DIFF_BIAS, b.diff_bias}};
+  b.unpack_grad = {{DNNL_ARG_FROM, b.grad_weights}, {DNNL_ARG_TO, b.user_grad}};
+  return b;
+}
+
+void bind(memory& m, const at::Tensor& t) { m.set_data_handle(t.data_ptr()); }
+
 at::Tensor conv2d(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias,
     at::IntArrayRef padding, int64_t groups, bool nhwc) {
   check(x_in, w_in, padding, groups);
   const auto x = in_layout(x_in, nhwc);
   const auto w = w_in.is_non_overlapping_and_dense() ? w_in : w_in.contiguous();
   Conv& p = conv_for(x, w, padding, groups, nhwc);
+  Bound& b = bound_for(p);
   const auto dims = p.dst.get_dims();
   auto y = at::empty(dims, x.options().memory_format(format_of(nhwc)));
-  auto packed = scratch(p.weights);
-  const auto b = bias.has_value() ? bias->to(at::kFloat).contiguous() : p.zero_bias;
-  auto user = mem(p.user, w), weights = mem(p.weights, packed);
-  p.pack_forward.execute(stream(), user, weights);
-  p.forward.execute(stream(), {{DNNL_ARG_SRC, mem(p.src, x)}, {DNNL_ARG_WEIGHTS, weights},
-      {DNNL_ARG_BIAS, mem(p.bias, b)}, {DNNL_ARG_DST, mem(p.dst, y)}});
+  const auto bias_f32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : p.zero_bias;
+  bind(b.user, w), bind(b.src, x), bind(b.bias, bias_f32), bind(b.dst, y);
+  p.pack_forward.execute(stream(), b.pack_forward);
+  p.forward.execute(stream(), b.forward);
   return y;
 }
 
@@ -145,24 +185,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(const at::Tensor&
   const auto x = in_layout(x_in, nhwc);
   const auto w = w_in.is_non_overlapping_and_dense() ? w_in : w_in.contiguous();
   Conv& p = conv_for(x, w, padding, groups, nhwc);
+  Bound& b = bound_for(p);
   const auto gy = in_layout(grad_y.to(x.scalar_type()), nhwc);
-  const auto dy = mem(p.dst, gy);
+  bind(b.diff_dst, gy);
   at::Tensor grad_x = at::empty({0}, x.options());
   if (input_grad) {
     grad_x = at::empty(x.sizes(), x.options().memory_format(format_of(nhwc)));
-    auto packed = scratch(p.weights_backward);
-    auto user = mem(p.user, w), weights = mem(p.weights_backward, packed);
-    p.pack_backward.execute(stream(), user, weights);
-    p.backward_data.execute(stream(), {{DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_WEIGHTS, weights},
-        {DNNL_ARG_DIFF_SRC, mem(p.src, grad_x)}});
+    bind(b.user, w), bind(b.diff_src, grad_x);
+    p.pack_backward.execute(stream(), b.pack_backward);
+    p.backward_data.execute(stream(), b.backward_data);
   }
   auto grad_w = at::empty_strided(w.sizes(), w.strides(), w.options());
   auto grad_b = at::empty({w.size(0)}, w.options().dtype(at::kFloat));
-  auto own = scratch(p.grad_weights);
-  auto gw_own = mem(p.grad_weights, own), gw = mem(p.user, grad_w);
-  p.backward_weights.execute(stream(), {{DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_SRC, mem(p.src, x)},
-      {DNNL_ARG_DIFF_WEIGHTS, gw_own}, {DNNL_ARG_DIFF_BIAS, mem(p.bias, grad_b)}});
-  p.unpack_grad.execute(stream(), gw_own, gw);
+  bind(b.src, x), bind(b.diff_bias, grad_b), bind(b.user_grad, grad_w);
+  p.backward_weights.execute(stream(), b.backward_weights);
+  p.unpack_grad.execute(stream(), b.unpack_grad);
   return {grad_x, grad_w, grad_b};
 }
 
