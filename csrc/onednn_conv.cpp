@@ -1,17 +1,20 @@
 // 2-D convolution (stride 1, any padding, groups) on oneDNN's primitives called directly: each
 // shape's forward, backward-data and backward-weights primitives are built once and cached, bound
 // once per thread (Bound, below), and a call executes them on the tensors' own memory, allocating
-// only its outputs. ATen reaches the same primitives through ideep,
-// whose per-call work costs more than a small convolution's arithmetic (bench/bench_onednn_calls.py).
+// only its outputs. ATen reaches the same primitives through ideep, whose per-call work costs more
+// than a small convolution's arithmetic (bench/bench_onednn_calls.py).
 //
 // Built against a standalone oneDNN (fasthvae/ops/onednn_conv.py) and registered as the custom ops
-// fasthvae_onednn::conv2d and ::conv2d_backward (the input's gradient where asked for, the weight's
-// and the bias's, in one call). Activations: float32 or bfloat16, computed and returned in the layout
+// fasthvae_onednn::conv2d, with its autograd (Conv2dFunction, below), and ::conv2d_backward (the
+// input's gradient where asked for, the weight's and the bias's, in one call); their fake kernels
+// are in Python. Activations: float32 or bfloat16, computed and returned in the layout
 // the caller names (channels_last or NCHW). Weights in any dtype and strides (reordered into the
 // primitive's layout and dtype each call; their gradient comes back in the weights' dtype and
 // strides). Bias: float32.
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <array>
 #include <map>
@@ -203,6 +206,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(const at::Tensor&
   return {grad_x, grad_w, grad_b};
 }
 
+// Autograd in C++: in a compiled graph's forward, where grad mode is off, the call passes its
+// Autograd kernel in the dispatcher instead of a Python function. The backward takes the incoming
+// gradient in the op's layout (in a traced graph Inductor then writes it so in the kernel that
+// makes it, not in a copy in the op), and the input's gradient only where it is needed.
+class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+      const std::optional<at::Tensor>& bias, at::IntArrayRef padding, int64_t groups, bool nhwc) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fasthvae_onednn::conv2d", "")
+                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                   at::IntArrayRef, int64_t, bool)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["nhwc"] = nhwc;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    return op.call(x, weight, bias, padding, groups, nhwc);
+  }
+
+  static torch::autograd::variable_list backward(
+      torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fasthvae_onednn::conv2d_backward", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&, at::IntArrayRef, int64_t, bool, bool)>();
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const bool nhwc = ctx->saved_data["nhwc"].toBool();
+    const bool input_grad = ctx->needs_input_grad(0);
+    const auto padding = ctx->saved_data["padding"].toIntVector();
+    const auto grad_y = grads[0].to(x.scalar_type()).contiguous(format_of(nhwc));
+    auto [grad_x, grad_w, grad_b] =
+        op.call(grad_y, x, saved[1], padding, ctx->saved_data["groups"].toInt(), nhwc, input_grad);
+    return {input_grad ? grad_x : at::Tensor(), grad_w,
+        ctx->saved_data["has_bias"].toBool() ? grad_b : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor conv2d_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef padding, int64_t groups, bool nhwc) {
+  return Conv2dFunction::apply(x, weight, bias, padding, groups, nhwc);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fasthvae_onednn, m) {
@@ -215,3 +263,5 @@ TORCH_LIBRARY_IMPL(fasthvae_onednn, CPU, m) {
   m.impl("conv2d", &conv2d);
   m.impl("conv2d_backward", &conv2d_backward);
 }
+
+TORCH_LIBRARY_IMPL(fasthvae_onednn, Autograd, m) { m.impl("conv2d", &conv2d_autograd); }

@@ -127,6 +127,17 @@ def test_conv2d_compiles_as_one_graph_with_the_same_values():
 
 
 @needs_onednn
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input_grad", "no_input_grad"])
+def test_conv2d_passes_opcheck(input_grad):
+    """torch.library.opcheck: the schema, the fake kernel against the real one, the autograd kernel
+    (registered in C++) and AOTAutograd's tracing of the op."""
+    onednn_conv.load()
+    x, weight, b = inputs(SHAPES[0], torch.float32, True)
+    x = x.detach().contiguous(memory_format=CL).requires_grad_(input_grad)
+    torch.library.opcheck(torch.ops.fasthvae_onednn.conv2d.default, (x, weight, b, [1, 1], 1, True))
+
+
+@needs_onednn
 def test_compiled_backward_gives_the_op_its_gradient_in_the_ops_layout():
     """A channels_last convolution whose output's gradient arrives NCHW (here through ``.contiguous()``;
     in the deep model, a split's backward): the traced backward lays the gradient out channels_last

@@ -109,7 +109,7 @@ def computes_channels_last(x: Tensor, weight: Tensor) -> bool:
 
 
 def _register() -> None:
-    ops = torch.ops.fasthvae_onednn
+    """The ops' fake kernels, for torch.compile (their autograd is registered in C++)."""
 
     @torch.library.register_fake("fasthvae_onednn::conv2d")
     def _(
@@ -137,23 +137,6 @@ def _register() -> None:
             torch.empty_strided(weight.shape, weight.stride(), dtype=weight.dtype, device=weight.device),
             weight.new_empty(weight.shape[0], dtype=torch.float32),
         )
-
-    def setup_context(ctx, inputs, output) -> None:
-        x, weight, bias, padding, groups, channels_last = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.args = padding, groups, channels_last
-        ctx.has_bias = bias is not None
-
-    def backward(ctx, grad_y: Tensor):
-        x, weight = ctx.saved_tensors
-        input_grad = ctx.needs_input_grad[0]
-        # The incoming gradient in the op's layout here, where torch.compile can write it so in the
-        # kernel that makes it (a split's backward lays its cat out NCHW), not in a copy in the op.
-        grad_y = grad_y.to(x.dtype).contiguous(memory_format=_format(ctx.args[2]))
-        grad_x, grad_w, grad_b = ops.conv2d_backward(grad_y, x, weight, *ctx.args, input_grad)
-        return grad_x if input_grad else None, grad_w, grad_b if ctx.has_bias else None, None, None, None
-
-    torch.library.register_autograd("fasthvae_onednn::conv2d", backward, setup_context=setup_context)
 
 
 def _dense(t: Tensor) -> Tensor:
