@@ -17,6 +17,7 @@ channels_last input gets the noise of its NHWC-contiguous twin.
 """
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -75,7 +76,7 @@ def _viewed_in_order(t: Tensor | None, order: Order) -> Tensor | None:
     return t if t is None or order is None else t.permute(order)
 
 
-def _placer(name: str):
+def _placer(name: str) -> Callable[[Tensor | None, Order], Tensor | None]:
     """How a backend's kernels take an input in the kernels' order: a view for the CPU loops,
     a contiguous tensor for the others."""
     return _viewed_in_order if name == "cpu" else _in_order
