@@ -72,6 +72,18 @@ def conv2d(
     return F.conv2d(x, weight, bias, padding=padding, groups=groups)
 
 
+def conv_input_gelu(x: Tensor, fused: bool = False) -> Tensor:
+    """``F.gelu(x)`` as a convolution's input; :func:`fasthvae.ops.gelu` (its derivative kept for
+    the backward) when ``fused``. Under CPU autocast to a half dtype the fused GELU takes ``x`` cast
+    to that dtype, the dtype the convolution computes in (its output and saved derivative then half
+    the bytes)."""
+    if not fused:
+        return F.gelu(x)
+    if torch.is_autocast_enabled("cpu") and x.device.type == "cpu":
+        x = x.to(torch.get_autocast_dtype("cpu"))
+    return ops.gelu(x)
+
+
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` at stride 1 (the same parameters and state dict) whose convolution runs on
     ``fasthvae_onednn`` when ``onednn`` is set (:func:`use_onednn_conv`)."""
@@ -89,9 +101,10 @@ class Conv2d(nn.Conv2d):
 
 def use_onednn_conv(model: nn.Module, on: bool = True) -> int:
     """Run the convolutions of ``model``'s modules that offer it (an ``onednn`` attribute:
-    :class:`Conv2d`, and models whose own convolution calls read it) on ``fasthvae_onednn``, or
-    (``on=False``) on ATen. Loads the op first (before ``torch.compile`` traces the model). The
-    number of modules switched."""
+    :class:`Conv2d`, and models whose own convolution calls read it) on ``fasthvae_onednn``, and
+    the GELUs before them as :func:`conv_input_gelu` with ``fused`` set, or (``on=False``) both on
+    ATen. Loads the op first (before ``torch.compile`` traces the model). The number of modules
+    switched."""
     switched = [m for m in model.modules() if hasattr(m, "onednn")]
     if on and switched:
         onednn_conv.load()

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from fasthvae import likelihoods, ops
 from fasthvae.models.base import LatentVariableModel, Output, gaussian_log_prob, sample_gaussian
-from fasthvae.nn import Conv2d, conv2d
+from fasthvae.nn import Conv2d, conv2d, conv_input_gelu
 
 IMAGE_SIZE = 32
 LOGVAR_BOUND = 10.0  # sigma in (e^-5, e^5), as NVAE's soft clamp of log sigma at 5
@@ -158,6 +158,8 @@ class Cell(nn.Module):
     resolution), 1x1 conv to ``c_out``, each after a GELU; added to the input when shapes allow.
     The last conv is scaled by ``out_scale`` (0 gives a cell that starts as the identity / zero)."""
 
+    onednn = False  # its GELUs fused (fasthvae.nn.use_onednn_conv)
+
     def __init__(self, c_in: int, mid: int, c_out: int, res: int, residual: bool, out_scale: float = 1.0):
         super().__init__()
         k = 3 if res >= 3 else 1
@@ -177,15 +179,15 @@ class Cell(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = x
         for conv in self.convs:
-            h = conv(F.gelu(h))
-        h = self.out(F.gelu(h))
+            h = conv(conv_input_gelu(h, self.onednn))
+        h = self.out(conv_input_gelu(h, self.onednn))
         return x + h if self.residual else h
 
 
 class LatentGroup(nn.Module):
     """One top-down step: prior and posterior of z_i, then the state update."""
 
-    onednn = False  # its convolutions on fasthvae_onednn (fasthvae.nn.use_onednn_conv)
+    onednn = False  # its convolutions on fasthvae_onednn, its GELUs fused (fasthvae.nn.use_onednn_conv)
 
     def __init__(self, spec: DeepSpec, res: int, depth_scale: float, name: str) -> None:
         super().__init__()
@@ -224,7 +226,7 @@ class LatentGroup(nn.Module):
         prior, posterior = self.prior, self.posterior
         first_p, first_q = prior.convs[0], posterior.convs[0]
         x = conv2d(
-            F.gelu(h),
+            conv_input_gelu(h, self.onednn),
             torch.cat([first_p.weight, first_q.weight[:, : h.shape[1]]]),
             torch.cat([first_p.bias, first_q.bias]),
             onednn=self.onednn,
@@ -232,7 +234,8 @@ class LatentGroup(nn.Module):
         x = x + F.pad(read, (0, 0, 0, 0, read.shape[1], 0))  # the read reaches the posterior's half
         for conv_p, conv_q in zip(prior.convs[1:], posterior.convs[1:], strict=True):
             weight, bias = torch.cat([conv_p.weight, conv_q.weight]), torch.cat([conv_p.bias, conv_q.bias])
-            x = conv2d(F.gelu(x), weight, bias, padding=conv_p.padding, groups=2, onednn=self.onednn)
+            gelu_x = conv_input_gelu(x, self.onednn)
+            x = conv2d(gelu_x, weight, bias, padding=conv_p.padding, groups=2, onednn=self.onednn)
         out_p, out_q = prior.out.weight, posterior.out.weight
         block_diagonal = torch.cat(
             [
@@ -241,7 +244,10 @@ class LatentGroup(nn.Module):
             ]
         )
         out = conv2d(
-            F.gelu(x), block_diagonal, torch.cat([prior.out.bias, posterior.out.bias]), onednn=self.onednn
+            conv_input_gelu(x, self.onednn),
+            block_diagonal,
+            torch.cat([prior.out.bias, posterior.out.bias]),
+            onednn=self.onednn,
         )
         prior_out, posterior_out = out.split([out_p.shape[0], out_q.shape[0]], 1)
         mu_q, logvar_q = posterior_out.chunk(2, 1)
@@ -258,7 +264,7 @@ class LatentGroup(nn.Module):
 class DeepHVAE(LatentVariableModel):
     """``spec`` (a :class:`DeepSpec`, or a preset's name) sizes the model; ``likelihood`` as the others."""
 
-    onednn = False  # its convolutions on fasthvae_onednn (fasthvae.nn.use_onednn_conv)
+    onednn = False  # its convolutions on fasthvae_onednn, its GELUs fused (fasthvae.nn.use_onednn_conv)
 
     def __init__(self, spec: DeepSpec | str = "small", likelihood: str = "mixture") -> None:
         super().__init__(likelihood)
@@ -361,7 +367,8 @@ class DeepHVAE(LatentVariableModel):
             groups = [g for g, r in zip(self.groups, self.resolutions, strict=True) if r == res]
             activation = activations[res]
             weight = torch.cat([g.posterior.convs[0].weight[:, activation.shape[1] :] for g in groups])
-            reads += conv2d(F.gelu(activation), weight, onednn=self.onednn).chunk(len(groups), 1)
+            read = conv2d(conv_input_gelu(activation, self.onednn), weight, onednn=self.onednn)
+            reads += read.chunk(len(groups), 1)
         return reads
 
     def forward(self, x: Tensor, kl_reduction: str = "sample") -> Output:

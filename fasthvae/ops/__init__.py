@@ -6,7 +6,8 @@
 >>> kl = gaussian_kl(mu_q, logvar_q, mu_p, logvar_p)   # KL(q || p)
 >>> z, kl = sample_and_kl(mu, logvar, mu_p, logvar_p)  # both in one pass
 
-The discretized logistic likelihoods (``mixture_nll``, ``logistic_nll``) and the multi-tensor
+A GELU that keeps its derivative for the backward (``gelu``, :mod:`fasthvae.ops.activation`), the
+discretized logistic likelihoods (``mixture_nll``, ``logistic_nll``) and the multi-tensor
 bookkeeping of an optimizer step (``multi_tensor_norms``, ``multi_tensor_scale_``,
 ``multi_tensor_ema_``, ``multi_tensor_adamw_``, :mod:`fasthvae.ops.multi_tensor`) are here too.
 
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fasthvae.ops import library, library_likelihoods, reference
+from fasthvae.ops.activation import gelu
 from fasthvae.ops.backend import (
     BACKENDS,
     cpu_isa,
@@ -44,6 +46,7 @@ __all__ = [
     "cpu_isa",
     "cpu_isas",
     "gaussian_kl",
+    "gelu",
     "get_backend",
     "logistic_nll",
     "mixture_nll",

@@ -139,8 +139,9 @@ class TrainConfig:
     channels_last: bool | None = option(None, "channels_last memory format (default: on)", on_resume="change")
     onednn_conv: bool | None = option(
         None,
-        "the deep model's convolutions on oneDNN's primitives called directly, not through ATen "
-        "(CPU; needs the onednn extra: pip install -e '.[onednn]'; default: on where it can run)",
+        "the deep model's convolutions on oneDNN's primitives called directly, not through ATen, "
+        "and the GELUs before them fused with their derivative (CPU; needs the onednn extra: "
+        "pip install -e '.[onednn]'; default: on where it can run)",
         on_resume="change",
     )
     keep_freed_memory: bool = option(

@@ -1,0 +1,69 @@
+"""A GELU that keeps its derivative for the backward pass.
+
+>>> from fasthvae.ops import gelu
+>>> y = gelu(x)            # F.gelu(x) (the exact, erf form), its backward one multiply
+
+ATen's GELU, and Inductor's compiled one, save the input and evaluate the error function and an
+exponential again in the backward pass (Inductor also recomputes the forward's GELU there, from the
+saved input, rather than saving its output). ``fasthvae::gelu`` writes gelu(x) and gelu'(x) in one
+pass over x, from one exponential (``csrc/gelu_cpu.cpp``), and its backward multiplies the incoming
+gradient by the saved gelu'(x): the same memory saved (the derivative in place of the input) and no
+transcendental work left for the backward. The derivative is computed only where x needs a gradient.
+
+CPU tensors of float32, float16 or bfloat16 (arithmetic in float32; the error function as ATen's
+vectorized CPU one, Abramowitz and Stegun 7.1.26, absolute error <= 1.5e-7; results in x's dtype
+and layout); elsewhere, under the ``reference`` backend, or for float64, :func:`gelu` is ``F.gelu``.
+Registered with ``torch.library`` (the kernel in C++, so that a compiled graph calls it without
+passing through Python; the fake kernel and autograd here, when ``fasthvae._C`` loads):
+``torch.compile(fullgraph=True)`` traces it as one node forward and a multiply backward. Double
+backward is not supported.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fasthvae.ops import backend
+
+
+def _register() -> None:
+    @torch.library.register_fake("fasthvae::gelu")
+    def _(x: Tensor, derivative: bool) -> tuple[Tensor, Tensor]:
+        # empty_like keeps x's strides where x is dense, else lays out as x.suggest_memory_format(),
+        # as the kernel does
+        return torch.empty_like(x), torch.empty_like(x) if derivative else x.new_empty(0)
+
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(output[1])
+
+    def backward(ctx, grad_y: Tensor, grad_d: Tensor) -> tuple[Tensor, None]:
+        (d,) = ctx.saved_tensors
+        if d.numel() == 0 and grad_y.numel() != 0:
+            raise RuntimeError("fasthvae::gelu was called with derivative=False; call fasthvae.ops.gelu")
+        return grad_y * d, None
+
+    torch.library.register_autograd("fasthvae::gelu", backward, setup_context=setup_context)
+
+
+_registered = backend.extension() is not None
+if _registered:
+    _register()
+
+
+def fused_gelu_runs(x: Tensor) -> bool:
+    """Whether :func:`gelu` runs the fused op on ``x`` (else ``F.gelu``): the CPU kernels' own test
+    (``backend.resolve``'s), in what torch.compile traces without a graph break."""
+    return (
+        _registered
+        and x.device.type == "cpu"
+        and x.dtype in backend.FUSED_DTYPES
+        and backend.get_backend() in ("auto", "cpu")
+    )
+
+
+def gelu(x: Tensor) -> Tensor:
+    """``F.gelu(x)``, its derivative written by the same pass (see the module's docstring)."""
+    if not fused_gelu_runs(x):
+        return F.gelu(x)
+    y, _ = torch.ops.fasthvae.gelu(x, torch.is_grad_enabled() and x.requires_grad)
+    return y
