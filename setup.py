@@ -80,8 +80,10 @@ def _extensions():
     ]
     # -fopenmp: at::parallel_for is OpenMP-based in the headers; without it the loops run serially.
     # -fno-builtin-sinf: else GCC fuses sinf and cosf of one angle into sincosf, which has no vector
-    # variant, and the noise loop is left scalar.
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-builtin-sinf", "-std=c++20"]
+    # variant, and the noise loop is left scalar. -fno-trapping-math: the loops never read the
+    # floating-point exception flags; without it GCC keeps a select between two computed values as a
+    # branch where the ISA has no masked arithmetic (AVX2), and leaves such a loop scalar.
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-builtin-sinf", "-std=c++20"]
     libraries = ["mvec"] if os.uname().machine == "x86_64" else []
     if _want_cuda():
         # +PTX: newer GPUs than sm_90 JIT-compile the PTX instead of finding no kernel image.

@@ -44,9 +44,14 @@ FHV_INLINE void gelu_chunk(const float* __restrict x, int64_t n, float* __restri
     const float poly = ((((kA5 * t + kA4) * t + kA3) * t + kA2) * t + kA1) * t;
     const float e = expf(-0.5f * v * v);
     const float tail = 0.5f * poly * e;  // Phi(-|x|)
-    const float cdf = v < 0.0f ? tail : 1.0f - tail;
-    y[i] = cdf == 0.0f ? -0.0f : v * cdf;
-    if constexpr (kDerivative) d[i] = cdf + (e == 0.0f ? 0.0f : v * e * kInvSqrt2Pi);
+    const float head = 1.0f - tail;
+    const float cdf = v < 0.0f ? tail : head;
+    const float gelu = v * cdf;
+    y[i] = cdf == 0.0f ? -0.0f : gelu;
+    if constexpr (kDerivative) {
+      const float density_term = v * e * kInvSqrt2Pi;
+      d[i] = cdf + (e == 0.0f ? 0.0f : density_term);
+    }
   }
 }
 
