@@ -148,6 +148,8 @@ def test_the_cache_key_follows_isa_caps_and_the_code(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     plain = speed.cache_key(c, rt, 1)
     assert plain["code"] == speed.code_digest() and len(plain["code"]) == 16
+    digested = {p.name for p in speed.digested_files()}
+    assert {"speed.py", "deep.py", "gelu_cpu.cpp", "onednn_conv.cpp"} <= digested  # a rebuilt kernel too
     caps = [("ONEDNN_MAX_CPU_ISA", "AVX2"), ("FASTHVAE_CPU_ISA", "avx2"), ("MKL_ENABLE_INSTRUCTIONS", "AVX2")]
     for name, value in caps:
         monkeypatch.setenv(name, value)

@@ -26,10 +26,11 @@ the window's own batches (the resident loader keeps none: its windows start at o
 feed the step stage's chosen step, already compiled and warm.
 
 The choice is cached per machine (CPU, its flags under any ISA cap and the caps themselves, threads,
-GPU), torch and fasthvae version, a digest of fasthvae's sources, device, model, batch, precision and
-compile mode in ``~/.cache/fasthvae/speed/`` (``$XDG_CACHE_HOME`` respected; ``$FASTHVAE_CACHE_DIR``
-replaces ``~/.cache/fasthvae``), so a machine probes a model once. A run of fewer than
-``PROBE_MIN_STEPS`` steps keeps the defaults: the probe would cost more than it could save. The
+GPU), torch and fasthvae version, a digest of fasthvae's sources (in a checkout its kernels' too),
+device, model, batch, precision and compile mode in ``~/.cache/fasthvae/speed/``
+(``$XDG_CACHE_HOME`` respected; ``$FASTHVAE_CACHE_DIR`` replaces ``~/.cache/fasthvae``), so a
+machine probes a model once. A run of fewer than ``PROBE_MIN_STEPS`` steps keeps the defaults: the
+probe would cost more than it could save. The
 choice, where it came from and the probe's times are printed and go into config.json
 (``runtime.speed``). The probe leaves the random state as it found it: a run that probed trains as a
 ``--speed fixed`` run given the chosen switches.
@@ -129,14 +130,27 @@ def cache_dir() -> Path:
     return Path(root) / "fasthvae" / "speed"
 
 
+def digested_files() -> list[Path]:
+    """fasthvae's Python sources and, in a checkout, its kernels' C++ and CUDA sources (``csrc/``,
+    beside the package: a rebuilt kernel changes the step as a changed model does)."""
+    package = Path(__file__).resolve().parents[1]
+    kernels = package.parent / "csrc"
+    native = (
+        [p for p in kernels.rglob("*") if p.suffix in (".cpp", ".h", ".cu", ".cuh")]
+        if kernels.is_dir()
+        else []
+    )
+    return sorted(package.rglob("*.py")) + sorted(native)
+
+
 @functools.cache
 def code_digest() -> str:
-    """A digest of fasthvae's Python sources, so that a changed model or step is probed again
+    """A digest of :func:`digested_files`, so that a changed model, step or kernel is probed again
     without a new version number."""
-    package = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    for path in digested_files():
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
