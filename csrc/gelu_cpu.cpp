@@ -1,7 +1,7 @@
 // fasthvae::gelu, the GELU that returns its derivative: one pass over x writes gelu(x) and, where
 // asked, gelu'(x), so that a backward pass multiplies by a saved tensor instead of evaluating the
-// error function and an exponential again. Registered with the dispatcher here (a C++ kernel: a
-// compiled graph calls it without passing through Python); its fake kernel and autograd are in
+// error function and an exponential again. Registered with the dispatcher here, so that a call
+// reaches this kernel with no Python implementation in between; its fake kernel and autograd are in
 // fasthvae/ops/activation.py. SIMD loops, one wrapper per ISA level (cpu_common.h).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>

@@ -1,5 +1,10 @@
 """fasthvae.ops.gelu, the GELU that keeps its derivative, against the float64 GELU on every CPU ISA
-path: values and gradients, layouts, extremes, threads, compilation."""
+path: values and gradients, layouts, extremes, threads, compilation; and its loops vectorized."""
+
+import platform
+import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -127,6 +132,9 @@ def test_the_derivative_is_written_only_where_a_gradient_is_needed():
     assert none.numel() == 0 and d.shape == x.shape and torch.equal(y_with, y_without)
     with torch.no_grad():
         assert torch.equal(ops.gelu(x.requires_grad_()), y_with)
+    y, _ = torch.ops.fasthvae.gelu(x, False)  # called directly without its derivative: no backward
+    with pytest.raises(RuntimeError, match="derivative=False"):
+        y.sum().backward()
 
 
 @pytest.mark.parametrize("derivative", [True, False], ids=["derivative", "no_derivative"])
@@ -189,3 +197,27 @@ def test_conv_input_gelu_under_autocast_takes_the_autocast_dtype():
         fused, plain = conv_input_gelu(x, fused=True), conv_input_gelu(x, fused=False)
     assert fused.dtype == torch.bfloat16 and torch.equal(fused, ops.gelu(x.bfloat16()))
     assert plain.dtype == torch.float32 and torch.equal(plain, F.gelu(x))
+
+
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or shutil.which("objdump") is None, reason="x86-64 with binutils' objdump"
+)
+def test_each_isa_loop_calls_its_vector_exponential():
+    """Every AVX-512 and AVX2 wrapper of the GELU's loop calls glibc's vector expf of its width
+    (``_ZGVeN16v_expf``, ``_ZGVdN8v_expf``): the loop vectorized. Without ``-fno-trapping-math`` GCC
+    left the AVX2 ones scalar (a select kept as a branch), ten times slower and correct, so no value
+    test sees it."""
+    library = backend.extension().__file__
+    listing = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", "-C", library], capture_output=True, text=True, check=True
+    ).stdout
+    calls: dict[str, set[str]] = {}
+    for function in re.split(r"\n(?=[0-9a-f]+ <)", listing):
+        header = re.match(r"[0-9a-f]+ <.*?gelu_span_(avx512|avx2)<([^,]+), (true|false)>", function)
+        if header:
+            calls.setdefault("/".join(header.groups()), set()).update(
+                re.findall(r"call.*<(\w+)@plt>", function)
+            )
+    assert len(calls) == 12, sorted(calls)  # 2 levels x 3 dtypes x with and without the derivative
+    want = {"avx512": "_ZGVeN16v_expf", "avx2": "_ZGVdN8v_expf"}
+    assert all(want[name.split("/")[0]] in called for name, called in calls.items()), calls

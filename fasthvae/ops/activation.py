@@ -13,8 +13,8 @@ transcendental work left for the backward. The derivative is computed only where
 CPU tensors of float32, float16 or bfloat16 (arithmetic in float32; the error function as ATen's
 vectorized CPU one, Abramowitz and Stegun 7.1.26, absolute error <= 1.5e-7; results in x's dtype
 and layout); elsewhere, under the ``reference`` backend, or for float64, :func:`gelu` is ``F.gelu``.
-Registered with ``torch.library`` (the kernel in C++, so that a compiled graph calls it without
-passing through Python; the fake kernel and autograd here, when ``fasthvae._C`` loads):
+Registered with ``torch.library`` (the kernel in C++, which a call reaches from the dispatcher with
+no Python implementation in between; the fake kernel and autograd here, when ``fasthvae._C`` loads):
 ``torch.compile(fullgraph=True)`` traces it as one node forward and a multiply backward. Double
 backward is not supported.
 """
