@@ -74,14 +74,8 @@ def conv2d(
 
 def conv_input_gelu(x: Tensor, fused: bool = False) -> Tensor:
     """``F.gelu(x)`` as a convolution's input; :func:`fasthvae.ops.gelu` (its derivative kept for
-    the backward) when ``fused``. Under CPU autocast to a half dtype the fused GELU takes ``x`` cast
-    to that dtype, the dtype the convolution computes in (its output and saved derivative then half
-    the bytes)."""
-    if not fused:
-        return F.gelu(x)
-    if torch.is_autocast_enabled("cpu") and x.device.type == "cpu":
-        x = x.to(torch.get_autocast_dtype("cpu"))
-    return ops.gelu(x)
+    the backward) when ``fused``."""
+    return ops.gelu(x) if fused else F.gelu(x)
 
 
 class Conv2d(nn.Conv2d):
