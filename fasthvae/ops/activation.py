@@ -4,8 +4,7 @@
 >>> y = gelu(x)            # F.gelu(x) (the exact, erf form), its backward one multiply
 
 ATen's GELU, and Inductor's compiled one, save the input and evaluate the error function and an
-exponential again in the backward pass (Inductor also recomputes the forward's GELU there, from the
-saved input, rather than saving its output). ``fasthvae::gelu`` writes gelu(x) and gelu'(x) in one
+exponential again in the backward pass. ``fasthvae::gelu`` writes gelu(x) and gelu'(x) in one
 pass over x, from one exponential (``csrc/gelu_cpu.cpp``), and its backward multiplies the incoming
 gradient by the saved gelu'(x): the same memory saved (the derivative in place of the input) and no
 transcendental work left for the backward. The derivative is computed only where x needs a gradient.
