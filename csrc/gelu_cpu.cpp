@@ -55,30 +55,7 @@ FHV_INLINE void gelu_chunk(const float* __restrict x, int64_t n, float* __restri
   }
 }
 
-// bfloat16 <-> float as bit operations, which vectorize inside each ISA wrapper: the upper half of a
-// float, and round to nearest even with NaN kept quiet (c10::BFloat16's conversions).
-FHV_INLINE void bf16_to_float(const at::BFloat16* __restrict src, int64_t n, float* __restrict dst) {
-  const auto* s = reinterpret_cast<const uint16_t*>(src);
-  auto* d = reinterpret_cast<uint32_t*>(dst);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
-}
-
-FHV_INLINE void float_to_bf16(const float* __restrict src, int64_t n, at::BFloat16* __restrict dst) {
-  const auto* s = reinterpret_cast<const uint32_t*>(src);
-  auto* d = reinterpret_cast<uint16_t*>(dst);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t b = s[i];
-    const bool nan = (b & 0x7fffffffu) > 0x7f800000u;
-    d[i] = nan ? static_cast<uint16_t>(0x7fc0u) : static_cast<uint16_t>((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
-  }
-}
-
-// gelu (and gelu') of x[0:n], staged through float chunks for half and bfloat16. (GCC cannot see
-// that each stage writes the m elements the next reads, and warns that the buffers may be unset.)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// gelu (and gelu') of x[0:n], staged through float chunks for half and bfloat16.
 template <typename T, bool kDerivative>
 FHV_INLINE void gelu_span_impl(const T* x, int64_t n, T* y, T* d) {
   if constexpr (std::is_same_v<T, float>) {
@@ -87,24 +64,12 @@ FHV_INLINE void gelu_span_impl(const T* x, int64_t n, T* y, T* d) {
     alignas(64) float xb[kChunk], yb[kChunk], db[kChunk];
     for (int64_t s = 0; s < n; s += kChunk) {
       const int64_t m = std::min(kChunk, n - s);
-      const float* xf = xb;
-      if constexpr (std::is_same_v<T, at::BFloat16>) {
-        bf16_to_float(x + s, m, xb);
-      } else {
-        xf = load_float(x + s, m, xb);
-      }
-      gelu_chunk<kDerivative>(xf, m, yb, db);
-      if constexpr (std::is_same_v<T, at::BFloat16>) {
-        float_to_bf16(yb, m, y + s);
-        if constexpr (kDerivative) float_to_bf16(db, m, d + s);
-      } else {
-        store_float(y + s, yb, m);
-        if constexpr (kDerivative) store_float(d + s, db, m);
-      }
+      gelu_chunk<kDerivative>(load_float(x + s, m, xb), m, yb, db);
+      store_float(y + s, yb, m);
+      if constexpr (kDerivative) store_float(d + s, db, m);
     }
   }
 }
-#pragma GCC diagnostic pop
 
 #define FHV_GELU_VARIANT(attr, suffix)                                      \
   template <typename T, bool kDerivative>                                   \
