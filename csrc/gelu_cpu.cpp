@@ -55,26 +55,29 @@ FHV_INLINE void gelu_chunk(const float* __restrict x, int64_t n, float* __restri
   }
 }
 
-// gelu (and gelu') of x[0:n], staged through float chunks for half and bfloat16.
-template <typename T, bool kDerivative>
-FHV_INLINE void gelu_span_impl(const T* x, int64_t n, T* y, T* d) {
-  if constexpr (std::is_same_v<T, float>) {
+// gelu (and gelu') of x[0:n]: y in U, d in x's type T; staged through float chunks where either is
+// not float.
+template <typename T, typename U, bool kDerivative>
+FHV_INLINE void gelu_span_impl(const T* x, int64_t n, U* y, T* d) {
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<U, float>) {
     gelu_chunk<kDerivative>(x, n, y, d);
   } else {
     alignas(64) float xb[kChunk], yb[kChunk], db[kChunk];
     for (int64_t s = 0; s < n; s += kChunk) {
       const int64_t m = std::min(kChunk, n - s);
-      gelu_chunk<kDerivative>(load_float(x + s, m, xb), m, yb, db);
-      store_float(y + s, yb, m);
-      if constexpr (kDerivative) store_float(d + s, db, m);
+      float* ys = out_float(y + s, yb);
+      float* ds = kDerivative ? out_float(d + s, db) : db;
+      gelu_chunk<kDerivative>(load_float(x + s, m, xb), m, ys, ds);
+      store_float(y + s, ys, m);
+      if constexpr (kDerivative) store_float(d + s, ds, m);
     }
   }
 }
 
 #define FHV_GELU_VARIANT(attr, suffix)                                      \
-  template <typename T, bool kDerivative>                                   \
-  attr void gelu_span_##suffix(const T* x, int64_t n, T* y, T* d) {         \
-    gelu_span_impl<T, kDerivative>(x, n, y, d);                             \
+  template <typename T, typename U, bool kDerivative>                       \
+  attr void gelu_span_##suffix(const T* x, int64_t n, U* y, T* d) {         \
+    gelu_span_impl<T, U, kDerivative>(x, n, y, d);                          \
   }
 
 FHV_GELU_VARIANT(, baseline)
@@ -83,52 +86,75 @@ FHV_GELU_VARIANT(FHV_TARGET_AVX512, avx512)
 FHV_GELU_VARIANT(FHV_TARGET_AVX2, avx2)
 #endif
 
-template <typename T, bool kDerivative>
-void gelu_span(const T* x, int64_t n, T* y, T* d) {
-  FHV_ISA_DISPATCH(gelu_span, FHV_TARGS(T, kDerivative), x, n, y, d)
+template <typename T, typename U, bool kDerivative>
+void gelu_span(const T* x, int64_t n, U* y, T* d) {
+  FHV_ISA_DISPATCH(gelu_span, FHV_TARGS(T, U, kDerivative), x, n, y, d)
 }
 
-template <typename T, bool kDerivative>
+template <typename T, typename U, bool kDerivative>
 void gelu_typed(const at::Tensor& x, const at::Tensor& y, const at::Tensor& d) {
   const T* xp = x.const_data_ptr<T>();
-  T* yp = y.mutable_data_ptr<T>();
+  U* yp = y.mutable_data_ptr<U>();
   T* dp = kDerivative ? d.mutable_data_ptr<T>() : nullptr;
   const int64_t n = x.numel();
   at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t begin = b * kBlock, len = std::min(kBlock, n - begin);
-      gelu_span<T, kDerivative>(xp + begin, len, yp + begin, kDerivative ? dp + begin : nullptr);
+      gelu_span<T, U, kDerivative>(xp + begin, len, yp + begin, kDerivative ? dp + begin : nullptr);
     }
   });
 }
 
-// (gelu(x), gelu'(x) or an empty tensor where not asked for), laid out as x where x is dense (any
-// order of its dims: the outputs share its strides, and one walk over its memory covers all three),
-// else as x.contiguous(x.suggest_memory_format()).
+void check_input(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": CPU tensors only, got one on ", x.device());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": x must be float32, float16 or bfloat16, got ", dtype);
+}
+
+// x where it is dense (any order of its dims: the outputs share its strides, and one walk over its
+// memory covers all three), else x.contiguous(x.suggest_memory_format()).
+at::Tensor dense(const at::Tensor& x) {
+  return x.is_non_overlapping_and_dense() ? x : x.contiguous(x.suggest_memory_format());
+}
+
+// gelu(x) into y (of type U) and, where asked, gelu'(x) into d (x's type T).
+template <typename T, typename U>
+void run_gelu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& d, bool derivative) {
+  if (derivative) {
+    gelu_typed<T, U, true>(x, y, d);
+  } else {
+    gelu_typed<T, U, false>(x, y, d);
+  }
+}
+
+// (gelu(x), gelu'(x) or an empty tensor where not asked for), laid out as dense(x).
 std::tuple<at::Tensor, at::Tensor> gelu_cpu(const at::Tensor& x_in, bool derivative) {
-  TORCH_CHECK(x_in.device().is_cpu(), "fasthvae::gelu: CPU tensors only, got one on ", x_in.device());
-  const auto dtype = x_in.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "fasthvae::gelu: x must be float32, float16 or bfloat16, got ", dtype);
-  const at::Tensor x =
-      x_in.is_non_overlapping_and_dense() ? x_in : x_in.contiguous(x_in.suggest_memory_format());
+  check_input(x_in, "fasthvae::gelu");
+  const at::Tensor x = dense(x_in);
   at::Tensor y = at::empty_like(x);
   at::Tensor d = derivative ? at::empty_like(x) : at::empty({0}, x.options());
   if (x.numel() == 0) return {y, d};
-  const auto run = [&](auto tag) {
-    using T = decltype(tag);
-    if (derivative) {
-      gelu_typed<T, true>(x, y, d);
-    } else {
-      gelu_typed<T, false>(x, y, d);
-    }
-  };
-  if (dtype == at::kFloat) {
-    run(float{});
-  } else if (dtype == at::kHalf) {
-    run(at::Half{});
-  } else {
-    run(at::BFloat16{});
+  switch (x.scalar_type()) {
+    case at::kFloat: run_gelu<float, float>(x, y, d, derivative); break;
+    case at::kHalf: run_gelu<at::Half, at::Half>(x, y, d, derivative); break;
+    default: run_gelu<at::BFloat16, at::BFloat16>(x, y, d, derivative);
+  }
+  return {y, d};
+}
+
+// As gelu_cpu, gelu(x) written in bfloat16 (gelu'(x) in x's dtype): a bfloat16 convolution's input
+// from a float32 x, without a float32 gelu(x) in between.
+std::tuple<at::Tensor, at::Tensor> gelu_bfloat16_cpu(const at::Tensor& x_in, bool derivative) {
+  check_input(x_in, "fasthvae::gelu_bfloat16");
+  const at::Tensor x = dense(x_in);
+  at::Tensor y = at::empty_like(x, x.options().dtype(at::kBFloat16));
+  at::Tensor d = derivative ? at::empty_like(x) : at::empty({0}, x.options());
+  if (x.numel() == 0) return {y, d};
+  switch (x.scalar_type()) {
+    case at::kFloat: run_gelu<float, at::BFloat16>(x, y, d, derivative); break;
+    case at::kHalf: run_gelu<at::Half, at::BFloat16>(x, y, d, derivative); break;
+    default: run_gelu<at::BFloat16, at::BFloat16>(x, y, d, derivative);
   }
   return {y, d};
 }
@@ -139,6 +165,10 @@ std::tuple<at::Tensor, at::Tensor> gelu_cpu(const at::Tensor& x_in, bool derivat
 
 TORCH_LIBRARY_FRAGMENT(fasthvae, m) {
   m.def("gelu(Tensor x, bool derivative) -> (Tensor, Tensor)");
+  m.def("gelu_bfloat16(Tensor x, bool derivative) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fasthvae, CPU, m) { m.impl("gelu", &fasthvae::gelu_cpu); }
+TORCH_LIBRARY_IMPL(fasthvae, CPU, m) {
+  m.impl("gelu", &fasthvae::gelu_cpu);
+  m.impl("gelu_bfloat16", &fasthvae::gelu_bfloat16_cpu);
+}

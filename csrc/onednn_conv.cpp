@@ -251,17 +251,95 @@ at::Tensor conv2d_autograd(const at::Tensor& x, const at::Tensor& weight, const 
   return Conv2dFunction::apply(x, weight, bias, padding, groups, nhwc);
 }
 
+// conv2d(gelu(x)) with the GELU from fasthvae::gelu (or ::gelu_bfloat16, where a float32 x feeds a
+// bfloat16 convolution): (the convolution's output, gelu(x), gelu'(x) or an empty tensor where not
+// asked for), gelu(x) and gelu'(x) in the op's layout. One call where a model would make two (and
+// a cast where the dtypes differ); the GELU's kernels live in fasthvae._C, reached through the
+// dispatcher.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_conv2d(const at::Tensor& x_in, const at::Tensor& w,
+    const std::optional<at::Tensor>& bias, at::IntArrayRef padding, int64_t groups, bool nhwc, bool bfloat16,
+    bool derivative) {
+  using Gelu = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, bool);
+  static const auto same_dtype =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fasthvae::gelu", "").typed<Gelu>();
+  static const auto to_bfloat16 =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fasthvae::gelu_bfloat16", "").typed<Gelu>();
+  check(x_in, w, padding, groups);
+  const auto x = in_layout(x_in, nhwc);
+  TORCH_CHECK(!bfloat16 || x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+      "fasthvae_onednn::gelu_conv2d: x must be float32 or bfloat16, not ", x.scalar_type());
+  auto [a, d] = (bfloat16 ? to_bfloat16 : same_dtype).call(x, derivative);
+  return {conv2d(a, w, bias, padding, groups, nhwc), a, d};
+}
+
+// Autograd of gelu_conv2d: saves gelu(x) (the convolution's input) and gelu'(x); the backward is the
+// convolution's, then the input's gradient times gelu'(x), in x's dtype.
+class GeluConv2dFunction : public torch::autograd::Function<GeluConv2dFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+      const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::IntArrayRef padding, int64_t groups,
+      bool nhwc, bool bfloat16, bool derivative) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fasthvae_onednn::gelu_conv2d", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
+                                   const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef, int64_t,
+                                   bool, bool, bool)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, a, d] = op.call(x, weight, bias, padding, groups, nhwc, bfloat16, derivative);
+    ctx->save_for_backward({a, d, weight});
+    ctx->mark_non_differentiable({a, d});
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["nhwc"] = nhwc;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    return {y, a, d};
+  }
+
+  static torch::autograd::variable_list backward(
+      torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fasthvae_onednn::conv2d_backward", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&, at::IntArrayRef, int64_t, bool, bool)>();
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &a = saved[0], &d = saved[1];
+    const bool nhwc = ctx->saved_data["nhwc"].toBool();
+    const bool input_grad = ctx->needs_input_grad(0);
+    TORCH_CHECK(!input_grad || d.dim() == a.dim(),  // not asked for: an empty 1-D tensor
+        "fasthvae_onednn::gelu_conv2d was called with derivative=False; call fasthvae.nn.gelu_conv2d");
+    const auto grad_y = grads[0].to(a.scalar_type()).contiguous(format_of(nhwc));
+    auto [grad_a, grad_w, grad_b] = op.call(grad_y, a, saved[2], ctx->saved_data["padding"].toIntVector(),
+        ctx->saved_data["groups"].toInt(), nhwc, input_grad);
+    return {input_grad ? grad_a * d : at::Tensor(), grad_w,
+        ctx->saved_data["has_bias"].toBool() ? grad_b : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+        at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_conv2d_autograd(const at::Tensor& x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, at::IntArrayRef padding, int64_t groups, bool nhwc, bool bfloat16,
+    bool derivative) {
+  auto out = GeluConv2dFunction::apply(x, weight, bias, padding, groups, nhwc, bfloat16, derivative);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fasthvae_onednn, m) {
   m.def("conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] padding, int groups, bool channels_last) -> Tensor");
   m.def("conv2d_backward(Tensor grad_y, Tensor x, Tensor weight, int[2] padding, int groups, bool channels_last, "
         "bool input_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("gelu_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] padding, int groups, bool channels_last, "
+        "bool bfloat16, bool derivative) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fasthvae_onednn, CPU, m) {
   m.impl("conv2d", &conv2d);
   m.impl("conv2d_backward", &conv2d_backward);
+  m.impl("gelu_conv2d", &gelu_conv2d);
 }
 
-TORCH_LIBRARY_IMPL(fasthvae_onednn, Autograd, m) { m.impl("conv2d", &conv2d_autograd); }
+TORCH_LIBRARY_IMPL(fasthvae_onednn, Autograd, m) {
+  m.impl("conv2d", &conv2d_autograd);
+  m.impl("gelu_conv2d", &gelu_conv2d_autograd);
+}

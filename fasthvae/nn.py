@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from fasthvae import ops
 from fasthvae.ops import onednn_conv
+from fasthvae.ops.activation import fused_gelu_runs
 from fasthvae.ops.reference import check_reduction
 
 
@@ -70,6 +71,22 @@ def conv2d(
     if onednn and x.device.type == "cpu" and x.dtype in onednn_conv.DTYPES:
         return onednn_conv.conv2d(x, weight, bias, padding, groups)
     return F.conv2d(x, weight, bias, padding=padding, groups=groups)
+
+
+def gelu_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    padding: int | tuple[int, int] = 0,
+    groups: int = 1,
+    onednn: bool = False,
+) -> Tensor:
+    """``conv2d(F.gelu(x), ...)``: one ``fasthvae_onednn::gelu_conv2d`` call (the fused GELU written
+    in the convolution's dtype) when ``onednn`` is set and both the oneDNN convolution and the fused
+    GELU run on ``x``; else :func:`conv2d` of :func:`conv_input_gelu`."""
+    if onednn and x.device.type == "cpu" and x.dtype in onednn_conv.DTYPES and fused_gelu_runs(x):
+        return onednn_conv.gelu_conv2d(x, weight, bias, padding, groups)
+    return conv2d(conv_input_gelu(x, onednn), weight, bias, padding, groups, onednn)
 
 
 def conv_input_gelu(x: Tensor, fused: bool = False) -> Tensor:

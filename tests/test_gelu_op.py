@@ -214,11 +214,37 @@ def test_each_isa_loop_calls_its_vector_exponential():
     ).stdout
     calls: dict[str, set[str]] = {}
     for function in re.split(r"\n(?=[0-9a-f]+ <)", listing):
-        header = re.match(r"[0-9a-f]+ <.*?gelu_span_(avx512|avx2)<([^,]+), (true|false)>", function)
+        header = re.match(r"[0-9a-f]+ <.*?gelu_span_(avx512|avx2)<([^,]+), ([^,]+), (true|false)>", function)
         if header:
             calls.setdefault("/".join(header.groups()), set()).update(
                 re.findall(r"call.*<(\w+)@plt>", function)
             )
-    assert len(calls) == 12, sorted(calls)  # 2 levels x 3 dtypes x with and without the derivative
+    # 2 levels x 5 (input, output) dtypes (each to itself, float32 and float16 to bfloat16) x with and
+    # without the derivative
+    assert len(calls) == 20, sorted(calls)
     want = {"avx512": "_ZGVeN16v_expf", "avx2": "_ZGVdN8v_expf"}
     assert all(want[name.split("/")[0]] in called for name, called in calls.items()), calls
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_the_bfloat16_output_variant_rounds_the_same_gelu(isa, dtype, layout):
+    """fasthvae::gelu_bfloat16 (the fused convolution's GELU): gelu(x) written in bfloat16 is the
+    bfloat16 rounding of fasthvae::gelu's float32 result (of x in float32, which holds every value of
+    x's dtype), bit for bit, and its derivative is gelu's, in x's dtype and layout."""
+    x, _ = inputs((3, 5, 33, 7), dtype)
+    x = x.contiguous(memory_format=CL) if layout == "channels_last" else x
+    with backend.use_cpu_isa(isa):
+        y, d = torch.ops.fasthvae.gelu_bfloat16(x, True)
+        y_float, _ = torch.ops.fasthvae.gelu(x.float(), False)
+        _, d_same = torch.ops.fasthvae.gelu(x, True)
+    assert y.dtype == torch.bfloat16 and d.dtype == dtype and y.stride() == d.stride() == x.stride()
+    assert torch.equal(y, y_float.bfloat16()) and torch.equal(d, d_same)
+    y_alone, d_alone = torch.ops.fasthvae.gelu_bfloat16(x, False)
+    assert torch.equal(y_alone, y) and d_alone.numel() == 0
+
+
+def test_the_bfloat16_output_variant_passes_opcheck():
+    x, _ = inputs((3, 5, 33, 7), torch.float32)
+    torch.library.opcheck(torch.ops.fasthvae.gelu_bfloat16.default, (x, True))

@@ -1,22 +1,25 @@
 """fasthvae_onednn::conv2d (fasthvae/ops/onednn_conv.py, csrc/onednn_conv.cpp) against a float64
 convolution of the same inputs: values and gradients, float32 and bfloat16, NCHW and channels_last,
 odd and the deep model's shapes, groups, with and without bias; torch.compile(fullgraph=True);
-autocast; the deep model with its convolutions on oneDNN; the errors."""
+autocast; the GELU fused before it (fasthvae_onednn::gelu_conv2d); the deep model with its
+convolutions on oneDNN; the errors."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fasthvae import ops
 from fasthvae.models import DeepHVAE
 from fasthvae.models.deep import DeepSpec
 from fasthvae.nn import Conv2d, use_onednn_conv
-from fasthvae.ops import onednn_conv
+from fasthvae.ops import backend, onednn_conv
 from fasthvae.training.config import TrainConfig, TrainingError
 from fasthvae.training.distributed import DistInfo
 from fasthvae.training.runtime import resolve_runtime
 from tests.helpers import needs_avx512_bf16, needs_onednn, recording_backend
 
 CL = torch.channels_last
+needs_gelu = pytest.mark.skipif(backend.extension() is None, reason="fasthvae._C (the GELU) is not built")
 # Of the largest reference magnitude. Float32: accumulation over at most ~600 products. Bfloat16: the
 # output rounded once to bfloat16 (2^-9 of a value at most its largest), the weight gradient float32.
 TOLERANCE = {torch.float32: 2**-19, torch.bfloat16: 2**-8}
@@ -169,6 +172,108 @@ def test_conv2d_under_autocast_casts_the_activations_and_keeps_float32_parameter
     assert y.dtype == torch.bfloat16 and torch.equal(y, plain)
     y.float().sum().backward()
     assert x.grad.dtype == weight.grad.dtype == b.grad.dtype == torch.float32
+
+
+def gelu_then_conv(fused: bool, x, weight, b, padding, groups, grad_y):
+    """conv2d(gelu(x)) as one fused op or as fasthvae.ops.gelu then the oneDNN convolution: the
+    output and the gradients of x, the weight and the bias."""
+    x = x.detach().requires_grad_()
+    if fused:
+        y = onednn_conv.gelu_conv2d(x, weight, b, padding, groups)
+    else:
+        y = onednn_conv.conv2d(ops.gelu(x), weight, b, padding, groups)
+    return y, torch.autograd.grad(y, (x, weight, b), grad_y.to(y.dtype))
+
+
+@needs_onednn
+@needs_gelu
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    "dtype,autocast",
+    [
+        (torch.float32, False),
+        pytest.param(torch.bfloat16, False, marks=needs_avx512_bf16),
+        pytest.param(torch.float32, True, marks=needs_avx512_bf16),
+    ],
+    ids=["float32", "bfloat16", "float32_autocast"],
+)
+def test_gelu_conv2d_is_the_gelu_then_the_convolution(shape, dtype, autocast, channels_last):
+    """The fused op gives the bits of fasthvae.ops.gelu followed by the oneDNN convolution (the same
+    kernels, the GELU written in the convolution's dtype), values and every gradient; the gradient of
+    x in x's dtype (float32 under autocast, where the convolution runs in bfloat16)."""
+    *_, padding, groups = shape
+    x, weight, b = inputs(shape, dtype, channels_last)
+    out_shape = F.conv2d(x.detach().float(), weight.detach(), padding=padding, groups=groups).shape
+    grad_y = torch.randn(out_shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for fused in (True, False):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            results.append(gelu_then_conv(fused, x, weight, b, padding, groups, grad_y))
+    (y, grads), (y_twice, grads_twice) = results
+    assert y.dtype == (torch.bfloat16 if autocast else dtype) and y.stride() == y_twice.stride()
+    assert torch.equal(y, y_twice)
+    for ours, exp in zip(grads, grads_twice, strict=True):
+        assert ours.dtype == exp.dtype and torch.equal(ours, exp)
+    assert grads[0].dtype == dtype
+
+
+@needs_onednn
+@needs_gelu
+def test_gelu_conv2d_against_float64():
+    """The fused op against the float64 GELU and convolution: float32, channels_last."""
+    shape = SHAPES[0]
+    *_, padding, groups = shape
+    x, weight, b = inputs(shape, torch.float32, True, scale=3.0)
+    y = onednn_conv.gelu_conv2d(x, weight, b, padding, groups)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(y, (x, weight, b), grad_y)
+    x64 = x.detach().double().requires_grad_()
+    expected, expected_grads = reference(F.gelu(x64), weight, b, padding, groups, grad_y)
+    (grad_x64,) = torch.autograd.grad(F.gelu(x64), x64, expected_grads[0])
+    assert_near(y, expected, 2**-19, "output")
+    for name, ours, exp in zip(("x", "weight", "bias"), grads, (grad_x64, *expected_grads[1:]), strict=True):
+        assert_near(ours, exp, 2**-18, f"grad {name}")
+
+
+@needs_onednn
+@needs_gelu
+@pytest.mark.parametrize("derivative", [True, False], ids=["derivative", "no_derivative"])
+def test_gelu_conv2d_passes_opcheck(derivative):
+    onednn_conv.load()
+    x, weight, b = inputs(SHAPES[0], torch.float32, True)
+    x = x.detach().contiguous(memory_format=CL).requires_grad_(derivative)
+    args = (x, weight, b, [1, 1], 1, True, False, derivative)
+    torch.library.opcheck(torch.ops.fasthvae_onednn.gelu_conv2d.default, args)
+
+
+@needs_onednn
+@needs_gelu
+def test_gelu_conv2d_compiles_as_one_graph_with_the_same_values():
+    onednn_conv.load()
+    x, weight, b = inputs(SHAPES[0], torch.float32, True)
+
+    def f(x, weight, b):
+        return onednn_conv.gelu_conv2d(x, weight, b, 1)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)
+    y, expected = compiled(x, weight, b), f(x, weight, b)
+    assert torch.equal(y, expected)
+    grad_y = torch.randn_like(expected)
+    grads = torch.autograd.grad(y, (x, weight, b), grad_y)
+    for ours, exp in zip(grads, torch.autograd.grad(expected, (x, weight, b), grad_y), strict=True):
+        assert torch.equal(ours, exp)
+
+
+@needs_onednn
+@needs_gelu
+def test_gelu_conv2d_without_the_derivative_refuses_the_input_gradient():
+    onednn_conv.load()
+    x, weight, b = inputs(SHAPES[0], torch.float32, True)
+    x = x.detach().contiguous(memory_format=CL).requires_grad_()
+    y, _, _ = torch.ops.fasthvae_onednn.gelu_conv2d(x, weight, b, [1, 1], 1, True, False, False)
+    with pytest.raises(RuntimeError, match="derivative=False"):
+        y.sum().backward()
 
 
 @needs_onednn

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from fasthvae import likelihoods, ops
 from fasthvae.models.base import LatentVariableModel, Output, gaussian_log_prob, sample_gaussian
-from fasthvae.nn import Conv2d, conv2d, conv_input_gelu
+from fasthvae.nn import Conv2d, gelu_conv2d
 
 IMAGE_SIZE = 32
 LOGVAR_BOUND = 10.0  # sigma in (e^-5, e^5), as NVAE's soft clamp of log sigma at 5
@@ -178,9 +178,8 @@ class Cell(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = x
-        for conv in self.convs:
-            h = conv(conv_input_gelu(h, self.onednn))
-        h = self.out(conv_input_gelu(h, self.onednn))
+        for conv in [*self.convs, self.out]:
+            h = gelu_conv2d(h, conv.weight, conv.bias, conv.padding, conv.groups, self.onednn)
         return x + h if self.residual else h
 
 
@@ -225,8 +224,8 @@ class LatentGroup(nn.Module):
         formed: Inductor lays one out as NCHW in a channels_last step and transposes into it."""
         prior, posterior = self.prior, self.posterior
         first_p, first_q = prior.convs[0], posterior.convs[0]
-        x = conv2d(
-            conv_input_gelu(h, self.onednn),
+        x = gelu_conv2d(
+            h,
             torch.cat([first_p.weight, first_q.weight[:, : h.shape[1]]]),
             torch.cat([first_p.bias, first_q.bias]),
             onednn=self.onednn,
@@ -234,8 +233,7 @@ class LatentGroup(nn.Module):
         x = x + F.pad(read, (0, 0, 0, 0, read.shape[1], 0))  # the read reaches the posterior's half
         for conv_p, conv_q in zip(prior.convs[1:], posterior.convs[1:], strict=True):
             weight, bias = torch.cat([conv_p.weight, conv_q.weight]), torch.cat([conv_p.bias, conv_q.bias])
-            gelu_x = conv_input_gelu(x, self.onednn)
-            x = conv2d(gelu_x, weight, bias, padding=conv_p.padding, groups=2, onednn=self.onednn)
+            x = gelu_conv2d(x, weight, bias, padding=conv_p.padding, groups=2, onednn=self.onednn)
         out_p, out_q = prior.out.weight, posterior.out.weight
         block_diagonal = torch.cat(
             [
@@ -243,8 +241,8 @@ class LatentGroup(nn.Module):
                 torch.cat([torch.zeros_like(out_q), out_q], 1),
             ]
         )
-        out = conv2d(
-            conv_input_gelu(x, self.onednn),
+        out = gelu_conv2d(
+            x,
             block_diagonal,
             torch.cat([prior.out.bias, posterior.out.bias]),
             onednn=self.onednn,
@@ -367,7 +365,7 @@ class DeepHVAE(LatentVariableModel):
             groups = [g for g, r in zip(self.groups, self.resolutions, strict=True) if r == res]
             activation = activations[res]
             weight = torch.cat([g.posterior.convs[0].weight[:, activation.shape[1] :] for g in groups])
-            read = conv2d(conv_input_gelu(activation, self.onednn), weight, onednn=self.onednn)
+            read = gelu_conv2d(activation, weight, onednn=self.onednn)
             reads += read.chunk(len(groups), 1)
         return reads
 

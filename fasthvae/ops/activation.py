@@ -32,6 +32,13 @@ def _register() -> None:
         # as the kernel does
         return torch.empty_like(x), torch.empty_like(x) if derivative else x.new_empty(0)
 
+    # gelu(x) in bfloat16, gelu'(x) in x's dtype: the GELU of fasthvae_onednn::gelu_conv2d, which calls
+    # it from C++ (no autograd of its own).
+    @torch.library.register_fake("fasthvae::gelu_bfloat16")
+    def _(x: Tensor, derivative: bool) -> tuple[Tensor, Tensor]:
+        d = torch.empty_like(x) if derivative else x.new_empty(0)
+        return torch.empty_like(x, dtype=torch.bfloat16), d
+
     def setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(output[1])
 
@@ -50,14 +57,8 @@ if _registered:
 
 
 def fused_gelu_runs(x: Tensor) -> bool:
-    """Whether :func:`gelu` runs the fused op on ``x`` (else ``F.gelu``): the CPU kernels' own test
-    (``backend.resolve``'s), in what torch.compile traces without a graph break."""
-    return (
-        _registered
-        and x.device.type == "cpu"
-        and x.dtype in backend.FUSED_DTYPES
-        and backend.get_backend() in ("auto", "cpu")
-    )
+    """Whether :func:`gelu` runs the fused op on ``x`` (else ``F.gelu``)."""
+    return _registered and backend.cpu_kernels_run(x)
 
 
 def gelu(x: Tensor) -> Tensor:

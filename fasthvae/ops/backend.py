@@ -86,11 +86,17 @@ def use_cpu_isa(name: str) -> Iterator[None]:
         set_cpu_isa(previous)
 
 
+_extension_loaded = False  # fasthvae._C imported (extension() sets it; fasthvae.ops's import calls it)
+
+
 @functools.cache
 def extension() -> ModuleType | None:
     """The compiled ``fasthvae._C``, or None (with one warning) when it is missing or broken."""
+    global _extension_loaded
     try:
-        return importlib.import_module("fasthvae._C")
+        module = importlib.import_module("fasthvae._C")
+        _extension_loaded = True
+        return module
     except ImportError as err:
         warnings.warn(
             f"fasthvae: the C++ extension could not be loaded ({err}); using the PyTorch reference "
@@ -99,6 +105,18 @@ def extension() -> ModuleType | None:
             stacklevel=2,
         )
         return None
+
+
+def cpu_kernels_run(t: torch.Tensor) -> bool:
+    """Whether ``fasthvae._C``'s CPU kernels run a call on ``t`` (``resolve`` naming ``cpu``), in what
+    torch.compile traces without a graph break: ``resolve``'s ``extension()`` call breaks the graph,
+    a module flag does not."""
+    return (
+        _extension_loaded
+        and t.device.type == "cpu"
+        and t.dtype in FUSED_DTYPES
+        and _selected in ("auto", "cpu")
+    )
 
 
 def triton_interpreted() -> bool:

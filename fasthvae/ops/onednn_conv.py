@@ -138,6 +138,27 @@ def _register() -> None:
             weight.new_empty(weight.shape[0], dtype=torch.float32),
         )
 
+    @torch.library.register_fake("fasthvae_onednn::gelu_conv2d")
+    def _(
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        padding: list[int],
+        groups: int,
+        channels_last: bool,
+        bfloat16: bool,
+        derivative: bool,
+    ):
+        fmt = _format(channels_last)
+        dtype = torch.bfloat16 if bfloat16 else x.dtype
+        n, _, h, w = x.shape
+        o, _, kh, kw = weight.shape
+        shape = (n, o, h + 2 * padding[0] - kh + 1, w + 2 * padding[1] - kw + 1)
+        y = torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
+        activation = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt)
+        d = torch.empty_like(activation, dtype=x.dtype) if derivative else x.new_empty(0)
+        return y, activation, d
+
 
 def _dense(t: Tensor) -> Tensor:
     return t if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) else t.contiguous()
@@ -161,3 +182,28 @@ def conv2d(
     channels_last = computes_channels_last(x, weight)
     x = x.contiguous(memory_format=_format(channels_last))
     return torch.ops.fasthvae_onednn.conv2d(x, weight, bias, pad, groups, channels_last)
+
+
+def gelu_conv2d(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: int | tuple[int, int] = 0, groups: int = 1
+) -> Tensor:
+    """``conv2d(F.gelu(x), weight, bias, padding, groups)`` in one op: the GELU of
+    :func:`fasthvae.ops.gelu` (its derivative kept for the backward, where ``x`` needs a gradient),
+    written in the convolution's dtype (bfloat16 under CPU autocast, also from a float32 ``x``; else
+    ``x``'s). Needs fasthvae's C++ extension (``fasthvae._C``), which holds the GELU's kernels."""
+    if not _loaded:
+        load()
+    if x.dtype not in DTYPES:
+        raise TypeError(f"fasthvae_onednn.gelu_conv2d: x must be float32 or bfloat16, not {x.dtype}")
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in DTYPES
+    to_bfloat16 = autocast and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype != torch.bfloat16
+    pad = [padding, padding] if isinstance(padding, int) else list(padding)
+    bias = None if bias is None else bias.float()
+    weight = _dense(weight)
+    channels_last = computes_channels_last(x, weight)
+    x = x.contiguous(memory_format=_format(channels_last))
+    derivative = torch.is_grad_enabled() and x.requires_grad
+    y, _, _ = torch.ops.fasthvae_onednn.gelu_conv2d(
+        x, weight, bias, pad, groups, channels_last, to_bfloat16, derivative
+    )
+    return y

@@ -140,8 +140,8 @@ class TrainConfig:
     onednn_conv: bool | None = option(
         None,
         "the deep model's convolutions on oneDNN's primitives called directly, not through ATen, "
-        "and the GELUs before them fused with their derivative (CPU; needs the onednn extra: "
-        "pip install -e '.[onednn]'; default: on where it can run)",
+        "each with the GELU before it in one op that keeps the GELU's derivative (CPU; needs the "
+        "onednn extra: pip install -e '.[onednn]'; default: on where it can run)",
         on_resume="change",
     )
     keep_freed_memory: bool = option(
