@@ -150,6 +150,11 @@ at::Tensor mixture_backward(const at::Tensor& x, const at::Tensor& params, const
   return mixture_backward_cpu(x, params, nll, lse_logits, grad);
 }
 
+std::vector<at::Tensor> mixture_forward_backward(const at::Tensor& x, const at::Tensor& params) {
+  check_mixture(x, params);
+  return mixture_forward_backward_cpu(x, params);
+}
+
 void check_logistic(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_scale) {
   check_cpu_floating(mean, "mean");
   TORCH_CHECK(mean.is_contiguous(), "fasthvae: mean must be contiguous");
@@ -284,6 +289,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &fasthvae::backward, "fused reparameterize / Gaussian KL backward");
   m.def("mixture_forward", &fasthvae::mixture_forward, "discretized logistic mixture: nll and lse of logits per pixel");
   m.def("mixture_backward", &fasthvae::mixture_backward, "discretized logistic mixture: gradient in params");
+  m.def("mixture_forward_backward", &fasthvae::mixture_forward_backward,
+        "discretized logistic mixture: nll per pixel and the gradient of its sum in params, in one pass");
   m.def("logistic_forward", &fasthvae::logistic_forward, "discretized logistic: nll per sub-pixel");
   m.def("logistic_backward", &fasthvae::logistic_backward, "discretized logistic: gradients in mean, log-scale");
   m.def("multi_tensor_takes", &fasthvae::multi_tensor_takes, "whether the multi-tensor loops take these lists");

@@ -78,26 +78,10 @@ FHV_INLINE void add_channel_log_prob(const float* __restrict p, int64_t ps, cons
 // here, in one order, so the backward pass's posteriors follow the forward pass's logsumexp.
 FHV_INLINE float component_log_prob(float log_a, float prod_b) { return log_a + logf(prod_b); }
 
-// p: 10K rows of n floats, ps apart; x: 3 rows of kPix in [-1, 1] space; joint: K rows of kPix.
-FHV_INLINE void mixture_forward_chunk_impl(const float* __restrict p, int64_t ps, const float* __restrict x,
-                                           int64_t k_count, int64_t n, float* __restrict joint,
-                                           float* __restrict nll, float* __restrict lse_logits) {
-  for (int64_t k = 0; k < k_count; ++k) {
-    float* jk = joint + k * kPix;
-    const float* logit = p + k * ps;
-    alignas(64) float prod_b[kPix];
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      jk[i] = 0.0f;
-      prod_b[i] = 1.0f;
-    }
-    add_channel_log_prob<0>(p, ps, x, k_count, k, n, jk, prod_b);
-    add_channel_log_prob<1>(p, ps, x, k_count, k, n, jk, prod_b);
-    add_channel_log_prob<2>(p, ps, x, k_count, k, n, jk, prod_b);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) jk[i] = logit[i] + component_log_prob(jk[i], prod_b[i]);
-  }
-  // Per-pixel logsumexps over the components, one component at a time across the lanes.
+// Per-pixel logsumexps over the components of the logits (lse_l) and of the joints (logit + log P,
+// lse_j), one component at a time across the lanes.
+FHV_INLINE void logsumexps(const float* __restrict p, int64_t ps, const float* __restrict joint, int64_t k_count,
+                           int64_t n, float* __restrict lse_l, float* __restrict lse_j) {
   alignas(64) float top_j[kPix], top_l[kPix], sum_j[kPix], sum_l[kPix];
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -121,10 +105,34 @@ FHV_INLINE void mixture_forward_chunk_impl(const float* __restrict p, int64_t ps
   }
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const float lse_l = top_l[i] + logf(sum_l[i]);
-    lse_logits[i] = lse_l;
-    nll[i] = lse_l - (top_j[i] + logf(sum_j[i]));
+    lse_l[i] = top_l[i] + logf(sum_l[i]);
+    lse_j[i] = top_j[i] + logf(sum_j[i]);
   }
+}
+
+// p: 10K rows of n floats, ps apart; x: 3 rows of kPix in [-1, 1] space; joint: K rows of kPix.
+FHV_INLINE void mixture_forward_chunk_impl(const float* __restrict p, int64_t ps, const float* __restrict x,
+                                           int64_t k_count, int64_t n, float* __restrict joint,
+                                           float* __restrict nll, float* __restrict lse_logits) {
+  for (int64_t k = 0; k < k_count; ++k) {
+    float* jk = joint + k * kPix;
+    const float* logit = p + k * ps;
+    alignas(64) float prod_b[kPix];
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      jk[i] = 0.0f;
+      prod_b[i] = 1.0f;
+    }
+    add_channel_log_prob<0>(p, ps, x, k_count, k, n, jk, prod_b);
+    add_channel_log_prob<1>(p, ps, x, k_count, k, n, jk, prod_b);
+    add_channel_log_prob<2>(p, ps, x, k_count, k, n, jk, prod_b);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) jk[i] = logit[i] + component_log_prob(jk[i], prod_b[i]);
+  }
+  alignas(64) float lse_j[kPix];
+  logsumexps(p, ps, joint, k_count, n, lse_logits, lse_j);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) nll[i] = lse_logits[i] - lse_j[i];
 }
 
 // First pass of a component's backward, one channel: adds its log P's parts to log_a and prod_b
@@ -153,46 +161,87 @@ FHV_INLINE void channel_grads(const float* __restrict p, int64_t ps, const float
   }
 }
 
+// The second pass of component k's gradient: its mean and log-scale rows (written unscaled by
+// channel_grads) times d(g * nll) / d(its log P) = -g * posterior, its coefficient rows (holding the
+// tanh'd coefficients) turned into their gradients, and its logit's gradient. joint_k: logit + log P
+// of the component; g = 1 where kUnit.
+template <bool kUnit>
+FHV_INLINE void component_grads(const float* __restrict p, int64_t ps, const float* __restrict x, int64_t k_count,
+                                int64_t k, int64_t n, const float* __restrict joint_k,
+                                const float* __restrict lse_joint, const float* __restrict lse_logits,
+                                const float* __restrict g, float* __restrict dp, int64_t ds) {
+  const auto grad_row = [&](int64_t block, int64_t channel) { return dp + row_of(block, channel, k_count, k) * ds; };
+  float* d_logit = dp + k * ds;
+  float *d_m0 = grad_row(1, 0), *d_m1 = grad_row(1, 1), *d_m2 = grad_row(1, 2);
+  float *d_s0 = grad_row(4, 0), *d_s1 = grad_row(4, 1), *d_s2 = grad_row(4, 2);
+  float *d_r0 = grad_row(7, 0), *d_r1 = grad_row(7, 1), *d_r2 = grad_row(7, 2);
+  const float* logit = p + k * ps;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = kUnit ? 1.0f : g[i];
+    const float posterior = exp_floored(joint_k[i] - lse_joint[i]);
+    const float prior = exp_floored(logit[i] - lse_logits[i]);
+    const float g_logp = -gi * posterior;  // d(g * nll) / d(log P of this component's channels)
+    const float g1 = g_logp * d_m1[i], g2 = g_logp * d_m2[i];
+    d_logit[i] = gi * (prior - posterior);
+    d_m0[i] *= g_logp;
+    d_m1[i] = g1;
+    d_m2[i] = g2;
+    d_s0[i] *= g_logp;
+    d_s1[i] *= g_logp;
+    d_s2[i] *= g_logp;
+    d_r0[i] = g1 * x[i] * (1.0f - d_r0[i] * d_r0[i]);  // the rows hold the tanh'd coefficients
+    d_r1[i] = g2 * x[i] * (1.0f - d_r1[i] * d_r1[i]);
+    d_r2[i] = g2 * x[kPix + i] * (1.0f - d_r2[i] * d_r2[i]);
+  }
+}
+
+// The first pass of component k's gradient: its log P's parts (log_a, prod_b) and its unscaled
+// mean and log-scale gradients, channel by channel; joint_k = logit + log P.
+FHV_INLINE void component_first_pass(const float* __restrict p, int64_t ps, const float* __restrict x,
+                                     int64_t k_count, int64_t k, int64_t n, float* __restrict joint_k,
+                                     float* __restrict dp, int64_t ds) {
+  alignas(64) float log_a[kPix], prod_b[kPix];
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    log_a[i] = 0.0f;
+    prod_b[i] = 1.0f;
+  }
+  channel_grads<0>(p, ps, x, k_count, k, n, log_a, prod_b, dp, ds);
+  channel_grads<1>(p, ps, x, k_count, k, n, log_a, prod_b, dp, ds);
+  channel_grads<2>(p, ps, x, k_count, k, n, log_a, prod_b, dp, ds);
+  const float* logit = p + k * ps;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) joint_k[i] = logit[i] + component_log_prob(log_a[i], prod_b[i]);
+}
+
 FHV_INLINE void mixture_backward_chunk_impl(const float* __restrict p, int64_t ps, const float* __restrict x,
                                             int64_t k_count, int64_t n, const float* __restrict nll,
                                             const float* __restrict lse_logits, const float* __restrict g,
                                             float* __restrict dp, int64_t ds) {
-  alignas(64) float log_a[kPix], prod_b[kPix];
+  alignas(64) float joint_k[kPix], lse_joint[kPix];
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) lse_joint[i] = lse_logits[i] - nll[i];
   for (int64_t k = 0; k < k_count; ++k) {
+    component_first_pass(p, ps, x, k_count, k, n, joint_k, dp, ds);
+    component_grads<false>(p, ps, x, k_count, k, n, joint_k, lse_joint, lse_logits, g, dp, ds);
+  }
+}
+
+// The forward and the backward pass at once, for a step that takes both: -log P per pixel and the
+// gradient of nll in params for a unit upstream gradient (the backward pass then scales it by each
+// pixel's gradient). The components are evaluated once, where a forward then a backward pass
+// evaluates them twice. joint: K rows of kPix (scratch).
+FHV_INLINE void mixture_forward_backward_chunk_impl(const float* __restrict p, int64_t ps, const float* __restrict x,
+                                                    int64_t k_count, int64_t n, float* __restrict joint,
+                                                    float* __restrict nll, float* __restrict dp, int64_t ds) {
+  for (int64_t k = 0; k < k_count; ++k) component_first_pass(p, ps, x, k_count, k, n, joint + k * kPix, dp, ds);
+  alignas(64) float lse_l[kPix], lse_j[kPix];
+  logsumexps(p, ps, joint, k_count, n, lse_l, lse_j);
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      log_a[i] = 0.0f;
-      prod_b[i] = 1.0f;
-    }
-    channel_grads<0>(p, ps, x, k_count, k, n, log_a, prod_b, dp, ds);
-    channel_grads<1>(p, ps, x, k_count, k, n, log_a, prod_b, dp, ds);
-    channel_grads<2>(p, ps, x, k_count, k, n, log_a, prod_b, dp, ds);
-    const auto grad_row = [&](int64_t block, int64_t channel) {
-      return dp + row_of(block, channel, k_count, k) * ds;
-    };
-    float* d_logit = dp + k * ds;
-    float *d_m0 = grad_row(1, 0), *d_m1 = grad_row(1, 1), *d_m2 = grad_row(1, 2);
-    float *d_s0 = grad_row(4, 0), *d_s1 = grad_row(4, 1), *d_s2 = grad_row(4, 2);
-    float *d_r0 = grad_row(7, 0), *d_r1 = grad_row(7, 1), *d_r2 = grad_row(7, 2);
-    const float* logit = p + k * ps;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const float lse_joint = lse_logits[i] - nll[i];
-      const float posterior = exp_floored(logit[i] + component_log_prob(log_a[i], prod_b[i]) - lse_joint);
-      const float prior = exp_floored(logit[i] - lse_logits[i]);
-      const float g_logp = -g[i] * posterior;  // d(g * nll) / d(log P of this component's channels)
-      const float g1 = g_logp * d_m1[i], g2 = g_logp * d_m2[i];
-      d_logit[i] = g[i] * (prior - posterior);
-      d_m0[i] *= g_logp;
-      d_m1[i] = g1;
-      d_m2[i] = g2;
-      d_s0[i] *= g_logp;
-      d_s1[i] *= g_logp;
-      d_s2[i] *= g_logp;
-      d_r0[i] = g1 * x[i] * (1.0f - d_r0[i] * d_r0[i]);  // the rows hold the tanh'd coefficients
-      d_r1[i] = g2 * x[i] * (1.0f - d_r1[i] * d_r1[i]);
-      d_r2[i] = g2 * x[kPix + i] * (1.0f - d_r2[i] * d_r2[i]);
-    }
+  for (int64_t i = 0; i < n; ++i) nll[i] = lse_l[i] - lse_j[i];
+  for (int64_t k = 0; k < k_count; ++k) {
+    component_grads<true>(p, ps, x, k_count, k, n, joint + k * kPix, lse_j, lse_l, nullptr, dp, ds);
   }
 }
 
@@ -227,6 +276,11 @@ FHV_INLINE void logistic_backward_chunk_impl(const float* __restrict x, const fl
                                             const float* g, float* dp, int64_t ds) {                    \
     mixture_backward_chunk_impl(p, ps, x, k_count, n, nll, lse_logits, g, dp, ds);                      \
   }                                                                                                     \
+  attr void mixture_forward_backward_chunk_##suffix(const float* p, int64_t ps, const float* x,           \
+                                                    int64_t k_count, int64_t n, float* joint, float* nll, \
+                                                    float* dp, int64_t ds) {                              \
+    mixture_forward_backward_chunk_impl(p, ps, x, k_count, n, joint, nll, dp, ds);                      \
+  }                                                                                                     \
   attr void logistic_forward_chunk_##suffix(const float* x, const float* mean, const float* ls,         \
                                             int64_t n, float* nll) {                                    \
     logistic_forward_chunk_impl(x, mean, ls, n, nll);                                                   \
@@ -250,6 +304,11 @@ void mixture_forward_chunk(const float* p, int64_t ps, const float* x, int64_t k
 void mixture_backward_chunk(const float* p, int64_t ps, const float* x, int64_t k_count, int64_t n,
                             const float* nll, const float* lse_logits, const float* g, float* dp, int64_t ds) {
   FHV_ISA_DISPATCH(mixture_backward_chunk, , p, ps, x, k_count, n, nll, lse_logits, g, dp, ds)
+}
+
+void mixture_forward_backward_chunk(const float* p, int64_t ps, const float* x, int64_t k_count, int64_t n,
+                                    float* joint, float* nll, float* dp, int64_t ds) {
+  FHV_ISA_DISPATCH(mixture_forward_backward_chunk, , p, ps, x, k_count, n, joint, nll, dp, ds)
 }
 
 void logistic_forward_chunk(const float* x, const float* mean, const float* ls, int64_t n, float* nll) {
@@ -393,6 +452,29 @@ void mixture_backward_typed(const at::Tensor& x, const at::Tensor& params, const
 }
 
 template <typename T>
+void mixture_forward_backward_typed(const at::Tensor& x, const at::Tensor& params, const at::Tensor& nll,
+                                    const at::Tensor& d_params) {
+  const int64_t rows = params.size(1), k_count = rows / kMixtureParamBlocks;
+  const PixelLayout pl(params), xl(x), dl(d_params);
+  const T* p_d = params.const_data_ptr<T>();
+  const float* x_d = x.const_data_ptr<float>();
+  float* nll_d = nll.mutable_data_ptr<float>();
+  float* dp_d = d_params.mutable_data_ptr<float>();
+  for_each_chunk(nll.numel(), kPix, [&](int64_t first, int64_t n) {
+    thread_local std::vector<float> stage;
+    stage.resize((2 * rows + 3 + k_count) * kPix);
+    float* xs = stage.data();
+    float* joint = xs + 3 * kPix;
+    float* dp_stage = joint + k_count * kPix;
+    const Rows p = rows_of(p_d, pl, rows, first, n, dp_stage + rows * kPix, true);
+    const Rows dp = rows_of(dp_d, dl, rows, first, n, dp_stage, false);
+    stage_images(x_d, xl, first, n, xs);
+    mixture_forward_backward_chunk(p.data, p.stride, xs, k_count, n, joint, nll_d + first, dp.data, dp.stride);
+    if (!dp.in_place) scatter(dp_stage, dl, rows, first, n, dp_d);
+  });
+}
+
+template <typename T>
 void logistic_typed(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_scale,
                     const at::Tensor* grad, const at::Tensor& out0, const at::Tensor& out1) {
   const float* x_d = x.const_data_ptr<float>();
@@ -439,6 +521,18 @@ at::Tensor mixture_backward_cpu(const at::Tensor& x, const at::Tensor& params, c
                        [&] { mixture_backward_typed<scalar_t>(x, params, nll, lse_logits, grad, d_params); });
   }
   return d_params;
+}
+
+std::vector<at::Tensor> mixture_forward_backward_cpu(const at::Tensor& x, const at::Tensor& params) {
+  at::Tensor nll = at::empty({params.size(0), params.size(2), params.size(3)}, params.options().dtype(at::kFloat));
+  // float32 whatever params' dtype: the backward pass's product with each pixel's gradient is then
+  // rounded once to params' dtype, as mixture_backward's result is
+  at::Tensor d_params = at::empty_like(params, params.options().dtype(at::kFloat));
+  if (nll.numel() > 0) {
+    FHV_DISPATCH_KERNEL_TYPES(params.scalar_type(), "fasthvae_mixture_forward_backward_cpu",
+                       [&] { mixture_forward_backward_typed<scalar_t>(x, params, nll, d_params); });
+  }
+  return {nll, d_params};
 }
 
 at::Tensor logistic_forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_scale) {

@@ -10,6 +10,9 @@
 //   Any strides (channels_last, views, broadcast dims).
 // mixture_backward: the gradient of sum(grad * nll) in params, laid out as
 //   empty_like(params); grad: float32 [B, H, W], contiguous.
+// mixture_forward_backward: both passes at once, {nll, the gradient of sum(nll) in params (float32,
+//   laid out as empty_like(params))}, for a step that takes the backward pass (which then scales
+//   the gradient by each pixel's grad).
 // logistic_forward / logistic_backward: the single discretized logistic per
 //   sub-pixel, elementwise over contiguous tensors of one shape (x float32,
 //   mean and log-scale of one dtype); nll and gradients in that dtype.
@@ -26,6 +29,7 @@ constexpr int64_t kMixtureParamBlocks = 10;  // params per component: logit, 3 m
 std::vector<at::Tensor> mixture_forward_cpu(const at::Tensor& x, const at::Tensor& params);
 at::Tensor mixture_backward_cpu(const at::Tensor& x, const at::Tensor& params, const at::Tensor& nll,
                                 const at::Tensor& lse_logits, const at::Tensor& grad);
+std::vector<at::Tensor> mixture_forward_backward_cpu(const at::Tensor& x, const at::Tensor& params);
 
 at::Tensor logistic_forward_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_scale);
 std::vector<at::Tensor> logistic_backward_cpu(const at::Tensor& x, const at::Tensor& mean,

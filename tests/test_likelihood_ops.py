@@ -159,6 +159,29 @@ def test_mixture_reads_any_layout_and_returns_the_gradient_in_it(kernel, layout)
     assert grad.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.skipif(not backend.extension(), reason="fasthvae._C is not built")
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "layout", [contiguous, channels_last, strided], ids=["contiguous", "channels_last", "strided"]
+)
+def test_the_one_pass_op_is_the_forward_and_the_backward_op(kernel, dtype, layout):
+    """mixture_nll_with_grad, which ops.mixture_nll runs on the CPU loops where the parameters need a
+    gradient: mixture_nll's -log P, bit for bit, and mixture_nll_backward's gradient for a unit
+    upstream gradient (to the rounding of the logsumexp of the joints, which the backward pass
+    recovers from the forward's two outputs), in float32 (rounded once to the parameters' dtype
+    after the backward pass's product), laid out as it lays it out."""
+    x, params = mixture_inputs(2, 10, 9, 11, dtype=dtype)
+    params = layout(params)
+    with kernel_in_use(kernel):
+        nll, d_params = library_likelihoods.mixture_nll_with_grad(x, params)
+        nll_twice, lse = library_likelihoods.mixture_nll(x, params)
+        d_twice = library_likelihoods.mixture_nll_backward(x, params, nll_twice, lse, torch.ones_like(nll))
+    assert torch.equal(nll, nll_twice)
+    assert d_params.dtype == torch.float32 and d_params.stride() == d_twice.stride()
+    assert_close(d_params.to(dtype), d_twice.double(), dtype, "d params", RTOL)
+
+
 def logistic_inputs(shape, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, shape, generator=g).float() / 255
@@ -250,6 +273,8 @@ def test_opcheck_and_compile_fullgraph():
     x, params = mixture_inputs(2, 3, 4, 5)
     params.requires_grad_()
     torch.library.opcheck(library_likelihoods.mixture_nll, (x, params))
+    if backend.extension():
+        torch.library.opcheck(library_likelihoods.mixture_nll_with_grad, (x, params))
     xl, mean, log_scale = logistic_inputs((2, 3, 4, 5), torch.float32)
     torch.library.opcheck(
         library_likelihoods.logistic_nll, (xl, mean.requires_grad_(), log_scale.requires_grad_())
@@ -262,7 +287,9 @@ def test_opcheck_and_compile_fullgraph():
     explain = torch._dynamo.explain(loss)(params, mean, log_scale)
     assert explain.graph_break_count == 0
     nodes = {str(n.target) for g in explain.graphs for n in g.graph.nodes if n.op == "call_function"}
-    assert {"fasthvae.mixture_nll.default", "fasthvae.logistic_nll.default"} <= nodes
+    # params need a gradient: on the CPU loops the one-pass op, elsewhere the forward op
+    mixture = "mixture_nll_with_grad" if backend.extension() else "mixture_nll"
+    assert {f"fasthvae.{mixture}.default", "fasthvae.logistic_nll.default"} <= nodes
     compiled = torch.compile(loss, fullgraph=True)
     got = torch.autograd.grad(compiled(params, mean, log_scale), (params, mean, log_scale))
     want = torch.autograd.grad(loss(params, mean, log_scale), (params, mean, log_scale))

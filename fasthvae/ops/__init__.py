@@ -20,7 +20,7 @@ The backend is chosen per device (see :mod:`fasthvae.ops.backend`).
 import torch
 from torch import Tensor
 
-from fasthvae.ops import library, library_likelihoods, reference
+from fasthvae.ops import backend, library, library_likelihoods, reference
 from fasthvae.ops.activation import gelu
 from fasthvae.ops.backend import (
     BACKENDS,
@@ -193,6 +193,8 @@ def mixture_nll(x: Tensor, params: Tensor, *, reduction: str = "sample") -> Tens
     x = _pixels_in(x, params.dtype)
     if _plain_reference():
         nll = reference.mixture_nll(x, params)
+    elif torch.is_grad_enabled() and params.requires_grad and backend.cpu_kernels_run(params):
+        nll, _ = library_likelihoods.mixture_nll_with_grad(x, params)  # one pass for both
     else:
         nll, _ = library_likelihoods.mixture_nll(x, params)
     return reference.reduce(nll, reduction, params.dtype)

@@ -1,8 +1,8 @@
 """The discretized-logistic likelihoods as ``torch.library`` custom ops: kernels, fake kernels, autograd.
 
 Registered ops (namespace ``fasthvae``): ``mixture_nll`` and its ``mixture_nll_backward``,
-``logistic_nll`` and its ``logistic_nll_backward``. ``torch.compile(fullgraph=True)`` traces each
-as one node. Kernels: the CPU C++ loops of ``fasthvae._C`` on CPU tensors, Triton on CUDA tensors
+``mixture_nll_with_grad`` (both passes at once, CPU), ``logistic_nll`` and its
+``logistic_nll_backward``. ``torch.compile(fullgraph=True)`` traces each as one node. Kernels: the CPU C++ loops of ``fasthvae._C`` on CPU tensors, Triton on CUDA tensors
 (and on CPU tensors under ``TRITON_INTERPRET=1`` with the ``triton`` backend), the PyTorch reference
 for float64 and where neither runs (the ``cuda`` backend has no likelihood kernels: it takes Triton
 when Triton is installed). Double backward is not supported.
@@ -90,6 +90,35 @@ def _mixture_backward(ctx, grad_nll, grad_lse):
 
 
 mixture_nll.register_autograd(_mixture_backward, setup_context=_mixture_setup)
+
+
+@torch.library.custom_op("fasthvae::mixture_nll_with_grad", mutates_args=())
+def mixture_nll_with_grad(x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    """(-log P(x) per pixel, the gradient of its sum in params, float32) from one pass of the CPU
+    loops, which evaluate each component once where ``mixture_nll``'s forward and backward evaluate
+    it twice; the backward pass scales the saved gradient by each pixel's. CPU kernels only
+    (``backend.cpu_kernels_run``)."""
+    return tuple(backend.extension().mixture_forward_backward(x, params))
+
+
+@mixture_nll_with_grad.register_fake
+def _(x, params):
+    shape = (params.shape[0], params.shape[2], params.shape[3])
+    return params.new_empty(shape, dtype=torch.float32), torch.empty_like(params, dtype=torch.float32)
+
+
+def _with_grad_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.params_dtype = inputs[1].dtype
+
+
+def _with_grad_backward(ctx, grad_nll, grad_d):
+    (d_params,) = ctx.saved_tensors  # float32: one rounding to params' dtype, after the product
+    return None, (d_params * grad_nll.unsqueeze(1)).to(ctx.params_dtype)
+
+
+mixture_nll_with_grad.register_autograd(_with_grad_backward, setup_context=_with_grad_setup)
 
 
 # ---- logistic_nll ---------------------------------------------------------------------------
