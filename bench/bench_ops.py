@@ -54,13 +54,14 @@ def shapes_of(op: str, names: list[str]) -> list[str]:
     return [n for n in names if (n in IMAGE_SHAPES) == (op in LIKELIHOOD_OPS)]
 
 
-def likelihood_fn(op: str, fused: bool) -> Callable:
-    """-log p(x) summed per image: the reference formula (plain PyTorch) or the fused op."""
+def likelihood_fn(op: str, fused: bool, one_pass: bool = False) -> Callable:
+    """-log p(x) summed per image: the reference formula (plain PyTorch) or the fused op (the
+    mixture's with ``one_pass``, as the models' loss runs it)."""
 
     def fn(x, decoded):
         if op == "mixture-nll":
             if fused:
-                return (ops.mixture_nll(x, decoded),)
+                return (ops.mixture_nll(x, decoded, one_pass=one_pass),)
             return (reference.reduce(reference.mixture_nll(x, decoded), "sample", decoded.dtype),)
         mean, log_scale = decoded[:, :3], decoded[:, 3:]
         if fused:
@@ -204,6 +205,8 @@ def implementations(op: str, device: str) -> dict[str, Callable]:
     for name in ("cpu", "triton", "cuda"):
         if backend.available(name, torch.device(device)):
             impls[f"fasthvae-{name}"] = with_backend(name, fused_fn(op))
+    if op == "mixture-nll" and backend.available("cpu", torch.device(device)):
+        impls["fasthvae-cpu-one-pass"] = with_backend("cpu", likelihood_fn(op, fused=True, one_pass=True))
     return impls
 
 

@@ -71,11 +71,13 @@ def mixture_mean(params: Tensor) -> Tensor:
 
 def nll(likelihood: str, decoded: Tensor, x: Tensor) -> Tensor:
     """-log p(x | z) summed per image, float32, shape [B]. The discrete likelihoods run the fused
-    ops (:mod:`fasthvae.ops`), which read ``decoded`` in its own dtype and layout."""
+    ops (:mod:`fasthvae.ops`), which read ``decoded`` in its own dtype and layout; the mixture's in
+    one pass for the forward and the backward where ``decoded`` needs a gradient (``one_pass``:
+    the decoder's output is then not kept for the backward, its gradient is)."""
     if likelihood == "logistic":
         return ops.logistic_nll(x, decoded[:, :3], decoded[:, 3:])
     if likelihood == "mixture":
-        return ops.mixture_nll(x, decoded)
+        return ops.mixture_nll(x, decoded, one_pass=True)
     decoded = decoded.float()
     if likelihood == "bernoulli":
         per = F.binary_cross_entropy_with_logits(decoded, x, reduction="none")

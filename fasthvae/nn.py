@@ -97,7 +97,8 @@ def conv_input_gelu(x: Tensor, fused: bool = False) -> Tensor:
 
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` at stride 1 (the same parameters and state dict) whose convolution runs on
-    ``fasthvae_onednn`` when ``onednn`` is set (:func:`use_onednn_conv`)."""
+    ``fasthvae_onednn`` when ``onednn`` is set (:func:`use_onednn_conv`); ``conv(x, gelu_input=True)``
+    convolves ``F.gelu(x)`` (:func:`gelu_conv2d`: one op with ``onednn``)."""
 
     onednn = False
 
@@ -106,7 +107,9 @@ class Conv2d(nn.Conv2d):
     ) -> None:
         super().__init__(c_in, c_out, kernel_size, padding=padding, groups=groups, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, gelu_input: bool = False) -> Tensor:
+        if gelu_input:
+            return gelu_conv2d(x, self.weight, self.bias, self.padding, self.groups, self.onednn)
         return conv2d(x, self.weight, self.bias, self.padding, self.groups, self.onednn)
 
 

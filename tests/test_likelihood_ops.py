@@ -77,10 +77,10 @@ def reduced_upstream(nll_shape, reduction, seed=7):
     return torch.randn((), generator=g)
 
 
-def run_mixture(kernel, x, params, reduction, grad, view=lambda t: t):
+def run_mixture(kernel, x, params, reduction, grad, view=lambda t: t, one_pass=False):
     leaf = params.detach().to(device_of(kernel)).requires_grad_()
     with kernel_in_use(kernel):
-        out = ops.mixture_nll(x.to(leaf.device), view(leaf), reduction=reduction)
+        out = ops.mixture_nll(x.to(leaf.device), view(leaf), reduction=reduction, one_pass=one_pass)
         (d_params,) = torch.autograd.grad((out.double() * grad.to(leaf.device).double()).sum(), leaf)
     return out.cpu(), d_params.cpu()
 
@@ -92,10 +92,12 @@ def exact_mixture(x, params, reduction, grad):
     return out, d_params
 
 
-def check_mixture(kernel, dtype, reduction, shape=(2, 3, 5, 7), extreme=False, view=lambda t: t):
+def check_mixture(
+    kernel, dtype, reduction, shape=(2, 3, 5, 7), extreme=False, view=lambda t: t, one_pass=False
+):
     x, params = mixture_inputs(*shape, dtype=dtype, extreme=extreme)
     grad = reduced_upstream((shape[0], shape[2], shape[3]), reduction)
-    out, d_params = run_mixture(kernel, x, params, reduction, grad, view)
+    out, d_params = run_mixture(kernel, x, params, reduction, grad, view, one_pass)
     want, d_want = exact_mixture(x, params, reduction, grad)
     assert out.dtype == (dtype if reduction == "none" else torch.float32) and out.shape == want.shape
     assert_close(out, want, dtype, "nll", rtol_of(kernel))
@@ -107,6 +109,14 @@ def check_mixture(kernel, dtype, reduction, shape=(2, 3, 5, 7), extreme=False, v
 @pytest.mark.parametrize(("dtype", "reduction"), DTYPE_REDUCTIONS, ids=str)
 def test_mixture_values_and_grads(kernel, dtype, reduction):
     check_mixture(kernel, dtype, reduction)
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize(("dtype", "reduction"), DTYPE_REDUCTIONS, ids=str)
+@pytest.mark.parametrize("extreme", [False, True], ids=["typical", "extreme"])
+def test_mixture_in_one_pass_values_and_grads(kernel, dtype, reduction, extreme):
+    """``one_pass`` (the one-pass op on the CPU loops) against the float64 formula as well."""
+    check_mixture(kernel, dtype, reduction, extreme=extreme, view=channels_last, one_pass=True)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -281,20 +291,23 @@ def test_opcheck_and_compile_fullgraph():
     )
     torch._dynamo.reset()
 
-    def loss(p, m, s):
-        return ops.mixture_nll(x, p).sum() + ops.logistic_nll(xl, m, s).sum()
+    for one_pass in (False, True):
+        torch._dynamo.reset()
 
-    explain = torch._dynamo.explain(loss)(params, mean, log_scale)
-    assert explain.graph_break_count == 0
-    nodes = {str(n.target) for g in explain.graphs for n in g.graph.nodes if n.op == "call_function"}
-    # params need a gradient: on the CPU loops the one-pass op, elsewhere the forward op
-    mixture = "mixture_nll_with_grad" if backend.extension() else "mixture_nll"
-    assert {f"fasthvae.{mixture}.default", "fasthvae.logistic_nll.default"} <= nodes
-    compiled = torch.compile(loss, fullgraph=True)
-    got = torch.autograd.grad(compiled(params, mean, log_scale), (params, mean, log_scale))
-    want = torch.autograd.grad(loss(params, mean, log_scale), (params, mean, log_scale))
-    for g_got, g_want in zip(got, want, strict=True):
-        torch.testing.assert_close(g_got, g_want)
+        def loss(p, m, s, one_pass=one_pass):
+            return ops.mixture_nll(x, p, one_pass=one_pass).sum() + ops.logistic_nll(xl, m, s).sum()
+
+        explain = torch._dynamo.explain(loss)(params, mean, log_scale)
+        assert explain.graph_break_count == 0
+        nodes = {str(n.target) for g in explain.graphs for n in g.graph.nodes if n.op == "call_function"}
+        # params need a gradient: in one pass on the CPU loops the one-pass op, else the forward op
+        mixture = "mixture_nll_with_grad" if one_pass and backend.extension() else "mixture_nll"
+        assert {f"fasthvae.{mixture}.default", "fasthvae.logistic_nll.default"} <= nodes
+        compiled = torch.compile(loss, fullgraph=True)
+        got = torch.autograd.grad(compiled(params, mean, log_scale), (params, mean, log_scale))
+        want = torch.autograd.grad(loss(params, mean, log_scale), (params, mean, log_scale))
+        for g_got, g_want in zip(got, want, strict=True):
+            torch.testing.assert_close(g_got, g_want)
 
 
 def test_clear_errors():

@@ -158,8 +158,6 @@ class Cell(nn.Module):
     resolution), 1x1 conv to ``c_out``, each after a GELU; added to the input when shapes allow.
     The last conv is scaled by ``out_scale`` (0 gives a cell that starts as the identity / zero)."""
 
-    onednn = False  # its GELUs fused (fasthvae.nn.use_onednn_conv)
-
     def __init__(self, c_in: int, mid: int, c_out: int, res: int, residual: bool, out_scale: float = 1.0):
         super().__init__()
         k = 3 if res >= 3 else 1
@@ -179,7 +177,7 @@ class Cell(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = x
         for conv in [*self.convs, self.out]:
-            h = gelu_conv2d(h, conv.weight, conv.bias, conv.padding, conv.groups, self.onednn)
+            h = conv(h, gelu_input=True)
         return x + h if self.residual else h
 
 

@@ -168,7 +168,7 @@ def _pixels_in(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-def mixture_nll(x: Tensor, params: Tensor, *, reduction: str = "sample") -> Tensor:
+def mixture_nll(x: Tensor, params: Tensor, *, reduction: str = "sample", one_pass: bool = False) -> Tensor:
     """-log P(x) of 8-bit images under a discretized mixture of K logistics per pixel (PixelCNN++,
     VDVAE), in nats.
 
@@ -177,7 +177,12 @@ def mixture_nll(x: Tensor, params: Tensor, *, reduction: str = "sample") -> Tens
     inside: G's mean is m_G + a R, B's is m_B + b R + c G) — means and x in [-1, 1] space. Edge bins
     are open; a bin with mass <= 1e-5 takes the log density at its centre. ``reduction``: ``none``
     (per pixel [B, H, W], params' dtype), ``sample`` ([B], float32), ``sum``, ``mean`` (over pixels),
-    ``batchmean``. Gradients flow to ``params`` only. Any strides (channels_last included)."""
+    ``batchmean``. Gradients flow to ``params`` only. Any strides (channels_last included).
+
+    ``one_pass``: where ``params`` needs a gradient and the CPU loops run, evaluate each component
+    once for both passes (``fasthvae::mixture_nll_with_grad``): faster, and the backward pass keeps
+    the gradient (float32, as many values as ``params``) instead of two float32 values per pixel and
+    ``params`` itself. Elsewhere it changes nothing."""
     reference.check_reduction(reduction)
     _check_floating("x", x)
     _check_floating("params", params)
@@ -193,8 +198,8 @@ def mixture_nll(x: Tensor, params: Tensor, *, reduction: str = "sample") -> Tens
     x = _pixels_in(x, params.dtype)
     if _plain_reference():
         nll = reference.mixture_nll(x, params)
-    elif torch.is_grad_enabled() and params.requires_grad and backend.cpu_kernels_run(params):
-        nll, _ = library_likelihoods.mixture_nll_with_grad(x, params)  # one pass for both
+    elif one_pass and torch.is_grad_enabled() and params.requires_grad and backend.cpu_kernels_run(params):
+        nll, _ = library_likelihoods.mixture_nll_with_grad(x, params)
     else:
         nll, _ = library_likelihoods.mixture_nll(x, params)
     return reference.reduce(nll, reduction, params.dtype)

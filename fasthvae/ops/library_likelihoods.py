@@ -2,10 +2,11 @@
 
 Registered ops (namespace ``fasthvae``): ``mixture_nll`` and its ``mixture_nll_backward``,
 ``mixture_nll_with_grad`` (both passes at once, CPU), ``logistic_nll`` and its
-``logistic_nll_backward``. ``torch.compile(fullgraph=True)`` traces each as one node. Kernels: the CPU C++ loops of ``fasthvae._C`` on CPU tensors, Triton on CUDA tensors
-(and on CPU tensors under ``TRITON_INTERPRET=1`` with the ``triton`` backend), the PyTorch reference
-for float64 and where neither runs (the ``cuda`` backend has no likelihood kernels: it takes Triton
-when Triton is installed). Double backward is not supported.
+``logistic_nll_backward``. ``torch.compile(fullgraph=True)`` traces each as one node. Kernels:
+the CPU C++ loops of ``fasthvae._C`` on CPU tensors, Triton on CUDA tensors (and on CPU tensors
+under ``TRITON_INTERPRET=1`` with the ``triton`` backend), the PyTorch reference for float64 and
+where neither runs (the ``cuda`` backend has no likelihood kernels: it takes Triton when Triton is
+installed). Double backward is not supported.
 
 ``mixture_nll`` returns, per pixel, -log P(x) and the logsumexp of the logits (float32; float64 for
 float64 parameters); the backward pass takes both back instead of saving any per-component tensor.
