@@ -206,6 +206,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(const at::Tensor&
   return {grad_x, grad_w, grad_b};
 }
 
+// A convolution's arguments that its backward needs, kept in its autograd context.
+void save_conv_args(torch::autograd::AutogradContext* ctx, at::IntArrayRef padding, int64_t groups, bool nhwc,
+    bool has_bias) {
+  ctx->saved_data["padding"] = padding.vec();
+  ctx->saved_data["groups"] = groups;
+  ctx->saved_data["nhwc"] = nhwc;
+  ctx->saved_data["has_bias"] = has_bias;
+}
+
+// conv2d_backward of the convolution whose arguments ctx keeps, x its input: (grad of x where
+// input_grad, grad of the weight, grad of the bias or an undefined tensor where it has none). The
+// incoming gradient is taken to x's dtype and the op's layout.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(torch::autograd::AutogradContext* ctx,
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, bool input_grad) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fasthvae_onednn::conv2d_backward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&, at::IntArrayRef, int64_t, bool, bool)>();
+  const bool nhwc = ctx->saved_data["nhwc"].toBool();
+  auto [grad_x, grad_w, grad_b] = op.call(grad_y.to(x.scalar_type()).contiguous(format_of(nhwc)), x, weight,
+      ctx->saved_data["padding"].toIntVector(), ctx->saved_data["groups"].toInt(), nhwc, input_grad);
+  return {grad_x, grad_w, ctx->saved_data["has_bias"].toBool() ? grad_b : at::Tensor()};
+}
+
 // Autograd in C++: in a compiled graph's forward, where grad mode is off, the call passes its
 // Autograd kernel in the dispatcher instead of a Python function. The backward takes the incoming
 // gradient in the op's layout (in a traced graph Inductor then writes it so in the kernel that
@@ -220,29 +244,16 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
                                    at::IntArrayRef, int64_t, bool)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     ctx->save_for_backward({x, weight});
-    ctx->saved_data["padding"] = padding.vec();
-    ctx->saved_data["groups"] = groups;
-    ctx->saved_data["nhwc"] = nhwc;
-    ctx->saved_data["has_bias"] = bias.has_value();
+    save_conv_args(ctx, padding, groups, nhwc, bias.has_value());
     return op.call(x, weight, bias, padding, groups, nhwc);
   }
 
   static torch::autograd::variable_list backward(
       torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("fasthvae_onednn::conv2d_backward", "")
-                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
-                                   const at::Tensor&, const at::Tensor&, at::IntArrayRef, int64_t, bool, bool)>();
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    const bool nhwc = ctx->saved_data["nhwc"].toBool();
     const bool input_grad = ctx->needs_input_grad(0);
-    const auto padding = ctx->saved_data["padding"].toIntVector();
-    const auto grad_y = grads[0].to(x.scalar_type()).contiguous(format_of(nhwc));
-    auto [grad_x, grad_w, grad_b] =
-        op.call(grad_y, x, saved[1], padding, ctx->saved_data["groups"].toInt(), nhwc, input_grad);
-    return {input_grad ? grad_x : at::Tensor(), grad_w,
-        ctx->saved_data["has_bias"].toBool() ? grad_b : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    auto [grad_x, grad_w, grad_b] = conv_backward(ctx, grads[0], saved[0], saved[1], input_grad);
+    return {input_grad ? grad_x : at::Tensor(), grad_w, grad_b, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -288,30 +299,19 @@ class GeluConv2dFunction : public torch::autograd::Function<GeluConv2dFunction> 
     auto [y, a, d] = op.call(x, weight, bias, padding, groups, nhwc, bfloat16, derivative);
     ctx->save_for_backward({a, d, weight});
     ctx->mark_non_differentiable({a, d});
-    ctx->saved_data["padding"] = padding.vec();
-    ctx->saved_data["groups"] = groups;
-    ctx->saved_data["nhwc"] = nhwc;
-    ctx->saved_data["has_bias"] = bias.has_value();
+    save_conv_args(ctx, padding, groups, nhwc, bias.has_value());
     return {y, a, d};
   }
 
   static torch::autograd::variable_list backward(
       torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grads) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("fasthvae_onednn::conv2d_backward", "")
-                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
-                                   const at::Tensor&, const at::Tensor&, at::IntArrayRef, int64_t, bool, bool)>();
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &a = saved[0], &d = saved[1];
-    const bool nhwc = ctx->saved_data["nhwc"].toBool();
     const bool input_grad = ctx->needs_input_grad(0);
     TORCH_CHECK(!input_grad || d.dim() == a.dim(),  // not asked for: an empty 1-D tensor
         "fasthvae_onednn::gelu_conv2d was called with derivative=False; call fasthvae.nn.gelu_conv2d");
-    const auto grad_y = grads[0].to(a.scalar_type()).contiguous(format_of(nhwc));
-    auto [grad_a, grad_w, grad_b] = op.call(grad_y, a, saved[2], ctx->saved_data["padding"].toIntVector(),
-        ctx->saved_data["groups"].toInt(), nhwc, input_grad);
-    return {input_grad ? grad_a * d : at::Tensor(), grad_w,
-        ctx->saved_data["has_bias"].toBool() ? grad_b : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+    auto [grad_a, grad_w, grad_b] = conv_backward(ctx, grads[0], a, saved[2], input_grad);
+    return {input_grad ? grad_a * d : at::Tensor(), grad_w, grad_b, at::Tensor(), at::Tensor(), at::Tensor(),
         at::Tensor(), at::Tensor()};
   }
 };
