@@ -58,6 +58,12 @@ class SampleAndKL(nn.Module):
         return f"reduction={self.reduction!r}"
 
 
+def _on_onednn(x: Tensor, onednn: bool) -> bool:
+    """Whether a convolution of ``x`` runs on ``fasthvae_onednn``: asked for (``onednn``), and ``x``
+    a float32 or bfloat16 CPU tensor (float32 also under CPU autocast)."""
+    return onednn and x.device.type == "cpu" and x.dtype in onednn_conv.DTYPES
+
+
 def conv2d(
     x: Tensor,
     weight: Tensor,
@@ -66,9 +72,9 @@ def conv2d(
     groups: int = 1,
     onednn: bool = False,
 ) -> Tensor:
-    """``F.conv2d`` at stride 1; on ``fasthvae_onednn`` (:mod:`fasthvae.ops.onednn_conv`) when
-    ``onednn`` is set and ``x`` is a float32 or bfloat16 CPU tensor (or float32 under CPU autocast)."""
-    if onednn and x.device.type == "cpu" and x.dtype in onednn_conv.DTYPES:
+    """``F.conv2d`` at stride 1; on ``fasthvae_onednn`` (:mod:`fasthvae.ops.onednn_conv`) where
+    :func:`_on_onednn`."""
+    if _on_onednn(x, onednn):
         return onednn_conv.conv2d(x, weight, bias, padding, groups)
     return F.conv2d(x, weight, bias, padding=padding, groups=groups)
 
@@ -84,7 +90,7 @@ def gelu_conv2d(
     """``conv2d(F.gelu(x), ...)``: one ``fasthvae_onednn::gelu_conv2d`` call (the fused GELU written
     in the convolution's dtype) when ``onednn`` is set and both the oneDNN convolution and the fused
     GELU run on ``x``; else :func:`conv2d` of :func:`conv_input_gelu`."""
-    if onednn and x.device.type == "cpu" and x.dtype in onednn_conv.DTYPES and fused_gelu_runs(x):
+    if _on_onednn(x, onednn) and fused_gelu_runs(x):
         return onednn_conv.gelu_conv2d(x, weight, bias, padding, groups)
     return conv2d(conv_input_gelu(x, onednn), weight, bias, padding, groups, onednn)
 

@@ -33,6 +33,8 @@ needs_cuda_kernels = [
 # elsewhere (TRITON_INTERPRET=1, set by conftest.py on machines without a GPU).
 TRITON_DEVICE = "cuda" if GPU and not backend.triton_interpreted() else "cpu"
 
+# fasthvae's C++ extension (fasthvae._C): the CPU kernels, the GELU, the multi-tensor loops.
+needs_extension = pytest.mark.skipif(backend.extension() is None, reason="fasthvae._C is not built")
 # The standalone oneDNN of fasthvae_onednn::conv2d and bench_onednn_calls (the ``onednn`` extra).
 needs_onednn = pytest.mark.skipif(
     not onednn_conv.available(), reason=f"fasthvae_onednn cannot be built here: {onednn_conv.missing()}"

@@ -16,9 +16,9 @@ from torch._prims_common import is_non_overlapping_and_dense_or_false, suggest_m
 from fasthvae import ops
 from fasthvae.nn import conv_input_gelu
 from fasthvae.ops import activation, backend
-from tests.helpers import DTYPES, assert_close, torch_threads
+from tests.helpers import DTYPES, assert_close, needs_extension, torch_threads
 
-pytestmark = pytest.mark.skipif(backend.extension() is None, reason="fasthvae._C is not built")
+pytestmark = needs_extension
 ISAS = tuple(backend.cpu_isas()) if backend.extension() else ()
 CL = torch.channels_last
 

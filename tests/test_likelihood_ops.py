@@ -10,7 +10,7 @@ import torch
 from fasthvae import ops
 from fasthvae.ops import backend, library_likelihoods, reference
 from fasthvae.ops.reference import REDUCTIONS
-from tests.helpers import DTYPES, TRITON_DEVICE, assert_close, torch_threads
+from tests.helpers import DTYPES, TRITON_DEVICE, assert_close, needs_extension, torch_threads
 
 CPU_KERNELS = tuple(f"cpu-{isa}" for isa in backend.cpu_isas()) if backend.extension() else ("cpu",)
 KERNELS = (*CPU_KERNELS, "triton")  # the fused kernels; the reference backend is the formula itself
@@ -169,7 +169,7 @@ def test_mixture_reads_any_layout_and_returns_the_gradient_in_it(kernel, layout)
     assert grad.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.skipif(not backend.extension(), reason="fasthvae._C is not built")
+@needs_extension
 @pytest.mark.parametrize("kernel", CPU_KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(

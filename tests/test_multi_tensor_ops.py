@@ -9,9 +9,9 @@ import torch
 
 from fasthvae import ops
 from fasthvae.ops import backend, multi_tensor, reference
-from tests.helpers import DTYPES, torch_threads
+from tests.helpers import DTYPES, needs_extension, torch_threads
 
-pytestmark = pytest.mark.skipif(backend.extension() is None, reason="needs the C++ extension")
+pytestmark = needs_extension
 ALL_DTYPES = (*DTYPES, torch.float64)
 # one channels_last, one of three blocks of the loops (the last partial), odd, empty and 0-dim ones
 SHAPES = [(64, 16, 3, 3), (2, 35_001), (7,), (5, 3), (1, 1, 1, 1), (0,), (3, 1, 2, 9), ()]

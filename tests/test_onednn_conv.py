@@ -12,14 +12,13 @@ from fasthvae import ops
 from fasthvae.models import DeepHVAE
 from fasthvae.models.deep import DeepSpec
 from fasthvae.nn import Conv2d, use_onednn_conv
-from fasthvae.ops import backend, onednn_conv
+from fasthvae.ops import onednn_conv
 from fasthvae.training.config import TrainConfig, TrainingError
 from fasthvae.training.distributed import DistInfo
 from fasthvae.training.runtime import resolve_runtime
-from tests.helpers import needs_avx512_bf16, needs_onednn, recording_backend
+from tests.helpers import needs_avx512_bf16, needs_extension, needs_onednn, recording_backend
 
 CL = torch.channels_last
-needs_gelu = pytest.mark.skipif(backend.extension() is None, reason="fasthvae._C (the GELU) is not built")
 # Of the largest reference magnitude. Float32: accumulation over at most ~600 products. Bfloat16: the
 # output rounded once to bfloat16 (2^-9 of a value at most its largest), the weight gradient float32.
 TOLERANCE = {torch.float32: 2**-19, torch.bfloat16: 2**-8}
@@ -186,7 +185,7 @@ def gelu_then_conv(fused: bool, x, weight, b, padding, groups, grad_y):
 
 
 @needs_onednn
-@needs_gelu
+@needs_extension
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize(
@@ -219,7 +218,7 @@ def test_gelu_conv2d_is_the_gelu_then_the_convolution(shape, dtype, autocast, ch
 
 
 @needs_onednn
-@needs_gelu
+@needs_extension
 def test_gelu_conv2d_against_float64():
     """The fused op against the float64 GELU and convolution: float32, channels_last."""
     shape = SHAPES[0]
@@ -237,7 +236,7 @@ def test_gelu_conv2d_against_float64():
 
 
 @needs_onednn
-@needs_gelu
+@needs_extension
 @pytest.mark.parametrize("derivative", [True, False], ids=["derivative", "no_derivative"])
 def test_gelu_conv2d_passes_opcheck(derivative):
     onednn_conv.load()
@@ -248,7 +247,7 @@ def test_gelu_conv2d_passes_opcheck(derivative):
 
 
 @needs_onednn
-@needs_gelu
+@needs_extension
 def test_gelu_conv2d_compiles_as_one_graph_with_the_same_values():
     onednn_conv.load()
     x, weight, b = inputs(SHAPES[0], torch.float32, True)
@@ -266,7 +265,7 @@ def test_gelu_conv2d_compiles_as_one_graph_with_the_same_values():
 
 
 @needs_onednn
-@needs_gelu
+@needs_extension
 def test_gelu_conv2d_without_the_derivative_refuses_the_input_gradient():
     onednn_conv.load()
     x, weight, b = inputs(SHAPES[0], torch.float32, True)

@@ -8,9 +8,9 @@ import torch
 from fasthvae import ops, train
 from fasthvae.ops import backend, reference
 from fasthvae.optim import AdamW
-from tests.helpers import DEEP_TINY, torch_threads
+from tests.helpers import DEEP_TINY, needs_extension, torch_threads
 
-pytestmark = pytest.mark.skipif(backend.extension() is None, reason="needs the C++ extension")
+pytestmark = needs_extension
 # one channels_last, one of three blocks of the loops, odd and 0-dim ones
 SHAPES = [(64, 16, 3, 3), (2, 35_001), (7,), (5, 3), (1, 1, 1, 1), ()]
 HYPER = {"lr": 3e-3, "betas": (0.9, 0.99), "weight_decay": 0.05, "eps": 1e-8}

@@ -108,6 +108,13 @@ def computes_channels_last(x: Tensor, weight: Tensor) -> bool:
     return x.shape[2] * x.shape[3] == 1 or cl in (suggest_memory_format(x), suggest_memory_format(weight))
 
 
+def _output_shape(x: Tensor, weight: Tensor, padding: list[int]) -> tuple[int, int, int, int]:
+    """The shape of a stride-1 convolution's output."""
+    n, _, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    return n, o, h + 2 * padding[0] - kh + 1, w + 2 * padding[1] - kw + 1
+
+
 def _register() -> None:
     """The ops' fake kernels, for torch.compile (their autograd is registered in C++)."""
 
@@ -115,9 +122,7 @@ def _register() -> None:
     def _(
         x: Tensor, weight: Tensor, bias: Tensor | None, padding: list[int], groups: int, channels_last: bool
     ):
-        n, _, h, w = x.shape
-        o, _, kh, kw = weight.shape
-        shape = (n, o, h + 2 * padding[0] - kh + 1, w + 2 * padding[1] - kw + 1)
+        shape = _output_shape(x, weight, padding)
         return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_format(channels_last))
 
     @torch.library.register_fake("fasthvae_onednn::conv2d_backward")
@@ -151,10 +156,7 @@ def _register() -> None:
     ):
         fmt = _format(channels_last)
         dtype = torch.bfloat16 if bfloat16 else x.dtype
-        n, _, h, w = x.shape
-        o, _, kh, kw = weight.shape
-        shape = (n, o, h + 2 * padding[0] - kh + 1, w + 2 * padding[1] - kw + 1)
-        y = torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
+        y = torch.empty(_output_shape(x, weight, padding), dtype=dtype, device=x.device, memory_format=fmt)
         activation = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt)
         d = torch.empty_like(activation, dtype=x.dtype) if derivative else x.new_empty(0)
         return y, activation, d
@@ -162,6 +164,24 @@ def _register() -> None:
 
 def _dense(t: Tensor) -> Tensor:
     return t if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) else t.contiguous()
+
+
+def _autocast_dtype() -> torch.dtype | None:
+    """The CPU autocast dtype where autocast is on and it is one the op computes in, else None."""
+    dtype = torch.get_autocast_dtype("cpu")
+    return dtype if torch.is_autocast_enabled("cpu") and dtype in DTYPES else None
+
+
+def _op_arguments(
+    x: Tensor, weight: Tensor, bias: Tensor | None, padding: int | tuple[int, int]
+) -> tuple[Tensor, Tensor, Tensor | None, list[int], bool]:
+    """(x in the layout the op computes in, the weight dense, the bias in float32, the padding as two
+    ints, whether that layout is channels_last)."""
+    pad = [padding, padding] if isinstance(padding, int) else list(padding)
+    bias = None if bias is None else bias.float()
+    weight = _dense(weight)
+    channels_last = computes_channels_last(x, weight)
+    return x.contiguous(memory_format=_format(channels_last)), weight, bias, pad, channels_last
 
 
 def conv2d(
@@ -172,15 +192,11 @@ def conv2d(
     the weight into its packed layout; the bias is added in float32)."""
     if not _loaded:
         load()
-    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in DTYPES:
-        x = x.to(torch.get_autocast_dtype("cpu"))
+    if (autocast := _autocast_dtype()) is not None:
+        x = x.to(autocast)
     if x.dtype not in DTYPES:
         raise TypeError(f"fasthvae_onednn.conv2d: x must be float32 or bfloat16, not {x.dtype}")
-    pad = [padding, padding] if isinstance(padding, int) else list(padding)
-    bias = None if bias is None else bias.float()
-    weight = _dense(weight)
-    channels_last = computes_channels_last(x, weight)
-    x = x.contiguous(memory_format=_format(channels_last))
+    x, weight, bias, pad, channels_last = _op_arguments(x, weight, bias, padding)
     return torch.ops.fasthvae_onednn.conv2d(x, weight, bias, pad, groups, channels_last)
 
 
@@ -195,13 +211,8 @@ def gelu_conv2d(
         load()
     if x.dtype not in DTYPES:
         raise TypeError(f"fasthvae_onednn.gelu_conv2d: x must be float32 or bfloat16, not {x.dtype}")
-    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in DTYPES
-    to_bfloat16 = autocast and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype != torch.bfloat16
-    pad = [padding, padding] if isinstance(padding, int) else list(padding)
-    bias = None if bias is None else bias.float()
-    weight = _dense(weight)
-    channels_last = computes_channels_last(x, weight)
-    x = x.contiguous(memory_format=_format(channels_last))
+    to_bfloat16 = _autocast_dtype() == torch.bfloat16 and x.dtype != torch.bfloat16
+    x, weight, bias, pad, channels_last = _op_arguments(x, weight, bias, padding)
     derivative = torch.is_grad_enabled() and x.requires_grad
     y, _, _ = torch.ops.fasthvae_onednn.gelu_conv2d(
         x, weight, bias, pad, groups, channels_last, to_bfloat16, derivative
