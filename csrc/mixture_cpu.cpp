@@ -426,52 +426,55 @@ void mixture_forward_typed(const at::Tensor& x, const at::Tensor& params, const 
   });
 }
 
-template <typename T>
-void mixture_backward_typed(const at::Tensor& x, const at::Tensor& params, const at::Tensor& nll,
-                            const at::Tensor& lse_logits, const at::Tensor& grad, const at::Tensor& d_params) {
-  const int64_t rows = params.size(1), k_count = rows / kMixtureParamBlocks;
+// Runs fn(p, xs, scratch, dp, first, n) over the chunks of pixels in parallel: p the chunk's
+// parameter rows (in place or staged), xs its images (3 rows of kPix in [-1, 1] space), scratch
+// scratch_rows rows of kPix, dp its rows of d_params (in place, or staged and scattered after fn).
+template <typename T, typename D, typename Fn>
+void for_each_gradient_chunk(const at::Tensor& x, const at::Tensor& params, const at::Tensor& d_params,
+                             int64_t scratch_rows, Fn&& fn) {
+  const int64_t rows = params.size(1);
   const PixelLayout pl(params), xl(x), dl(d_params);
   const T* p_d = params.const_data_ptr<T>();
   const float* x_d = x.const_data_ptr<float>();
-  const float* nll_d = nll.const_data_ptr<float>();
-  const float* lse_d = lse_logits.const_data_ptr<float>();
-  const float* g_d = grad.const_data_ptr<float>();
-  T* dp_d = d_params.mutable_data_ptr<T>();
-  for_each_chunk(nll.numel(), kPix, [&](int64_t first, int64_t n) {
+  D* dp_d = d_params.mutable_data_ptr<D>();
+  for_each_chunk(params.size(0) * pl.hw, kPix, [&](int64_t first, int64_t n) {
     thread_local std::vector<float> stage;
-    stage.resize((2 * rows + 3) * kPix);
+    stage.resize((2 * rows + 3 + scratch_rows) * kPix);
     float* xs = stage.data();
-    float* dp_stage = xs + 3 * kPix;
+    float* scratch = xs + 3 * kPix;
+    float* dp_stage = scratch + scratch_rows * kPix;
     const Rows p = rows_of(p_d, pl, rows, first, n, dp_stage + rows * kPix, true);
     const Rows dp = rows_of(dp_d, dl, rows, first, n, dp_stage, false);
     stage_images(x_d, xl, first, n, xs);
-    mixture_backward_chunk(p.data, p.stride, xs, k_count, n, nll_d + first, lse_d + first, g_d + first, dp.data,
-                           dp.stride);
+    fn(p, xs, scratch, dp, first, n);
     if (!dp.in_place) scatter(dp_stage, dl, rows, first, n, dp_d);
   });
 }
 
 template <typename T>
+void mixture_backward_typed(const at::Tensor& x, const at::Tensor& params, const at::Tensor& nll,
+                            const at::Tensor& lse_logits, const at::Tensor& grad, const at::Tensor& d_params) {
+  const int64_t k_count = params.size(1) / kMixtureParamBlocks;
+  const float* nll_d = nll.const_data_ptr<float>();
+  const float* lse_d = lse_logits.const_data_ptr<float>();
+  const float* g_d = grad.const_data_ptr<float>();
+  for_each_gradient_chunk<T, T>(
+      x, params, d_params, 0, [&](const Rows& p, const float* xs, float*, const Rows& dp, int64_t first, int64_t n) {
+        mixture_backward_chunk(p.data, p.stride, xs, k_count, n, nll_d + first, lse_d + first, g_d + first,
+                               dp.data, dp.stride);
+      });
+}
+
+template <typename T>
 void mixture_forward_backward_typed(const at::Tensor& x, const at::Tensor& params, const at::Tensor& nll,
                                     const at::Tensor& d_params) {
-  const int64_t rows = params.size(1), k_count = rows / kMixtureParamBlocks;
-  const PixelLayout pl(params), xl(x), dl(d_params);
-  const T* p_d = params.const_data_ptr<T>();
-  const float* x_d = x.const_data_ptr<float>();
+  const int64_t k_count = params.size(1) / kMixtureParamBlocks;
   float* nll_d = nll.mutable_data_ptr<float>();
-  float* dp_d = d_params.mutable_data_ptr<float>();
-  for_each_chunk(nll.numel(), kPix, [&](int64_t first, int64_t n) {
-    thread_local std::vector<float> stage;
-    stage.resize((2 * rows + 3 + k_count) * kPix);
-    float* xs = stage.data();
-    float* joint = xs + 3 * kPix;
-    float* dp_stage = joint + k_count * kPix;
-    const Rows p = rows_of(p_d, pl, rows, first, n, dp_stage + rows * kPix, true);
-    const Rows dp = rows_of(dp_d, dl, rows, first, n, dp_stage, false);
-    stage_images(x_d, xl, first, n, xs);
-    mixture_forward_backward_chunk(p.data, p.stride, xs, k_count, n, joint, nll_d + first, dp.data, dp.stride);
-    if (!dp.in_place) scatter(dp_stage, dl, rows, first, n, dp_d);
-  });
+  for_each_gradient_chunk<T, float>(
+      x, params, d_params, k_count,
+      [&](const Rows& p, const float* xs, float* joint, const Rows& dp, int64_t first, int64_t n) {
+        mixture_forward_backward_chunk(p.data, p.stride, xs, k_count, n, joint, nll_d + first, dp.data, dp.stride);
+      });
 }
 
 template <typename T>
