@@ -11,12 +11,21 @@
 // the caller names (channels_last or NCHW). Weights in any dtype and strides (reordered into the
 // primitive's layout and dtype each call; their gradient comes back in the weights' dtype and
 // strides). Bias: float32.
+//
+// A weight gradient runs on one thread where oneDNN's primitive built for one thread gives the same
+// bits as the one built for all and takes less time, measured on the shape's first backward call
+// (choose_weights_threads): some split their work so that a second thread costs more than it
+// saves, as AMX's 1x1 weight gradients from 64 channels on small images (results/bench/README.md).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <omp.h>
+
 #include <array>
+#include <chrono>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -61,6 +70,13 @@ struct Conv {
   dnnl::reorder pack_forward, pack_backward, unpack_grad;
   memory::desc src, dst, bias, weights, weights_backward, grad_weights, user;
   at::Tensor zero_bias;  // the forward's bias where the call has none
+  memory::dims weight_dims, padding;
+  dt data;
+  // The weight gradient's primitive built for one thread, used instead of backward_weights where
+  // one_thread_weights (both set once, by choose_weights_threads under weights_chosen).
+  dnnl::convolution_backward_weights backward_weights_one_thread;
+  bool one_thread_weights = false;
+  std::once_flag weights_chosen;
 };
 
 // N, C, H, W, O, KH, KW, pad H, pad W, groups, data type, channels_last, weight dtype, weight strides.
@@ -87,8 +103,9 @@ Conv& conv_for(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef padding
   p.dst = memory::desc({n, o, oh, ow}, data, layout);
   p.bias = memory::desc({o}, dt::f32, tag::a);
   p.user = user_weights(w, groups);
+  p.weight_dims = wdims, p.padding = {padding[0], padding[1]}, p.data = data;
   const auto [fwd, bwd_data, bwd_weights] =
-      fasthvae_onednn::conv_descs(p.src, p.dst, p.bias, wdims, data, {padding[0], padding[1]});
+      fasthvae_onednn::conv_descs(p.src, p.dst, p.bias, wdims, data, p.padding);
   p.weights = fwd.weights_desc();
   p.weights_backward = bwd_data.weights_desc();
   p.grad_weights = bwd_weights.diff_weights_desc();
@@ -164,6 +181,74 @@ Bound& bound_for(const Conv& p) {
 
 void bind(memory& m, const at::Tensor& t) { m.set_data_handle(t.data_ptr()); }
 
+// This thread's OpenMP teams limited to ``threads`` while in scope: oneDNN's OpenMP build sizes a
+// primitive's work split, when the primitive is built, and its parallel regions by
+// omp_get_max_threads(), which is the calling thread's own setting.
+class ThreadLimit {
+ public:
+  explicit ThreadLimit(int threads) : before_(omp_get_max_threads()) { omp_set_num_threads(threads); }
+  ~ThreadLimit() { omp_set_num_threads(before_); }
+  ThreadLimit(const ThreadLimit&) = delete;
+  ThreadLimit& operator=(const ThreadLimit&) = delete;
+
+ private:
+  int before_;
+};
+
+// The shortest of ``rounds`` timings of each of two runs, taken in turns: (first's, second's).
+template <typename A, typename B>
+std::pair<double, double> fastest_of(int rounds, A&& first, B&& second) {
+  using clock = std::chrono::steady_clock;
+  double a = 1e30, b = 1e30;
+  for (int r = 0; r < rounds; ++r) {
+    auto t0 = clock::now();
+    first();
+    auto t1 = clock::now();
+    second();
+    auto t2 = clock::now();
+    a = std::min(a, std::chrono::duration<double>(t1 - t0).count());
+    b = std::min(b, std::chrono::duration<double>(t2 - t1).count());
+  }
+  return {a, b};
+}
+
+bool same_bytes(const at::Tensor& a, const at::Tensor& b) {
+  return a.nbytes() == b.nbytes() && std::memcmp(a.const_data_ptr(), b.const_data_ptr(), a.nbytes()) == 0;
+}
+
+// Whether p's weight gradient runs on one thread: where the calling thread's OpenMP teams have more
+// than one, the primitive is built again for one thread and run on the call's tensors (bound in b,
+// its bias gradient into grad_b); it is kept if its weight and bias gradients equal the all-thread
+// primitive's bit for bit (so the choice never changes a value) and the fastest of kRounds timings
+// takes at most kTimeRatio of the all-thread one's.
+void choose_weights_threads(Conv& p, Bound& b, const at::Tensor& grad_b) {
+  constexpr int kRounds = 5;
+  constexpr double kTimeRatio = 0.9;
+  if (omp_get_max_threads() < 2) return;
+  dnnl::convolution_backward_weights one_thread;
+  {
+    ThreadLimit limit(1);
+    const auto descs =
+        fasthvae_onednn::conv_descs(p.src, p.dst, p.bias, p.weight_dims, p.data, p.padding);
+    if (descs.backward_weights.diff_weights_desc() != p.grad_weights) return;  // another layout
+    one_thread = dnnl::convolution_backward_weights(descs.backward_weights);
+  }
+  const auto all = [&] { p.backward_weights.execute(stream(), b.backward_weights); };
+  const auto one = [&] {
+    ThreadLimit limit(1);
+    one_thread.execute(stream(), b.backward_weights);
+  };
+  all();
+  const at::Tensor weights_all = b.grad_own.clone(), bias_all = grad_b.clone();
+  one();
+  if (!same_bytes(b.grad_own, weights_all) || !same_bytes(grad_b, bias_all)) return;
+  const auto [time_all, time_one] = fastest_of(kRounds, all, one);
+  if (time_one <= kTimeRatio * time_all) {
+    p.backward_weights_one_thread = one_thread;
+    p.one_thread_weights = true;
+  }
+}
+
 at::Tensor conv2d(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias,
     at::IntArrayRef padding, int64_t groups, bool nhwc) {
   check(x_in, w_in, padding, groups);
@@ -201,7 +286,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(const at::Tensor&
   auto grad_w = at::empty_strided(w.sizes(), w.strides(), w.options());
   auto grad_b = at::empty({w.size(0)}, w.options().dtype(at::kFloat));
   bind(b.src, x), bind(b.diff_bias, grad_b), bind(b.user_grad, grad_w);
-  p.backward_weights.execute(stream(), b.backward_weights);
+  std::call_once(p.weights_chosen, [&] { choose_weights_threads(p, b, grad_b); });
+  if (p.one_thread_weights) {
+    ThreadLimit limit(1);
+    p.backward_weights_one_thread.execute(stream(), b.backward_weights);
+  } else {
+    p.backward_weights.execute(stream(), b.backward_weights);
+  }
   p.unpack_grad.execute(stream(), b.unpack_grad);
   return {grad_x, grad_w, grad_b};
 }

@@ -16,7 +16,7 @@ from fasthvae.ops import onednn_conv
 from fasthvae.training.config import TrainConfig, TrainingError
 from fasthvae.training.distributed import DistInfo
 from fasthvae.training.runtime import resolve_runtime
-from tests.helpers import needs_avx512_bf16, needs_extension, needs_onednn, recording_backend
+from tests.helpers import needs_avx512_bf16, needs_extension, needs_onednn, recording_backend, torch_threads
 
 CL = torch.channels_last
 # Of the largest reference magnitude. Float32: accumulation over at most ~600 products. Bfloat16: the
@@ -104,6 +104,49 @@ def test_conv2d_without_bias_and_on_non_contiguous_inputs():
     y = onednn_conv.conv2d(wide, kept, b, 1)
     assert_near(y, F.conv2d(wide.double(), kept.double(), b.double(), padding=1), 2**-19, "strided input")
     assert y.is_contiguous(memory_format=CL)  # the weight lies channels_last, as ATen decides
+
+
+# 1x1 convolutions from 64 channels on small images, whose weight gradient oneDNN's AMX code runs
+# faster on one thread than on two, and a 3x3 one that it runs faster on two. Batch 31: no other test
+# makes these convolutions, so the first backward call of each (which chooses) is this test's.
+THREAD_CHOICE_SHAPES = [
+    (31, 64, 1, 1, 32, 1, 0, 1),
+    (31, 64, 4, 4, 16, 1, 0, 1),
+    (31, 64, 8, 8, 32, 1, 0, 1),
+    (31, 16, 8, 8, 16, 3, 1, 1),
+]
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", THREAD_CHOICE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_avx512_bf16)])
+def test_weight_gradient_threads_chosen_on_the_first_call_change_no_value(shape, dtype):
+    """The first backward call of a convolution times its weight gradient on one thread and on all
+    (two here, whatever the machine's cores) and keeps the faster one only where both give the same
+    bits: every later call returns the first call's gradients bit for bit, the values are the
+    float64 convolution's, and the thread count is the caller's again after each call."""
+    *_, padding, groups = shape
+    with torch_threads(2):
+        x, weight, b = inputs(shape, dtype, True, seed=3)
+        y = onednn_conv.conv2d(x, weight, b, padding, groups).detach()
+        grad_y = (
+            torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+            .to(dtype)
+            .contiguous(memory_format=CL)
+        )
+        calls = [
+            torch.ops.fasthvae_onednn.conv2d_backward(
+                grad_y, x.detach(), weight.detach(), [padding] * 2, groups, True, True
+            )
+            for _ in range(3)
+        ]
+        assert torch.get_num_threads() == 2
+    for later in calls[1:]:
+        for name, first, again in zip(("x", "weight", "bias"), calls[0], later, strict=True):
+            assert torch.equal(first, again), f"grad {name} changed after the first call"
+    _, expected = reference(x, weight, b, padding, groups, grad_y)
+    for name, ours, exp in zip(("x", "weight", "bias"), calls[0], expected, strict=True):
+        assert_near(ours, exp, TOLERANCE[dtype] if name == "x" else 2**-16, f"grad {name}")
 
 
 @needs_onednn
