@@ -124,7 +124,7 @@ def test_weight_gradient_threads_chosen_on_the_first_call_change_no_value(shape,
     """The first backward call of a convolution times its weight gradient on one thread and on all
     (two here, whatever the machine's cores) and keeps the faster one only where both give the same
     bits: every later call returns the first call's gradients bit for bit, the values are the
-    float64 convolution's, and the thread count is the caller's again after each call."""
+    float64 convolution's, and the thread count is the caller's again after the calls."""
     *_, padding, groups = shape
     with torch_threads(2):
         x, weight, b = inputs(shape, dtype, True, seed=3)
