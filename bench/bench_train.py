@@ -14,6 +14,8 @@ Variants (all but ``bare`` through the trainer's own step):
   Every row runs with glibc's malloc as it comes, the fasthvae row too: the trainer's
   ``--keep-freed-memory`` is process-wide and cannot be undone, and ``bench/bench_allocator.py``
   measures it apart
+- ``fasthvae+cpp-wrapper``: the fasthvae row with ``--compile-wrapper cpp`` (Inductor's C++ wrapper;
+  its first compile takes about three times as long)
 Each variant is built and runs ``--warmup`` steps (compilation included); then ``--repeats`` rounds
 time one window of ``--steps`` steps of every variant, the order rotated each round, so that a drift
 of the machine's speed (whole rounds faster or slower) reaches every variant alike. Each window
@@ -101,6 +103,7 @@ FEATURES = {
 
 
 BARE = "bare"
+CPP_WRAPPER = "fasthvae+cpp-wrapper"  # the fasthvae row compiled with Inductor's C++ wrapper
 BUSY_NOTE = (
     " GPU busy: the share of one more window's wall time, under the profiler, in which the GPU ran a"
     " kernel or a copy; the rest it waited on the host."
@@ -116,6 +119,7 @@ def variants(device: str, model: str) -> dict[str, tuple[dict, bool]]:
             table[name] = ({**PLAIN, **change}, name == "+fused-ops")
     defaults = {k: None for k in ("compile", "channels_last", "fused_optimizer", "onednn_conv", "loader")}
     table["fasthvae"] = ({**defaults, "amp": True}, True)  # python -m fasthvae.train --amp
+    table[CPP_WRAPPER] = ({**defaults, "amp": True, "compile_wrapper": "cpp"}, True)
     return table
 
 

@@ -159,16 +159,22 @@ def test_the_cache_key_follows_isa_caps_and_the_code(tmp_path, monkeypatch):
 
 
 def test_a_real_probe_times_every_candidate_and_keeps_the_random_state(tmp_path, monkeypatch):
+    """The probe times every candidate, leaves the random state as it found it, and builds each
+    candidate's step with Inductor's python wrapper, whatever the run's (the C++ wrapper would
+    take about three times as long to compile each candidate)."""
     monkeypatch.setattr(speed, "TIMING_SECONDS", {"step": 0.5, "loader": 0.5})
-    c = with_model_defaults(config(tmp_path, compile=False, workers=1))  # eager: no compilation here
+    c = config(tmp_path, compile=False, workers=1, compile_wrapper="cpp")  # eager: no compilation here
+    c = with_model_defaults(c)
     rt = resolve_runtime(c, DistInfo())
     builds, real_build = [], speed.build_state
-    monkeypatch.setattr(speed, "build_state", lambda *args: builds.append(1) or real_build(*args))
+    monkeypatch.setattr(
+        speed, "build_state", lambda c, *args: builds.append(c.compile_wrapper) or real_build(c, *args)
+    )
     torch.manual_seed(3)
     before = torch.get_rng_state()
     record = speed.probe(c, rt, IMAGES)
     assert torch.equal(torch.get_rng_state(), before)
-    assert len(builds) == 4, "one model per candidate; the loaders feed the chosen one's step"
+    assert builds == ["python"] * 4, "one model per candidate; the loaders feed the chosen one's step"
     assert [r["loader"] for r in record["candidates"][4:]] == ["resident", "torch"]
     assert not any("loader" in r for r in record["candidates"][:4]), "each candidate records its own"
     assert [(r["channels_last"], r["fused_optimizer"]) for r in record["candidates"][:4]] == [

@@ -16,6 +16,7 @@ from fasthvae.training.checkpoint import CheckpointError, load_checkpoint, save_
 from fasthvae.training.distributed import DistInfo
 from fasthvae.training.loop import Stepper, compile_options
 from tests.helpers import (
+    DEEP_TINY,
     KILL_AFTER_FIRST_CHECKPOINT,
     PROBE_ON_RANK_0,
     SMALL,
@@ -438,3 +439,35 @@ def test_the_compiled_step_draws_its_noise_with_aten_on_cuda():
     assert compile_options("reduce-overhead", torch.device("cpu")) == {"triton.cudagraphs": True}
     cuda = compile_options("reduce-overhead", torch.device("cuda", 0))
     assert cuda == {"triton.cudagraphs": True, "fallback_random": True}
+
+
+def test_the_cpp_wrapper_takes_the_python_wrappers_step(data, tmp_path, monkeypatch):
+    """``--compile-wrapper cpp`` compiles the step with Inductor's C++ wrapper, its checks of the
+    ops' output sizes and strides left out: one step of a two-group deep model (its oneDNN
+    convolutions and GELUs where they can run, the Gaussian and likelihood ops, the fused AdamW) from
+    the same weights on the same batch gives the python wrapper's loss and weights, bit for bit."""
+    assert compile_options("default", torch.device("cpu"), "cpp") == {
+        "cpp_wrapper": True,
+        "size_asserts": False,
+        "alignment_asserts": False,
+    }
+    argv = ["--data", data, *DEEP_TINY, "--layout", "1x1,32x1", "--batch-size", "16", "--limit-train", "16"]
+    argv += ["--compile", "--channels-last", "--fused-optimizer", "--no-tensorboard", "--speed", "fixed"]
+    real, options = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: options.append(kw["options"]) or real(m, **kw))
+    results = []
+    for wrapper in ("python", "cpp"):
+        torch._dynamo.reset()
+        t = train.Trainer(
+            train.parse_args([*argv, "--out", str(tmp_path / wrapper), "--compile-wrapper", wrapper])
+        )
+        x = next(iter(t.loader))[0]
+        torch.manual_seed(1)
+        row = t.step_fn(x, torch.ones(t.model.num_levels)).row
+        assert not t.step_fn.compile_failure
+        results.append((row, [p.detach().clone() for p in t.model.parameters()]))
+    assert [o.get("cpp_wrapper", False) for o in options] == [False, True]
+    (row_py, params_py), (row_cpp, params_cpp) = results
+    # the loss and its terms, the gradient norms (the loss scale: NaN, no scaler), equal
+    torch.testing.assert_close(row_cpp, row_py, rtol=0, atol=0, equal_nan=True)
+    assert all(torch.equal(p, q) for p, q in zip(params_py, params_cpp, strict=True))

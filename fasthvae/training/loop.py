@@ -162,16 +162,20 @@ class Stepper:
         }
 
 
-def compile_options(mode: str, device: torch.device) -> dict[str, object]:
+def compile_options(mode: str, device: torch.device, wrapper: str = "python") -> dict[str, object]:
     """Inductor's options for the step: ``mode``'s, and on CUDA random ops drawn by ATen
     (``fallback_random``). Inductor otherwise draws the unfused step's noise inside its own kernels,
     and Triton 3.6 (torch 2.11) rejects the one it makes of the deep model's noise fused with its
-    likelihood (``PassManager::run failed`` for sm_90); ATen draws it in a kernel of its own."""
+    likelihood (``PassManager::run failed`` for sm_90); ATen draws it in a kernel of its own.
+    ``wrapper`` "cpp": Inductor's C++ wrapper, without its checks of each op's output sizes and
+    strides (the ops' fake kernels are checked against their real ones by opcheck in the tests)."""
     from torch._inductor import list_mode_options
 
     options = dict(list_mode_options(mode, dynamic=False))
     if device.type == "cuda":
         options["fallback_random"] = True
+    if wrapper == "cpp":
+        options |= {"cpp_wrapper": True, "size_asserts": False, "alignment_asserts": False}
     return options
 
 
@@ -189,7 +193,9 @@ def build_stepper(state: TrainState, config: TrainConfig, rt: Runtime, dist: Dis
         # of its own. Left to dynamo's automatic dynamic shapes, it would recompile the step with a
         # symbolic batch size, which every later full batch then runs (bench/bench_recompile.py).
         objective = torch.compile(
-            objective, dynamic=False, options=compile_options(config.compile_mode, rt.device)
+            objective,
+            dynamic=False,
+            options=compile_options(config.compile_mode, rt.device, config.compile_wrapper),
         )
     # Skips decided on the device need the fused AdamW (its found_inf): then the step never waits.
     return Stepper(state, objective, config, rt, sync_free=rt.fused_optimizer, eager=eager)
