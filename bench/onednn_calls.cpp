@@ -1,5 +1,6 @@
 // oneDNN's convolution primitives called directly (built once per shape, executed on the tensors'
-// memory), for bench_onednn_calls: what ATen's call path around the same primitives costs.
+// memory), for bench_onednn_calls (what ATen's call path around the same primitives costs) and
+// bench_weight_gradients (the backward-weights primitive alone).
 // bf16 or f32 NHWC activations, weights reordered once into the forward and backward-data primitives' own
 // layouts (oneDNN may choose a different one for each), f32 bias;
 // the backward's weight and bias gradients in f32 (the weight gradient reordered to OHWI).
@@ -121,11 +122,29 @@ std::vector<torch::Tensor> backward(
   return {grad_x, grad_w, grad_b};
 }
 
+// The backward's weight and bias gradients alone (f32; the weight's channels_last [O, C, K, K]).
+std::vector<torch::Tensor> backward_weights(torch::Tensor grad_y, torch::Tensor x, torch::Tensor weight) {
+  Conv& p = conv_of(x, weight);
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type() && grad_y.is_contiguous(at::MemoryFormat::ChannelsLast),
+      "grad_y must be channels_last and of x's dtype");
+  auto grad_w_own = torch::empty({static_cast<int64_t>(p.weight_grad.get_size())}, torch::kUInt8);
+  auto grad_w = torch::empty(weight.sizes(), torch::dtype(torch::kFloat32).memory_format(at::MemoryFormat::ChannelsLast));
+  auto grad_b = torch::empty({weight.size(0)}, torch::kFloat32);
+  memory gy(p.dst, engine(), grad_y.data_ptr()), src(p.src, engine(), x.data_ptr()),
+      gw_own(p.weight_grad, engine(), grad_w_own.data_ptr()), gw(p.weight_grad_ohwi, engine(), grad_w.data_ptr()),
+      gb(p.bias, engine(), grad_b.data_ptr());
+  p.backward_weights.execute(stream(),
+      {{DNNL_ARG_DIFF_DST, gy}, {DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_WEIGHTS, gw_own}, {DNNL_ARG_DIFF_BIAS, gb}});
+  p.weight_grad_to_ohwi.execute(stream(), gw_own, gw);
+  return {grad_w, grad_b};
+}
+
 std::string kernels(torch::Tensor x, torch::Tensor weight) { return conv_of(x, weight).kernels; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_weights", &pack_weights);
   m.def("forward", &forward);
   m.def("backward", &backward);
+  m.def("backward_weights", &backward_weights);
   m.def("kernels", &kernels);
 }

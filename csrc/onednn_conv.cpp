@@ -16,6 +16,10 @@
 // bits as the one built for all and takes less time, measured on the shape's first backward call
 // (choose_weights_threads): some split their work so that a second thread costs more than it
 // saves, as AMX's 1x1 weight gradients from 64 channels on small images (results/bench/README.md).
+//
+// Where oneDNN runs float32 with AVX2 at most, a 1x1 convolution's weight and bias gradients are
+// matrix products in the BLAS torch calls instead (matmul_weight_gradient): faster there than
+// oneDNN's jit_1x1:avx2 primitive over the deep model's shapes (bench/bench_weight_gradients.py).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -61,6 +65,20 @@ memory::desc user_weights(const at::Tensor& w, int64_t groups) {
       {(o / groups) * s[0], s[0], s[1], s[2], s[3]});
 }
 
+// Whether oneDNN runs this process's float32 convolutions with AVX2 at most (no AVX-512): its
+// weight gradients of 1x1 convolutions there, jit_1x1:avx2, take longer than the same matrix
+// product in the BLAS torch calls (results/bench/README.md).
+bool avx2_at_most() {
+  using isa = dnnl::cpu_isa;
+  static const bool value = [] {
+    switch (dnnl::get_effective_cpu_isa()) {
+      case isa::sse41: case isa::avx: case isa::avx2: case isa::avx2_vnni: case isa::avx2_vnni_2: return true;
+      default: return false;
+    }
+  }();
+  return value;
+}
+
 struct Conv {
   dnnl::convolution_forward forward;
   dnnl::convolution_backward_data backward_data;
@@ -77,6 +95,8 @@ struct Conv {
   dnnl::convolution_backward_weights backward_weights_one_thread;
   bool one_thread_weights = false;
   std::once_flag weights_chosen;
+  // The weight gradient as a matrix product (matmul_weight_gradient) instead of backward_weights.
+  bool matmul_weights = false;
 };
 
 // N, C, H, W, O, KH, KW, pad H, pad W, groups, data type, channels_last, weight dtype, weight strides.
@@ -116,6 +136,8 @@ Conv& conv_for(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef padding
   p.pack_backward = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), p.user, engine(), p.weights_backward));
   p.unpack_grad = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), p.grad_weights, engine(), p.user));
   p.zero_bias = at::zeros({o}, at::TensorOptions().dtype(at::kFloat));
+  p.matmul_weights = nhwc && groups == 1 && w.size(2) == 1 && w.size(3) == 1 && padding[0] == 0 &&
+      padding[1] == 0 && data == dt::f32 && w.scalar_type() == at::kFloat && avx2_at_most();
   slot = std::move(conv);
   return *slot;
 }
@@ -249,6 +271,26 @@ void choose_weights_threads(Conv& p, Bound& b, const at::Tensor& grad_b) {
   }
 }
 
+// The weight and bias gradients of a 1x1 convolution (no padding, no groups) of channels_last float32
+// tensors as matrix products over the pixels: grad_w [O, C] = grad_y^T x and grad_b = grad_y^T 1,
+// each pixel a row of x [N*H*W, C] and of grad_y [N*H*W, O] (views of the same memory). The product
+// is formed with the smaller channel count as its rows (written transposed into grad_w where that is C).
+std::pair<at::Tensor, at::Tensor> matmul_weight_gradient(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w) {
+  const int64_t c = x.size(1), o = gy.size(1);
+  const auto x2 = x.permute({0, 2, 3, 1}).reshape({-1, c});
+  const auto g2 = gy.permute({0, 2, 3, 1}).reshape({-1, o});
+  auto grad_w = at::empty_strided(w.sizes(), w.strides(), w.options());
+  auto gw2 = grad_w.as_strided({o, c}, {w.stride(0), w.stride(1)});
+  if (c < o) {
+    auto transposed = gw2.t();
+    at::mm_out(transposed, x2.t(), g2);
+  } else {
+    at::mm_out(gw2, g2.t(), x2);
+  }
+  auto grad_b = at::mv(g2.t(), at::ones({g2.size(0)}, g2.options()));
+  return {grad_w, grad_b};
+}
+
 at::Tensor conv2d(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias,
     at::IntArrayRef padding, int64_t groups, bool nhwc) {
   check(x_in, w_in, padding, groups);
@@ -282,6 +324,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(const at::Tensor&
     bind(b.user, w), bind(b.diff_src, grad_x);
     p.pack_backward.execute(stream(), b.pack_backward);
     p.backward_data.execute(stream(), b.backward_data);
+  }
+  if (p.matmul_weights) {
+    auto [grad_w, grad_b] = matmul_weight_gradient(gy, x, w);
+    return {grad_x, grad_w, grad_b};
   }
   auto grad_w = at::empty_strided(w.sizes(), w.strides(), w.options());
   auto grad_b = at::empty({w.size(0)}, w.options().dtype(at::kFloat));

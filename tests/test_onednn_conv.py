@@ -4,6 +4,10 @@ odd and the deep model's shapes, groups, with and without bias; torch.compile(fu
 autocast; the GELU fused before it (fasthvae_onednn::gelu_conv2d); the deep model with its
 convolutions on oneDNN; the errors."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +20,14 @@ from fasthvae.ops import onednn_conv
 from fasthvae.training.config import TrainConfig, TrainingError
 from fasthvae.training.distributed import DistInfo
 from fasthvae.training.runtime import resolve_runtime
-from tests.helpers import needs_avx512_bf16, needs_extension, needs_onednn, recording_backend, torch_threads
+from tests.helpers import (
+    ROOT,
+    needs_avx512_bf16,
+    needs_extension,
+    needs_onednn,
+    recording_backend,
+    torch_threads,
+)
 
 CL = torch.channels_last
 # Of the largest reference magnitude. Float32: accumulation over at most ~600 products. Bfloat16: the
@@ -147,6 +158,49 @@ def test_weight_gradient_threads_chosen_on_the_first_call_change_no_value(shape,
     _, expected = reference(x, weight, b, padding, groups, grad_y)
     for name, ours, exp in zip(("x", "weight", "bias"), calls[0], expected, strict=True):
         assert_near(ours, exp, TOLERANCE[dtype] if name == "x" else 2**-16, f"grad {name}")
+
+
+# Run in a process whose oneDNN is capped at AVX2 and logs every primitive it executes: the weight
+# gradients of its 1x1 float32 convolutions, whatever the weight's layout or which channel count is
+# the larger, as matrix products against float64; a 3x3 convolution's still oneDNN's primitive.
+AVX2_WEIGHT_GRADIENT_CHILD = """
+import torch, torch.nn.functional as F
+from fasthvae.ops import onednn_conv
+onednn_conv.load()
+CL = torch.channels_last
+SHAPES = ((16, 64, 8, 1, False), (64, 16, 8, 1, True), (5, 3, 1, 1, False), (16, 16, 8, 3, False))
+for c, o, hw, k, weight_cl in SHAPES:
+    g = torch.Generator().manual_seed(c + o)
+    x = torch.randn(4, c, hw, hw, generator=g).contiguous(memory_format=CL)
+    w = torch.randn(o, c, k, k, generator=g) / c**0.5
+    w = w.contiguous(memory_format=CL) if weight_cl else w
+    grad_y = torch.randn(4, o, hw, hw, generator=g).contiguous(memory_format=CL)
+    _, grad_w, grad_b = torch.ops.fasthvae_onednn.conv2d_backward(grad_y, x, w, [k // 2] * 2, 1, True, False)
+    x64, w64 = x.double(), w.double().requires_grad_()
+    expected_w, = torch.autograd.grad(F.conv2d(x64, w64, padding=k // 2), w64, grad_y.double())
+    expected_b = grad_y.double().sum((0, 2, 3))
+    assert grad_w.stride() == w.stride() and grad_b.dtype == torch.float32
+    for name, ours, exp in (("weight", grad_w, expected_w), ("bias", grad_b, expected_b)):
+        error = (ours.double() - exp).abs().max().item()
+        assert error <= 2**-16 * exp.abs().max().item(), (c, o, hw, name, error)
+    print("checked", f"ic{c}oc{o}_ih{hw}", flush=True)
+"""
+
+
+@needs_onednn
+def test_1x1_weight_gradients_under_avx2_are_matrix_products():
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ONEDNN_VERBOSE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-c", AVX2_WEIGHT_GRADIENT_CHILD]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    weight_primitives = [line for line in lines if ",exec," in line and ",backward_weights," in line]
+    for shape in ("ic16oc64_ih8", "ic64oc16_ih8", "ic5oc3_ih1"):
+        assert f"checked {shape}" in lines
+        ran = [line for line in weight_primitives if shape in line]
+        assert not ran, f"{shape}: oneDNN ran its weight gradient: {ran}"
+    assert "checked ic16oc16_ih8" in lines
+    assert any("ic16oc16_ih8" in line for line in weight_primitives)  # the 3x3 one: oneDNN's
 
 
 @needs_onednn

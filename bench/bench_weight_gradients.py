@@ -1,0 +1,152 @@
+"""The weight gradient of each 1x1 convolution of the deep model, three ways: oneDNN's
+backward-weights primitive called directly (``bench/onednn_calls.cpp``), the matrix products that
+``fasthvae_onednn::conv2d_backward`` runs in its place where oneDNN has AVX2 at most
+(``grad_w = grad_y^T x``, ``grad_b = grad_y^T 1`` over the channels_last pixels, here from Python),
+and ATen's ``convolution_backward`` asked for those two alone; float32, channels_last, in one
+process, alternating in rounds; medians, microseconds a call, and the step's sum over its calls
+(the shapes and their counts read off the model's forward).
+
+Run it under ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FASTHVAE_CPU_ISA=avx2
+MKL_ENABLE_INSTRUCTIONS=AVX2`` for a CPU's AVX2 code paths (the table's title then names them).
+Needs a standalone oneDNN, as ``bench_onednn_calls``. Writes ``weight_gradients_<preset>.{csv,md}``.
+
+    python -m bench.bench_weight_gradients [--preset small] [--batch-size 32] [--calls 20] [--rounds 5]
+"""
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench.bench_onednn_calls import build, measure, relative_difference
+from bench.report import write_report
+from fasthvae.hardware import machine
+from fasthvae.models import DeepHVAE
+from fasthvae.nn import use_onednn_conv
+
+CONV_OPS = ("fasthvae_onednn.conv2d.default", "fasthvae_onednn.gelu_conv2d.default")
+
+
+class OneByOneConvs(TorchDispatchMode):
+    """Counts the ungrouped 1x1 convolutions the oneDNN ops run: (in channels, side, out channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: Counter[tuple[int, int, int]] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) in CONV_OPS:
+            x, weight, groups = args[0], args[1], args[4]
+            if tuple(weight.shape[2:]) == (1, 1) and groups == 1:
+                self.shapes[(x.shape[1], x.shape[2], weight.shape[0])] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def model_shapes(preset: str, batch: int) -> Counter[tuple[int, int, int]]:
+    """The deep model's 1x1 convolutions in one forward pass of a batch (its backward runs each once)."""
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    model = DeepHVAE(preset).to(memory_format=cl)
+    use_onednn_conv(model)
+    x = (torch.randint(0, 256, (batch, 3, 32, 32)).float() / 255).contiguous(memory_format=cl)
+    counter = OneByOneConvs()
+    with torch.no_grad(), counter:
+        model.loss(x, torch.ones(model.num_levels))
+    return counter.shapes
+
+
+def matmul_gradients(grad_y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's matrix products (csrc/onednn_conv.cpp, matmul_weight_gradient), the smaller channel
+    count as the product's rows."""
+    c, o = x.shape[1], grad_y.shape[1]
+    x2, g2 = x.permute(0, 2, 3, 1).reshape(-1, c), grad_y.permute(0, 2, 3, 1).reshape(-1, o)
+    grad_w = torch.mm(x2.t(), g2).t() if c < o else torch.mm(g2.t(), x2)
+    return grad_w.view(o, c, 1, 1), torch.mv(g2.t(), torch.ones(g2.shape[0]))
+
+
+def implementations(ext, batch: int, c: int, side: int, o: int) -> dict[str, Callable[[], object]]:
+    cl = torch.channels_last
+    x = torch.randn(batch, c, side, side).contiguous(memory_format=cl)
+    grad_y = torch.randn(batch, o, side, side).contiguous(memory_format=cl)
+    weight = (torch.randn(o, c, 1, 1) * 0.1).contiguous(memory_format=cl)
+    mask = [False, True, True]
+    return {
+        "onednn": lambda: ext.backward_weights(grad_y, x, weight),
+        "matmul": lambda: matmul_gradients(grad_y, x),
+        "aten": lambda: torch.ops.aten.convolution_backward(
+            grad_y, x, weight, [o], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, mask
+        )[1:],
+    }
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--onednn", type=Path, default=Path(sys.prefix), help="oneDNN's install prefix")
+    parser.add_argument("--preset", default="small", help="the deep model's preset")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--calls", type=int, default=20, help="calls a timed window")
+    parser.add_argument("--rounds", type=int, default=5, help="windows of each implementation, alternating")
+    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    args = parser.parse_args()
+    ext = build(args.onednn)
+    shapes = model_shapes(args.preset, args.batch_size)
+    rows, totals = [], Counter()
+    for (c, side, o), count in sorted(shapes.items(), key=lambda kv: (-kv[0][1], kv[0])):
+        impls = implementations(ext, args.batch_size, c, side, o)
+        grads = {name: impl() for name, impl in impls.items()}
+        diffs = [relative_difference(a, b) for a, b in zip(grads["onednn"], grads["matmul"], strict=True)]
+        us = measure(impls, args.calls, args.rounds)
+        flops = 2 * args.batch_size * side * side * c * o
+        for name, value in us.items():
+            totals[name] += value * count
+        rows.append(
+            {
+                "shape": f"{args.batch_size}x{c}x{side}x{side} -> {o}",
+                "calls_per_step": count,
+                **{f"{name}_us": round(value, 1) for name, value in us.items()},
+                "onednn_over_matmul": round(us["onednn"] / us["matmul"], 2),
+                "matmul_gflops": round(flops / us["matmul"] / 1e3, 1),
+                "onednn_gflops": round(flops / us["onednn"] / 1e3, 1),
+                "rel_diff_weight_bias": ", ".join(f"{d:.2g}" for d in diffs),
+            }
+        )
+        print(rows[-1], flush=True)
+    rows.append(
+        {
+            "shape": "the step's calls",
+            "calls_per_step": sum(shapes.values()),
+            **{f"{name}_us": round(value, 1) for name, value in totals.items()},
+            "onednn_over_matmul": round(totals["onednn"] / totals["matmul"], 2),
+            "matmul_gflops": "",
+            "onednn_gflops": "",
+            "rel_diff_weight_bias": "",
+        }
+    )
+    header = ["shape", "calls a step", "oneDNN us", "matrix products us", "ATen us", "oneDNN / products",
+              "products GFLOP/s", "oneDNN GFLOP/s", "relative difference: weight, bias"]  # fmt: skip
+
+    def cells(row: dict) -> list[str]:
+        keys = ["shape", "calls_per_step", "onednn_us", "matmul_us", "aten_us", "onednn_over_matmul",
+                "matmul_gflops", "onednn_gflops", "rel_diff_weight_bias"]  # fmt: skip
+        return [str(row[k]) for k in keys]
+
+    intro = (
+        f"The deep model `{args.preset}`'s ungrouped 1x1 convolutions, float32, channels_last, batch "
+        f"{args.batch_size}; median of {args.rounds} alternating windows of {args.calls} calls. oneDNN: "
+        "its backward-weights primitive called directly (weight and bias gradients, the weight's "
+        "reordered to the user's layout); matrix products: `grad_y^T x` and `grad_y^T 1` over the "
+        "channels_last pixels (views, no copy) in the BLAS torch calls, from Python; ATen: "
+        "`aten.convolution_backward` for the weight and bias gradients. The last row sums each over "
+        "the step's calls. Relative difference: the largest against the largest value."
+    )
+    title = f"1x1 weight gradients, {machine()}"
+    print(write_report(rows, args.out / f"weight_gradients_{args.preset}", header, cells, title, intro))
+
+
+if __name__ == "__main__":
+    main()
