@@ -17,8 +17,15 @@ thread count, the median ms per step, the speed-up over the first count (median 
 ratios), GFLOP/s (FLOPs per image counted once on the eager step, as ``bench/bench_train.py``
 counts them) and its share of that count's sgemm peak; then S and P, and the step at the most
 threads were S zero: the ceiling that removing overhead alone can reach with the kernels as they
-are (where more threads were not faster, the report says so instead). These rows come once per
-batch size of ``--batch-sizes``. Writes ``threads_cpu_<model>_b<batch>[-<batch>...].{csv,md}``.
+are (where more threads were not faster, the report says so instead).
+
+A second fit counts the cores the machine gives an sgemm: c(n) = n0 x sgemm(n) / sgemm(n0), n0 the
+fewest threads, in place of n. A virtual machine's second core can give an sgemm much less than a
+second core's speed, at some hours and not at others (why is not visible from inside it), and the
+first fit counts that shortfall in S although no change to the step could remove it; against c(n), S is what
+the step loses beyond what a compute-bound kernel loses on the same cores at that time, if the
+step's kernels scale as the sgemm does. These rows come once per batch size of ``--batch-sizes``.
+Writes ``threads_cpu_<model>_b<batch>[-<batch>...].{csv,md}``.
 
     python -m bench.bench_threads [--model deep] [--preset small] [--batch-size 32 | --batch-sizes 16 32]
                                   [--threads 1 2] [--rounds 3] [--data PATH]
@@ -79,9 +86,9 @@ def run_child(args: argparse.Namespace, threads: int, batch: int) -> dict:
     return json.loads(lines[-1].removeprefix(RESULT))
 
 
-def amdahl_fit(threads: list[int], seconds: list[float]) -> tuple[float, float]:
-    """Least-squares (S, P) of seconds = S + P / threads."""
-    xs = [1 / n for n in threads]
+def amdahl_fit(cores: list[float], seconds: list[float]) -> tuple[float, float]:
+    """Least-squares (S, P) of seconds = S + P / cores (thread counts, or the cores an sgemm got)."""
+    xs = [1 / n for n in cores]
     mx, my = statistics.fmean(xs), statistics.fmean(seconds)
     sxx = sum((x - mx) ** 2 for x in xs)
     if sxx == 0:
@@ -137,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.rounds} rounds of one process per thread count and batch (order alternating), each "
         f"{args.windows} windows of {args.steps} steps after {args.warmup} warm-up steps; "
         f"{flops_per_image / 1e6:.1f} MFLOP per image (eager step, forward and backward). Fit: T(n) = S + "
-        "P / n by least squares on the medians of each batch."
+        "P / n by least squares on the medians of each batch, and T = S + P / c(n) with c(n) the cores "
+        "the sgemm got, n0 x sgemm(n) / sgemm(n0) (n0 the fewest threads)."
     ) + inductor_environment()
     header = [
         "batch", "threads", "ms / step (median)", "speed-up (rounds)", "GFLOP/s", "sgemm peak GFLOP/s",
@@ -156,11 +164,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report_rows(runs: dict[int, list[dict]], flops_per_image: float, batch: int) -> list[dict]:
-    """One row per thread count, then the fit's: S, and the step at the most threads were S zero."""
+    """One row per thread count, then each fit's (on the thread counts, on the sgemm's cores): S, and
+    the step at the most threads were S zero."""
     counts = sorted(runs)
     medians = {n: statistics.median(statistics.median(run["windows"]) for run in runs[n]) for n in counts}
     peaks = {n: statistics.median(run["sgemm"] for run in runs[n]) for n in counts}
-    serial, parallel = amdahl_fit(counts, [medians[n] for n in counts])
 
     def row(threads: str, seconds: float | None, peak: float, speedup: str = "") -> dict:
         gflops = None if seconds is None else flops_per_image * batch / seconds / 1e9
@@ -176,11 +184,22 @@ def report_rows(runs: dict[int, list[dict]], flops_per_image: float, batch: int)
         ]
         faster = f"{statistics.median(ratios):.2f}x ({sum(r > 1 for r in ratios)}/{len(ratios)})"
         rows.append(row(str(n), medians[n], peaks[n], faster if n != counts[0] else ""))
-    most, fit = counts[-1], f"fit: S = {1000 * serial:.1f} ms, P = {1000 * parallel:.1f} ms"
-    if parallel > 0:
-        rows.append(row(f"{fit}; at {most}, S zero", parallel / most, peaks[most]))
-    else:  # more threads were not faster (a loaded machine, or a step too small to share)
-        rows.append(row(f"{fit}: more threads were not faster", None, peaks[most]))
+    most, times = counts[-1], [medians[n] for n in counts]
+
+    def fit_row(name: str, cores: list[float]) -> dict:
+        serial, parallel = amdahl_fit(cores, times)
+        fit = f"{name}: S = {1000 * serial:.1f} ms, P = {1000 * parallel:.1f} ms"
+        if parallel <= 0:  # more threads were not faster (a loaded machine, or a step too small to share)
+            return row(f"{fit}: more threads were not faster", None, peaks[most])
+        return row(f"{fit}; at {most}, S zero", parallel / cores[-1], peaks[most])
+
+    rows.append(fit_row("fit", counts))
+    cores = [counts[0] * peaks[n] / peaks[counts[0]] for n in counts]
+    if cores[-1] > cores[0]:
+        rows.append(fit_row(f"fit on the sgemm's cores ({cores[-1]:.2f} at {most})", cores))
+    else:
+        no_gain = "fit on the sgemm's cores: the sgemm was not faster on more threads"
+        rows.append(row(no_gain, None, peaks[most]))
     return rows
 
 

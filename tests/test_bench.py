@@ -277,10 +277,11 @@ def test_bench_threads(tmp_path, images):
               "--no-compile", "--threads", "1", "2", "--rounds", "1", "--warmup", "1", "--steps", "1",
               "--windows", "1", "--out", str(tmp_path))  # fmt: skip
     rows = read_rows(tmp_path / "threads_cpu_vae_b2-4.csv")
-    assert [(r["batch"], r["threads"][:4]) for r in rows] == [
-        ("2", "1"), ("2", "2"), ("2", "fit:"), ("4", "1"), ("4", "2"), ("4", "fit:")
+    assert [(r["batch"], r["threads"][:9]) for r in rows] == [
+        ("2", "1"), ("2", "2"), ("2", "fit: S = "), ("2", "fit on th"),
+        ("4", "1"), ("4", "2"), ("4", "fit: S = "), ("4", "fit on th"),
     ]  # fmt: skip
-    for fit, counts in ((rows[2], rows[:2]), (rows[5], rows[3:5])):
+    for fit, counts in ((rows[2], rows[:2]), (rows[6], rows[4:6])):
         assert all(float(r["ms_per_step"]) > 0 and float(r["sgemm_gflops"]) > 0 for r in counts)
         assert counts[1]["speedup"].endswith("/1)") and not counts[0]["speedup"]
         # the fit passes through both medians (2 thread counts); on a loaded machine P may come out <= 0
@@ -298,8 +299,24 @@ def test_bench_threads_takes_one_of_its_batch_flags(capsys):
 
 def test_bench_threads_says_when_more_threads_were_not_faster():
     runs = {n: [{"windows": [t], "sgemm": 100.0}] for n, t in ((1, 0.010), (2, 0.012))}
-    fit = threads_report_rows(runs, flops_per_image=1e6, batch=4)[-1]
+    fit, on_sgemm = threads_report_rows(runs, flops_per_image=1e6, batch=4)[-2:]
     assert fit["threads"].endswith("more threads were not faster") and fit["ms_per_step"] is None
+    assert on_sgemm["threads"].endswith("the sgemm was not faster on more threads")
+    assert on_sgemm["ms_per_step"] is None
+
+
+def test_bench_threads_fits_the_cores_the_sgemm_got():
+    """Where the sgemm runs 1.6x as fast on 2 threads, the second fit takes 1.6 cores at 2 threads:
+    a step of S + P / 1.6 gives back S, P, and P / 1.6 as the step with S zero; the fit on thread
+    counts counts the missing 0.4 core in S."""
+    serial, parallel = 0.030, 0.146
+    cores = {1: 1.0, 2: 1.6}
+    runs = {n: [{"windows": [serial + parallel / c], "sgemm": 100.0 * c}] for n, c in cores.items()}
+    on_counts, on_sgemm = threads_report_rows(runs, flops_per_image=1e6, batch=4)[-2:]
+    fit = "fit on the sgemm's cores (1.60 at 2): S = 30.0 ms, P = 146.0 ms; at 2, S zero"
+    assert on_sgemm["threads"] == fit
+    assert on_sgemm["ms_per_step"] == pytest.approx(1000 * parallel / 1.6)
+    assert on_counts["threads"].startswith("fit: S = 66.5 ms, P = 109.5 ms")
 
 
 def test_amdahl_fit_recovers_the_serial_and_parallel_parts():
