@@ -14,8 +14,8 @@ Variants (all but ``bare`` through the trainer's own step):
   Every row runs with glibc's malloc as it comes, the fasthvae row too: the trainer's
   ``--keep-freed-memory`` is process-wide and cannot be undone, and ``bench/bench_allocator.py``
   measures it apart
-- ``fasthvae+cpp-wrapper``: the fasthvae row with ``--compile-wrapper cpp`` (Inductor's C++ wrapper;
-  its first compile takes about three times as long)
+- ``fasthvae+cpp-wrapper``: the fasthvae row with ``--compile-wrapper cpp`` (Inductor's C++ wrapper,
+  its kernels built apart from it; its first compile takes about a quarter longer)
 Each variant is built and runs ``--warmup`` steps (compilation included); then ``--repeats`` rounds
 time one window of ``--steps`` steps of every variant, the order rotated each round, so that a drift
 of the machine's speed (whole rounds faster or slower) reaches every variant alike. Each window

@@ -161,7 +161,7 @@ def test_the_cache_key_follows_isa_caps_and_the_code(tmp_path, monkeypatch):
 def test_a_real_probe_times_every_candidate_and_keeps_the_random_state(tmp_path, monkeypatch):
     """The probe times every candidate, leaves the random state as it found it, and builds each
     candidate's step with Inductor's python wrapper, whatever the run's (the C++ wrapper would
-    take about three times as long to compile each candidate)."""
+    take about a quarter longer to compile each candidate)."""
     monkeypatch.setattr(speed, "TIMING_SECONDS", {"step": 0.5, "loader": 0.5})
     c = config(tmp_path, compile=False, workers=1, compile_wrapper="cpp")  # eager: no compilation here
     c = with_model_defaults(c)

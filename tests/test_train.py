@@ -443,14 +443,19 @@ def test_the_compiled_step_draws_its_noise_with_aten_on_cuda():
 
 def test_the_cpp_wrapper_takes_the_python_wrappers_step(data, tmp_path, monkeypatch):
     """``--compile-wrapper cpp`` compiles the step with Inductor's C++ wrapper, its checks of the
-    ops' output sizes and strides left out: one step of a two-group deep model (its oneDNN
-    convolutions and GELUs where they can run, the Gaussian and likelihood ops, the fused AdamW) from
-    the same weights on the same batch gives the python wrapper's loss and weights, bit for bit."""
+    ops' output sizes and strides left out, its kernels built as a unit apart from the wrapper (an
+    ``*.optimized.cpp`` in Inductor's cache, which the python wrapper's kernels never make): one
+    step of a two-group deep model (its oneDNN convolutions and GELUs where they can run, the
+    Gaussian and likelihood ops, the fused AdamW) from the same weights on the same batch gives the
+    python wrapper's loss and weights, bit for bit."""
     assert compile_options("default", torch.device("cpu"), "cpp") == {
         "cpp_wrapper": True,
+        "cpp_wrapper_build_separate": True,
         "size_asserts": False,
         "alignment_asserts": False,
     }
+    inductor_cache = tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache))
     argv = ["--data", data, *DEEP_TINY, "--layout", "1x1,32x1", "--batch-size", "16", "--limit-train", "16"]
     argv += ["--compile", "--channels-last", "--fused-optimizer", "--no-tensorboard", "--speed", "fixed"]
     real, options = torch.compile, []
@@ -467,6 +472,8 @@ def test_the_cpp_wrapper_takes_the_python_wrappers_step(data, tmp_path, monkeypa
         assert not t.step_fn.compile_failure
         results.append((row, [p.detach().clone() for p in t.model.parameters()]))
     assert [o.get("cpp_wrapper", False) for o in options] == [False, True]
+    built_apart = list(inductor_cache.rglob("*.optimized.cpp"))
+    assert built_apart, "the C++ wrapper was not built apart from its kernels"
     (row_py, params_py), (row_cpp, params_cpp) = results
     # the loss and its terms, the gradient norms (the loss scale: NaN, no scaler), equal
     torch.testing.assert_close(row_cpp, row_py, rtol=0, atol=0, equal_nan=True)

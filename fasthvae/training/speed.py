@@ -311,8 +311,8 @@ def staged_free(config: TrainConfig, rt: Runtime) -> list[str]:
 def _build_step(config: TrainConfig, rt: Runtime) -> Callable[[torch.Tensor], object]:
     """The run's step with ``rt``'s switches, on a batch (all KL levels weighted 1, KL balancing
     at full strength where the run has it). Compiled with Inductor's python wrapper whatever the
-    run's: the probe compiles each candidate, which the C++ wrapper takes about three times as long
-    to compile."""
+    run's: the probe compiles each candidate, which the C++ wrapper takes about a quarter longer to
+    compile."""
     config = replace(config, compile_wrapper="python")
     state = build_state(config, rt)
     stepper = build_stepper(state, config, rt, DistInfo())
