@@ -139,7 +139,7 @@ class TrainConfig:
         "python",
         "the code that calls the compiled step's kernels and ops: Inductor's python wrapper, or its cpp "
         "wrapper (no Python between the calls, and without Inductor's size and stride checks of the "
-        "ops' outputs: the deep model's CPU step in 0.94-0.97x the time; its kernels built apart from the "
+        "ops' outputs: the deep model's CPU step in 0.94-0.98x the time; its kernels built apart from the "
         "wrapper, so that its first compile takes about a quarter longer)",
         on_resume="change",
         choices=["python", "cpp"],
