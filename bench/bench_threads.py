@@ -22,9 +22,9 @@ are (where more threads were not faster, the report says so instead).
 A second fit counts the cores the machine gives an sgemm: c(n) = n0 x sgemm(n) / sgemm(n0), n0 the
 fewest threads, in place of n. A virtual machine's second core can give an sgemm much less than a
 second core's speed, at some hours and not at others (why is not visible from inside it), and the
-first fit counts that shortfall in S although no change to the step could remove it; against c(n), S is what
-the step loses beyond what a compute-bound kernel loses on the same cores at that time, if the
-step's kernels scale as the sgemm does. These rows come once per batch size of ``--batch-sizes``.
+first fit counts that shortfall in S although no change to the step could remove it; against c(n),
+S is what the step loses beyond what a compute-bound kernel loses on the same cores at that time,
+if the step's kernels scale as the sgemm does. These rows come once per batch size of ``--batch-sizes``.
 Writes ``threads_cpu_<model>_b<batch>[-<batch>...].{csv,md}``.
 
     python -m bench.bench_threads [--model deep] [--preset small] [--batch-size 32 | --batch-sizes 16 32]

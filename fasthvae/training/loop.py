@@ -169,9 +169,9 @@ def compile_options(mode: str, device: torch.device, wrapper: str = "python") ->
     likelihood (``PassManager::run failed`` for sm_90); ATen draws it in a kernel of its own.
     ``wrapper`` "cpp": Inductor's C++ wrapper, without its checks of each op's output sizes and
     strides (the ops' fake kernels are checked against their real ones by opcheck in the tests),
-    built apart from the kernels: the wrapper at Inductor's low optimisation level, the kernels at
-    their own, each a unit of its own, so that the first compile takes about a quarter longer than
-    the python wrapper's instead of three times as long, the step's gain kept."""
+    built as a unit apart from the kernels' (the wrapper at Inductor's low optimisation level, the
+    kernels at full), so that the first compile takes about a quarter longer than the python
+    wrapper's instead of three times as long, the step's gain kept."""
     from torch._inductor import list_mode_options
 
     options = dict(list_mode_options(mode, dynamic=False))
