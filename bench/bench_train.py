@@ -14,8 +14,9 @@ Variants (all but ``bare`` through the trainer's own step):
   Every row runs with glibc's malloc as it comes, the fasthvae row too: the trainer's
   ``--keep-freed-memory`` is process-wide and cannot be undone, and ``bench/bench_allocator.py``
   measures it apart
-- ``fasthvae+cpp-wrapper``: the fasthvae row with ``--compile-wrapper cpp`` (Inductor's C++ wrapper,
-  its kernels built apart from it; its first compile takes about a quarter longer)
+- ``fasthvae+python-wrapper`` (CPU): the fasthvae row with ``--compile-wrapper python``, Inductor's
+  python wrapper in place of the C++ one that the CPU step compiles with by default: what the C++
+  wrapper gains
 Each variant is built and runs ``--warmup`` steps (compilation included); then ``--repeats`` rounds
 time one window of ``--steps`` steps of every variant, the order rotated each round, so that a drift
 of the machine's speed (whole rounds faster or slower) reaches every variant alike. Each window
@@ -103,7 +104,7 @@ FEATURES = {
 
 
 BARE = "bare"
-CPP_WRAPPER = "fasthvae+cpp-wrapper"  # the fasthvae row compiled with Inductor's C++ wrapper
+PYTHON_WRAPPER = "fasthvae+python-wrapper"  # the CPU's fasthvae row with Inductor's python wrapper
 BUSY_NOTE = (
     " GPU busy: the share of one more window's wall time, under the profiler, in which the GPU ran a"
     " kernel or a copy; the rest it waited on the host."
@@ -119,7 +120,8 @@ def variants(device: str, model: str) -> dict[str, tuple[dict, bool]]:
             table[name] = ({**PLAIN, **change}, name == "+fused-ops")
     defaults = {k: None for k in ("compile", "channels_last", "fused_optimizer", "onednn_conv", "loader")}
     table["fasthvae"] = ({**defaults, "amp": True}, True)  # python -m fasthvae.train --amp
-    table[CPP_WRAPPER] = ({**defaults, "amp": True, "compile_wrapper": "cpp"}, True)
+    if device == "cpu":
+        table[PYTHON_WRAPPER] = ({**defaults, "amp": True, "compile_wrapper": "python"}, True)
     return table
 
 
@@ -395,10 +397,25 @@ def against_best_switch(built: list[Variant]) -> str:
     if fasthvae is None or not switches:
         return ""
     best = min(switches, key=lambda v: statistics.median(v.windows))
-    speedup, faster = paired(fasthvae.windows, best.windows)
+    return against(fasthvae, best, "the fastest single switch")
+
+
+def against_python_wrapper(built: list[Variant]) -> str:
+    """The fasthvae row against itself under Inductor's python wrapper, round by round; empty when
+    either was not run."""
+    fasthvae = next((v for v in built if v.name == "fasthvae"), None)
+    python = next((v for v in built if v.name == PYTHON_WRAPPER), None)
+    if fasthvae is None or python is None:
+        return ""
+    return against(fasthvae, python, "Inductor's python wrapper")
+
+
+def against(fasthvae: Variant, other: Variant, what: str) -> str:
+    """One sentence: the fasthvae row's speed-up over ``other``, the median over rounds."""
+    speedup, faster = paired(fasthvae.windows, other.windows)
     return (
-        f" The fasthvae row against the fastest single switch, `{best.name}`: {speedup}x, faster in "
-        f"{faster} of {len(best.windows)} rounds."
+        f" The fasthvae row against {what}, `{other.name}`: {speedup}x, faster in "
+        f"{faster} of {len(other.windows)} rounds."
     )
 
 
@@ -470,7 +487,7 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
                 }
             )
             print(rows[-1], flush=True)
-        against_best = against_best_switch(built)
+        against_best = against_best_switch(built) + against_python_wrapper(built)
 
     header = ["variant", "step ms (median)", "images/s", "vs plain (rounds faster)"]
     header += ["fused ops' share of the step"]

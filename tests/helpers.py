@@ -305,10 +305,14 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 
 def compile_with_backend(monkeypatch, backend) -> None:
-    """torch.compile as the trainer calls it (``mode`` dropped), with ``backend`` instead of
-    Inductor; Dynamo's caches reset so that no earlier graph is reused."""
+    """torch.compile as the trainer calls it (Inductor's ``mode`` and ``options`` dropped), with
+    ``backend`` instead of Inductor; Dynamo's caches reset so that no earlier graph is reused."""
     real = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kw: real(model, backend=backend, **kw))
+
+    def compile_with(model, mode=None, options=None, **kw):
+        return real(model, backend=backend, **kw)
+
+    monkeypatch.setattr(torch, "compile", compile_with)
     torch._dynamo.reset()
 
 

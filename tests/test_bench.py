@@ -23,12 +23,15 @@ from bench.bench_threads import amdahl_fit
 from bench.bench_threads import report_rows as threads_report_rows
 from bench.bench_train import (
     PLAIN,
+    PYTHON_WRAPPER,
     Variant,
     against_best_switch,
+    against_python_wrapper,
     build_variants,
     device_busy,
     left_out,
     paired,
+    variants,
 )
 from bench.report import inductor_environment
 from fasthvae.data.dali import dali_available
@@ -206,6 +209,22 @@ def test_bench_train_compares_round_by_round():
     line = against_best_switch(rows)
     assert "`+compile`: 0.952x, faster in 1 of 3 rounds" in line
     assert against_best_switch(rows[:3]) == "" == against_best_switch([rows[0], rows[3]])
+
+
+def test_bench_train_sets_the_python_wrapper_beside_the_cpu_default():
+    """On CPU the fasthvae row compiles as the trainer does (the C++ wrapper, no option given) and
+    one more row with the python wrapper shows what that gains; on CUDA there is no such row."""
+    cpu = variants("cpu", "deep")
+    assert "compile_wrapper" not in cpu["fasthvae"][0]
+    assert cpu[PYTHON_WRAPPER][0] == cpu["fasthvae"][0] | {"compile_wrapper": "python"}
+    assert PYTHON_WRAPPER not in variants("cuda", "deep")
+    rows = [
+        SimpleNamespace(name="fasthvae", windows=[1.0, 1.1, 0.9]),
+        SimpleNamespace(name=PYTHON_WRAPPER, windows=[1.05, 1.0, 1.0]),
+    ]
+    line = against_python_wrapper(rows)
+    assert "python wrapper, `fasthvae+python-wrapper`: 1.05x, faster in 2 of 3 rounds" in line
+    assert against_python_wrapper(rows[:1]) == "" == against_python_wrapper(rows[1:])
 
 
 def test_bench_train_leaves_out_a_variant_that_fails_to_compile(tmp_path, images, monkeypatch):

@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -156,25 +157,31 @@ def test_the_cache_key_follows_isa_caps_and_the_code(tmp_path, monkeypatch):
         assert speed.cache_path(speed.cache_key(c, rt, 1)) != speed.cache_path(plain)
         monkeypatch.delenv(name)
     assert speed.cache_path(speed.cache_key(c, rt, 1)) == speed.cache_path(plain)
+    other_wrapper = "python" if rt.compile_wrapper == "cpp" else "cpp"
+    assert speed.cache_path(
+        speed.cache_key(c, replace(rt, compile_wrapper=other_wrapper), 1)
+    ) != speed.cache_path(plain)
 
 
 def test_a_real_probe_times_every_candidate_and_keeps_the_random_state(tmp_path, monkeypatch):
     """The probe times every candidate, leaves the random state as it found it, and builds each
-    candidate's step with Inductor's python wrapper, whatever the run's (the C++ wrapper would
-    take about a quarter longer to compile each candidate)."""
+    candidate's step with the run's Inductor wrapper (so that the run's compile comes from the
+    probe's caches)."""
     monkeypatch.setattr(speed, "TIMING_SECONDS", {"step": 0.5, "loader": 0.5})
     c = config(tmp_path, compile=False, workers=1, compile_wrapper="cpp")  # eager: no compilation here
     c = with_model_defaults(c)
     rt = resolve_runtime(c, DistInfo())
     builds, real_build = [], speed.build_state
     monkeypatch.setattr(
-        speed, "build_state", lambda c, *args: builds.append(c.compile_wrapper) or real_build(c, *args)
+        speed,
+        "build_state",
+        lambda c, rt, *args: builds.append(rt.compile_wrapper) or real_build(c, rt, *args),
     )
     torch.manual_seed(3)
     before = torch.get_rng_state()
     record = speed.probe(c, rt, IMAGES)
     assert torch.equal(torch.get_rng_state(), before)
-    assert builds == ["python"] * 4, "one model per candidate; the loaders feed the chosen one's step"
+    assert builds == ["cpp"] * 4, "one model per candidate; the loaders feed the chosen one's step"
     assert [r["loader"] for r in record["candidates"][4:]] == ["resident", "torch"]
     assert not any("loader" in r for r in record["candidates"][:4]), "each candidate records its own"
     assert [(r["channels_last"], r["fused_optimizer"]) for r in record["candidates"][:4]] == [

@@ -15,6 +15,7 @@ from fasthvae.models import build_model
 from fasthvae.training.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from fasthvae.training.distributed import DistInfo
 from fasthvae.training.loop import Stepper, compile_options
+from fasthvae.training.runtime import default_compile_wrapper, resolve_runtime
 from tests.helpers import (
     DEEP_TINY,
     KILL_AFTER_FIRST_CHECKPOINT,
@@ -441,13 +442,23 @@ def test_the_compiled_step_draws_its_noise_with_aten_on_cuda():
     assert cuda == {"triton.cudagraphs": True, "fallback_random": True}
 
 
+def test_the_cpp_wrapper_is_the_default_on_cpu_only():
+    """On CPU the step compiles with Inductor's C++ wrapper unless told otherwise; on CUDA, where it
+    has not run, with the python wrapper."""
+    assert default_compile_wrapper(torch.device("cpu")) == "cpp"
+    assert default_compile_wrapper(torch.device("cuda", 0)) == "python"
+    for given, expected in ((None, "cpp"), ("python", "python"), ("cpp", "cpp")):
+        rt = resolve_runtime(train.TrainConfig(device="cpu", compile_wrapper=given), DistInfo())
+        assert rt.compile_wrapper == expected and rt.record(1)["compile_wrapper"] == expected
+
+
 def test_the_cpp_wrapper_takes_the_python_wrappers_step(data, tmp_path, monkeypatch):
-    """``--compile-wrapper cpp`` compiles the step with Inductor's C++ wrapper, its checks of the
-    ops' output sizes and strides left out, its kernels built as a unit apart from the wrapper (an
-    ``*.optimized.cpp`` in Inductor's cache, which the python wrapper's kernels never make): one
-    step of a two-group deep model (its oneDNN convolutions and GELUs where they can run, the
-    Gaussian and likelihood ops, the fused AdamW) from the same weights on the same batch gives the
-    python wrapper's loss and weights, bit for bit."""
+    """The default CPU step (no ``--compile-wrapper``) compiles with Inductor's C++ wrapper, its
+    checks of the ops' output sizes and strides left out, its kernels built as a unit apart from
+    the wrapper (an ``*.optimized.cpp`` in Inductor's cache, which the python wrapper's kernels
+    never make): one step of a two-group deep model (its oneDNN convolutions and GELUs where they
+    can run, the Gaussian and likelihood ops, the fused AdamW) from the same weights on the same
+    batch gives ``--compile-wrapper python``'s loss and weights, bit for bit."""
     assert compile_options("default", torch.device("cpu"), "cpp") == {
         "cpp_wrapper": True,
         "cpp_wrapper_build_separate": True,
@@ -461,11 +472,9 @@ def test_the_cpp_wrapper_takes_the_python_wrappers_step(data, tmp_path, monkeypa
     real, options = torch.compile, []
     monkeypatch.setattr(torch, "compile", lambda m, **kw: options.append(kw["options"]) or real(m, **kw))
     results = []
-    for wrapper in ("python", "cpp"):
+    for name, flags in (("python", ["--compile-wrapper", "python"]), ("default", [])):
         torch._dynamo.reset()
-        t = train.Trainer(
-            train.parse_args([*argv, "--out", str(tmp_path / wrapper), "--compile-wrapper", wrapper])
-        )
+        t = train.Trainer(train.parse_args([*argv, "--out", str(tmp_path / name), *flags]))
         x = next(iter(t.loader))[0]
         torch.manual_seed(1)
         row = t.step_fn(x, torch.ones(t.model.num_levels)).row

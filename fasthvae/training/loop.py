@@ -203,7 +203,7 @@ def build_stepper(state: TrainState, config: TrainConfig, rt: Runtime, dist: Dis
         objective = torch.compile(
             objective,
             dynamic=False,
-            options=compile_options(config.compile_mode, rt.device, config.compile_wrapper),
+            options=compile_options(config.compile_mode, rt.device, rt.compile_wrapper),
         )
     # Skips decided on the device need the fused AdamW (its found_inf): then the step never waits.
     return Stepper(state, objective, config, rt, sync_free=rt.fused_optimizer, eager=eager)

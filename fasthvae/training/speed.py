@@ -171,6 +171,7 @@ def cache_key(config: TrainConfig, rt: Runtime, world_size: int) -> dict:
         "device": rt.device.type,
         "world_size": world_size,
         "amp_dtype": str(rt.amp_dtype),
+        "compile_wrapper": rt.compile_wrapper,
         "config": {name: getattr(config, name) for name in KEY_FIELDS}
         | {"ema": bool(config.ema), "skip": bool(config.skip_factor), "clip": bool(config.grad_clip)},
         "given": {name: getattr(config, name) for name in CHOICES if getattr(config, name) is not None},
@@ -310,10 +311,8 @@ def staged_free(config: TrainConfig, rt: Runtime) -> list[str]:
 
 def _build_step(config: TrainConfig, rt: Runtime) -> Callable[[torch.Tensor], object]:
     """The run's step with ``rt``'s switches, on a batch (all KL levels weighted 1, KL balancing
-    at full strength where the run has it). Compiled with Inductor's python wrapper whatever the
-    run's: the probe compiles each candidate, which the C++ wrapper takes about a quarter longer to
-    compile."""
-    config = replace(config, compile_wrapper="python")
+    at full strength where the run has it), compiled as the run compiles it (its wrapper too), so
+    that the run's own compile comes from the caches the probe filled."""
     state = build_state(config, rt)
     stepper = build_stepper(state, config, rt, DistInfo())
     weights = torch.ones(state.model.num_levels, device=rt.device)
