@@ -27,7 +27,7 @@ feed the step stage's chosen step, already compiled and warm.
 
 The choice is cached per machine (CPU, its flags under any ISA cap and the caps themselves, threads,
 GPU), torch and fasthvae version, a digest of fasthvae's sources (in a checkout its kernels' too),
-device, model, batch, precision and compile mode in ``~/.cache/fasthvae/speed/``
+device, model, batch, precision, compile mode and Inductor wrapper in ``~/.cache/fasthvae/speed/``
 (``$XDG_CACHE_HOME`` respected; ``$FASTHVAE_CACHE_DIR`` replaces ``~/.cache/fasthvae``), so a
 machine probes a model once. A run of fewer than ``PROBE_MIN_STEPS`` steps keeps the defaults: the
 probe would cost more than it could save. The
