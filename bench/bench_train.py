@@ -389,10 +389,15 @@ def paired(windows: list[float], reference: list[float]) -> tuple[float, int]:
     return round(statistics.median(ratios), 3), sum(x > 1 for x in ratios)
 
 
+def named(built: list[Variant], name: str) -> Variant | None:
+    """The variant called ``name`` among ``built``, or None where it was not run."""
+    return next((v for v in built if v.name == name), None)
+
+
 def against_best_switch(built: list[Variant]) -> str:
     """The fasthvae row against the fastest single-switch row (by median window), round by round;
     empty when either was not run."""
-    fasthvae = next((v for v in built if v.name == "fasthvae"), None)
+    fasthvae = named(built, "fasthvae")
     switches = [v for v in built if v.name in FEATURES]
     if fasthvae is None or not switches:
         return ""
@@ -403,8 +408,7 @@ def against_best_switch(built: list[Variant]) -> str:
 def against_python_wrapper(built: list[Variant]) -> str:
     """The fasthvae row against itself under Inductor's python wrapper, round by round; empty when
     either was not run."""
-    fasthvae = next((v for v in built if v.name == "fasthvae"), None)
-    python = next((v for v in built if v.name == PYTHON_WRAPPER), None)
+    fasthvae, python = named(built, "fasthvae"), named(built, PYTHON_WRAPPER)
     if fasthvae is None or python is None:
         return ""
     return against(fasthvae, python, "Inductor's python wrapper")
@@ -457,7 +461,7 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
             variant.settle()
         run_rounds(built, scale, args)
         print(f"peaks: {scale.describe()}", flush=True)
-        plain = next((v for v in built if v.name == "plain"), built[0])
+        plain = named(built, "plain") or built[0]
         for variant in built:
             profiled = Profiled()
             if variant.fused_ops or args.top_ops or args.device == "cuda":
@@ -487,7 +491,7 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
                 }
             )
             print(rows[-1], flush=True)
-        against_best = against_best_switch(built) + against_python_wrapper(built)
+        comparisons = against_best_switch(built) + against_python_wrapper(built)
 
     header = ["variant", "step ms (median)", "images/s", "vs plain (rounds faster)"]
     header += ["fused ops' share of the step"]
@@ -520,7 +524,7 @@ def run_model(args: argparse.Namespace, preset: str) -> None:
             "to plain and the shares of the peaks the medians over rounds (each window against plain's "
             f"and the peaks of its own round). Peaks (median over rounds): {scale.describe()}. FLOPs per "
             "image: convolutions and matrix products of one eager step, forward and backward "
-            f"(FlopCounterMode).{against_best}{left_out(failed)}{BUSY_NOTE if args.device == 'cuda' else ''}",
+            f"(FlopCounterMode).{comparisons}{left_out(failed)}{BUSY_NOTE if args.device == 'cuda' else ''}",
         )
     )
     if top_rows:
