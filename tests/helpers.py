@@ -244,6 +244,23 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
+# A training run that prints, on each rank after training, the Inductor wrapper its step compiled
+# with, why compilation failed (None: it did not) and the sum of its parameters in float64.
+PARAMETERS_OF_EACH_RANK = """
+import sys
+from fasthvae import train
+run = train.Trainer.run
+def run_then_report(self, *args, **kwargs):
+    result = run(self, *args, **kwargs)
+    total = sum(p.double().sum().item() for p in self.model.parameters())
+    failure = self.step_fn.compile_failure
+    print(f"rank {self.dist.rank}: {self.rt.compile_wrapper} {failure} {total!r}", flush=True)
+    return result
+train.Trainer.run = run_then_report
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
 KILL_AFTER_FIRST_CHECKPOINT = """
 import sys
 from fasthvae import train

@@ -19,6 +19,7 @@ from fasthvae.training.runtime import default_compile_wrapper, resolve_runtime
 from tests.helpers import (
     DEEP_TINY,
     KILL_AFTER_FIRST_CHECKPOINT,
+    PARAMETERS_OF_EACH_RANK,
     PROBE_ON_RANK_0,
     SMALL,
     assert_same_state,
@@ -313,6 +314,27 @@ def test_ddp_two_gloo_processes(data, tmp_path, monkeypatch):
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["step"] == 2, "128 images, 2 ranks, batch 32: 2 steps per rank"
     assert len(state["rng"]) == 2
+
+
+def test_ddp_trains_the_compiled_step_with_the_cpu_default_wrapper(data, tmp_path):
+    """Two gloo ranks train the compiled step as a CPU run does by default (Inductor's C++ wrapper):
+    the step compiles (``--compile``: a failure would be an error) and both ranks end with the same
+    parameters, which they would not if the compiled step did not all-reduce the gradients of
+    their different shards."""
+    script = tmp_path / "parameters_of_each_rank.py"
+    script.write_text(PARAMETERS_OF_EACH_RANK)
+    out = tmp_path / "ddp"
+    args = ["--data", data, "--out", str(out), "--epochs", "1", *SMALL, "--limit-train", "128"]
+    proc = torchrun(str(script), *args, "--compile", "--speed", "fixed", "--no-tensorboard")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = sorted(line.split(": ", 1) for line in proc.stdout.splitlines() if line.startswith("rank "))
+    assert [rank for rank, _ in reports] == ["rank 0", "rank 1"], proc.stdout[-2000:]
+    (wrapper_0, failure_0, total_0), (wrapper_1, failure_1, total_1) = (r.split() for _, r in reports)
+    assert (wrapper_0, failure_0) == (wrapper_1, failure_1) == ("cpp", "None")
+    assert total_0 == total_1
+    config = json.loads((out / "config.json").read_text())
+    assert config["runtime"]["compile"] and config["runtime"]["compile_wrapper"] == "cpp"
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2, "128 images, 2 ranks, batch 32"
 
 
 def read_events(out: Path):
