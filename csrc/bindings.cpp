@@ -1,6 +1,11 @@
 // Python bindings of the fused ops: argument checks, then dispatch
-// to the CPU loops or (when built with CUDA) the CUDA kernels.
+// to the CPU loops or (when built with CUDA) the CUDA kernels. Also the
+// fasthvae_cpu ops: the Python ops' CPU paths in C++, for compiled graphs.
 #include <torch/extension.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <numeric>
 
 #include "gaussian_ops.h"
 #include "mixture_ops.h"
@@ -272,6 +277,114 @@ void multi_tensor_adamw_(const std::vector<at::Tensor>& params, const std::vecto
   bump_versions(steps);
 }
 
+// ---- the fasthvae_cpu ops -----------------------------------------------------------------
+// What the fasthvae:: ops (fasthvae/ops/library.py, library_likelihoods.py) run for CPU tensors
+// under the "cpu" backend, as dispatcher ops with C++ kernels: the same loops reached with the
+// same layouts, so the same bits. A compiled CPU graph calls them in place of the Python ops
+// (fasthvae/ops/compiled_cpu.py), without Python between its kernels. No autograd: they run
+// inside graphs that autograd has already been traced through.
+
+// The dims of t by falling stride (ties by dim) when the batch dim is outermost and that order is
+// not the plain one (library.memory_order); empty for the plain order and anything else.
+std::vector<int64_t> memory_order(const at::Tensor& t) {
+  if (t.dim() < 3 || t.is_contiguous()) return {};
+  std::vector<int64_t> order(t.dim());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return t.stride(a) > t.stride(b); });
+  if (order[0] != 0 || std::is_sorted(order.begin(), order.end())) return {};
+  return order;
+}
+
+std::optional<at::Tensor> in_order(const std::optional<at::Tensor>& t, const std::vector<int64_t>& order) {
+  if (!t.has_value() || order.empty()) return t;
+  return t->permute(order);
+}
+
+at::Tensor restored(const at::Tensor& t, const std::vector<int64_t>& order) {
+  if (!t.defined() || order.empty()) return t;
+  std::vector<int64_t> inverse(order.size());
+  for (size_t i = 0; i < order.size(); ++i) inverse[order[i]] = static_cast<int64_t>(i);
+  return t.permute(inverse);
+}
+
+std::optional<at::Tensor> seed_on(const std::optional<at::Tensor>& seed, const at::Device& device) {
+  if (!seed.has_value()) return seed;
+  return seed->reshape({1}).to(device, at::kLong);
+}
+
+int64_t kl_mode_of(c10::string_view reduction) { return reduction == "none" ? kElementwiseKL : kRowSumKL; }
+
+// The loops' row sums as the reduction asks (library._finish_kl); an elementwise KL passes through.
+at::Tensor finish_kl(const at::Tensor& kl, c10::string_view reduction, const at::Tensor& like) {
+  if (reduction == "none" || reduction == "sample") return kl;
+  const at::Tensor total = kl.sum();
+  if (reduction == "mean") return total / std::max<int64_t>(like.numel(), 1);
+  if (reduction == "batchmean") return total / std::max<int64_t>(num_rows(like), 1);
+  TORCH_CHECK(reduction == "sum", "fasthvae: unknown reduction ", reduction);
+  return total;
+}
+
+// (z or undefined, the KL elementwise or per row or undefined) in the callers' dim order.
+std::pair<at::Tensor, at::Tensor> forward_in_order(const at::Tensor& mu, const at::Tensor& logvar,
+                                                   const std::optional<at::Tensor>& mu_p,
+                                                   const std::optional<at::Tensor>& logvar_p,
+                                                   const std::optional<at::Tensor>& seed, bool sample,
+                                                   int64_t kl_mode) {
+  const std::vector<int64_t> order = memory_order(logvar);
+  const auto out = forward(*in_order(mu, order), *in_order(logvar, order), in_order(mu_p, order),
+                           in_order(logvar_p, order), seed_on(seed, mu.device()), sample, kl_mode);
+  const at::Tensor kl = kl_mode == kElementwiseKL ? restored(out[1], order) : out[1];
+  return {restored(out[0], order), kl};
+}
+
+at::Tensor gaussian_kl_op(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& mu_p,
+                          const std::optional<at::Tensor>& logvar_p, c10::string_view reduction) {
+  return finish_kl(forward_in_order(mu, logvar, mu_p, logvar_p, std::nullopt, false, kl_mode_of(reduction)).second,
+                   reduction, mu);
+}
+
+at::Tensor reparameterize_op(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed) {
+  return forward_in_order(mu, logvar, std::nullopt, std::nullopt, seed, true, kNoKL).first;
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_and_kl_op(const at::Tensor& mu, const at::Tensor& logvar,
+                                                    const std::optional<at::Tensor>& mu_p,
+                                                    const std::optional<at::Tensor>& logvar_p,
+                                                    const at::Tensor& seed, c10::string_view reduction) {
+  auto [z, kl] = forward_in_order(mu, logvar, mu_p, logvar_p, seed, true, kl_mode_of(reduction));
+  return {z, finish_kl(kl, reduction, mu)};
+}
+
+std::vector<at::Tensor> gaussian_backward_op(const std::optional<at::Tensor>& mu, const at::Tensor& logvar,
+                                             const std::optional<at::Tensor>& mu_p,
+                                             const std::optional<at::Tensor>& logvar_p,
+                                             const std::optional<at::Tensor>& seed,
+                                             const std::optional<at::Tensor>& grad_z,
+                                             const std::optional<at::Tensor>& grad_kl, bool grad_kl_rows) {
+  const std::vector<int64_t> order = memory_order(logvar);
+  std::optional<at::Tensor> kl_grad = grad_kl;
+  if (grad_kl.has_value()) {  // per row: float32 [rows]; elementwise: laid out as logvar
+    kl_grad = grad_kl_rows ? grad_kl->contiguous() : *in_order(grad_kl->to(logvar.scalar_type()), order);
+  }
+  const at::Tensor lv = *in_order(logvar, order);
+  const auto grads = backward(mu.has_value() ? *in_order(mu, order) : lv, lv, in_order(mu_p, order),
+                              in_order(logvar_p, order), seed_on(seed, logvar.device()), in_order(grad_z, order),
+                              kl_grad, grad_kl_rows);
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& g : grads) {
+    if (g.defined()) out.push_back(restored(g, order));
+  }
+  return out;
+}
+
+// torch.randint(0, high, (), dtype=torch.int64) from PyTorch's CPU generator (library.cpu_seed).
+at::Tensor cpu_seed_op(int64_t high) { return at::randint(0, high, {}, at::TensorOptions().dtype(at::kLong)); }
+
+std::tuple<at::Tensor, at::Tensor> mixture_nll_with_grad_op(const at::Tensor& x, const at::Tensor& params) {
+  const auto out = mixture_forward_backward(x, params);
+  return {out[0], out[1]};
+}
+
 bool has_cuda() {
 #ifdef FASTHVAE_WITH_CUDA
   return true;
@@ -282,6 +395,28 @@ bool has_cuda() {
 
 }  // namespace
 }  // namespace fasthvae
+
+TORCH_LIBRARY(fasthvae_cpu, m) {
+  m.def("gaussian_kl(Tensor mu, Tensor logvar, Tensor? mu_p, Tensor? logvar_p, str reduction) -> Tensor");
+  m.def("reparameterize(Tensor mu, Tensor logvar, Tensor seed) -> Tensor");
+  m.def("sample_and_kl(Tensor mu, Tensor logvar, Tensor? mu_p, Tensor? logvar_p, Tensor seed, str reduction) "
+        "-> (Tensor, Tensor)");
+  m.def("gaussian_backward(Tensor? mu, Tensor logvar, Tensor? mu_p, Tensor? logvar_p, Tensor? seed, "
+        "Tensor? grad_z, Tensor? grad_kl, bool grad_kl_rows) -> Tensor[]");
+  m.def("cpu_seed(int high) -> Tensor", {at::Tag::nondeterministic_seeded});
+  m.def("mixture_nll_with_grad(Tensor x, Tensor params) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fasthvae_cpu, CPU, m) {
+  m.impl("gaussian_kl", &fasthvae::gaussian_kl_op);
+  m.impl("reparameterize", &fasthvae::reparameterize_op);
+  m.impl("sample_and_kl", &fasthvae::sample_and_kl_op);
+  m.impl("gaussian_backward", &fasthvae::gaussian_backward_op);
+  m.impl("mixture_nll_with_grad", &fasthvae::mixture_nll_with_grad_op);
+}
+
+// No tensor argument to dispatch on: the kernel for every key.
+TORCH_LIBRARY_IMPL(fasthvae_cpu, CompositeExplicitAutograd, m) { m.impl("cpu_seed", &fasthvae::cpu_seed_op); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fasthvae fused ops: Gaussian (CPU and CUDA kernels), discretized logistic likelihoods (CPU), multi-tensor bookkeeping (CPU)";

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from fasthvae import ops
 from fasthvae.data import BatchLoader
+from fasthvae.ops.compiled_cpu import cpu_twins_pass
 from fasthvae.schedules import Schedule, lr_factor
 from fasthvae.training import forensics
 from fasthvae.training.config import TrainConfig, TrainingError
@@ -171,12 +172,15 @@ def compile_options(mode: str, device: torch.device, wrapper: str = "python") ->
     strides (the ops' fake kernels are checked against their real ones by opcheck in the tests),
     built as a unit apart from the kernels' (the wrapper at Inductor's low optimisation level, the
     kernels at full), so that the first compile takes about a quarter longer than the python
-    wrapper's instead of three times as long, the step's gain kept."""
+    wrapper's instead of three times as long, the step's gain kept. On CPU the graphs call the
+    fused ops' C++ twins in place of their Python implementations (``ops.compiled_cpu``)."""
     from torch._inductor import list_mode_options
 
     options = dict(list_mode_options(mode, dynamic=False))
     if device.type == "cuda":
         options["fallback_random"] = True
+    elif (twins := cpu_twins_pass()) is not None:
+        options["post_grad_custom_post_pass"] = twins
     if wrapper == "cpp":
         options |= {
             "cpp_wrapper": True,
