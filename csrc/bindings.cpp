@@ -355,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor> sample_and_kl_op(const at::Tensor& mu, const 
   return {z, finish_kl(kl, reduction, mu)};
 }
 
-std::vector<at::Tensor> gaussian_backward_op(const std::optional<at::Tensor>& mu, const at::Tensor& logvar,
+std::vector<at::Tensor> gaussian_backward_in_order(const std::optional<at::Tensor>& mu, const at::Tensor& logvar,
                                              const std::optional<at::Tensor>& mu_p,
                                              const std::optional<at::Tensor>& logvar_p,
                                              const std::optional<at::Tensor>& seed,
@@ -375,6 +375,24 @@ std::vector<at::Tensor> gaussian_backward_op(const std::optional<at::Tensor>& mu
     if (g.defined()) out.push_back(restored(g, order));
   }
   return out;
+}
+
+// The shared backward as two ops of fixed arity (a Tensor[] return would take Inductor's C++ wrapper
+// back into Python): (dmu, dlogvar) without a prior, and with one (dmu, dlogvar, dmu_p, dlogvar_p).
+std::tuple<at::Tensor, at::Tensor> gaussian_backward_op(const std::optional<at::Tensor>& mu, const at::Tensor& logvar,
+                                                        const std::optional<at::Tensor>& seed,
+                                                        const std::optional<at::Tensor>& grad_z,
+                                                        const std::optional<at::Tensor>& grad_kl, bool grad_kl_rows) {
+  const auto g = gaussian_backward_in_order(mu, logvar, std::nullopt, std::nullopt, seed, grad_z, grad_kl, grad_kl_rows);
+  return {g[0], g[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_backward_with_prior_op(
+    const std::optional<at::Tensor>& mu, const at::Tensor& logvar, const at::Tensor& mu_p, const at::Tensor& logvar_p,
+    const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& grad_z,
+    const std::optional<at::Tensor>& grad_kl, bool grad_kl_rows) {
+  const auto g = gaussian_backward_in_order(mu, logvar, mu_p, logvar_p, seed, grad_z, grad_kl, grad_kl_rows);
+  return {g[0], g[1], g[2], g[3]};
 }
 
 // torch.randint(0, high, (), dtype=torch.int64) from PyTorch's CPU generator (library.cpu_seed).
@@ -401,8 +419,10 @@ TORCH_LIBRARY(fasthvae_cpu, m) {
   m.def("reparameterize(Tensor mu, Tensor logvar, Tensor seed) -> Tensor");
   m.def("sample_and_kl(Tensor mu, Tensor logvar, Tensor? mu_p, Tensor? logvar_p, Tensor seed, str reduction) "
         "-> (Tensor, Tensor)");
-  m.def("gaussian_backward(Tensor? mu, Tensor logvar, Tensor? mu_p, Tensor? logvar_p, Tensor? seed, "
-        "Tensor? grad_z, Tensor? grad_kl, bool grad_kl_rows) -> Tensor[]");
+  m.def("gaussian_backward(Tensor? mu, Tensor logvar, Tensor? seed, Tensor? grad_z, Tensor? grad_kl, "
+        "bool grad_kl_rows) -> (Tensor, Tensor)");
+  m.def("gaussian_backward_with_prior(Tensor? mu, Tensor logvar, Tensor mu_p, Tensor logvar_p, Tensor? seed, "
+        "Tensor? grad_z, Tensor? grad_kl, bool grad_kl_rows) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cpu_seed(int high) -> Tensor", {at::Tag::nondeterministic_seeded});
   m.def("mixture_nll_with_grad(Tensor x, Tensor params) -> (Tensor, Tensor)");
 }
@@ -412,6 +432,7 @@ TORCH_LIBRARY_IMPL(fasthvae_cpu, CPU, m) {
   m.impl("reparameterize", &fasthvae::reparameterize_op);
   m.impl("sample_and_kl", &fasthvae::sample_and_kl_op);
   m.impl("gaussian_backward", &fasthvae::gaussian_backward_op);
+  m.impl("gaussian_backward_with_prior", &fasthvae::gaussian_backward_with_prior_op);
   m.impl("mixture_nll_with_grad", &fasthvae::mixture_nll_with_grad_op);
 }
 

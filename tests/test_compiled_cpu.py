@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch._inductor.utils import fresh_cache, run_and_get_code
 
 from fasthvae import ops
 from fasthvae.ops import backend, compiled_cpu
@@ -71,7 +72,11 @@ def test_the_gaussian_twins_give_their_python_ops_bits(dtype, layout, prior, red
             (mu, logvar, mu_p, logvar_p, None, None, grad_kl, rows),
             (None, logvar, None, None, seed, grad_z, None, False),
         ]:
-            assert_identical(twin.gaussian_backward(*args), python.gaussian_backward(*args))
+            expected = python.gaussian_backward(*args)
+            if args[2] is None:
+                assert_identical(twin.gaussian_backward(*args[:2], *args[4:]), expected)
+            else:
+                assert_identical(twin.gaussian_backward_with_prior(*args), expected)
 
 
 def test_the_seed_twin_draws_what_the_python_op_draws():
@@ -119,7 +124,9 @@ def latent_step(h: torch.Tensor, head_weight: torch.Tensor, out_weight: torch.Te
 @pytest.mark.parametrize("wrapper", ["python", "cpp"])
 def test_the_compiled_cpu_step_calls_only_the_twins_and_keeps_its_bits(wrapper):
     """Compiled with the trainer's CPU options, the step calls the twins and no Python op, forward
-    and backward, and computes what the same graph compiled without the pass computes."""
+    and backward, and computes what the same graph compiled without the pass computes. Under the
+    C++ wrapper no call goes back through Python (``custom_op_wrapper``), the shared backward's
+    included (its twins return tuples)."""
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 8, 4, 4, generator=g).contiguous(memory_format=torch.channels_last)
     head_weight = (0.3 * torch.randn(16, 8, 1, 1, generator=g)).requires_grad_()
@@ -133,7 +140,10 @@ def test_the_compiled_cpu_step_calls_only_the_twins_and_keeps_its_bits(wrapper):
         torch._dynamo.reset()
         step = torch.compile(latent_step, fullgraph=True, dynamic=False, options=opts)
         torch.manual_seed(5)
-        step(h, head_weight, out_weight, x).backward()  # compiles
+        with fresh_cache():  # compiles, and the code comes back
+            _, code = run_and_get_code(lambda step=step: step(h, head_weight, out_weight, x).backward())
+        assert len(code) == 2  # the forward and the backward graph
+        calls_into_python = sum(c.count("custom_op_wrapper") for c in code)
         head_weight.grad = out_weight.grad = None
         torch.manual_seed(5)
         calls = op_calls(lambda step=step: step(h, head_weight, out_weight, x).backward())
@@ -141,11 +151,16 @@ def test_the_compiled_cpu_step_calls_only_the_twins_and_keeps_its_bits(wrapper):
         loss = step(h, head_weight, out_weight, x)
         head_weight.grad = out_weight.grad = None
         loss.backward()
-        results[name] = (loss.detach(), head_weight.grad, out_weight.grad), calls
+        results[name] = (loss.detach(), head_weight.grad, out_weight.grad), calls, calls_into_python
         head_weight.grad = out_weight.grad = None
-    (values, calls), (values_without, calls_without) = results["twins"], results["python ops"]
+    (values, calls, into_python), (values_without, calls_without, into_python_without) = (
+        results["twins"],
+        results["python ops"],
+    )
     assert calls == {"fasthvae": 0, "fasthvae_cpu": 6}, calls  # seed, sample_and_kl, kl, mixture; 2 backward
     assert calls_without["fasthvae_cpu"] == 0 and calls_without["fasthvae"] > 0, calls_without
+    if wrapper == "cpp":  # without the twins the shared backward's Tensor[] takes the way through Python
+        assert into_python == 0 and into_python_without > 0, (into_python, into_python_without)
     assert_identical(values, values_without)
 
 
