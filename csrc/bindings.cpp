@@ -356,11 +356,11 @@ std::tuple<at::Tensor, at::Tensor> sample_and_kl_op(const at::Tensor& mu, const 
 }
 
 std::vector<at::Tensor> gaussian_backward_in_order(const std::optional<at::Tensor>& mu, const at::Tensor& logvar,
-                                             const std::optional<at::Tensor>& mu_p,
-                                             const std::optional<at::Tensor>& logvar_p,
-                                             const std::optional<at::Tensor>& seed,
-                                             const std::optional<at::Tensor>& grad_z,
-                                             const std::optional<at::Tensor>& grad_kl, bool grad_kl_rows) {
+                                                   const std::optional<at::Tensor>& mu_p,
+                                                   const std::optional<at::Tensor>& logvar_p,
+                                                   const std::optional<at::Tensor>& seed,
+                                                   const std::optional<at::Tensor>& grad_z,
+                                                   const std::optional<at::Tensor>& grad_kl, bool grad_kl_rows) {
   const std::vector<int64_t> order = memory_order(logvar);
   std::optional<at::Tensor> kl_grad = grad_kl;
   if (grad_kl.has_value()) {  // per row: float32 [rows]; elementwise: laid out as logvar
@@ -383,7 +383,8 @@ std::tuple<at::Tensor, at::Tensor> gaussian_backward_op(const std::optional<at::
                                                         const std::optional<at::Tensor>& seed,
                                                         const std::optional<at::Tensor>& grad_z,
                                                         const std::optional<at::Tensor>& grad_kl, bool grad_kl_rows) {
-  const auto g = gaussian_backward_in_order(mu, logvar, std::nullopt, std::nullopt, seed, grad_z, grad_kl, grad_kl_rows);
+  const auto g =
+      gaussian_backward_in_order(mu, logvar, std::nullopt, std::nullopt, seed, grad_z, grad_kl, grad_kl_rows);
   return {g[0], g[1]};
 }
 
