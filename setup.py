@@ -76,7 +76,15 @@ def _extensions():
 
     sources = [
         f"{CSRC}/{name}.cpp"
-        for name in ("bindings", "cpu_common", "gaussian_cpu", "gelu_cpu", "mixture_cpu", "multi_tensor_cpu")
+        for name in (
+            "bindings",
+            "cpu_common",
+            "gaussian_cpu",
+            "gelu_cpu",
+            "mixture_cpu",
+            "multi_tensor_cpu",
+            "weight_grad_cpu",
+        )
     ]
     # -fopenmp: at::parallel_for is OpenMP-based in the headers; without it the loops run serially.
     # -fno-builtin-sinf: else GCC fuses sinf and cosf of one angle into sincosf, which has no vector

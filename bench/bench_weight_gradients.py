@@ -1,10 +1,11 @@
-"""The weight gradient of each 1x1 convolution of the deep model, three ways: oneDNN's
-backward-weights primitive called directly (``bench/onednn_calls.cpp``), the matrix products that
-``fasthvae_onednn::conv2d_backward`` runs in its place where oneDNN has AVX2 at most
-(``grad_w = grad_y^T x``, ``grad_b = grad_y^T 1`` over the channels_last pixels, here from Python),
-and ATen's ``convolution_backward`` asked for those two alone; float32, channels_last, in one
-process, alternating in rounds; medians, microseconds a call, and the step's sum over its calls
-(the shapes and their counts read off the model's forward).
+"""The weight gradient of each 1x1 convolution of the deep model, four ways: oneDNN's
+backward-weights primitive called directly (``bench/onednn_calls.cpp``), the matrix products
+``grad_w = grad_y^T x``, ``grad_b = grad_y^T 1`` over the channels_last pixels in the BLAS torch
+calls (from Python), the same two in one pass by ``fasthvae::conv1x1_weight_grad``
+(``csrc/weight_grad_cpu.cpp``), which ``fasthvae_onednn::conv2d_backward`` runs in oneDNN's place
+where oneDNN has AVX2 at most, and ATen's ``convolution_backward`` asked for those two alone; float32,
+channels_last, in one process, alternating in rounds; medians, microseconds a call, and the step's
+sum over its calls (the shapes and their counts read off the model's forward).
 
 Run it under ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FASTHVAE_CPU_ISA=avx2
 MKL_ENABLE_INSTRUCTIONS=AVX2`` for a CPU's AVX2 code paths (the table's title then names them).
@@ -59,13 +60,23 @@ def model_shapes(preset: str, batch: int) -> Counter[tuple[int, int, int]]:
     return counter.shapes
 
 
+def pixel_rows(t: torch.Tensor) -> torch.Tensor:
+    """A channels_last batch as the matrix of its pixels, [N*H*W, channels] (a view)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
 def matmul_gradients(grad_y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The op's matrix products (csrc/onednn_conv.cpp, matmul_weight_gradient), the smaller channel
-    count as the product's rows."""
+    """The two products in the BLAS, the smaller channel count as the product's rows."""
     c, o = x.shape[1], grad_y.shape[1]
-    x2, g2 = x.permute(0, 2, 3, 1).reshape(-1, c), grad_y.permute(0, 2, 3, 1).reshape(-1, o)
+    x2, g2 = pixel_rows(x), pixel_rows(grad_y)
     grad_w = torch.mm(x2.t(), g2).t() if c < o else torch.mm(g2.t(), x2)
     return grad_w.view(o, c, 1, 1), torch.mv(g2.t(), torch.ones(g2.shape[0]))
+
+
+def fasthvae_gradients(grad_y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fasthvae::conv1x1_weight_grad`` on the pixels' views."""
+    grad_w, grad_b = torch.ops.fasthvae.conv1x1_weight_grad(pixel_rows(grad_y), pixel_rows(x))
+    return grad_w.view(grad_w.shape[0], -1, 1, 1), grad_b
 
 
 def implementations(ext, batch: int, c: int, side: int, o: int) -> dict[str, Callable[[], object]]:
@@ -77,6 +88,7 @@ def implementations(ext, batch: int, c: int, side: int, o: int) -> dict[str, Cal
     return {
         "onednn": lambda: ext.backward_weights(grad_y, x, weight),
         "matmul": lambda: matmul_gradients(grad_y, x),
+        "fasthvae": lambda: fasthvae_gradients(grad_y, x),
         "aten": lambda: torch.ops.aten.convolution_backward(
             grad_y, x, weight, [o], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, mask
         )[1:],
@@ -99,7 +111,7 @@ def main() -> None:
     for (c, side, o), count in sorted(shapes.items(), key=lambda kv: (-kv[0][1], kv[0])):
         impls = implementations(ext, args.batch_size, c, side, o)
         grads = {name: impl() for name, impl in impls.items()}
-        diffs = [relative_difference(a, b) for a, b in zip(grads["onednn"], grads["matmul"], strict=True)]
+        diffs = [relative_difference(a, b) for a, b in zip(grads["onednn"], grads["fasthvae"], strict=True)]
         us = measure(impls, args.calls, args.rounds)
         flops = 2 * args.batch_size * side * side * c * o
         for name, value in us.items():
@@ -109,7 +121,9 @@ def main() -> None:
                 "shape": f"{args.batch_size}x{c}x{side}x{side} -> {o}",
                 "calls_per_step": count,
                 **{f"{name}_us": round(value, 1) for name, value in us.items()},
-                "onednn_over_matmul": round(us["onednn"] / us["matmul"], 2),
+                "onednn_over_fasthvae": round(us["onednn"] / us["fasthvae"], 2),
+                "matmul_over_fasthvae": round(us["matmul"] / us["fasthvae"], 2),
+                "fasthvae_gflops": round(flops / us["fasthvae"] / 1e3, 1),
                 "matmul_gflops": round(flops / us["matmul"] / 1e3, 1),
                 "onednn_gflops": round(flops / us["onednn"] / 1e3, 1),
                 "rel_diff_weight_bias": ", ".join(f"{d:.2g}" for d in diffs),
@@ -121,26 +135,31 @@ def main() -> None:
             "shape": "the step's calls",
             "calls_per_step": sum(shapes.values()),
             **{f"{name}_us": round(value, 1) for name, value in totals.items()},
-            "onednn_over_matmul": round(totals["onednn"] / totals["matmul"], 2),
+            "onednn_over_fasthvae": round(totals["onednn"] / totals["fasthvae"], 2),
+            "matmul_over_fasthvae": round(totals["matmul"] / totals["fasthvae"], 2),
+            "fasthvae_gflops": "",
             "matmul_gflops": "",
             "onednn_gflops": "",
             "rel_diff_weight_bias": "",
         }
     )
-    header = ["shape", "calls a step", "oneDNN us", "matrix products us", "ATen us", "oneDNN / products",
-              "products GFLOP/s", "oneDNN GFLOP/s", "relative difference: weight, bias"]  # fmt: skip
+    header = ["shape", "calls a step", "oneDNN us", "BLAS products us", "fasthvae us", "ATen us",
+              "oneDNN / fasthvae", "BLAS / fasthvae", "fasthvae GFLOP/s", "BLAS GFLOP/s", "oneDNN GFLOP/s",
+              "relative difference to oneDNN: weight, bias"]  # fmt: skip
 
     def cells(row: dict) -> list[str]:
-        keys = ["shape", "calls_per_step", "onednn_us", "matmul_us", "aten_us", "onednn_over_matmul",
-                "matmul_gflops", "onednn_gflops", "rel_diff_weight_bias"]  # fmt: skip
+        keys = ["shape", "calls_per_step", "onednn_us", "matmul_us", "fasthvae_us", "aten_us",
+                "onednn_over_fasthvae", "matmul_over_fasthvae", "fasthvae_gflops", "matmul_gflops",
+                "onednn_gflops", "rel_diff_weight_bias"]  # fmt: skip
         return [str(row[k]) for k in keys]
 
     intro = (
         f"The deep model `{args.preset}`'s ungrouped 1x1 convolutions, float32, channels_last, batch "
         f"{args.batch_size}; median of {args.rounds} alternating windows of {args.calls} calls. oneDNN: "
         "its backward-weights primitive called directly (weight and bias gradients, the weight's "
-        "reordered to the user's layout); matrix products: `grad_y^T x` and `grad_y^T 1` over the "
-        "channels_last pixels (views, no copy) in the BLAS torch calls, from Python; ATen: "
+        "reordered to the user's layout); BLAS products: `grad_y^T x` and `grad_y^T 1` over the "
+        "channels_last pixels (views, no copy) in the BLAS torch calls, from Python; fasthvae: the two "
+        "in one pass, `fasthvae::conv1x1_weight_grad` on the same views; ATen: "
         "`aten.convolution_backward` for the weight and bias gradients. The last row sums each over "
         "the step's calls. Relative difference: the largest against the largest value."
     )

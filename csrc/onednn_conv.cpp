@@ -17,9 +17,10 @@
 // (choose_weights_threads): some split their work so that a second thread costs more than it
 // saves, as AMX's 1x1 weight gradients from 64 channels on small images (results/bench/README.md).
 //
-// Where oneDNN runs float32 with AVX2 at most, a 1x1 convolution's weight and bias gradients are
-// matrix products in the BLAS torch calls instead (matmul_weight_gradient): faster there than
-// oneDNN's jit_1x1:avx2 primitive over the deep model's shapes (bench/bench_weight_gradients.py).
+// Where oneDNN runs float32 with AVX2 at most, a 1x1 convolution's weight and bias gradients come
+// from fasthvae::conv1x1_weight_grad instead (matmul_weight_gradient): faster there than oneDNN's
+// jit_1x1:avx2 primitive and the BLAS's products over the deep model's shapes
+// (bench/bench_weight_gradients.py).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -272,22 +273,17 @@ void choose_weights_threads(Conv& p, Bound& b, const at::Tensor& grad_b) {
 }
 
 // The weight and bias gradients of a 1x1 convolution (no padding, no groups) of channels_last float32
-// tensors as matrix products over the pixels: grad_w [O, C] = grad_y^T x and grad_b = grad_y^T 1,
-// each pixel a row of x [N*H*W, C] and of grad_y [N*H*W, O] (views of the same memory). The product
-// is formed with the smaller channel count as its rows (written transposed into grad_w where that is C).
+// tensors from fasthvae::conv1x1_weight_grad (csrc/weight_grad_cpu.cpp, in fasthvae._C): its pixels
+// are the rows of x [N*H*W, C] and of grad_y [N*H*W, O], views of the same memory.
 std::pair<at::Tensor, at::Tensor> matmul_weight_gradient(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w) {
+  using WeightGrad = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&);
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fasthvae::conv1x1_weight_grad", "").typed<WeightGrad>();
   const int64_t c = x.size(1), o = gy.size(1);
-  const auto x2 = x.permute({0, 2, 3, 1}).reshape({-1, c});
-  const auto g2 = gy.permute({0, 2, 3, 1}).reshape({-1, o});
+  auto [grad, grad_b] = op.call(gy.permute({0, 2, 3, 1}).reshape({-1, o}), x.permute({0, 2, 3, 1}).reshape({-1, c}));
+  if (w.stride(0) == c && w.stride(1) == 1) return {grad.as_strided(w.sizes(), w.strides()), grad_b};
   auto grad_w = at::empty_strided(w.sizes(), w.strides(), w.options());
-  auto gw2 = grad_w.as_strided({o, c}, {w.stride(0), w.stride(1)});
-  if (c < o) {
-    auto transposed = gw2.t();
-    at::mm_out(transposed, x2.t(), g2);
-  } else {
-    at::mm_out(gw2, g2.t(), x2);
-  }
-  auto grad_b = at::mv(g2.t(), at::ones({g2.size(0)}, g2.options()));
+  grad_w.as_strided({o, c}, {w.stride(0), w.stride(1)}).copy_(grad);
   return {grad_w, grad_b};
 }
 

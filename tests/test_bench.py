@@ -428,8 +428,8 @@ def test_bench_multi_tensor(tmp_path):
 
 @needs_onednn
 def test_bench_weight_gradients(tmp_path):
-    """Every ungrouped 1x1 convolution shape of the deep model's step, with its count, timed three
-    ways; the matrix products give oneDNN's gradients to float32 rounding; a last row sums the step."""
+    """Every ungrouped 1x1 convolution shape of the deep model's step, with its count, timed four
+    ways; fasthvae's kernel gives oneDNN's gradients to float32 rounding; a last row sums the step."""
     run_bench("bench_weight_gradients.py", "--batch-size", "2", "--calls", "1", "--rounds", "1",
               "--out", str(tmp_path))  # fmt: skip
     *rows, total = read_rows(tmp_path / "weight_gradients_small.csv")
@@ -437,7 +437,7 @@ def test_bench_weight_gradients(tmp_path):
     assert total["shape"] == "the step's calls"
     assert int(total["calls_per_step"]) == sum(int(r["calls_per_step"]) for r in rows)
     for row in rows:
-        assert all(float(row[f"{impl}_us"]) > 0 for impl in ("onednn", "matmul", "aten"))
+        assert all(float(row[f"{impl}_us"]) > 0 for impl in ("onednn", "matmul", "fasthvae", "aten"))
         assert all(float(d) < 1e-5 for d in row["rel_diff_weight_bias"].split(", "))
     assert (tmp_path / "weight_gradients_small.md").exists()
 

@@ -162,9 +162,11 @@ def test_weight_gradient_threads_chosen_on_the_first_call_change_no_value(shape,
 
 # Run in a process whose oneDNN is capped at AVX2 and logs every primitive it executes: the weight
 # gradients of its 1x1 float32 convolutions, whatever the weight's layout or which channel count is
-# the larger, as matrix products against float64; a 3x3 convolution's still oneDNN's primitive.
+# the larger, from fasthvae::conv1x1_weight_grad, against float64; a 3x3 convolution's still
+# oneDNN's primitive.
 AVX2_WEIGHT_GRADIENT_CHILD = """
 import torch, torch.nn.functional as F
+from torch.profiler import profile
 from fasthvae.ops import onednn_conv
 onednn_conv.load()
 CL = torch.channels_last
@@ -175,7 +177,11 @@ for c, o, hw, k, weight_cl in SHAPES:
     w = torch.randn(o, c, k, k, generator=g) / c**0.5
     w = w.contiguous(memory_format=CL) if weight_cl else w
     grad_y = torch.randn(4, o, hw, hw, generator=g).contiguous(memory_format=CL)
-    _, grad_w, grad_b = torch.ops.fasthvae_onednn.conv2d_backward(grad_y, x, w, [k // 2] * 2, 1, True, False)
+    with profile() as prof:
+        _, grad_w, grad_b = torch.ops.fasthvae_onednn.conv2d_backward(
+            grad_y, x, w, [k // 2] * 2, 1, True, False
+        )
+    kernel = any(e.name == "fasthvae::conv1x1_weight_grad" for e in prof.events())
     x64, w64 = x.double(), w.double().requires_grad_()
     expected_w, = torch.autograd.grad(F.conv2d(x64, w64, padding=k // 2), w64, grad_y.double())
     expected_b = grad_y.double().sum((0, 2, 3))
@@ -183,12 +189,12 @@ for c, o, hw, k, weight_cl in SHAPES:
     for name, ours, exp in (("weight", grad_w, expected_w), ("bias", grad_b, expected_b)):
         error = (ours.double() - exp).abs().max().item()
         assert error <= 2**-16 * exp.abs().max().item(), (c, o, hw, name, error)
-    print("checked", f"ic{c}oc{o}_ih{hw}", flush=True)
+    print("checked", f"ic{c}oc{o}_ih{hw}", "fasthvae" if kernel else "elsewhere", flush=True)
 """
 
 
 @needs_onednn
-def test_1x1_weight_gradients_under_avx2_are_matrix_products():
+def test_1x1_weight_gradients_under_avx2_are_fasthvaes_kernel():
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ONEDNN_VERBOSE": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-c", AVX2_WEIGHT_GRADIENT_CHILD]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -196,10 +202,10 @@ def test_1x1_weight_gradients_under_avx2_are_matrix_products():
     lines = done.stdout.splitlines()
     weight_primitives = [line for line in lines if ",exec," in line and ",backward_weights," in line]
     for shape in ("ic16oc64_ih8", "ic64oc16_ih8", "ic5oc3_ih1"):
-        assert f"checked {shape}" in lines
+        assert f"checked {shape} fasthvae" in lines
         ran = [line for line in weight_primitives if shape in line]
         assert not ran, f"{shape}: oneDNN ran its weight gradient: {ran}"
-    assert "checked ic16oc16_ih8" in lines
+    assert "checked ic16oc16_ih8 elsewhere" in lines
     assert any("ic16oc16_ih8" in line for line in weight_primitives)  # the 3x3 one: oneDNN's
 
 

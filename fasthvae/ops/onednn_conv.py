@@ -14,7 +14,9 @@ gradient where it is needed, the weight's and the bias's). Double backward is no
 It needs a standalone oneDNN, which torch does not expose (its own is linked in without its API):
 ``pip install onednn-cpu-gomp onednn-devel-cpu-gomp`` (GNU OpenMP, the runtime torch loads), or
 ``$FASTHVAE_ONEDNN`` naming an install prefix (``include/oneapi/dnnl``, ``lib/libdnnl.so``). The op
-is compiled on first use and cached by ``torch.utils.cpp_extension``.
+is compiled on first use and cached by ``torch.utils.cpp_extension``. It calls kernels of fasthvae's
+own extension, ``fasthvae._C``: the GELU of :func:`gelu_conv2d` and, where oneDNN runs float32 with
+AVX2 at most, a 1x1 convolution's weight and bias gradients (``fasthvae::conv1x1_weight_grad``).
 """
 
 import hashlib
@@ -25,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
+
+from fasthvae.ops import backend
 
 ONEDNN_ENV = "FASTHVAE_ONEDNN"
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "onednn_conv.cpp"
@@ -46,6 +50,11 @@ def missing() -> str | None:
     """Why the op cannot be built here (a sentence naming the fix), or None when it can."""
     if not SOURCE.exists():
         return f"its source {SOURCE} is missing (install fasthvae from a clone, `pip install -e .`)"
+    if backend.extension() is None:
+        return (
+            "fasthvae's C++ extension (fasthvae._C), which holds the GELU and 1x1 weight-gradient kernels "
+            "the op calls, is not built: pip install --no-build-isolation -e ."
+        )
     for path in onednn_files(onednn_prefix()):
         if not path.exists():
             return (
