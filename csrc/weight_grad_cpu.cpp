@@ -1,8 +1,9 @@
 // fasthvae::conv1x1_weight_grad: a 1x1 convolution's weight and bias gradients from its pixels,
 // grad_w [O, C] = grad_y^T x and grad_b [O] = grad_y^T 1, where each pixel is a row of x [P, C] and
 // of grad_y [P, O] (a channels_last batch viewed as a matrix, no copy). The products sum over many
-// pixels into a small matrix: a BLAS packs both operands first and splits the short sides, and its
-// matrix-vector product for grad_b runs on one thread. Here one pass over the pixels accumulates
+// pixels into a small matrix: a BLAS copies both operands into its own layout first, and its
+// matrix-vector product for grad_b runs on one thread (results/bench/README.md, "1x1 weight
+// gradients in one pass under AVX2"). Here one pass over the pixels accumulates
 // register tiles of grad_w (FMA on broadcast elements of one operand and 16 columns of the other),
 // grad_b beside it, in tasks of a fixed number of pixels whose partial sums are added in task order:
 // the bits do not depend on the thread count. AVX2 + FMA (run on AVX-512 CPUs too); elsewhere, or
@@ -24,8 +25,9 @@ namespace fasthvae {
 
 namespace {
 
-constexpr int64_t kTaskRows = 1024;  // pixels a task sums: fixed, so the order of every sum is
-constexpr int64_t kCacheRows = 256;  // pixels a tile walks before the next tile (kept in L1/L2)
+constexpr int64_t kTaskRows = 1024;  // pixels a task sums: fixed, so that no sum's order (or bits)
+                                     // depends on the thread count
+constexpr int64_t kCacheRows = 256;  // pixels every tile walks before the next block (kept in cache)
 constexpr int64_t kSerialWork = int64_t{1} << 18;  // multiply-adds below which one thread runs it
 
 // One product laid out for the kernel: out[b][v] = sum_p bcast[p][b] * vec[p][v], the operand whose
@@ -35,7 +37,6 @@ struct Plan {
   int64_t ld_bcast, cols_bcast;
   const float* vec;
   int64_t ld_vec, cols_vec;
-  int64_t rows;
 };
 
 #if FHV_X86_LEVELS
@@ -48,7 +49,9 @@ FHV_TARGET_AVX2 void tile_avx2(const float* b, int64_t ldb, const float* v, int6
 #pragma GCC unroll 12
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 2
-    for (int j = 0; j < NV; ++j) acc[i][j] = accumulate ? _mm256_loadu_ps(out + i * ldo + 8 * j) : _mm256_setzero_ps();
+    for (int j = 0; j < NV; ++j) {
+      acc[i][j] = accumulate ? _mm256_loadu_ps(out + i * ldo + 8 * j) : _mm256_setzero_ps();
+    }
   }
   for (int64_t p = 0; p < rows; ++p, b += ldb, v += ldv) {
     __m256 lanes[NV];
@@ -104,10 +107,10 @@ FHV_TARGET_AVX2 void task_avx2(const Plan& plan, int64_t p0, int64_t rows, int64
     }
   }
 }
-#endif
 
 // sums[o] = sum of g[p][o] over pixels [p0, p0 + rows).
-FHV_INLINE void column_sums(const float* g, int64_t ld, int64_t cols, int64_t p0, int64_t rows, float* sums) {
+FHV_TARGET_AVX2 void column_sums_avx2(const float* g, int64_t ld, int64_t cols, int64_t p0, int64_t rows,
+                                      float* sums) {
   std::fill(sums, sums + cols, 0.0f);
   for (int64_t p = p0; p < p0 + rows; ++p) {
     const float* row = g + p * ld;
@@ -116,21 +119,15 @@ FHV_INLINE void column_sums(const float* g, int64_t ld, int64_t cols, int64_t p0
   }
 }
 
-#if FHV_X86_LEVELS
-FHV_TARGET_AVX2 void column_sums_avx2(const float* g, int64_t ld, int64_t cols, int64_t p0, int64_t rows,
-                                      float* sums) {
-  column_sums(g, ld, cols, p0, rows, sums);
-}
-
 std::tuple<at::Tensor, at::Tensor> weight_grad_avx2(const at::Tensor& g, const at::Tensor& x) {
   const int64_t pixels = g.size(0), o = g.size(1), c = x.size(1);
   // The lanes: the channel count that is a multiple of 16, else of 8; the larger where both are.
   const auto lane_rank = [](int64_t n) { return n % 16 == 0 ? 2 : n % 8 == 0 ? 1 : 0; };
   const bool lanes_are_x = lane_rank(c) > lane_rank(o) || (lane_rank(c) == lane_rank(o) && c >= o);
   const Plan plan = lanes_are_x ? Plan{g.const_data_ptr<float>(), g.stride(0), o, x.const_data_ptr<float>(),
-                                       x.stride(0), c, pixels}
+                                       x.stride(0), c}
                                 : Plan{x.const_data_ptr<float>(), x.stride(0), c, g.const_data_ptr<float>(),
-                                       g.stride(0), o, pixels};
+                                       g.stride(0), o};
   const int64_t row_tasks = std::max<int64_t>(1, (pixels + kTaskRows - 1) / kTaskRows);
   const int64_t chunks = plan.cols_vec / 16 + (plan.cols_vec % 16 != 0 ? 1 : 0);
   // Few pixel tasks are split by lane chunks too, for the threads (this split changes no sum).
@@ -149,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> weight_grad_avx2(const at::Tensor& g, const a
     }
   });
   // The tasks' partial sums added into the first task's, in task order.
-  at::parallel_for(0, size + o, serial ? size + o + 1 : 4096, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, size + o, serial ? size + o : 4096, [&](int64_t begin, int64_t end) {
     for (int64_t r = 1; r < row_tasks; ++r) {
       const float* other = part + r * (size + o);
 #pragma omp simd
