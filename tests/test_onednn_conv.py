@@ -430,6 +430,15 @@ def test_missing_onednn_is_named(tmp_path, monkeypatch):
     assert not resolve_runtime(TrainConfig(model="deep", device="cpu"), DistInfo()).onednn_conv
 
 
+def test_missing_extension_is_named(monkeypatch):
+    """Without fasthvae._C (its GELU and 1x1 weight-gradient kernels) the op names the rebuild, and
+    the trainer's default leaves it off."""
+    monkeypatch.setattr(onednn_conv.backend, "extension", lambda: None)
+    reason = onednn_conv.missing()
+    assert "fasthvae._C" in reason and "pip install --no-build-isolation -e ." in reason
+    assert not resolve_runtime(TrainConfig(model="deep", device="cpu"), DistInfo()).onednn_conv
+
+
 def test_onednn_conv_is_named_where_the_model_has_none():
     with pytest.raises(TrainingError, match="only the deep model's convolutions have it, not the hvae"):
         resolve_runtime(TrainConfig(model="hvae", device="cpu", onednn_conv=True), DistInfo())
