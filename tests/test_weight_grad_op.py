@@ -70,10 +70,11 @@ def test_values_against_float64(isa, shape):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_the_same_bits_on_any_thread_count(isa):
+@pytest.mark.parametrize("rows", [9000, 1500], ids=["nine_tasks", "two_tasks_split_by_lanes"])
+def test_the_same_bits_on_any_thread_count(isa, rows):
     """Tasks of a fixed number of pixels, added in task order: one thread and five give equal bits,
-    and a second call the same again."""
-    grad_y, x = pixels(9000, 64, 100)
+    and a second call the same again; with two tasks, five threads split them by lane chunks too."""
+    grad_y, x = pixels(rows, 64, 100)
     results = []
     for n in (1, 5, 5):
         with backend.use_cpu_isa(isa), torch_threads(n):
