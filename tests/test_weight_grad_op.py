@@ -152,9 +152,15 @@ def test_the_wrapper_takes_batches_of_images(layout):
             assert (got.double() - want).abs().max() <= tolerance * want.abs().max()
 
 
-def test_the_wrapper_names_mismatched_batches():
-    with pytest.raises(ValueError, match=r"must share N, H and W, got \(2, 8, 4, 4\) and \(2, 8, 4, 5\)"):
-        ops.conv1x1_weight_grad(torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 5))
+@pytest.mark.parametrize(
+    "grad_y_shape, x_shape",
+    [((2, 8, 4, 4), (2, 8, 4, 5)), ((), (2, 8, 4, 4)), ((2, 8, 16), (2, 8, 4, 4))],
+    ids=["width", "scalar", "three_dims"],
+)
+def test_the_wrapper_names_mismatched_batches(grad_y_shape, x_shape):
+    message = f"must share N, H and W, got {grad_y_shape} and {x_shape}"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ops.conv1x1_weight_grad(torch.randn(grad_y_shape), torch.randn(x_shape))
 
 
 def test_the_op_passes_opcheck():

@@ -38,8 +38,8 @@ def _pixel_rows(t: Tensor) -> Tensor:
 def conv1x1_weight_grad(grad_y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """The weight gradient ``[O, C, 1, 1]`` and bias gradient ``[O]`` of a stride-1, unpadded 1x1
     convolution of ``x`` ``[N, C, H, W]`` whose output's gradient is ``grad_y`` ``[N, O, H, W]``."""
-    shared = (grad_y.shape[0], *grad_y.shape[2:]), (x.shape[0], *x.shape[2:])
-    if grad_y.dim() != 4 or x.dim() != 4 or shared[0] != shared[1]:
+    batch_and_side = [(t.shape[0], *t.shape[2:]) if t.dim() == 4 else None for t in (grad_y, x)]
+    if None in batch_and_side or batch_and_side[0] != batch_and_side[1]:
         raise ValueError(
             f"conv1x1_weight_grad: grad_y [N, O, H, W] and x [N, C, H, W] must share N, H and W, "
             f"got {tuple(grad_y.shape)} and {tuple(x.shape)}"
