@@ -6,13 +6,12 @@
 // gradients in one pass under AVX2"). Here one pass over the pixels accumulates
 // register tiles of grad_w (FMA on broadcast elements of one operand and 16 columns of the other),
 // grad_b beside it, in tasks of a fixed number of pixels whose partial sums are added in task order:
-// the bits do not depend on the thread count. AVX2 + FMA (run on AVX-512 CPUs too); elsewhere, or
-// where neither channel count is a multiple of 8, the two products in ATen.
+// the bits do not depend on the thread count. AVX2 + FMA (run on AVX-512 CPUs too); elsewhere, where
+// neither channel count is a multiple of 8, or where there is nothing to sum, the two products in ATen.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -185,9 +184,9 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_weight_grad_cpu(const at::Tensor& gra
   const auto rows = [](const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); };
   const at::Tensor g = rows(grad_y), xs = rows(x);
   const int64_t o = g.size(1), c = xs.size(1);
-  if (g.size(0) == 0) return {at::zeros({o, c}, g.options()), at::zeros({o}, g.options())};
 #if FHV_X86_LEVELS
-  if (active_isa() != Isa::kBaseline && (o % 8 == 0 || c % 8 == 0)) return weight_grad_avx2(g, xs);
+  const bool empty = g.size(0) == 0 || o == 0 || c == 0;  // ATen's products give zeros and sums
+  if (!empty && active_isa() != Isa::kBaseline && (o % 8 == 0 || c % 8 == 0)) return weight_grad_avx2(g, xs);
 #endif
   return {at::mm(g.t(), xs), at::sum(g, 0)};
 }

@@ -114,9 +114,19 @@ def test_non_finite_values_stay_in_their_row_and_column(isa):
     assert grad_w[keep].isfinite().all() and grad_b[torch.arange(16) != 3].isfinite().all()
 
 
-def test_no_pixels_give_zeros():
-    grad_w, grad_b = op(torch.empty(0, 16), torch.empty(0, 8))
-    assert torch.equal(grad_w, torch.zeros(16, 8)) and torch.equal(grad_b, torch.zeros(16))
+@pytest.mark.parametrize("isa", ISAS)
+def test_empty_sides(isa):
+    """No pixels: zeros. No input channels: an empty grad_w and grad_y's sums as grad_b. No output
+    channels: both empty."""
+    g = torch.randn(10, 8)
+    with backend.use_cpu_isa(isa):
+        no_pixels = op(torch.empty(0, 16), torch.empty(0, 8))
+        no_inputs = op(g, torch.empty(10, 0))
+        no_outputs = op(torch.empty(10, 0), torch.randn(10, 5))
+    assert torch.equal(no_pixels[0], torch.zeros(16, 8)) and torch.equal(no_pixels[1], torch.zeros(16))
+    assert no_inputs[0].shape == (8, 0)
+    assert_near(no_inputs[1], g.double().sum(0), "grad_b without input channels")
+    assert no_outputs[0].shape == (0, 5) and no_outputs[1].shape == (0,)
 
 
 @pytest.mark.parametrize(
