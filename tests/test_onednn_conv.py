@@ -161,21 +161,25 @@ def test_weight_gradient_threads_chosen_on_the_first_call_change_no_value(shape,
 
 
 # Run in a process whose oneDNN is capped at AVX2 and logs every primitive it executes: the weight
-# gradients of its 1x1 float32 convolutions, whatever the weight's layout or which channel count is
-# the larger, from fasthvae::conv1x1_weight_grad, against float64; a 3x3 convolution's still
-# oneDNN's primitive.
+# gradients of its 1x1 float32 convolutions, whatever the weight's layout (NCHW, channels_last, out
+# channels adjacent) or which channel count is the larger, from fasthvae::conv1x1_weight_grad, in
+# the weight's strides, against float64; a 3x3 convolution's still oneDNN's primitive.
 AVX2_WEIGHT_GRADIENT_CHILD = """
 import torch, torch.nn.functional as F
 from torch.profiler import profile
 from fasthvae.ops import onednn_conv
 onednn_conv.load()
 CL = torch.channels_last
-SHAPES = ((16, 64, 8, 1, False), (64, 16, 8, 1, True), (5, 3, 1, 1, False), (16, 16, 8, 3, False))
-for c, o, hw, k, weight_cl in SHAPES:
+SHAPES = ((16, 64, 8, 1, "nchw"), (64, 16, 8, 1, "cl"), (16, 32, 4, 1, "out_inner"), (5, 3, 1, 1, "nchw"),
+          (16, 16, 8, 3, "nchw"))
+for c, o, hw, k, weight_layout in SHAPES:
     g = torch.Generator().manual_seed(c + o)
     x = torch.randn(4, c, hw, hw, generator=g).contiguous(memory_format=CL)
     w = torch.randn(o, c, k, k, generator=g) / c**0.5
-    w = w.contiguous(memory_format=CL) if weight_cl else w
+    if weight_layout == "cl":
+        w = w.contiguous(memory_format=CL)
+    elif weight_layout == "out_inner":  # out channels adjacent: not an [O, C] matrix of rows
+        w = w.transpose(0, 1).contiguous().transpose(0, 1)
     grad_y = torch.randn(4, o, hw, hw, generator=g).contiguous(memory_format=CL)
     with profile() as prof:
         _, grad_w, grad_b = torch.ops.fasthvae_onednn.conv2d_backward(
@@ -201,7 +205,7 @@ def test_1x1_weight_gradients_under_avx2_are_fasthvaes_kernel():
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     weight_primitives = [line for line in lines if ",exec," in line and ",backward_weights," in line]
-    for shape in ("ic16oc64_ih8", "ic64oc16_ih8", "ic5oc3_ih1"):
+    for shape in ("ic16oc64_ih8", "ic64oc16_ih8", "ic16oc32_ih4", "ic5oc3_ih1"):
         assert f"checked {shape} fasthvae" in lines
         ran = [line for line in weight_primitives if shape in line]
         assert not ran, f"{shape}: oneDNN ran its weight gradient: {ran}"
