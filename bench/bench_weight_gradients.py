@@ -28,6 +28,7 @@ from bench.report import write_report
 from fasthvae.hardware import machine
 from fasthvae.models import DeepHVAE
 from fasthvae.nn import use_onednn_conv
+from fasthvae.ops.weight_grad import pixel_rows
 
 CONV_OPS = ("fasthvae_onednn.conv2d.default", "fasthvae_onednn.gelu_conv2d.default")
 
@@ -58,11 +59,6 @@ def model_shapes(preset: str, batch: int) -> Counter[tuple[int, int, int]]:
     with torch.no_grad(), counter:
         model.loss(x, torch.ones(model.num_levels))
     return counter.shapes
-
-
-def pixel_rows(t: torch.Tensor) -> torch.Tensor:
-    """A channels_last batch as the matrix of its pixels, [N*H*W, channels] (a view)."""
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
 def matmul_gradients(grad_y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ if backend.extension() is not None:
     _register()
 
 
-def _pixel_rows(t: Tensor) -> Tensor:
+def pixel_rows(t: Tensor) -> Tensor:
     """[N, C, H, W] as [N*H*W, C]: a view where ``t`` is channels_last."""
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
@@ -44,7 +44,7 @@ def conv1x1_weight_grad(grad_y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
             f"conv1x1_weight_grad: grad_y [N, O, H, W] and x [N, C, H, W] must share N, H and W, "
             f"got {tuple(grad_y.shape)} and {tuple(x.shape)}"
         )
-    g, rows = _pixel_rows(grad_y), _pixel_rows(x)
+    g, rows = pixel_rows(grad_y), pixel_rows(x)
     if backend.cpu_kernels_run(x) and x.dtype == grad_y.dtype == torch.float32:
         grad_w, grad_b = torch.ops.fasthvae.conv1x1_weight_grad(g, rows)
     else:
