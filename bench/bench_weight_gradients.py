@@ -1,11 +1,13 @@
-"""The weight gradient of each 1x1 convolution of the deep model, four ways: oneDNN's
-backward-weights primitive called directly (``bench/onednn_calls.cpp``), the matrix products
-``grad_w = grad_y^T x``, ``grad_b = grad_y^T 1`` over the channels_last pixels in the BLAS torch
-calls (from Python), the same two in one pass by ``fasthvae::conv1x1_weight_grad``
-(``csrc/weight_grad_cpu.cpp``), which ``fasthvae_onednn::conv2d_backward`` runs in oneDNN's place
-where oneDNN has AVX2 at most, and ATen's ``convolution_backward`` asked for those two alone; float32,
-channels_last, in one process, alternating in rounds; medians, microseconds a call, and the step's
-sum over its calls (the shapes and their counts read off the model's forward).
+"""The weight gradient of each ungrouped convolution of the deep model, four ways: oneDNN's
+backward-weights primitive called directly (``bench/onednn_calls.cpp``), for 1x1 kernels the matrix
+products ``grad_w = grad_y^T x``, ``grad_b = grad_y^T 1`` over the channels_last pixels in the BLAS
+torch calls (from Python), the weight and bias gradients in one pass by
+``fasthvae::conv2d_weight_grad`` (``csrc/weight_grad_cpu.cpp``), which
+``fasthvae_onednn::conv2d_backward`` runs in oneDNN's place where oneDNN has AVX2 at most (for 1x1
+kernels, and larger ones whose channel counts are multiples of 8), and ATen's
+``convolution_backward`` asked for those two alone; float32, channels_last, in one process,
+alternating in rounds; medians, microseconds a call, and the step's sum over its calls (the shapes
+and their counts read off the model's forward).
 
 Run it under ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FASTHVAE_CPU_ISA=avx2
 MKL_ENABLE_INSTRUCTIONS=AVX2`` for a CPU's AVX2 code paths (the table's title then names them).
@@ -33,29 +35,32 @@ from fasthvae.ops.weight_grad import pixel_rows
 CONV_OPS = ("fasthvae_onednn.conv2d.default", "fasthvae_onednn.gelu_conv2d.default")
 
 
-class OneByOneConvs(TorchDispatchMode):
-    """Counts the ungrouped 1x1 convolutions the oneDNN ops run: (in channels, side, out channels)."""
+class UngroupedConvs(TorchDispatchMode):
+    """Counts the ungrouped convolutions the oneDNN ops run (square kernels, "same" padding, as the
+    deep model's): (in channels, side, out channels, kernel)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.shapes: Counter[tuple[int, int, int]] = Counter()
+        self.shapes: Counter[tuple[int, int, int, int]] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if str(func) in CONV_OPS:
-            x, weight, groups = args[0], args[1], args[4]
-            if tuple(weight.shape[2:]) == (1, 1) and groups == 1:
-                self.shapes[(x.shape[1], x.shape[2], weight.shape[0])] += 1
+            x, weight, padding, groups = args[0], args[1], args[3], args[4]
+            k = weight.shape[2]
+            if groups == 1 and weight.shape[3] == k and list(padding) == [k // 2] * 2:
+                self.shapes[(x.shape[1], x.shape[2], weight.shape[0], k)] += 1
         return func(*args, **(kwargs or {}))
 
 
-def model_shapes(preset: str, batch: int) -> Counter[tuple[int, int, int]]:
-    """The deep model's 1x1 convolutions in one forward pass of a batch (its backward runs each once)."""
+def model_shapes(preset: str, batch: int) -> Counter[tuple[int, int, int, int]]:
+    """The deep model's ungrouped convolutions in one forward pass of a batch (its backward runs each
+    once)."""
     torch.manual_seed(0)
     cl = torch.channels_last
     model = DeepHVAE(preset).to(memory_format=cl)
     use_onednn_conv(model)
     x = (torch.randint(0, 256, (batch, 3, 32, 32)).float() / 255).contiguous(memory_format=cl)
-    counter = OneByOneConvs()
+    counter = UngroupedConvs()
     with torch.no_grad(), counter:
         model.loss(x, torch.ones(model.num_levels))
     return counter.shapes
@@ -69,25 +74,34 @@ def matmul_gradients(grad_y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tenso
     return grad_w.view(o, c, 1, 1), torch.mv(g2.t(), torch.ones(g2.shape[0]))
 
 
-def fasthvae_gradients(grad_y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fasthvae::conv1x1_weight_grad`` on the pixels' views."""
-    grad_w, grad_b = torch.ops.fasthvae.conv1x1_weight_grad(pixel_rows(grad_y), pixel_rows(x))
-    return grad_w.view(grad_w.shape[0], -1, 1, 1), grad_b
-
-
-def implementations(ext, batch: int, c: int, side: int, o: int) -> dict[str, Callable[[], object]]:
+def implementations(ext, batch: int, c: int, side: int, o: int, k: int) -> dict[str, Callable[[], object]]:
     cl = torch.channels_last
     x = torch.randn(batch, c, side, side).contiguous(memory_format=cl)
     grad_y = torch.randn(batch, o, side, side).contiguous(memory_format=cl)
-    weight = (torch.randn(o, c, 1, 1) * 0.1).contiguous(memory_format=cl)
-    mask = [False, True, True]
-    return {
+    weight = (torch.randn(o, c, k, k) * 0.1).contiguous(memory_format=cl)
+    mask, pad = [False, True, True], [k // 2] * 2
+    impls: dict[str, Callable[[], object]] = {
         "onednn": lambda: ext.backward_weights(grad_y, x, weight),
         "matmul": lambda: matmul_gradients(grad_y, x),
-        "fasthvae": lambda: fasthvae_gradients(grad_y, x),
+        "fasthvae": lambda: torch.ops.fasthvae.conv2d_weight_grad(grad_y, x, [k, k], pad),
         "aten": lambda: torch.ops.aten.convolution_backward(
-            grad_y, x, weight, [o], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, mask
+            grad_y, x, weight, [o], [1, 1], pad, [1, 1], False, [0, 0], 1, mask
         )[1:],
+    }
+    if k != 1:  # the products are a 1x1 kernel's
+        del impls["matmul"]
+    return impls
+
+
+IMPLEMENTATIONS = ("onednn", "matmul", "fasthvae", "aten")
+GFLOPS = ("fasthvae", "matmul", "onednn")
+
+
+def ratios(us: dict[str, float]) -> dict[str, object]:
+    """oneDNN's and the BLAS's time over fasthvae's, blank where one was not timed."""
+    return {
+        f"{name}_over_fasthvae": round(us[name] / us["fasthvae"], 2) if name in us else ""
+        for name in ("onednn", "matmul")
     }
 
 
@@ -103,42 +117,50 @@ def main() -> None:
     args = parser.parse_args()
     ext = build(args.onednn)
     shapes = model_shapes(args.preset, args.batch_size)
-    rows, totals = [], Counter()
-    for (c, side, o), count in sorted(shapes.items(), key=lambda kv: (-kv[0][1], kv[0])):
-        impls = implementations(ext, args.batch_size, c, side, o)
+    rows, totals = [], {"1x1": Counter(), "all": Counter()}
+    for (c, side, o, k), count in sorted(shapes.items(), key=lambda kv: (kv[0][3], -kv[0][1], kv[0])):
+        impls = implementations(ext, args.batch_size, c, side, o, k)
         grads = {name: impl() for name, impl in impls.items()}
         diffs = [relative_difference(a, b) for a, b in zip(grads["onednn"], grads["fasthvae"], strict=True)]
         us = measure(impls, args.calls, args.rounds)
-        flops = 2 * args.batch_size * side * side * c * o
+        flops = 2 * args.batch_size * side * side * c * o * k * k
         for name, value in us.items():
-            totals[name] += value * count
+            totals["all"][name] += value * count
+            if k == 1:
+                totals["1x1"][name] += value * count
+        totals["all"]["calls"] += count
+        totals["1x1"]["calls"] += count * (k == 1)
         rows.append(
             {
-                "shape": f"{args.batch_size}x{c}x{side}x{side} -> {o}",
+                "shape": f"{args.batch_size}x{c}x{side}x{side} -> {o}, {k}x{k}",
                 "calls_per_step": count,
-                **{f"{name}_us": round(value, 1) for name, value in us.items()},
-                "onednn_over_fasthvae": round(us["onednn"] / us["fasthvae"], 2),
-                "matmul_over_fasthvae": round(us["matmul"] / us["fasthvae"], 2),
-                "fasthvae_gflops": round(flops / us["fasthvae"] / 1e3, 1),
-                "matmul_gflops": round(flops / us["matmul"] / 1e3, 1),
-                "onednn_gflops": round(flops / us["onednn"] / 1e3, 1),
+                **{f"{name}_us": round(us[name], 1) if name in us else "" for name in IMPLEMENTATIONS},
+                **ratios(us),
+                **{
+                    f"{name}_gflops": round(flops / us[name] / 1e3, 1) if name in us else ""
+                    for name in GFLOPS
+                },
                 "rel_diff_weight_bias": ", ".join(f"{d:.2g}" for d in diffs),
             }
         )
         print(rows[-1], flush=True)
-    rows.append(
-        {
-            "shape": "the step's calls",
-            "calls_per_step": sum(shapes.values()),
-            **{f"{name}_us": round(value, 1) for name, value in totals.items()},
-            "onednn_over_fasthvae": round(totals["onednn"] / totals["fasthvae"], 2),
-            "matmul_over_fasthvae": round(totals["matmul"] / totals["fasthvae"], 2),
-            "fasthvae_gflops": "",
-            "matmul_gflops": "",
-            "onednn_gflops": "",
-            "rel_diff_weight_bias": "",
+    for kind, label in (("1x1", "the step's 1x1 calls"), ("all", "the step's calls")):
+        total = totals[kind]
+        timed = {
+            name: total[name]
+            for name in IMPLEMENTATIONS
+            if name in total and (kind == "1x1" or name != "matmul")
         }
-    )
+        rows.append(
+            {
+                "shape": label,
+                "calls_per_step": total["calls"],
+                **{f"{name}_us": round(timed[name], 1) if name in timed else "" for name in IMPLEMENTATIONS},
+                **ratios(timed),
+                **{f"{name}_gflops": "" for name in GFLOPS},
+                "rel_diff_weight_bias": "",
+            }
+        )
     header = ["shape", "calls a step", "oneDNN us", "BLAS products us", "fasthvae us", "ATen us",
               "oneDNN / fasthvae", "BLAS / fasthvae", "fasthvae GFLOP/s", "BLAS GFLOP/s", "oneDNN GFLOP/s",
               "relative difference to oneDNN: weight, bias"]  # fmt: skip
@@ -150,16 +172,17 @@ def main() -> None:
         return [str(row[k]) for k in keys]
 
     intro = (
-        f"The deep model `{args.preset}`'s ungrouped 1x1 convolutions, float32, channels_last, batch "
-        f"{args.batch_size}; median of {args.rounds} alternating windows of {args.calls} calls. oneDNN: "
-        "its backward-weights primitive called directly (weight and bias gradients, the weight's "
-        "reordered to the user's layout); BLAS products: `grad_y^T x` and `grad_y^T 1` over the "
-        "channels_last pixels (views, no copy) in the BLAS torch calls, from Python; fasthvae: the two "
-        "in one pass, `fasthvae::conv1x1_weight_grad` on the same views; ATen: "
-        "`aten.convolution_backward` for the weight and bias gradients. The last row sums each over "
-        "the step's calls. Relative difference: the largest against the largest value."
+        f'The deep model `{args.preset}`\'s ungrouped convolutions (stride 1, "same" padding), float32, '
+        f"channels_last, batch {args.batch_size}; median of {args.rounds} alternating windows of "
+        f"{args.calls} calls. oneDNN: its backward-weights primitive called directly (weight and bias "
+        "gradients, the weight's reordered to the user's layout); BLAS products (1x1 kernels): "
+        "`grad_y^T x` and `grad_y^T 1` over the channels_last pixels (views, no copy) in the BLAS torch "
+        "calls, from Python; fasthvae: the two in one pass, `fasthvae::conv2d_weight_grad`; ATen: "
+        "`aten.convolution_backward` for the weight and bias gradients. The last two rows sum each "
+        "over the step's 1x1 calls and over all its calls. Relative difference: the largest against the "
+        "largest value."
     )
-    title = f"1x1 weight gradients, {machine()}"
+    title = f"Convolutions' weight gradients, {machine()}"
     print(write_report(rows, args.out / f"weight_gradients_{args.preset}", header, cells, title, intro))
 
 

@@ -17,10 +17,10 @@
 // (choose_weights_threads): some split their work so that a second thread costs more than it
 // saves, as AMX's 1x1 weight gradients from 64 channels on small images (results/bench/README.md).
 //
-// Where oneDNN runs float32 with AVX2 at most, a 1x1 convolution's weight and bias gradients come
-// from fasthvae::conv1x1_weight_grad instead (matmul_weight_gradient): faster there than oneDNN's
-// jit_1x1:avx2 primitive and the BLAS's products over the deep model's shapes
-// (bench/bench_weight_gradients.py).
+// Where oneDNN runs float32 with AVX2 at most, an ungrouped convolution's weight and bias gradients
+// come from fasthvae::conv2d_weight_grad instead (own_weight_gradient), for 1x1 kernels and for
+// larger ones whose channel counts are multiples of 8: faster there than oneDNN's jit:avx2 and
+// jit_1x1:avx2 primitives over the deep model's shapes (bench/bench_weight_gradients.py).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -96,8 +96,9 @@ struct Conv {
   dnnl::convolution_backward_weights backward_weights_one_thread;
   bool one_thread_weights = false;
   std::once_flag weights_chosen;
-  // The weight gradient as a matrix product (matmul_weight_gradient) instead of backward_weights.
-  bool matmul_weights = false;
+  // The weight gradient from fasthvae::conv2d_weight_grad (own_weight_gradient) instead of
+  // backward_weights.
+  bool own_weights = false;
 };
 
 // N, C, H, W, O, KH, KW, pad H, pad W, groups, data type, channels_last, weight dtype, weight strides.
@@ -137,8 +138,9 @@ Conv& conv_for(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef padding
   p.pack_backward = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), p.user, engine(), p.weights_backward));
   p.unpack_grad = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), p.grad_weights, engine(), p.user));
   p.zero_bias = at::zeros({o}, at::TensorOptions().dtype(at::kFloat));
-  p.matmul_weights = nhwc && groups == 1 && w.size(2) == 1 && w.size(3) == 1 && padding[0] == 0 &&
-      padding[1] == 0 && data == dt::f32 && w.scalar_type() == at::kFloat && avx2_at_most();
+  const bool one_by_one = w.size(2) == 1 && w.size(3) == 1 && padding[0] == 0 && padding[1] == 0;
+  p.own_weights = nhwc && groups == 1 && data == dt::f32 && w.scalar_type() == at::kFloat && avx2_at_most() &&
+      (one_by_one || (c % 8 == 0 && o % 8 == 0));
   slot = std::move(conv);
   return *slot;
 }
@@ -272,18 +274,22 @@ void choose_weights_threads(Conv& p, Bound& b, const at::Tensor& grad_b) {
   }
 }
 
-// The weight and bias gradients of a 1x1 convolution (no padding, no groups) of channels_last float32
-// tensors from fasthvae::conv1x1_weight_grad (csrc/weight_grad_cpu.cpp, in fasthvae._C): its pixels
-// are the rows of x [N*H*W, C] and of grad_y [N*H*W, O], views of the same memory.
-std::pair<at::Tensor, at::Tensor> matmul_weight_gradient(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w) {
-  using WeightGrad = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&);
+// The weight and bias gradients of an ungrouped convolution of channels_last float32 tensors from
+// fasthvae::conv2d_weight_grad (csrc/weight_grad_cpu.cpp, in fasthvae._C), which returns the weight's
+// in channels_last strides: as they are where w's memory is laid out so (every 1x1 weight with
+// stride(0) == C and stride(1) == 1 is), else copied into w's strides.
+std::pair<at::Tensor, at::Tensor> own_weight_gradient(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w,
+    at::IntArrayRef padding) {
+  using WeightGrad =
+      std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef);
   static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("fasthvae::conv1x1_weight_grad", "").typed<WeightGrad>();
-  const int64_t c = x.size(1), o = gy.size(1);
-  auto [grad, grad_b] = op.call(gy.permute({0, 2, 3, 1}).reshape({-1, o}), x.permute({0, 2, 3, 1}).reshape({-1, c}));
-  if (w.stride(0) == c && w.stride(1) == 1) return {grad.as_strided(w.sizes(), w.strides()), grad_b};
+      c10::Dispatcher::singleton().findSchemaOrThrow("fasthvae::conv2d_weight_grad", "").typed<WeightGrad>();
+  auto [grad, grad_b] = op.call(gy, x, {w.size(2), w.size(3)}, padding);
+  bool same_memory = true;
+  for (int64_t d = 0; d < 4; ++d) same_memory = same_memory && (w.size(d) == 1 || w.stride(d) == grad.stride(d));
+  if (same_memory) return {grad.as_strided(w.sizes(), w.strides()), grad_b};
   auto grad_w = at::empty_strided(w.sizes(), w.strides(), w.options());
-  grad_w.as_strided({o, c}, {w.stride(0), w.stride(1)}).copy_(grad);
+  grad_w.copy_(grad);
   return {grad_w, grad_b};
 }
 
@@ -321,8 +327,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(const at::Tensor&
     p.pack_backward.execute(stream(), b.pack_backward);
     p.backward_data.execute(stream(), b.backward_data);
   }
-  if (p.matmul_weights) {
-    auto [grad_w, grad_b] = matmul_weight_gradient(gy, x, w);
+  if (p.own_weights) {
+    auto [grad_w, grad_b] = own_weight_gradient(gy, x, w, padding);
     return {grad_x, grad_w, grad_b};
   }
   auto grad_w = at::empty_strided(w.sizes(), w.strides(), w.options());

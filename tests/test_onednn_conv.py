@@ -161,9 +161,10 @@ def test_weight_gradient_threads_chosen_on_the_first_call_change_no_value(shape,
 
 
 # Run in a process whose oneDNN is capped at AVX2 and logs every primitive it executes: the weight
-# gradients of its 1x1 float32 convolutions, whatever the weight's layout (NCHW, channels_last, out
-# channels adjacent) or which channel count is the larger, from fasthvae::conv1x1_weight_grad, in
-# the weight's strides, against float64; a 3x3 convolution's still oneDNN's primitive.
+# gradients of its ungrouped float32 convolutions, 1x1 and 3x3 whose channel counts are multiples of
+# 8, whatever the weight's layout (NCHW, channels_last, out channels adjacent) or which channel count
+# is the larger, from fasthvae::conv2d_weight_grad, in the weight's strides, against float64; a 3x3
+# convolution from 3 channels still oneDNN's primitive.
 AVX2_WEIGHT_GRADIENT_CHILD = """
 import torch, torch.nn.functional as F
 from torch.profiler import profile
@@ -171,7 +172,7 @@ from fasthvae.ops import onednn_conv
 onednn_conv.load()
 CL = torch.channels_last
 SHAPES = ((16, 64, 8, 1, "nchw"), (64, 16, 8, 1, "cl"), (16, 32, 4, 1, "out_inner"), (5, 3, 1, 1, "nchw"),
-          (16, 16, 8, 3, "nchw"))
+          (16, 16, 8, 3, "nchw"), (32, 16, 8, 3, "cl"), (16, 32, 4, 3, "out_inner"), (3, 64, 8, 3, "cl"))
 for c, o, hw, k, weight_layout in SHAPES:
     g = torch.Generator().manual_seed(c + o)
     x = torch.randn(4, c, hw, hw, generator=g).contiguous(memory_format=CL)
@@ -185,7 +186,7 @@ for c, o, hw, k, weight_layout in SHAPES:
         _, grad_w, grad_b = torch.ops.fasthvae_onednn.conv2d_backward(
             grad_y, x, w, [k // 2] * 2, 1, True, False
         )
-    kernel = any(e.name == "fasthvae::conv1x1_weight_grad" for e in prof.events())
+    kernel = any(e.name == "fasthvae::conv2d_weight_grad" for e in prof.events())
     x64, w64 = x.double(), w.double().requires_grad_()
     expected_w, = torch.autograd.grad(F.conv2d(x64, w64, padding=k // 2), w64, grad_y.double())
     expected_b = grad_y.double().sum((0, 2, 3))
@@ -193,24 +194,34 @@ for c, o, hw, k, weight_layout in SHAPES:
     for name, ours, exp in (("weight", grad_w, expected_w), ("bias", grad_b, expected_b)):
         error = (ours.double() - exp).abs().max().item()
         assert error <= 2**-16 * exp.abs().max().item(), (c, o, hw, name, error)
-    print("checked", f"ic{c}oc{o}_ih{hw}", "fasthvae" if kernel else "elsewhere", flush=True)
+    shape = f"ic{c}oc{o}_ih{hw}oh{hw}kh{k}"  # as oneDNN's log names it
+    print("checked", shape, "fasthvae" if kernel else "elsewhere", flush=True)
 """
 
 
 @needs_onednn
-def test_1x1_weight_gradients_under_avx2_are_fasthvaes_kernel():
+def test_weight_gradients_under_avx2_are_fasthvaes_kernel():
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ONEDNN_VERBOSE": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-c", AVX2_WEIGHT_GRADIENT_CHILD]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     weight_primitives = [line for line in lines if ",exec," in line and ",backward_weights," in line]
-    for shape in ("ic16oc64_ih8", "ic64oc16_ih8", "ic16oc32_ih4", "ic5oc3_ih1"):
+    ours = (
+        "ic16oc64_ih8oh8kh1",
+        "ic64oc16_ih8oh8kh1",
+        "ic16oc32_ih4oh4kh1",
+        "ic5oc3_ih1oh1kh1",
+        "ic16oc16_ih8oh8kh3",
+        "ic32oc16_ih8oh8kh3",
+        "ic16oc32_ih4oh4kh3",
+    )
+    for shape in ours:
         assert f"checked {shape} fasthvae" in lines
         ran = [line for line in weight_primitives if shape in line]
         assert not ran, f"{shape}: oneDNN ran its weight gradient: {ran}"
-    assert "checked ic16oc16_ih8 elsewhere" in lines
-    assert any("ic16oc16_ih8" in line for line in weight_primitives)  # the 3x3 one: oneDNN's
+    assert "checked ic3oc64_ih8oh8kh3 elsewhere" in lines
+    assert any("ic3oc64_ih8oh8kh3" in line for line in weight_primitives)  # from 3 channels: oneDNN's
 
 
 @needs_onednn

@@ -9,9 +9,9 @@
 A GELU that keeps its derivative for the backward (``gelu``, :mod:`fasthvae.ops.activation`), the
 discretized logistic likelihoods (``mixture_nll``, ``logistic_nll``) and the multi-tensor
 bookkeeping of an optimizer step (``multi_tensor_norms``, ``multi_tensor_scale_``,
-``multi_tensor_ema_``, ``multi_tensor_adamw_``, :mod:`fasthvae.ops.multi_tensor`) and a 1x1
-convolution's weight and bias gradients (``conv1x1_weight_grad``, :mod:`fasthvae.ops.weight_grad`)
-are here too.
+``multi_tensor_ema_``, ``multi_tensor_adamw_``, :mod:`fasthvae.ops.multi_tensor`) and a stride-1
+convolution's weight and bias gradients (``conv2d_weight_grad``, ``conv1x1_weight_grad``,
+:mod:`fasthvae.ops.weight_grad`) are here too.
 
 Reductions: ``none`` (elementwise, input dtype), ``sample`` (sum over all dims but the first,
 shape [B]), ``sum``, ``mean``, ``batchmean`` (sum / B); reduced results are float32 (float64 for
@@ -41,12 +41,13 @@ from fasthvae.ops.multi_tensor import (
     multi_tensor_scale_,
 )
 from fasthvae.ops.reference import REDUCTIONS
-from fasthvae.ops.weight_grad import conv1x1_weight_grad
+from fasthvae.ops.weight_grad import conv1x1_weight_grad, conv2d_weight_grad
 
 __all__ = [
     "BACKENDS",
     "REDUCTIONS",
     "conv1x1_weight_grad",
+    "conv2d_weight_grad",
     "cpu_isa",
     "cpu_isas",
     "gaussian_kl",
