@@ -128,6 +128,19 @@ def exact(
     return (None if z is None else z.detach()), (None if kl is None else kl.detach()), grads
 
 
+def assert_non_finite_confined(
+    grad_w: torch.Tensor, grad_b: torch.Tensor, out_channel: int, in_channel: int
+) -> None:
+    """A weight gradient [O, C, ...] from a NaN in grad_y's ``out_channel`` and an inf in x's
+    ``in_channel``: NaN in all of the out channel's row and its bias, inf or NaN in all of the in
+    channel's column, every other entry finite."""
+    assert grad_w[out_channel].isnan().all() and grad_b[out_channel].isnan()
+    assert not grad_w[:, in_channel].isfinite().any()
+    keep = torch.ones_like(grad_w, dtype=torch.bool)
+    keep[out_channel], keep[:, in_channel] = False, False
+    assert grad_w[keep].isfinite().all() and grad_b[torch.arange(len(grad_b)) != out_channel].isfinite().all()
+
+
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """torch's intra-op thread count set to ``n`` inside (more threads than cores is allowed)."""
