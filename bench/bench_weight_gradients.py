@@ -80,17 +80,15 @@ def implementations(ext, batch: int, c: int, side: int, o: int, k: int) -> dict[
     grad_y = torch.randn(batch, o, side, side).contiguous(memory_format=cl)
     weight = (torch.randn(o, c, k, k) * 0.1).contiguous(memory_format=cl)
     mask, pad = [False, True, True], [k // 2] * 2
-    impls: dict[str, Callable[[], object]] = {
+    products = {"matmul": lambda: matmul_gradients(grad_y, x)} if k == 1 else {}  # a 1x1 kernel's
+    return {
         "onednn": lambda: ext.backward_weights(grad_y, x, weight),
-        "matmul": lambda: matmul_gradients(grad_y, x),
+        **products,
         "fasthvae": lambda: torch.ops.fasthvae.conv2d_weight_grad(grad_y, x, [k, k], pad),
         "aten": lambda: torch.ops.aten.convolution_backward(
             grad_y, x, weight, [o], [1, 1], pad, [1, 1], False, [0, 0], 1, mask
         )[1:],
     }
-    if k != 1:  # the products are a 1x1 kernel's
-        del impls["matmul"]
-    return impls
 
 
 IMPLEMENTATIONS = ("onednn", "matmul", "fasthvae", "aten")

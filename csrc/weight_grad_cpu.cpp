@@ -240,15 +240,9 @@ void check(const at::Tensor& t, const char* op, const char* name, int64_t dims, 
   TORCH_CHECK(t.dim() == dims, "fasthvae::", op, ": ", name, " must be ", dims, "-D ", shape, ", got ", t.dim(), "-D");
 }
 
-// (grad_w [O, C], grad_b [O]) of grad_y [P, O] and x [P, C], float32 on the CPU.
-std::tuple<at::Tensor, at::Tensor> conv1x1_weight_grad_cpu(const at::Tensor& grad_y, const at::Tensor& x) {
-  constexpr const char* kOp = "conv1x1_weight_grad";
-  check(grad_y, kOp, "grad_y", 2, "[pixels, channels]");
-  check(x, kOp, "x", 2, "[pixels, channels]");
-  TORCH_CHECK(grad_y.size(0) == x.size(0), "fasthvae::conv1x1_weight_grad: grad_y has ", grad_y.size(0),
-              " pixels (rows), x has ", x.size(0));
-  const auto rows = [](const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); };
-  const at::Tensor g = rows(grad_y), xs = rows(x);
+// (grad_w [O, C], grad_b [O]) of the pixel matrices g [P, O] and xs [P, C] (rows of unit column
+// stride): one tap over one image row of every pixel.
+std::tuple<at::Tensor, at::Tensor> matrix_weight_grad(const at::Tensor& g, const at::Tensor& xs) {
   const int64_t pixels = g.size(0), o = g.size(1), c = xs.size(1);
 #if FHV_X86_LEVELS
   if (kernel_runs(pixels, o, c)) {
@@ -258,6 +252,17 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_weight_grad_cpu(const at::Tensor& gra
   }
 #endif
   return {at::mm(g.t(), xs), at::sum(g, 0)};
+}
+
+// (grad_w [O, C], grad_b [O]) of grad_y [P, O] and x [P, C], float32 on the CPU.
+std::tuple<at::Tensor, at::Tensor> conv1x1_weight_grad_cpu(const at::Tensor& grad_y, const at::Tensor& x) {
+  constexpr const char* kOp = "conv1x1_weight_grad";
+  check(grad_y, kOp, "grad_y", 2, "[pixels, channels]");
+  check(x, kOp, "x", 2, "[pixels, channels]");
+  TORCH_CHECK(grad_y.size(0) == x.size(0), "fasthvae::conv1x1_weight_grad: grad_y has ", grad_y.size(0),
+              " pixels (rows), x has ", x.size(0));
+  const auto rows = [](const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); };
+  return matrix_weight_grad(rows(grad_y), rows(x));
 }
 
 // (grad_w [O, C, KH, KW] in channels_last strides, grad_b [O]) of a stride-1 convolution of x
@@ -283,21 +288,18 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weight_grad_cpu(const at::Tensor& grad
   const auto weight_layout = [&](const at::Tensor& rows) {  // [O, taps * C] as [O, C, KH, KW]
     return rows.as_strided({o, c, kh, kw}, {kh * kw * c, 1, kw * c, c});
   };
-  const bool one_tap = kh == 1 && kw == 1 && ph == 0 && pw == 0;
+  if (kh == 1 && kw == 1 && ph == 0 && pw == 0) {  // the pixel matrices' product (views)
+    const auto pixel_rows = [](const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); };
+    auto [rows, grad_b] = matrix_weight_grad(pixel_rows(g), pixel_rows(xs));
+    return {weight_layout(rows), grad_b};
+  }
 #if FHV_X86_LEVELS
   if (kernel_runs(pixels, o, c)) {
-    const Geometry geo = one_tap ? Geometry{1, 1, pixels, 1, pixels, 1, 1, 0, 0}
-                                 : Geometry{n, h, w, ho, wo, kh, kw, ph, pw};
-    auto [rows, grad_b] =
-        weight_grad_avx2(geo, Rows{g.const_data_ptr<float>(), o, o}, Rows{xs.const_data_ptr<float>(), c, c});
+    auto [rows, grad_b] = weight_grad_avx2(Geometry{n, h, w, ho, wo, kh, kw, ph, pw},
+                                           Rows{g.const_data_ptr<float>(), o, o}, Rows{xs.const_data_ptr<float>(), c, c});
     return {weight_layout(rows), grad_b};
   }
 #endif
-  if (one_tap) {  // the two products, as conv1x1_weight_grad's
-    const auto pixel_rows = [](const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); };
-    const at::Tensor rows = pixel_rows(g);
-    return {weight_layout(at::mm(rows.t(), pixel_rows(xs))), at::sum(rows, 0)};
-  }
   if (pixels == 0 || o == 0 || c == 0) {
     return {weight_layout(at::zeros({o, kh * kw * c}, g.options())), at::sum(g, {0, 2, 3})};
   }
