@@ -1,11 +1,11 @@
-"""The weight gradient of each ungrouped convolution of the deep model, four ways: oneDNN's
-backward-weights primitive called directly (``bench/onednn_calls.cpp``), for 1x1 kernels the matrix
-products ``grad_w = grad_y^T x``, ``grad_b = grad_y^T 1`` over the channels_last pixels in the BLAS
-torch calls (from Python), the weight and bias gradients in one pass by
+"""The weight gradient of each convolution of the deep model, four ways: oneDNN's
+backward-weights primitive called directly (``bench/onednn_calls.cpp``), for ungrouped 1x1 kernels
+the matrix products ``grad_w = grad_y^T x``, ``grad_b = grad_y^T 1`` over the channels_last pixels in
+the BLAS torch calls (from Python), the weight and bias gradients in one pass by
 ``fasthvae::conv2d_weight_grad`` (``csrc/weight_grad_cpu.cpp``), which
-``fasthvae_onednn::conv2d_backward`` runs in oneDNN's place where oneDNN has AVX2 at most (for 1x1
-kernels, and larger ones whose channel counts are multiples of 8), and ATen's
-``convolution_backward`` asked for those two alone; float32, channels_last, in one process,
+``fasthvae_onednn::conv2d_backward`` runs in oneDNN's place where oneDNN has AVX2 at most (for
+ungrouped 1x1 kernels, and larger ones whose groups' input or output channels are a multiple of 8),
+and ATen's ``convolution_backward`` asked for those two alone; float32, channels_last, in one process,
 alternating in rounds; medians, microseconds a call, and the step's sum over its calls (the shapes
 and their counts read off the model's forward).
 
@@ -35,32 +35,34 @@ from fasthvae.ops.weight_grad import pixel_rows
 CONV_OPS = ("fasthvae_onednn.conv2d.default", "fasthvae_onednn.gelu_conv2d.default")
 
 
-class UngroupedConvs(TorchDispatchMode):
-    """Counts the ungrouped convolutions the oneDNN ops run (square kernels, "same" padding, as the
-    deep model's): (in channels, side, out channels, kernel)."""
+Shape = tuple[int, int, int, int, int]  # (in channels, side, out channels, kernel, groups)
+
+
+class Convs(TorchDispatchMode):
+    """Counts the convolutions the oneDNN ops run (square kernels, "same" padding, as the deep
+    model's) by shape."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.shapes: Counter[tuple[int, int, int, int]] = Counter()
+        self.shapes: Counter[Shape] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if str(func) in CONV_OPS:
             x, weight, padding, groups = args[0], args[1], args[3], args[4]
             k = weight.shape[2]
-            if groups == 1 and weight.shape[3] == k and list(padding) == [k // 2] * 2:
-                self.shapes[(x.shape[1], x.shape[2], weight.shape[0], k)] += 1
+            if weight.shape[3] == k and list(padding) == [k // 2] * 2:
+                self.shapes[(x.shape[1], x.shape[2], weight.shape[0], k, groups)] += 1
         return func(*args, **(kwargs or {}))
 
 
-def model_shapes(preset: str, batch: int) -> Counter[tuple[int, int, int, int]]:
-    """The deep model's ungrouped convolutions in one forward pass of a batch (its backward runs each
-    once)."""
+def model_shapes(preset: str, batch: int) -> Counter[Shape]:
+    """The deep model's convolutions in one forward pass of a batch (its backward runs each once)."""
     torch.manual_seed(0)
     cl = torch.channels_last
     model = DeepHVAE(preset).to(memory_format=cl)
     use_onednn_conv(model)
     x = (torch.randint(0, 256, (batch, 3, 32, 32)).float() / 255).contiguous(memory_format=cl)
-    counter = UngroupedConvs()
+    counter = Convs()
     with torch.no_grad(), counter:
         model.loss(x, torch.ones(model.num_levels))
     return counter.shapes
@@ -74,19 +76,20 @@ def matmul_gradients(grad_y: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tenso
     return grad_w.view(o, c, 1, 1), torch.mv(g2.t(), torch.ones(g2.shape[0]))
 
 
-def implementations(ext, batch: int, c: int, side: int, o: int, k: int) -> dict[str, Callable[[], object]]:
+def implementations(ext, batch: int, shape: Shape) -> dict[str, Callable[[], object]]:
+    c, side, o, k, groups = shape
     cl = torch.channels_last
     x = torch.randn(batch, c, side, side).contiguous(memory_format=cl)
     grad_y = torch.randn(batch, o, side, side).contiguous(memory_format=cl)
-    weight = (torch.randn(o, c, k, k) * 0.1).contiguous(memory_format=cl)
+    weight = (torch.randn(o, c // groups, k, k) * 0.1).contiguous(memory_format=cl)
     mask, pad = [False, True, True], [k // 2] * 2
-    products = {"matmul": lambda: matmul_gradients(grad_y, x)} if k == 1 else {}  # a 1x1 kernel's
+    products = {"matmul": lambda: matmul_gradients(grad_y, x)} if k == 1 and groups == 1 else {}
     return {
         "onednn": lambda: ext.backward_weights(grad_y, x, weight),
         **products,
-        "fasthvae": lambda: torch.ops.fasthvae.conv2d_weight_grad(grad_y, x, [k, k], pad),
+        "fasthvae": lambda: torch.ops.fasthvae.conv2d_weight_grad(grad_y, x, [k, k], pad, groups),
         "aten": lambda: torch.ops.aten.convolution_backward(
-            grad_y, x, weight, [o], [1, 1], pad, [1, 1], False, [0, 0], 1, mask
+            grad_y, x, weight, [o], [1, 1], pad, [1, 1], False, [0, 0], groups, mask
         )[1:],
     }
 
@@ -116,21 +119,24 @@ def main() -> None:
     ext = build(args.onednn)
     shapes = model_shapes(args.preset, args.batch_size)
     rows, totals = [], {"1x1": Counter(), "all": Counter()}
-    for (c, side, o, k), count in sorted(shapes.items(), key=lambda kv: (kv[0][3], -kv[0][1], kv[0])):
-        impls = implementations(ext, args.batch_size, c, side, o, k)
+    for shape, count in sorted(shapes.items(), key=lambda kv: (kv[0][3], kv[0][4], -kv[0][1], kv[0])):
+        c, side, o, k, groups = shape
+        impls = implementations(ext, args.batch_size, shape)
         grads = {name: impl() for name, impl in impls.items()}
         diffs = [relative_difference(a, b) for a, b in zip(grads["onednn"], grads["fasthvae"], strict=True)]
         us = measure(impls, args.calls, args.rounds)
-        flops = 2 * args.batch_size * side * side * c * o * k * k
+        flops = 2 * args.batch_size * side * side * c * o * k * k // groups
+        one_by_one = k == 1 and groups == 1
         for name, value in us.items():
             totals["all"][name] += value * count
-            if k == 1:
+            if one_by_one:
                 totals["1x1"][name] += value * count
         totals["all"]["calls"] += count
-        totals["1x1"]["calls"] += count * (k == 1)
+        totals["1x1"]["calls"] += count * one_by_one
         rows.append(
             {
-                "shape": f"{args.batch_size}x{c}x{side}x{side} -> {o}, {k}x{k}",
+                "shape": f"{args.batch_size}x{c}x{side}x{side} -> {o}, {k}x{k}"
+                + (f", {groups} groups" if groups > 1 else ""),
                 "calls_per_step": count,
                 **{f"{name}_us": round(us[name], 1) if name in us else "" for name in IMPLEMENTATIONS},
                 **ratios(us),
@@ -142,7 +148,7 @@ def main() -> None:
             }
         )
         print(rows[-1], flush=True)
-    for kind, label in (("1x1", "the step's 1x1 calls"), ("all", "the step's calls")):
+    for kind, label in (("1x1", "the step's ungrouped 1x1 calls"), ("all", "the step's calls")):
         total = totals[kind]
         timed = {
             name: total[name]
@@ -170,15 +176,15 @@ def main() -> None:
         return [str(row[k]) for k in keys]
 
     intro = (
-        f'The deep model `{args.preset}`\'s ungrouped convolutions (stride 1, "same" padding), float32, '
+        f'The deep model `{args.preset}`\'s convolutions (stride 1, "same" padding), float32, '
         f"channels_last, batch {args.batch_size}; median of {args.rounds} alternating windows of "
         f"{args.calls} calls. oneDNN: its backward-weights primitive called directly (weight and bias "
-        "gradients, the weight's reordered to the user's layout); BLAS products (1x1 kernels): "
-        "`grad_y^T x` and `grad_y^T 1` over the channels_last pixels (views, no copy) in the BLAS torch "
-        "calls, from Python; fasthvae: the two in one pass, `fasthvae::conv2d_weight_grad`; ATen: "
-        "`aten.convolution_backward` for the weight and bias gradients. The last two rows sum each "
-        "over the step's 1x1 calls and over all its calls. Relative difference: the largest against the "
-        "largest value."
+        "gradients, the weight's reordered to the user's layout); BLAS products (ungrouped 1x1 "
+        "kernels): `grad_y^T x` and `grad_y^T 1` over the channels_last pixels (views, no copy) in the "
+        "BLAS torch calls, from Python; fasthvae: the two in one pass, `fasthvae::conv2d_weight_grad`; "
+        "ATen: `aten.convolution_backward` for the weight and bias gradients. The last two rows sum "
+        "each over the step's ungrouped 1x1 calls and over all its calls. Relative difference: the "
+        "largest against the largest value."
     )
     title = f"Convolutions' weight gradients, {machine()}"
     print(write_report(rows, args.out / f"weight_gradients_{args.preset}", header, cells, title, intro))

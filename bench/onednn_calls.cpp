@@ -3,7 +3,8 @@
 // bench_weight_gradients (the backward-weights primitive alone).
 // bf16 or f32 NHWC activations, weights reordered once into the forward and backward-data primitives' own
 // layouts (oneDNN may choose a different one for each), f32 bias;
-// the backward's weight and bias gradients in f32 (the weight gradient reordered to OHWI).
+// the backward's weight and bias gradients in f32 (the weight gradient reordered to OHWI). Grouped
+// where the weight's input channels are a fraction of x's (weights [O, C / groups, K, K]).
 #include <torch/extension.h>
 
 #include <map>
@@ -28,21 +29,24 @@ struct Conv {
   dnnl::convolution_backward_weights backward_weights;
   dnnl::reorder weight_grad_to_ohwi;
   memory::desc src, dst, bias, weights, weights_backward, weight_grad, weight_grad_ohwi;
+  tag ohwi;  // the user's channels_last weights [O, C / groups, K, K]: ohwi, or gohwi where grouped
   std::string kernels;
 };
 
-// One (batch, in channels, side, out channels, kernel, data type) -> its primitives; stride 1, "same"
-// padding.
-using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, dt>;
+// One (batch, in channels, side, out channels, kernel, groups, data type) -> its primitives; stride
+// 1, "same" padding.
+using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, dt>;
 
-Conv& conv_for(int64_t n, int64_t c, int64_t side, int64_t o, int64_t k, dt data) {
+Conv& conv_for(int64_t n, int64_t c, int64_t side, int64_t o, int64_t k, int64_t groups, dt data) {
   static std::map<Key, std::unique_ptr<Conv>> cache;
-  auto& slot = cache[Key{n, c, side, o, k, data}];
+  auto& slot = cache[Key{n, c, side, o, k, groups, data}];
   if (slot) return *slot;
   auto conv = std::make_unique<Conv>();
   Conv& p = *conv;
   const int64_t pad = k / 2;
-  const memory::dims wdims{o, c, k, k};
+  const memory::dims wdims =
+      groups == 1 ? memory::dims{o, c, k, k} : memory::dims{groups, o / groups, c / groups, k, k};
+  p.ohwi = groups == 1 ? tag::ohwi : tag::gohwi;
   p.src = memory::desc({n, c, side, side}, data, tag::nhwc);
   p.dst = memory::desc({n, o, side, side}, data, tag::nhwc);
   p.bias = memory::desc({o}, dt::f32, tag::a);
@@ -51,7 +55,7 @@ Conv& conv_for(int64_t n, int64_t c, int64_t side, int64_t o, int64_t k, dt data
   p.weights = fwd.weights_desc();
   p.weights_backward = bwd_data.weights_desc();
   p.weight_grad = bwd_weights.diff_weights_desc();
-  p.weight_grad_ohwi = memory::desc(wdims, dt::f32, tag::ohwi);
+  p.weight_grad_ohwi = memory::desc(wdims, dt::f32, p.ohwi);
   p.forward = dnnl::convolution_forward(fwd);
   p.backward_data = dnnl::convolution_backward_data(bwd_data);
   p.backward_weights = dnnl::convolution_backward_weights(bwd_weights);
@@ -70,18 +74,21 @@ dt data_type_of(const torch::Tensor& t) {
 Conv& conv_of(const torch::Tensor& x, const torch::Tensor& weight) {
   TORCH_CHECK(x.dim() == 4 && x.size(2) == x.size(3), "x must be [N, C, S, S]");
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "x must be channels_last");
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
-      "weight must be [O, C, K, K] with an odd K and C as x's");
-  return conv_for(x.size(0), x.size(1), x.size(2), weight.size(0), weight.size(2), data_type_of(x));
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) >= 1 && x.size(1) % weight.size(1) == 0 &&
+      weight.size(0) % (x.size(1) / weight.size(1)) == 0 && weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
+      "weight must be [O, C / groups, K, K] with an odd K, C x's channels and groups dividing O");
+  return conv_for(x.size(0), x.size(1), x.size(2), weight.size(0), weight.size(2), x.size(1) / weight.size(1),
+      data_type_of(x));
 }
 
 }  // namespace
 
-// The weights in the forward's and the backward-data's layouts (bytes), from float weights [O, C, K, K].
+// The weights in the forward's and the backward-data's layouts (bytes), from float weights
+// [O, C / groups, K, K].
 std::vector<torch::Tensor> pack_weights(torch::Tensor x, torch::Tensor weight) {
   Conv& p = conv_of(x, weight);
   auto ohwi = weight.to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
-  memory user(memory::desc(p.weights.get_dims(), data_type_of(x), tag::ohwi), engine(), ohwi.data_ptr());
+  memory user(memory::desc(p.weights.get_dims(), data_type_of(x), p.ohwi), engine(), ohwi.data_ptr());
   std::vector<torch::Tensor> packed;
   for (const auto& layout : {p.weights, p.weights_backward}) {
     packed.push_back(torch::empty({static_cast<int64_t>(layout.get_size())}, torch::kUInt8));
@@ -122,7 +129,7 @@ std::vector<torch::Tensor> backward(
   return {grad_x, grad_w, grad_b};
 }
 
-// The backward's weight and bias gradients alone (f32; the weight's channels_last [O, C, K, K]).
+// The backward's weight and bias gradients alone (f32; the weight's channels_last [O, C / groups, K, K]).
 std::vector<torch::Tensor> backward_weights(torch::Tensor grad_y, torch::Tensor x, torch::Tensor weight) {
   Conv& p = conv_of(x, weight);
   TORCH_CHECK(grad_y.scalar_type() == x.scalar_type() && grad_y.is_contiguous(at::MemoryFormat::ChannelsLast),

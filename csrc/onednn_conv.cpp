@@ -17,10 +17,11 @@
 // (choose_weights_threads): some split their work so that a second thread costs more than it
 // saves, as AMX's 1x1 weight gradients from 64 channels on small images (results/bench/README.md).
 //
-// Where oneDNN runs float32 with AVX2 at most, an ungrouped convolution's weight and bias gradients
-// come from fasthvae::conv2d_weight_grad instead (own_weight_gradient), for 1x1 kernels and for
-// larger ones whose channel counts are multiples of 8: faster there than oneDNN's jit:avx2 and
-// jit_1x1:avx2 primitives over the deep model's shapes (bench/bench_weight_gradients.py).
+// Where oneDNN runs float32 with AVX2 at most, a convolution's weight and bias gradients come from
+// fasthvae::conv2d_weight_grad instead (own_weight_gradient), for ungrouped 1x1 kernels and for
+// larger ones where a group's input or output channels are a multiple of 8: faster there than
+// oneDNN's jit:avx2 and jit_1x1:avx2 primitives over the deep model's shapes, but for its grouped 1x1
+// ones, which stay oneDNN's (bench/bench_weight_gradients.py).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -139,8 +140,8 @@ Conv& conv_for(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef padding
   p.unpack_grad = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), p.grad_weights, engine(), p.user));
   p.zero_bias = at::zeros({o}, at::TensorOptions().dtype(at::kFloat));
   const bool one_by_one = w.size(2) == 1 && w.size(3) == 1 && padding[0] == 0 && padding[1] == 0;
-  p.own_weights = nhwc && groups == 1 && data == dt::f32 && w.scalar_type() == at::kFloat && avx2_at_most() &&
-      (one_by_one || (c % 8 == 0 && o % 8 == 0));
+  p.own_weights = nhwc && data == dt::f32 && w.scalar_type() == at::kFloat && avx2_at_most() &&
+      (one_by_one ? groups == 1 : (c / groups) % 8 == 0 || (o / groups) % 8 == 0);
   slot = std::move(conv);
   return *slot;
 }
@@ -274,17 +275,17 @@ void choose_weights_threads(Conv& p, Bound& b, const at::Tensor& grad_b) {
   }
 }
 
-// The weight and bias gradients of an ungrouped convolution of channels_last float32 tensors from
+// The weight and bias gradients of a convolution of channels_last float32 tensors from
 // fasthvae::conv2d_weight_grad (csrc/weight_grad_cpu.cpp, in fasthvae._C), which returns the weight's
 // in channels_last strides: as they are where w's memory is laid out so (every 1x1 weight with
 // stride(0) == C and stride(1) == 1 is), else copied into w's strides.
 std::pair<at::Tensor, at::Tensor> own_weight_gradient(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w,
-    at::IntArrayRef padding) {
-  using WeightGrad =
-      std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef);
+    at::IntArrayRef padding, int64_t groups) {
+  using WeightGrad = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                                                        at::IntArrayRef, int64_t);
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("fasthvae::conv2d_weight_grad", "").typed<WeightGrad>();
-  auto [grad, grad_b] = op.call(gy, x, {w.size(2), w.size(3)}, padding);
+  auto [grad, grad_b] = op.call(gy, x, {w.size(2), w.size(3)}, padding, groups);
   bool same_memory = true;
   for (int64_t d = 0; d < 4; ++d) same_memory = same_memory && (w.size(d) == 1 || w.stride(d) == grad.stride(d));
   if (same_memory) return {grad.as_strided(w.sizes(), w.strides()), grad_b};
@@ -328,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward(const at::Tensor&
     p.backward_data.execute(stream(), b.backward_data);
   }
   if (p.own_weights) {
-    auto [grad_w, grad_b] = own_weight_gradient(gy, x, w, padding);
+    auto [grad_w, grad_b] = own_weight_gradient(gy, x, w, padding, groups);
     return {grad_x, grad_w, grad_b};
   }
   auto grad_w = at::empty_strided(w.sizes(), w.strides(), w.options());

@@ -11,9 +11,11 @@
 // each tap's gradient (FMA on broadcast elements of one operand and 16 columns of the other) over
 // the runs of pixels that the tap pairs along each image row, grad_b beside them, in tasks of a fixed
 // number of pixels whose partial sums are added in task order: the bits do not depend on the thread
-// count. AVX2 + FMA (run on AVX-512 CPUs too); elsewhere, where neither channel count is a multiple
-// of 8, or where there is nothing to sum, ATen's products.
+// count. A grouped convolution is each group's product in turn, on the group's channels where they
+// lie. AVX2 + FMA (run on AVX-512 CPUs too); elsewhere, where neither of a group's channel counts is
+// a multiple of 8, or where there is nothing to sum, ATen's products.
 #include <ATen/Parallel.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -25,6 +27,7 @@
 #include <array>
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 #include "cpu_common.h"
 
@@ -265,10 +268,26 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_weight_grad_cpu(const at::Tensor& gra
   return matrix_weight_grad(rows(grad_y), rows(x));
 }
 
-// (grad_w [O, C, KH, KW] in channels_last strides, grad_b [O]) of a stride-1 convolution of x
-// [N, C, H, W] with that kernel and padding, whose output's gradient is grad_y [N, O, Ho, Wo].
+// The groups' gradients, group i's rows (grad_w [O / groups, ...], grad_b [O / groups]) from
+// group_grad(i), one group after another.
+template <typename GroupGrad>
+std::tuple<at::Tensor, at::Tensor> over_groups(int64_t groups, const GroupGrad& group_grad) {
+  if (groups == 1) return group_grad(0);
+  std::vector<at::Tensor> weights, biases;
+  for (int64_t i = 0; i < groups; ++i) {
+    auto [w, b] = group_grad(i);
+    weights.push_back(w);
+    biases.push_back(b);
+  }
+  return {at::cat(weights), at::cat(biases)};
+}
+
+// (grad_w [O, C / groups, KH, KW] in channels_last strides, grad_b [O]) of a stride-1 convolution
+// of x [N, C, H, W] with that kernel, padding and groups, whose output's gradient is grad_y
+// [N, O, Ho, Wo].
 std::tuple<at::Tensor, at::Tensor> conv2d_weight_grad_cpu(const at::Tensor& grad_y, const at::Tensor& x,
-                                                          at::IntArrayRef kernel_size, at::IntArrayRef padding) {
+                                                          at::IntArrayRef kernel_size, at::IntArrayRef padding,
+                                                          int64_t groups) {
   constexpr const char* kOp = "conv2d_weight_grad";
   check(grad_y, kOp, "grad_y", 4, "[N, O, Ho, Wo]");
   check(x, kOp, "x", 4, "[N, C, H, W]");
@@ -278,33 +297,46 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weight_grad_cpu(const at::Tensor& grad
               "fasthvae::conv2d_weight_grad: padding must be two non-negative ints, got ", padding);
   const int64_t kh = kernel_size[0], kw = kernel_size[1], ph = padding[0], pw = padding[1];
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), o = grad_y.size(1);
+  TORCH_CHECK(groups >= 1 && c % groups == 0 && o % groups == 0, "fasthvae::conv2d_weight_grad: groups must divide ",
+              "x's ", c, " channels and grad_y's ", o, ", got groups=", groups);
   const int64_t ho = h + 2 * ph - kh + 1, wo = w + 2 * pw - kw + 1;
   TORCH_CHECK(grad_y.size(0) == n && grad_y.size(2) == ho && grad_y.size(3) == wo,
               "fasthvae::conv2d_weight_grad: a ", kh, "x", kw, " kernel with padding ", padding, " maps x ",
               x.sizes(), " to outputs [", n, ", O, ", ho, ", ", wo, "], but grad_y is ", grad_y.sizes());
   const auto cl = at::MemoryFormat::ChannelsLast;
   const at::Tensor g = grad_y.contiguous(cl), xs = x.contiguous(cl);
-  const int64_t pixels = n * ho * wo;
-  const auto weight_layout = [&](const at::Tensor& rows) {  // [O, taps * C] as [O, C, KH, KW]
-    return rows.as_strided({o, c, kh, kw}, {kh * kw * c, 1, kw * c, c});
+  const int64_t pixels = n * ho * wo, cg = c / groups, og = o / groups;
+  const auto weight_layout = [&](const at::Tensor& rows) {  // [O, taps * C/groups] as [O, C/groups, KH, KW]
+    return rows.as_strided({o, cg, kh, kw}, {kh * kw * cg, 1, kw * cg, cg});
   };
-  if (kh == 1 && kw == 1 && ph == 0 && pw == 0) {  // the pixel matrices' product (views)
+  if (kh == 1 && kw == 1 && ph == 0 && pw == 0) {  // the pixel matrices' products (views)
     const auto pixel_rows = [](const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); };
-    auto [rows, grad_b] = matrix_weight_grad(pixel_rows(g), pixel_rows(xs));
+    const at::Tensor g_rows = pixel_rows(g), x_rows = pixel_rows(xs);
+    // Group i's columns; ungrouped, the matrix itself (views cost microseconds a call, measurable
+    // against a small 1x1 convolution's whole gradient).
+    const auto columns = [&](const at::Tensor& t, int64_t i, int64_t width) {
+      return groups == 1 ? t : t.narrow(1, i * width, width);
+    };
+    auto [rows, grad_b] = over_groups(groups, [&](int64_t i) {
+      return matrix_weight_grad(columns(g_rows, i, og), columns(x_rows, i, cg));
+    });
     return {weight_layout(rows), grad_b};
   }
 #if FHV_X86_LEVELS
-  if (kernel_runs(pixels, o, c)) {
-    auto [rows, grad_b] = weight_grad_avx2(Geometry{n, h, w, ho, wo, kh, kw, ph, pw},
-                                           Rows{g.const_data_ptr<float>(), o, o}, Rows{xs.const_data_ptr<float>(), c, c});
+  if (kernel_runs(pixels, og, cg)) {
+    const Geometry geo{n, h, w, ho, wo, kh, kw, ph, pw};
+    auto [rows, grad_b] = over_groups(groups, [&](int64_t i) {
+      return weight_grad_avx2(geo, Rows{g.const_data_ptr<float>() + i * og, o, og},
+                              Rows{xs.const_data_ptr<float>() + i * cg, c, cg});
+    });
     return {weight_layout(rows), grad_b};
   }
 #endif
-  if (pixels == 0 || o == 0 || c == 0) {
-    return {weight_layout(at::zeros({o, kh * kw * c}, g.options())), at::sum(g, {0, 2, 3})};
+  if (pixels == 0 || og == 0 || cg == 0) {
+    return {weight_layout(at::zeros({o, kh * kw * cg}, g.options())), at::sum(g, {0, 2, 3})};
   }
-  auto grads = at::convolution_backward(g, xs, at::empty({o, c, kh, kw}, xs.options()), std::vector<int64_t>{o},
-                                        {1, 1}, padding, {1, 1}, false, {0, 0}, 1, {false, true, true});
+  auto grads = at::convolution_backward(g, xs, at::empty({o, cg, kh, kw}, xs.options()), std::vector<int64_t>{o},
+                                        {1, 1}, padding, {1, 1}, false, {0, 0}, groups, {false, true, true});
   return {std::get<1>(grads).contiguous(cl), std::get<2>(grads)};
 }
 
@@ -314,7 +346,9 @@ std::tuple<at::Tensor, at::Tensor> conv2d_weight_grad_cpu(const at::Tensor& grad
 
 TORCH_LIBRARY_FRAGMENT(fasthvae, m) {
   m.def("conv1x1_weight_grad(Tensor grad_y, Tensor x) -> (Tensor, Tensor)");
-  m.def("conv2d_weight_grad(Tensor grad_y, Tensor x, int[2] kernel_size, int[2] padding) -> (Tensor, Tensor)");
+  m.def(
+      "conv2d_weight_grad(Tensor grad_y, Tensor x, int[2] kernel_size, int[2] padding, int groups=1) -> "
+      "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fasthvae, CPU, m) {

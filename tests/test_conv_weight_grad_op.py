@@ -1,7 +1,8 @@
 """fasthvae::conv2d_weight_grad, a stride-1 convolution's weight and bias gradients over its pixels
-for any kernel and padding, against a float64 convolution's autograd on every CPU ISA path: kernels,
-paddings and image sizes on both sides of the kernel's tiles, blocks and tasks, layouts, thread
-counts, non-finite values, empty sides, errors; its wrapper and the op's registration (opcheck)."""
+for any kernel, padding and groups, against a float64 convolution's autograd on every CPU ISA path:
+kernels, paddings and image sizes on both sides of the kernel's tiles, blocks and tasks, groups,
+layouts, thread counts, non-finite values, empty sides, errors; its wrapper and the op's
+registration (opcheck)."""
 
 import pytest
 import torch
@@ -20,8 +21,10 @@ CL = torch.channels_last
 TOLERANCE = 2**-18
 
 
-def op(grad_y: torch.Tensor, x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]):
-    return torch.ops.fasthvae.conv2d_weight_grad(grad_y, x, list(kernel), list(padding))
+def op(
+    grad_y: torch.Tensor, x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int], groups: int = 1
+):
+    return torch.ops.fasthvae.conv2d_weight_grad(grad_y, x, list(kernel), list(padding), groups)
 
 
 def batch(n: int, c: int, h: int, w: int, o: int, kernel, padding, seed: int = 0):
@@ -33,11 +36,13 @@ def batch(n: int, c: int, h: int, w: int, o: int, kernel, padding, seed: int = 0
     return grad_y, x
 
 
-def exact(grad_y: torch.Tensor, x: torch.Tensor, kernel, padding) -> tuple[torch.Tensor, torch.Tensor]:
+def exact(
+    grad_y: torch.Tensor, x: torch.Tensor, kernel, padding, groups: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A float64 convolution's weight and bias gradients."""
-    w = torch.zeros(grad_y.shape[1], x.shape[1], *kernel, dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(grad_y.shape[1], x.shape[1] // groups, *kernel, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(grad_y.shape[1], dtype=torch.float64, requires_grad=True)
-    y = F.conv2d(x.double(), w, b, padding=padding)
+    y = F.conv2d(x.double(), w, b, padding=padding, groups=groups)
     return torch.autograd.grad(y, (w, b), grad_y.double())
 
 
@@ -75,17 +80,49 @@ def shape_id(shape) -> str:
     return f"{n}x{c}x{h}x{w}-{o}_k{kernel[0]}x{kernel[1]}_p{padding[0]}x{padding[1]}"
 
 
+# (N, C, H, W, O, kernel, padding, groups): the deep model's grouped 3x3 (2 groups of 16 channels)
+# at 32x32 and 8x8, 4 groups of 8 input and 16 output channels on odd sides, a grouped 1x1 (the
+# pixel matrices' column slices), groups of 4 channels (ATen's grouped products) and depthwise.
+GROUPED = [
+    (2, 32, 32, 32, 32, (3, 3), (1, 1), 2),
+    (3, 32, 8, 8, 32, (3, 3), (1, 1), 2),
+    (2, 32, 7, 9, 64, (3, 3), (1, 1), 4),
+    (2, 32, 5, 5, 16, (1, 1), (0, 0), 2),
+    (2, 12, 6, 6, 12, (3, 3), (1, 1), 3),
+    (2, 16, 6, 6, 16, (3, 3), (1, 1), 16),
+]
+
+
+def grouped_id(shape) -> str:
+    return shape_id(shape[:-1]) + (f"_g{shape[-1]}" if shape[-1] > 1 else "")
+
+
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("shape", [(*shape, 1) for shape in SHAPES] + GROUPED, ids=grouped_id)
 def test_values_against_float64(isa, shape):
-    *sizes, kernel, padding = shape
+    *sizes, kernel, padding, groups = shape
     grad_y, x = batch(*sizes, kernel, padding)
     with backend.use_cpu_isa(isa):
-        grad_w, grad_b = op(grad_y, x, kernel, padding)
-    expected_w, expected_b = exact(grad_y, x, kernel, padding)
+        grad_w, grad_b = op(grad_y, x, kernel, padding, groups)
+    expected_w, expected_b = exact(grad_y, x, kernel, padding, groups)
     assert grad_w.is_contiguous(memory_format=CL)
     assert_near(grad_w, expected_w, "grad_w")
     assert_near(grad_b, expected_b, "grad_b")
+
+
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("kernel, padding", [((3, 3), (1, 1)), ((1, 1), (0, 0))], ids=["3x3", "1x1"])
+def test_a_group_is_its_channels_ungrouped(isa, kernel, padding):
+    """Each group's gradient has the bits of the ungrouped op on that group's channels (copied out)."""
+    grad_y, x = batch(2, 32, 9, 9, 48, kernel, padding)
+    with backend.use_cpu_isa(isa):
+        grad_w, grad_b = op(grad_y, x, kernel, padding, 2)
+        halves = [
+            op(grad_y[:, 24 * i : 24 * (i + 1)].clone(), x[:, 16 * i : 16 * (i + 1)].clone(), kernel, padding)
+            for i in (0, 1)
+        ]
+    assert torch.equal(grad_w, torch.cat([w for w, _ in halves]))
+    assert torch.equal(grad_b, torch.cat([b for _, b in halves]))
 
 
 @pytest.mark.parametrize("isa", KERNEL_ISAS)
@@ -158,52 +195,71 @@ IMAGES = (1, 8, 4, 4)
 
 
 @pytest.mark.parametrize(
-    "grad_y_shape, x_shape, kernel, padding, message",
+    "grad_y_shape, x_shape, kernel, padding, groups, message",
     [
-        (IMAGES, IMAGES, (3, 3), (1, 1), "grad_y must be float32"),
-        (IMAGES, (8, 4, 4), (3, 3), (1, 1), "x must be 4-D"),
-        (IMAGES, IMAGES, (3, 3), (0, 0), "maps x [1, 8, 4, 4] to outputs [1, O, 2, 2]"),
-        (IMAGES, IMAGES, (0, 3), (1, 1), "kernel_size must be two positive ints"),
-        (IMAGES, IMAGES, (3, 3), (-1, 1), "padding must be two non-negative"),
+        (IMAGES, IMAGES, (3, 3), (1, 1), 1, "grad_y must be float32"),
+        (IMAGES, (8, 4, 4), (3, 3), (1, 1), 1, "x must be 4-D"),
+        (IMAGES, IMAGES, (3, 3), (0, 0), 1, "maps x [1, 8, 4, 4] to outputs [1, O, 2, 2]"),
+        (IMAGES, IMAGES, (0, 3), (1, 1), 1, "kernel_size must be two positive ints"),
+        (IMAGES, IMAGES, (3, 3), (-1, 1), 1, "padding must be two non-negative"),
+        (
+            (1, 6, 4, 4),
+            IMAGES,
+            (3, 3),
+            (1, 1),
+            4,
+            "groups must divide x's 8 channels and grad_y's 6, got groups=4",
+        ),
+        (IMAGES, IMAGES, (3, 3), (1, 1), 0, "groups must divide x's 8 channels and grad_y's 8, got groups=0"),
     ],
-    ids=["dtype", "dims", "output_size", "kernel", "padding"],
+    ids=["dtype", "dims", "output_size", "kernel", "padding", "groups", "zero_groups"],
 )
-def test_bad_inputs_are_named(grad_y_shape, x_shape, kernel, padding, message):
+def test_bad_inputs_are_named(grad_y_shape, x_shape, kernel, padding, groups, message):
     dtype = torch.float64 if message.startswith("grad_y must be") else torch.float32
     grad_y, x = torch.randn(grad_y_shape, dtype=dtype), torch.randn(x_shape)
     with pytest.raises(RuntimeError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        op(grad_y, x, kernel, padding)
+        op(grad_y, x, kernel, padding, groups)
 
 
-def test_the_wrapper_takes_ints_and_other_dtypes():
-    """``fasthvae.ops.conv2d_weight_grad`` with int kernel and padding; float64 batches take
-    ATen's convolution backward (the op is float32), to float64 rounding."""
+@pytest.mark.parametrize("groups", [1, 4])
+def test_the_wrapper_takes_ints_and_other_dtypes(groups):
+    """``fasthvae.ops.conv2d_weight_grad`` with int kernel and padding, ungrouped and grouped;
+    float64 batches take ATen's convolution backward (the op is float32), to float64 rounding."""
     grad_y, x = batch(3, 24, 9, 7, 40, (3, 3), (1, 1), seed=1)
-    expected = exact(grad_y, x, (3, 3), (1, 1))
+    expected = exact(grad_y, x, (3, 3), (1, 1), groups)
     for dtype, tolerance in ((torch.float32, TOLERANCE), (torch.float64, 1e-12)):
-        ours = ops.conv2d_weight_grad(grad_y.to(dtype), x.to(dtype), 3, padding=1)
+        ours = ops.conv2d_weight_grad(grad_y.to(dtype), x.to(dtype), 3, padding=1, groups=groups)
         for got, want in zip(ours, expected, strict=True):
             assert got.dtype == dtype and got.shape == want.shape
             assert (got.double() - want).abs().max() <= tolerance * want.abs().max()
 
 
 @pytest.mark.parametrize(
-    "grad_y_shape, x_shape, kernel, padding, message",
+    "grad_y_shape, x_shape, kernel, padding, groups, message",
     [
-        ((2, 8, 4, 4), (2, 8, 4, 4), 3, 0, r"maps x \(2, 8, 4, 4\) to \[2, O, 2, 2\]"),
-        ((2, 8, 16), (2, 8, 4, 4), 3, 1, "must be 4-D"),
-        ((2, 8, 4, 4), (2, 8, 4, 4), (3, 3, 3), 1, "kernel_size must be an int or two ints"),
-        ((2, 8, 4, 4), (2, 8, 4, 4), 3, -1, "padding .* non-negative"),
+        ((2, 8, 4, 4), (2, 8, 4, 4), 3, 0, 1, r"maps x \(2, 8, 4, 4\) to \[2, O, 2, 2\]"),
+        ((2, 8, 16), (2, 8, 4, 4), 3, 1, 1, "must be 4-D"),
+        ((2, 8, 4, 4), (2, 8, 4, 4), (3, 3, 3), 1, 1, "kernel_size must be an int or two ints"),
+        ((2, 8, 4, 4), (2, 8, 4, 4), 3, -1, 1, "padding .* non-negative"),
+        (
+            (2, 6, 4, 4),
+            (2, 8, 4, 4),
+            3,
+            1,
+            4,
+            "groups must be a positive int dividing x's 8 channels and grad_y's 6",
+        ),
     ],
-    ids=["output_size", "three_dims", "kernel", "padding"],
+    ids=["output_size", "three_dims", "kernel", "padding", "groups"],
 )
-def test_the_wrapper_names_bad_arguments(grad_y_shape, x_shape, kernel, padding, message):
+def test_the_wrapper_names_bad_arguments(grad_y_shape, x_shape, kernel, padding, groups, message):
     with pytest.raises(ValueError, match=message):
-        ops.conv2d_weight_grad(torch.randn(grad_y_shape), torch.randn(x_shape), kernel, padding)
+        ops.conv2d_weight_grad(torch.randn(grad_y_shape), torch.randn(x_shape), kernel, padding, groups)
 
 
-def test_the_op_passes_opcheck():
+@pytest.mark.parametrize("groups", [1, 2])
+def test_the_op_passes_opcheck(groups):
     """torch.library.opcheck: the schema, the fake kernel (channels_last strides) against the real
     one, tracing."""
     grad_y, x = batch(2, 16, 6, 6, 32, (3, 3), (1, 1))
-    torch.library.opcheck(torch.ops.fasthvae.conv2d_weight_grad.default, (grad_y, x, [3, 3], [1, 1]))
+    torch.library.opcheck(torch.ops.fasthvae.conv2d_weight_grad.default, (grad_y, x, [3, 3], [1, 1], groups))

@@ -161,22 +161,28 @@ def test_weight_gradient_threads_chosen_on_the_first_call_change_no_value(shape,
 
 
 # Run in a process whose oneDNN is capped at AVX2 and logs every primitive it executes: the weight
-# gradients of its ungrouped float32 convolutions, 1x1 and 3x3 whose channel counts are multiples of
-# 8, whatever the weight's layout (NCHW, channels_last, out channels adjacent) or which channel count
-# is the larger, from fasthvae::conv2d_weight_grad, in the weight's strides, against float64; a 3x3
-# convolution from 3 channels still oneDNN's primitive.
+# gradients of its float32 convolutions, ungrouped 1x1 ones and larger ones whose group's input or
+# output channels are a multiple of 8 (3x3 ones from 3 channels to 64, grouped 3x3 ones), whatever
+# the weight's layout (NCHW, channels_last, out channels adjacent) or which channel count is the
+# larger, from fasthvae::conv2d_weight_grad, in the weight's strides, against float64; 3x3
+# convolutions whose groups have neither (3 to 5 channels; 3 groups of 4) and a grouped 1x1 one still
+# oneDNN's primitive.
 AVX2_WEIGHT_GRADIENT_CHILD = """
 import torch, torch.nn.functional as F
 from torch.profiler import profile
 from fasthvae.ops import onednn_conv
 onednn_conv.load()
 CL = torch.channels_last
-SHAPES = ((16, 64, 8, 1, "nchw"), (64, 16, 8, 1, "cl"), (16, 32, 4, 1, "out_inner"), (5, 3, 1, 1, "nchw"),
-          (16, 16, 8, 3, "nchw"), (32, 16, 8, 3, "cl"), (16, 32, 4, 3, "out_inner"), (3, 64, 8, 3, "cl"))
-for c, o, hw, k, weight_layout in SHAPES:
+SHAPES = (  # in and out channels, side, kernel, groups, the weight's layout
+    (16, 64, 8, 1, 1, "nchw"), (64, 16, 8, 1, 1, "cl"), (16, 32, 4, 1, 1, "out_inner"),
+    (5, 3, 1, 1, 1, "nchw"), (16, 16, 8, 3, 1, "nchw"), (32, 16, 8, 3, 1, "cl"),
+    (16, 32, 4, 3, 1, "out_inner"), (3, 64, 8, 3, 1, "cl"), (32, 32, 8, 3, 2, "nchw"),
+    (32, 64, 4, 3, 4, "cl"), (3, 5, 8, 3, 1, "cl"), (12, 12, 8, 3, 3, "nchw"), (32, 32, 2, 1, 2, "nchw"),
+)
+for c, o, hw, k, groups, weight_layout in SHAPES:
     g = torch.Generator().manual_seed(c + o)
     x = torch.randn(4, c, hw, hw, generator=g).contiguous(memory_format=CL)
-    w = torch.randn(o, c, k, k, generator=g) / c**0.5
+    w = torch.randn(o, c // groups, k, k, generator=g) / c**0.5
     if weight_layout == "cl":
         w = w.contiguous(memory_format=CL)
     elif weight_layout == "out_inner":  # out channels adjacent: not an [O, C] matrix of rows
@@ -184,17 +190,17 @@ for c, o, hw, k, weight_layout in SHAPES:
     grad_y = torch.randn(4, o, hw, hw, generator=g).contiguous(memory_format=CL)
     with profile() as prof:
         _, grad_w, grad_b = torch.ops.fasthvae_onednn.conv2d_backward(
-            grad_y, x, w, [k // 2] * 2, 1, True, False
+            grad_y, x, w, [k // 2] * 2, groups, True, False
         )
     kernel = any(e.name == "fasthvae::conv2d_weight_grad" for e in prof.events())
     x64, w64 = x.double(), w.double().requires_grad_()
-    expected_w, = torch.autograd.grad(F.conv2d(x64, w64, padding=k // 2), w64, grad_y.double())
+    expected_w, = torch.autograd.grad(F.conv2d(x64, w64, padding=k // 2, groups=groups), w64, grad_y.double())
     expected_b = grad_y.double().sum((0, 2, 3))
     assert grad_w.stride() == w.stride() and grad_b.dtype == torch.float32
     for name, ours, exp in (("weight", grad_w, expected_w), ("bias", grad_b, expected_b)):
         error = (ours.double() - exp).abs().max().item()
         assert error <= 2**-16 * exp.abs().max().item(), (c, o, hw, name, error)
-    shape = f"ic{c}oc{o}_ih{hw}oh{hw}kh{k}"  # as oneDNN's log names it
+    shape = f"{f'g{groups}' if groups > 1 else ''}mb4_ic{c}oc{o}_ih{hw}oh{hw}kh{k}"  # as oneDNN's log has it
     print("checked", shape, "fasthvae" if kernel else "elsewhere", flush=True)
 """
 
@@ -208,20 +214,25 @@ def test_weight_gradients_under_avx2_are_fasthvaes_kernel():
     lines = done.stdout.splitlines()
     weight_primitives = [line for line in lines if ",exec," in line and ",backward_weights," in line]
     ours = (
-        "ic16oc64_ih8oh8kh1",
-        "ic64oc16_ih8oh8kh1",
-        "ic16oc32_ih4oh4kh1",
-        "ic5oc3_ih1oh1kh1",
-        "ic16oc16_ih8oh8kh3",
-        "ic32oc16_ih8oh8kh3",
-        "ic16oc32_ih4oh4kh3",
+        "mb4_ic16oc64_ih8oh8kh1",
+        "mb4_ic64oc16_ih8oh8kh1",
+        "mb4_ic16oc32_ih4oh4kh1",
+        "mb4_ic5oc3_ih1oh1kh1",
+        "mb4_ic16oc16_ih8oh8kh3",
+        "mb4_ic32oc16_ih8oh8kh3",
+        "mb4_ic16oc32_ih4oh4kh3",
+        "mb4_ic3oc64_ih8oh8kh3",
+        "g2mb4_ic32oc32_ih8oh8kh3",
+        "g4mb4_ic32oc64_ih4oh4kh3",
     )
     for shape in ours:
         assert f"checked {shape} fasthvae" in lines
         ran = [line for line in weight_primitives if shape in line]
         assert not ran, f"{shape}: oneDNN ran its weight gradient: {ran}"
-    assert "checked ic3oc64_ih8oh8kh3 elsewhere" in lines
-    assert any("ic3oc64_ih8oh8kh3" in line for line in weight_primitives)  # from 3 channels: oneDNN's
+    # neither side of a group in lanes of 8; a grouped 1x1 kernel
+    for shape in ("mb4_ic3oc5_ih8oh8kh3", "g3mb4_ic12oc12_ih8oh8kh3", "g2mb4_ic32oc32_ih2oh2kh1"):
+        assert f"checked {shape} elsewhere" in lines
+        assert any(shape in line for line in weight_primitives), f"{shape}: no oneDNN weight gradient logged"
 
 
 @needs_onednn
