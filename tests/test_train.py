@@ -198,6 +198,29 @@ def test_resume_keeps_the_runs_epochs_unless_extended(data, tmp_path, capsys):
     assert "below the 3 epochs" in capsys.readouterr().err
 
 
+def test_a_run_stopped_in_its_evaluation_is_evaluated_again_on_resume(data, tmp_path, monkeypatch):
+    base = ["--data", data, "--epochs", "1", *SMALL, "--limit-train", "64", "--no-compile", "--seed", "5"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert train.main([*base, "--out", str(straight)]) == 0
+    real_evaluate = train.evaluate_model
+
+    def stop_in_evaluation(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "evaluate_model", stop_in_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*base, "--out", str(stopped)])
+    assert not (stopped / "summary.json").exists()
+    assert load_checkpoint(stopped / "checkpoint.pt")["epoch"] == 1, "trained and saved before it stopped"
+    monkeypatch.setattr(train, "evaluate_model", real_evaluate)
+    assert train.main([*base, "--out", str(stopped), "--resume"]) == 0
+    assert len(read_metrics(stopped)) == 1, "evaluated again, not trained again"
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (straight, stopped))
+    assert a["test"] == b["test"], "the same weights and random state: the same test metrics"
+    assert b["train_seconds"] == load_checkpoint(stopped / "checkpoint.pt")["history"][0]["seconds"]
+    assert (a["epochs"], a["steps"]) == (b["epochs"], b["steps"])
+
+
 def test_cosine_learning_rate_per_step_and_its_end(data, tmp_path, capsys):
     base = ["--data", data, "--out", str(tmp_path), *SMALL, "--limit-train", "64", "--no-compile"]
     assert train.main([*base, "--epochs", "2", "--lr", "0.002", "--lr-schedule", "cosine"]) == 0
