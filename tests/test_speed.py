@@ -197,6 +197,32 @@ def test_a_real_probe_times_every_candidate_and_keeps_the_random_state(tmp_path,
     assert record["choice"]["loader"] in ("torch", "resident")
 
 
+def test_compiled_candidates_that_differ_only_in_the_optimizer_share_one_compilation(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "TIMING_SECONDS", {"step": 0.5, "loader": 0.5})
+    compiled = []  # torch.compile counted, its module returned as it is (no compiler run here)
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(module) or module)
+    c = with_model_defaults(config(tmp_path, compile=True, loader="resident"))
+    rt = resolve_runtime(c, DistInfo())
+    models, real_build = [], speed.build_state
+    monkeypatch.setattr(
+        speed, "build_state", lambda c, rt, model=None: models.append(model) or real_build(c, rt, model)
+    )
+    record = speed.probe(c, rt, IMAGES)
+    assert [(r["channels_last"], r["fused_optimizer"]) for r in record["candidates"]] == [
+        (True, True),
+        (True, False),
+        (False, True),
+        (False, False),
+    ]
+    assert len(compiled) == 2, "one compilation per memory format"
+    assert [m is None for m in models] == [True, False, True, False], (
+        "the second of a pair trains the first's model"
+    )
+    assert all(len(r["step_ms"]) == speed.ROUNDS for r in record["candidates"]), (
+        "each timed with its optimizer"
+    )
+
+
 def test_a_candidate_that_fails_is_left_out_and_never_chosen(tmp_path, monkeypatch, capsys):
     """The defaults compile, and their compilation fails: the probe says so, times the rest and
     chooses among them; the record keeps the failure."""

@@ -191,10 +191,15 @@ def compile_options(mode: str, device: torch.device, wrapper: str = "python") ->
     return options
 
 
-def build_stepper(state: TrainState, config: TrainConfig, rt: Runtime, dist: DistInfo) -> Stepper:
+def build_stepper(
+    state: TrainState, config: TrainConfig, rt: Runtime, dist: DistInfo, objective: nn.Module | None = None
+) -> Stepper:
     """The step of ``state``'s model as ``rt`` runs it: wrapped in DDP under ``dist``, compiled when
-    ``rt.compile``, with device-side skip decisions when the optimizer is fused."""
-    objective: nn.Module = Objective(state.model, config.free_bits)
+    ``rt.compile``, with device-side skip decisions when the optimizer is fused. ``objective``: one
+    built (and compiled) before for the same model and switches, taken as it is."""
+    if objective is not None:
+        return Stepper(state, objective, config, rt, sync_free=rt.fused_optimizer)
+    objective = Objective(state.model, config.free_bits)
     if dist.enabled:
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)

@@ -5,7 +5,8 @@ the resident loader).
 The probe tries every combination of the switches the command line left unset (``--compile``,
 ``--channels-last``, ``--fused-optimizer``). Each candidate builds the run's model, optimizer and
 step as the trainer does and takes ``WARMUP_STEPS`` steps on a synthetic batch of the run's shape
-(compilation included; candidates with the same memory format share one compiled graph). Then
+(compilation included); compiled candidates that differ only in the optimizer share one model and
+its compiled objective, so each memory format is compiled once. Then
 ``ROUNDS`` rounds time one window of every candidate, the order rotated each round; each window is
 compared with the defaults' window of the same round, so that a drift in the machine's speed
 (whole rounds faster or slower) cancels. A candidate replaces the defaults only if
@@ -59,7 +60,7 @@ from fasthvae.hardware import ISA_CAP_ENVS, cpu_name, usable_cpu_flags
 from fasthvae.training.checkpoint import write_text_atomic
 from fasthvae.training.config import TrainConfig
 from fasthvae.training.distributed import DistInfo, broadcast_from_main
-from fasthvae.training.loop import build_stepper, error_line
+from fasthvae.training.loop import Stepper, build_stepper, error_line
 from fasthvae.training.runtime import Runtime, onednn_conv_unavailable
 from fasthvae.training.state import build_state
 from fasthvae.version import __version__
@@ -275,6 +276,7 @@ def measure(
     candidate measured before, whose built step serves the first switch set (no second compile)."""
     steps: list[Callable[[], object]] = []
     measured, ran, errors = [], [], []
+    compiled: dict[tuple, Stepper] = {}  # by the switches but the optimizer: one compilation each
     for i, switches in enumerate(switch_sets):
         crt = replace(rt, **switches)
         candidate = Candidate(switches)
@@ -283,9 +285,13 @@ def measure(
         if warm is not None and i == 0:
             candidate.step, candidate.first_step_s = warm.step, warm.first_step_s
         else:
+            model_switches = tuple(sorted((k, v) for k, v in switches.items() if k != "fused_optimizer"))
             try:  # the switches as given: a compilation that fails is this candidate's failure
-                candidate.step = _build_step(replace(config, **switches), crt)
+                stepper = _build_stepper(replace(config, **switches), crt, compiled.get(model_switches))
+                candidate.step = _on_a_batch(stepper, config, crt)
                 _first_step(lambda step=candidate.step, x=x: step(x), candidate, rt.device)
+                if crt.compile:
+                    compiled.setdefault(model_switches, stepper)
             except Exception as err:  # a switch this machine cannot run: left out, said why
                 candidate.step, candidate.failed = None, error_line(err)
                 errors.append(err)
@@ -309,13 +315,22 @@ def staged_free(config: TrainConfig, rt: Runtime) -> list[str]:
     ]
 
 
-def _build_step(config: TrainConfig, rt: Runtime) -> Callable[[torch.Tensor], object]:
-    """The run's step with ``rt``'s switches, on a batch (all KL levels weighted 1, KL balancing
-    at full strength where the run has it), compiled as the run compiles it (its wrapper too), so
-    that the run's own compile comes from the caches the probe filled."""
-    state = build_state(config, rt)
-    stepper = build_stepper(state, config, rt, DistInfo())
-    weights = torch.ones(state.model.num_levels, device=rt.device)
+def _build_stepper(config: TrainConfig, rt: Runtime, sibling: Stepper | None = None) -> Stepper:
+    """The run's stepper with ``rt``'s switches, compiled as the run compiles it (its wrapper too), so
+    that the run's own compile comes from the caches the probe filled. ``sibling``: a compiled
+    stepper whose switches differ from ``rt``'s only in the optimizer; its model and compiled
+    objective serve this one too (one compilation for both, the two optimizers stepping the same
+    weights)."""
+    if sibling is None:
+        return build_stepper(build_state(config, rt), config, rt, DistInfo())
+    state = build_state(config, rt, model=sibling.state.model)
+    return build_stepper(state, config, rt, DistInfo(), objective=sibling.objective)
+
+
+def _on_a_batch(stepper: Stepper, config: TrainConfig, rt: Runtime) -> Callable[[torch.Tensor], object]:
+    """``stepper``'s step on a batch: all KL levels weighted 1, KL balancing at full strength where
+    the run has it."""
+    weights = torch.ones(stepper.state.model.num_levels, device=rt.device)
     balance = torch.ones((), device=rt.device) if config.kl_balance else None
     return lambda x: stepper(x, weights, balance)
 
@@ -360,7 +375,7 @@ def measure_loaders(
 ) -> list[Candidate]:
     """The loaders' candidates, each feeding the run's step (``rt``'s switches; ``step``, the step
     stage's warm one, else built here) with the run's training images, timed in rotated rounds."""
-    step = step or _build_step(config, rt)
+    step = step or _on_a_batch(_build_stepper(config, rt), config, rt)
     options = LoaderOptions(
         config.batch_size, flip=config.flip, drop_last=True, seed=config.seed, channels_last=rt.channels_last
     )

@@ -127,12 +127,14 @@ def adaptive_skip(config: TrainConfig, device: torch.device) -> AdaptiveSkip | N
     return AdaptiveSkip(config.skip_factor, patience=patience, rewind=config.skip_rewind, device=device)
 
 
-def build_state(config: TrainConfig, rt: Runtime) -> TrainState:
-    """A fresh state for ``config`` on the runtime's device."""
-    model = build_model_from_config(asdict(config)).to(rt.device)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    use_onednn_conv(model, rt.onednn_conv)
+def build_state(config: TrainConfig, rt: Runtime, model: nn.Module | None = None) -> TrainState:
+    """A fresh state for ``config`` on the runtime's device; ``model``: one built for ``rt`` before,
+    trained by this state's optimizer too (the speed probe's candidates that differ only in it)."""
+    if model is None:
+        model = build_model_from_config(asdict(config)).to(rt.device)
+        if rt.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        use_onednn_conv(model, rt.onednn_conv)
     optimizer = AdamW(
         model.parameters(),
         lr=config.lr,
