@@ -207,7 +207,9 @@ def test_compiled_candidates_that_differ_only_in_the_optimizer_share_one_compila
     monkeypatch.setattr(
         speed, "build_state", lambda c, rt, model=None: models.append(model) or real_build(c, rt, model)
     )
+    before = torch.get_rng_state()
     record = speed.probe(c, rt, IMAGES)
+    assert torch.equal(torch.get_rng_state(), before), "the shared steps leave the random state as found"
     assert [(r["channels_last"], r["fused_optimizer"]) for r in record["candidates"]] == [
         (True, True),
         (True, False),
