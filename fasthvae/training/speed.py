@@ -12,6 +12,9 @@ compared with the defaults' window of the same round, so that a drift in the mac
 (whole rounds faster or slower) cancels. A candidate replaces the defaults only if
 it was faster in every round and by ``MIN_GAIN`` or more in the median of its ratios: a choice
 made beyond the run-to-run spread; of such candidates the one with the lowest median ratio wins.
+A candidate slower than the defaults in a round can no longer be chosen and is not timed again;
+a stage ends when no other candidate is left (the choice is the one all ``ROUNDS`` rounds would
+give; the probe's time goes to the close contenders).
 
 Then each staged switch left unset that the run can use (``--onednn-conv``: the deep model on CPU
 with oneDNN installed) is timed the same way, on and off, with the chosen switches (the chosen
@@ -73,9 +76,10 @@ CHOICES = (*SWITCHES, *STAGED, "loader")  # the loader is measured feeding the c
 WARMUP_STEPS = 2  # the first compiles; the second measures a step for the window's length
 ROUNDS = 4
 MIN_GAIN = 0.03  # a candidate must save this share of the defaults' step time to replace them
-# The timed windows of all candidates of a stage together, at most: the step's switches (up to 8
-# candidates), each staged switch (2), then the loaders (2). Without a staged switch, 58 s for the
-# whole warm probe of the deep model at batch 32 on 2 cores (results/bench/README.md).
+# The timed windows of all candidates of a stage together, at most (all ``ROUNDS`` rounds): the
+# step's switches (up to 8 candidates), each staged switch (2), then the loaders (2). The whole warm
+# probe of the deep model at batch 32 on 2 cores: 42-46 s, its three compilations 22-24 s
+# (results/bench/README.md).
 TIMING_SECONDS = {"step": 25.0, "staged": 10.0, "loader": 15.0}
 PROBE_MIN_STEPS = 2000
 CACHE_ENV = "FASTHVAE_CACHE_DIR"
@@ -206,8 +210,19 @@ def decide(measured: list[Candidate]) -> dict[str, bool | str]:
     def ratios(c: Candidate) -> list[float]:
         return [a / b for a, b in zip(c.windows, default.windows, strict=True)]
 
-    faster = [c for c in measured[1:] if max(ratios(c)) < 1 and statistics.median(ratios(c)) <= 1 - MIN_GAIN]
+    faster = [
+        c
+        for c in measured[1:]
+        if faster_in_every_round(c, default) and statistics.median(ratios(c)) <= 1 - MIN_GAIN
+    ]
     return min(faster, key=lambda c: statistics.median(ratios(c))).switches if faster else default.switches
+
+
+def faster_in_every_round(candidate: Candidate, default: Candidate) -> bool:
+    """Whether ``candidate`` was timed in every round ``default`` was, each window shorter."""
+    return len(candidate.windows) == len(default.windows) and all(
+        a < b for a, b in zip(candidate.windows, default.windows, strict=True)
+    )
 
 
 def synthetic_batch(config: TrainConfig, rt: Runtime) -> torch.Tensor:
@@ -230,9 +245,11 @@ def time_rounds(
     lead_ins: list[int] | None = None,
     stage: str = "step",
 ) -> None:
-    """Warm-up, then ``ROUNDS`` rounds of one window per step function, the order rotated each round;
-    each window ~TIMING_SECONDS[stage] / (ROUNDS x candidates) long, judged by a warm-up step. A
-    window runs inside its candidate's ``windows`` context, after its ``lead_ins`` untimed steps."""
+    """Warm-up, then up to ``ROUNDS`` rounds of one window per step function, the order rotated each
+    round; each window ~TIMING_SECONDS[stage] / (ROUNDS x candidates) long, judged by a warm-up step.
+    A window runs inside its candidate's ``windows`` context, after its ``lead_ins`` untimed steps.
+    After each round, a candidate slower than the first (the defaults) is timed no more; the rounds
+    end when only the first is left."""
     windows = windows or [contextlib.nullcontext] * len(steps)
     lead_ins = lead_ins or [0] * len(steps)
     step_s = []
@@ -245,8 +262,13 @@ def time_rounds(
             step_s.append((time.perf_counter() - start) / max(1, WARMUP_STEPS - 1))
     window_s = TIMING_SECONDS[stage] / (ROUNDS * len(steps))
     lengths = [max(1, min(50, round(window_s / s))) for s in step_s]
+    timed = list(range(len(steps)))
     for r in range(ROUNDS):
-        for i in [(r + k) % len(steps) for k in range(len(steps))]:
+        if r > 0:
+            timed = [i for i in timed if i == 0 or faster_in_every_round(measured[i], measured[0])]
+            if len(timed) == 1:
+                break
+        for i in [timed[(r + k) % len(timed)] for k in range(len(timed))]:
             with windows[i]():
                 for _ in range(lead_ins[i]):
                     steps[i]()
