@@ -5,6 +5,7 @@ Only that they work and report every implementation; speed goals live in the ben
 
 import csv
 import importlib.util
+import json
 import multiprocessing
 import os
 import re
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import bench_threads, bench_waits, machine_scale
+from bench import bench_probe, bench_threads, bench_waits, machine_scale
 from bench.bench_threads import amdahl_fit
 from bench.bench_threads import report_rows as threads_report_rows
 from bench.bench_train import (
@@ -38,6 +39,7 @@ from fasthvae.data.dali import dali_available
 from fasthvae.data.torch_loader import PREFETCH_FACTOR
 from fasthvae.hardware import usable_cpu_flags
 from fasthvae.train import TrainConfig
+from fasthvae.training import speed
 from tests.helpers import make_compilation_fail, needs_onednn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -527,3 +529,53 @@ def test_conv_peak_is_the_faster_layout(monkeypatch, rates, expected):
     shape = machine_scale.ConvShape(3, 5, (3, 3), (1, 1), (1, 1), 1, (6, 6))
     assert machine_scale.conv_gflops(shape, 2, torch.device("cpu")) == expected
     assert len(seen) == 2
+
+
+def probe_record(probe_s: float, windows: list[int], loader: str = "resident") -> dict:
+    """A probe's record as ``bench_probe``'s child reports it: candidates with these many windows."""
+    candidates = [{"first_step_s": 2.0, "step_ms": [100.0] * n} for n in windows]
+    return {
+        "choice": {"compile": True, "loader": loader},
+        "probe_s": probe_s,
+        "stage_s": {"switches": probe_s - 5, "loader": 4.0},
+        "candidates": [*candidates, {"onednn_conv": True, "step_ms": [90.0]}],  # the chosen step reused
+        "device": "cpu",
+    }
+
+
+def test_bench_probe_reports_each_round_and_the_median(tmp_path, monkeypatch):
+    records = iter(
+        [probe_record(40.0, [4, 1, 2]), probe_record(50.0, [1, 1, 1]), probe_record(45.0, [1, 1, 1])]
+    )
+    monkeypatch.setattr(bench_probe, "run_child", lambda args: next(records))
+    bench_probe.main(["--rounds", "3", "--cold", "--out", str(tmp_path)])
+    rows = read_rows(tmp_path / "probe_cpu_deep_small_b32_cold.csv")
+    assert [r["round"] for r in rows] == ["1", "2", "3", "median"]
+    assert [float(r["probe_s"]) for r in rows] == [40.0, 50.0, 45.0, 45.0]
+    assert [float(r["loader_s"]) for r in rows] == [4.0] * 4
+    assert rows[0]["first_steps_s"] == "6.0", "the reused step took no first step"
+    assert [r["windows"] for r in rows] == ["8 of 16", "4 of 16", "4 of 16", ""]
+    assert rows[-1]["choice"] == "the same" and rows[0]["choice"] == "compile on, loader resident"
+    records = iter([probe_record(40.0, [1]), probe_record(40.0, [1], loader="torch")])
+    bench_probe.main(["--rounds", "2", "--out", str(tmp_path)])
+    assert read_rows(tmp_path / "probe_cpu_deep_small_b32.csv")[-1]["choice"] == "differs"
+
+
+def test_bench_probe_child_probes_as_the_trainer(tmp_path, monkeypatch, capsys, images):
+    """The child probes the model as ``python -m fasthvae.train --amp`` would (its stages timed, the
+    loaders fed the training images of ``--data``) and reports the record on one line."""
+    monkeypatch.setattr(speed, "TIMING_SECONDS", {"step": 0.5, "loader": 0.5})
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # no compiler run here
+    bench_probe.main(["--child", "--model", "vae", "--batch-size", "4", "--data", images])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(bench_probe.RESULT))
+    record = json.loads(line.removeprefix(bench_probe.RESULT))
+    assert list(record["stage_s"]) == ["switches", "loader"] and record["device"] == "cpu"
+    assert len(record["candidates"]) == 8 + 2 and record["choice"]["loader"] in ("torch", "resident")
+
+
+def test_bench_probe_says_when_its_probing_process_failed(tmp_path):
+    missing = tmp_path / "missing.npz"
+    done = run_bench(
+        "bench_probe.py", "--model", "vae", "--data", str(missing), "--out", str(tmp_path), fails=True
+    )
+    assert "bench_probe: the probing process failed" in done.stderr and str(missing) in done.stderr

@@ -217,6 +217,10 @@ def test_a_real_probe_times_every_candidate_and_keeps_the_random_state(tmp_path,
         (False, False),
     ]
     assert all(1 <= len(r["step_ms"]) <= speed.ROUNDS and min(r["step_ms"]) > 0 for r in record["candidates"])
+    assert list(record["stage_s"]) == ["switches", "loader"]
+    said = speed.describe(record | {"source": "probe", "cache": "x"})
+    assert f"{record['probe_s']} s: switches {record['stage_s']['switches']} s, loader" in said
+    assert 0 < sum(record["stage_s"].values()) <= record["probe_s"] + 0.1
     assert {k: record["choice"][k] for k in speed.SWITCHES} in [
         {k: r[k] for k in speed.SWITCHES} for r in record["candidates"][:4]
     ]
@@ -310,6 +314,8 @@ def test_the_probe_times_the_onednn_convolutions_on_and_off_with_the_chosen_swit
     first = {k: record["candidates"][0][k] for k in speed.SWITCHES}
     chosen = {k: record["choice"][k] for k in speed.SWITCHES}
     assert [r["onednn_conv"] for r in staged] == [True, False]
+    assert "first_step_s" not in staged[0] and staged[1]["first_step_s"] > 0, "the chosen step reused"
+    assert list(record["stage_s"]) == ["switches", "onednn_conv"]
     assert all({k: r[k] for k in speed.SWITCHES} == chosen for r in staged)
     assert chosen in (first, {k: record["candidates"][1][k] for k in speed.SWITCHES})
     assert record["choice"]["onednn_conv"] in (True, False) and len(record["candidates"]) == 4

@@ -34,10 +34,10 @@ GPU), torch and fasthvae version, a digest of fasthvae's sources (in a checkout 
 device, model, batch, precision, compile mode and Inductor wrapper in ``~/.cache/fasthvae/speed/``
 (``$XDG_CACHE_HOME`` respected; ``$FASTHVAE_CACHE_DIR`` replaces ``~/.cache/fasthvae``), so a
 machine probes a model once. A run of fewer than ``PROBE_MIN_STEPS`` steps keeps the defaults: the
-probe would cost more than it could save. The
-choice, where it came from and the probe's times are printed and go into config.json
-(``runtime.speed``). The probe leaves the random state as it found it: a run that probed trains as a
-``--speed fixed`` run given the chosen switches.
+probe would cost more than it could save. The choice, where it came from and the probe's times (its
+own, each stage's, every candidate's) are printed and go into config.json (``runtime.speed``). The
+probe leaves the random state as it found it: a run that probed trains as a ``--speed fixed`` run
+given the chosen switches.
 """
 
 import contextlib
@@ -103,8 +103,10 @@ KEY_FIELDS = (
 
 @dataclass
 class Candidate:
-    """One combination of the switches and its measurements (seconds per step of each window).
-    ``step``: its step on a batch, built and warm (kept for the loader stage; not recorded)."""
+    """One combination of the switches and its measurements: its first step's seconds (compilation
+    included; none where it reuses a step built before: a staged switch's first candidate), and
+    seconds per step of each window. ``step``: its step on a batch, built and warm (kept for the
+    loader stage; not recorded)."""
 
     switches: dict[str, bool | str]
     first_step_s: float = math.nan
@@ -112,18 +114,11 @@ class Candidate:
     step: Callable[[torch.Tensor], object] | None = field(default=None, repr=False)
     failed: str | None = None  # why its first step raised (not timed, never chosen)
 
-    @property
-    def median(self) -> float:
-        return statistics.median(self.windows)
-
     def record(self) -> dict:
         if self.failed:
             return {**self.switches, "failed": self.failed}
-        return {
-            **self.switches,
-            "first_step_s": round(self.first_step_s, 2),
-            "step_ms": [round(1000 * w, 2) for w in self.windows],
-        }
+        first = {} if math.isnan(self.first_step_s) else {"first_step_s": round(self.first_step_s, 2)}
+        return {**self.switches, **first, "step_ms": [round(1000 * w, 2) for w in self.windows]}
 
 
 def cache_dir() -> Path:
@@ -305,7 +300,7 @@ def measure(
         measured.append(candidate)
         x = synthetic_batch(config, crt)
         if warm is not None and i == 0:
-            candidate.step, candidate.first_step_s = warm.step, warm.first_step_s
+            candidate.step = warm.step
         else:
             model_switches = tuple(sorted((k, v) for k, v in switches.items() if k != "fused_optimizer"))
             try:  # the switches as given: a compilation that fails is this candidate's failure
@@ -431,26 +426,38 @@ def keep_chosen(measured: list[Candidate], choice: dict) -> Candidate:
 
 
 def probe(config: TrainConfig, rt: Runtime, images: object) -> dict:
-    """Measure the step's candidates and decide; then, with the chosen switches, the loaders'. The
-    random state as before. The record for config.json."""
+    """Measure the step's candidates and decide; then each staged switch's and, with the chosen
+    switches, the loaders'. The random state as before. The record for config.json: the choice, the
+    probe's seconds and each stage's, every candidate's times."""
     start = time.perf_counter()
+    stage_s: dict[str, float] = {}  # each stage's seconds: builds, first steps, warm-up steps, windows
+
+    @contextlib.contextmanager
+    def stage(name: str) -> Iterator[None]:
+        since = time.perf_counter()
+        yield
+        stage_s[name] = round(time.perf_counter() - since, 1)
+
     devices = [rt.device] if rt.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        measured = measure(config, rt, candidates(config, rt))
-        choice = dict(decide(measured))
-        chosen = keep_chosen(measured, choice)
+        with stage("switches"):
+            measured = measure(config, rt, candidates(config, rt))
+            choice = dict(decide(measured))
+            chosen = keep_chosen(measured, choice)
         for name in staged_free(config, rt):
             default = getattr(rt, name)
-            pair = measure(
-                config, rt, [choice | {name: default}, choice | {name: not default}], chosen, "staged"
-            )
-            choice = dict(decide(pair))
-            chosen = keep_chosen(pair, choice)
+            with stage(name):
+                pair = measure(
+                    config, rt, [choice | {name: default}, choice | {name: not default}], chosen, "staged"
+                )
+                choice = dict(decide(pair))
+                chosen = keep_chosen(pair, choice)
             measured += pair
         loaders = loader_candidates(config, rt, images)
         if loaders:
-            timed = measure_loaders(config, replace(rt, **choice), images, loaders, chosen.step)
-            choice |= decide(timed)
+            with stage("loader"):
+                timed = measure_loaders(config, replace(rt, **choice), images, loaders, chosen.step)
+                choice |= decide(timed)
             measured += timed
     torch._dynamo.reset()  # the probe's graphs hold its models; the run compiles its own (cache-warm)
     if rt.device.type == "cuda":
@@ -458,6 +465,7 @@ def probe(config: TrainConfig, rt: Runtime, images: object) -> dict:
     return {
         "choice": choice,
         "probe_s": round(time.perf_counter() - start, 1),
+        "stage_s": stage_s,
         "candidates": [c.record() for c in measured],
     }
 
@@ -472,10 +480,11 @@ def describe(record: dict) -> str:
     if source == "probe":
         timed = [c for c in record["candidates"] if "step_ms" in c]
         fastest = min(timed, key=lambda c: statistics.median(c["step_ms"]))
+        stages = ", ".join(f"{name} {s} s" for name, s in record["stage_s"].items())
         return (
             f"speed auto: {choice} (probe of {len(record['candidates'])} candidates, "
-            f"{record['probe_s']} s; fastest median {statistics.median(fastest['step_ms']):.1f} ms/step; "
-            f"cached in {record['cache']})"
+            f"{record['probe_s']} s: {stages}; fastest median "
+            f"{statistics.median(fastest['step_ms']):.1f} ms/step; cached in {record['cache']})"
         )
     return f"speed {record['mode']}: {choice} ({source})"
 
