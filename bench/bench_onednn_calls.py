@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from bench.report import write_report
 from fasthvae.hardware import machine
-from fasthvae.ops.onednn_conv import build_args, onednn_files
+from fasthvae.ops.onednn_conv import build_args, build_name, onednn_files
 
 SOURCE = Path(__file__).with_name("onednn_calls.cpp")
 # (input channels, side, output channels, kernel) at batch 32: the deep model's cells, heads and
@@ -42,7 +42,7 @@ def build(prefix: Path):
         )
     from torch.utils.cpp_extension import load
 
-    return load("fasthvae_bench_onednn_calls", [str(SOURCE)], **build_args(prefix))
+    return load(build_name("fasthvae_bench_onednn_calls"), [str(SOURCE)], **build_args(prefix))
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -456,6 +456,15 @@ def test_missing_onednn_is_named(tmp_path, monkeypatch):
     assert not resolve_runtime(TrainConfig(model="deep", device="cpu"), DistInfo()).onednn_conv
 
 
+def test_each_checkout_builds_the_extension_under_its_own_name(tmp_path, monkeypatch):
+    """Two checkouts sharing torch's build directory keep a build each (one name would make each
+    rebuild the other's)."""
+    here = onednn_conv.build_name("fasthvae_onednn_conv")
+    assert here.startswith("fasthvae_onednn_conv_") and here == onednn_conv.build_name("fasthvae_onednn_conv")
+    monkeypatch.setattr(onednn_conv, "SOURCE", tmp_path / "csrc" / "onednn_conv.cpp")
+    assert onednn_conv.build_name("fasthvae_onednn_conv") != here
+
+
 def test_missing_extension_is_named(monkeypatch):
     """Without fasthvae._C (its GELU and 1x1 weight-gradient kernels) the op names the rebuild, and
     the trainer's default leaves it off."""

@@ -81,6 +81,13 @@ def build_args(prefix: Path) -> dict:
     }
 
 
+def build_name(base: str) -> str:
+    """``base`` and a digest of this checkout's path: ``torch.utils.cpp_extension.load`` keeps one
+    build per name and rebuilds it when the sources' paths or the flags change, so two checkouts
+    sharing a build directory (a clone beside the working tree) would otherwise rebuild it in turn."""
+    return f"{base}_{hashlib.sha256(str(SOURCE.parent).encode()).hexdigest()[:10]}"
+
+
 _loaded = False
 
 
@@ -100,7 +107,8 @@ def load() -> None:
         raise RuntimeError(f"fasthvae: the oneDNN convolution cannot be built: {reason}")
     from torch.utils.cpp_extension import load
 
-    load("fasthvae_onednn_conv", [str(SOURCE)], is_python_module=False, **build_args(onednn_prefix()))
+    name = build_name("fasthvae_onednn_conv")
+    load(name, [str(SOURCE)], is_python_module=False, **build_args(onednn_prefix()))
     _register()
     _loaded = True
 
