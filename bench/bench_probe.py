@@ -17,12 +17,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.child import child_result
 from bench.report import inductor_environment, write_report
 from fasthvae.data import load_dataset
 from fasthvae.hardware import machine
@@ -60,12 +60,7 @@ def run_child(args: argparse.Namespace) -> dict:
     command = [sys.executable, "-m", "bench.bench_probe", "--child", *flags]
     with tempfile.TemporaryDirectory() as cache:
         env = os.environ | ({"TORCHINDUCTOR_CACHE_DIR": cache} if args.cold else {})
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
-    if done.returncode != 0 or not lines:
-        tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
-        raise SystemExit(f"bench_probe: the probing process failed:\n{tail}")
-    return json.loads(lines[-1].removeprefix(RESULT))
+        return child_result(command, env, RESULT, "bench_probe: the probing process failed")
 
 
 def windows(record: dict) -> tuple[int, int]:

@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ from pathlib import Path
 import torch
 
 from bench.bench_train import count_scale
+from bench.child import child_result
 from bench.machine_scale import sgemm_gflops
 from bench.one_step import add_step_arguments, model_names, one_batch_step, step_config
 from bench.report import inductor_environment, write_report
@@ -78,12 +78,8 @@ def run_child(args: argparse.Namespace, threads: int, batch: int) -> dict:
     if not args.compile:
         command.append("--no-compile")
     env = os.environ | {"OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
-    if done.returncode != 0 or not lines:
-        tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
-        raise SystemExit(f"bench_threads: the {threads}-thread process at batch {batch} failed:\n{tail}")
-    return json.loads(lines[-1].removeprefix(RESULT))
+    failed = f"bench_threads: the {threads}-thread process at batch {batch} failed"
+    return child_result(command, env, RESULT, failed)
 
 
 def amdahl_fit(cores: list[float], seconds: list[float]) -> tuple[float, float]:
