@@ -13,8 +13,8 @@ compared with the defaults' window of the same round, so that a drift in the mac
 it was faster in every round and by ``MIN_GAIN`` or more in the median of its ratios: a choice
 made beyond the run-to-run spread; of such candidates the one with the lowest median ratio wins.
 A candidate slower than the defaults in a round can no longer be chosen and is not timed again;
-a stage ends when no other candidate is left (the choice is the one all ``ROUNDS`` rounds would
-give; the probe's time goes to the close contenders).
+a stage ends when no other candidate is left (the rule unchanged: a candidate replaces the
+defaults only after all ``ROUNDS`` rounds; the probe's time goes to the close contenders).
 
 Then each staged switch left unset that the run can use (``--onednn-conv``: the deep model on CPU
 with oneDNN installed) is timed the same way, on and off, with the chosen switches (the chosen
