@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from bench.child import child_result
+from bench.one_step import model_names
 from bench.report import inductor_environment, write_report
 from fasthvae.data import load_dataset
 from fasthvae.hardware import machine
@@ -35,21 +36,20 @@ RESULT = "bench_probe result: "  # the line a child process reports on
 CHILD_FLAGS = ("model", "preset", "batch_size", "data")  # passed on to it
 
 
-def probe_config(args: argparse.Namespace, out: str) -> TrainConfig:
+def probe_config(args: argparse.Namespace) -> TrainConfig:
     """The run's configuration as ``python -m fasthvae.train --amp`` builds it for this model."""
     config = TrainConfig(
-        model=args.model, preset=args.preset, batch_size=args.batch_size, data=args.data, amp=True, out=out
+        model=args.model, preset=args.preset, batch_size=args.batch_size, data=args.data, amp=True
     )
     return with_model_defaults(config)
 
 
 def child(args: argparse.Namespace) -> None:
     """Probe once; print the record as one JSON line."""
-    with tempfile.TemporaryDirectory() as tmp:
-        config = probe_config(args, tmp)
-        rt = resolve_runtime(config, DistInfo())
-        images = load_dataset(config.data).train.images if config.data else None
-        record = speed.probe(config, rt, images) | {"device": rt.device.type}
+    config = probe_config(args)
+    rt = resolve_runtime(config, DistInfo())
+    images = load_dataset(config.data).train.images if config.data else None
+    record = speed.probe(config, rt, images) | {"device": rt.device.type}
     print(RESULT + json.dumps(record), flush=True)
 
 
@@ -69,12 +69,6 @@ def windows(record: dict) -> tuple[int, int]:
     return sum(len(c["step_ms"]) for c in timed), speed.ROUNDS * len(timed)
 
 
-def choice_text(choice: dict) -> str:
-    return ", ".join(
-        f"{k} {v}" if isinstance(v, str) else f"{k} {'on' if v else 'off'}" for k, v in choice.items()
-    )
-
-
 def report_row(round_name: str, record: dict) -> dict:
     timed, most = windows(record)
     return {
@@ -83,7 +77,7 @@ def report_row(round_name: str, record: dict) -> dict:
         **{f"{name}_s": s for name, s in record["stage_s"].items()},
         "first_steps_s": round(sum(c.get("first_step_s", 0.0) for c in record["candidates"]), 1),
         "windows": f"{timed} of {most}",
-        "choice": choice_text(record["choice"]),
+        "choice": speed.choice_text(record["choice"]),
     }
 
 
@@ -106,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(args.rounds):
         records.append(run_child(args))
         print(
-            f"round {r + 1}: probe {records[-1]['probe_s']} s, {choice_text(records[-1]['choice'])}",
+            f"round {r + 1}: probe {records[-1]['probe_s']} s, {speed.choice_text(records[-1]['choice'])}",
             flush=True,
         )
     rows = [report_row(str(r + 1), record) for r, record in enumerate(records)]
@@ -114,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     same = len({row["choice"] for row in rows}) == 1
     median = {k: statistics.median(row[k] for row in rows) for k in numeric}
     rows.append({"round": "median", **median, "windows": "", "choice": "the same" if same else "differs"})
-    label = f"deep `{args.preset}`" if args.model == "deep" else args.model.upper()
-    name = f"deep_{args.preset}" if args.model == "deep" else args.model
+    label, name = model_names(args)
     device = records[0]["device"]
     stem = Path(args.out) / f"probe_{device}_{name}_b{args.batch_size}{'_cold' if args.cold else ''}"
     caches = "an empty Inductor cache in every process" if args.cold else "Inductor's caches as they were"

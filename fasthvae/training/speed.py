@@ -470,12 +470,17 @@ def probe(config: TrainConfig, rt: Runtime, images: object) -> dict:
     }
 
 
+def choice_text(choice: dict[str, bool | str]) -> str:
+    """A choice as words: "compile on, channels_last off, loader resident"."""
+    return ", ".join(
+        f"{name} {value}" if isinstance(value, str) else f"{name} {'on' if value else 'off'}"
+        for name, value in choice.items()
+    )
+
+
 def describe(record: dict) -> str:
     """One line: the choice and where it came from."""
-    choice = ", ".join(
-        f"{name} {value}" if isinstance(value, str) else f"{name} {'on' if value else 'off'}"
-        for name, value in record["choice"].items()
-    )
+    choice = choice_text(record["choice"])
     source = record["source"]
     if source == "probe":
         timed = [c for c in record["candidates"] if "step_ms" in c]
