@@ -197,25 +197,34 @@ def build_stepper(
     """The step of ``state``'s model as ``rt`` runs it: wrapped in DDP under ``dist``, compiled when
     ``rt.compile``, with device-side skip decisions when the optimizer is fused. ``objective``: one
     built (and compiled) before for the same model and switches, taken as it is."""
-    if objective is not None:
-        return Stepper(state, objective, config, rt, sync_free=rt.fused_optimizer)
-    objective = Objective(state.model, config.free_bits)
+    eager = None
+    if objective is None:
+        objective, eager = build_objective(state.model, config, rt, dist)
+    # Skips decided on the device need the fused AdamW (its found_inf): then the step never waits.
+    return Stepper(state, objective, config, rt, sync_free=rt.fused_optimizer, eager=eager)
+
+
+def build_objective(
+    model: nn.Module, config: TrainConfig, rt: Runtime, dist: DistInfo
+) -> tuple[nn.Module, nn.Module | None]:
+    """``model``'s objective, in DDP under ``dist``, compiled when ``rt.compile``; and the eager one
+    to fall back on where compilation was not asked for (``None`` where it was, or is off: a failure
+    to compile that was asked for is an error)."""
+    objective: nn.Module = Objective(model, config.free_bits)
     if dist.enabled:
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
-    eager = None
-    if rt.compile:
-        eager = objective if config.compile is None else None  # asked for: a failure is an error
-        # dynamic=False: an epoch's last partial batch (kept on one CPU process) gets a static graph
-        # of its own. Left to dynamo's automatic dynamic shapes, it would recompile the step with a
-        # symbolic batch size, which every later full batch then runs (bench/bench_recompile.py).
-        objective = torch.compile(
-            objective,
-            dynamic=False,
-            options=compile_options(config.compile_mode, rt.device, rt.compile_wrapper),
-        )
-    # Skips decided on the device need the fused AdamW (its found_inf): then the step never waits.
-    return Stepper(state, objective, config, rt, sync_free=rt.fused_optimizer, eager=eager)
+    if not rt.compile:
+        return objective, None
+    # dynamic=False: an epoch's last partial batch (kept on one CPU process) gets a static graph
+    # of its own. Left to dynamo's automatic dynamic shapes, it would recompile the step with a
+    # symbolic batch size, which every later full batch then runs (bench/bench_recompile.py).
+    compiled = torch.compile(
+        objective,
+        dynamic=False,
+        options=compile_options(config.compile_mode, rt.device, rt.compile_wrapper),
+    )
+    return compiled, objective if config.compile is None else None
 
 
 @dataclass
