@@ -7,7 +7,9 @@ seconds, each stage's (the switches; each staged switch; the loaders, where ``--
 training images), the seconds its candidates' first steps took (compilation included), how many
 timed windows the stages ran of the most their rounds allow, and the choice. Inductor's on-disk
 caches are used as they are (a machine's second probe of a model), or with ``--cold`` an empty
-cache folder per process (its first). Writes ``probe_<device>_<model>_b<batch>[_cold].{csv,md}``.
+folder per process for its cache and its precompiled headers, which it keeps under the temporary
+folder (``TMPDIR``) apart from the cache (a machine's first probe). Writes
+``probe_<device>_<model>_b<batch>[_cold].{csv,md}``.
 
     python -m bench.bench_probe [--model deep] [--preset small] [--batch-size 32] [--data PATH]
                                 [--rounds 3] [--cold]
@@ -59,7 +61,7 @@ def run_child(args: argparse.Namespace) -> dict:
     ]
     command = [sys.executable, "-m", "bench.bench_probe", "--child", *flags]
     with tempfile.TemporaryDirectory() as cache:
-        env = os.environ | ({"TORCHINDUCTOR_CACHE_DIR": cache} if args.cold else {})
+        env = os.environ | ({"TORCHINDUCTOR_CACHE_DIR": cache, "TMPDIR": cache} if args.cold else {})
         return child_result(command, env, RESULT, "bench_probe: the probing process failed")
 
 
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--data", default=None, help="as the trainer's --data; without it no loader stage")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--cold", action="store_true", help="an empty Inductor cache in every process")
+    cold = "an empty Inductor cache and precompiled headers in every process"
+    parser.add_argument("--cold", action="store_true", help=cold)
     parser.add_argument("--out", default="results/bench")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     label, name = model_names(args)
     device = records[0]["device"]
     stem = Path(args.out) / f"probe_{device}_{name}_b{args.batch_size}{'_cold' if args.cold else ''}"
-    caches = "an empty Inductor cache in every process" if args.cold else "Inductor's caches as they were"
+    caches = cold if args.cold else "Inductor's caches as they were"
     intro = (
         f"{machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. `--speed auto`'s probe of "
         f"{label} at batch {args.batch_size} with `--amp`, {args.rounds} rounds of one process each, "

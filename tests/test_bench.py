@@ -3,6 +3,7 @@
 Only that they work and report every implementation; speed goals live in the benchmarks' output.
 """
 
+import argparse
 import csv
 import importlib.util
 import json
@@ -571,6 +572,21 @@ def test_bench_probe_child_probes_as_the_trainer(tmp_path, monkeypatch, capsys, 
     record = json.loads(line.removeprefix(bench_probe.RESULT))
     assert list(record["stage_s"]) == ["switches", "loader"] and record["device"] == "cpu"
     assert len(record["candidates"]) == 8 + 2 and record["choice"]["loader"] in ("torch", "resident")
+
+
+def test_bench_probe_cold_gives_each_process_an_empty_inductor_cache_and_headers(monkeypatch):
+    """``--cold``: Inductor's cache and its temporary folder (where it keeps its precompiled headers,
+    apart from the cache) are one empty folder per process; without it the environment is as given."""
+    envs = []
+    monkeypatch.setattr(bench_probe, "child_result", lambda command, env, *rest: envs.append(env) or {})
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/given")
+    for cold in (True, True, False):
+        args = argparse.Namespace(model="vae", preset="small", batch_size=4, data=None, cold=cold)
+        bench_probe.run_child(args)
+    (first, second, warm) = envs
+    assert first["TORCHINDUCTOR_CACHE_DIR"] == first["TMPDIR"] != "/given"
+    assert second["TMPDIR"] != first["TMPDIR"]
+    assert warm["TORCHINDUCTOR_CACHE_DIR"] == "/given" and warm.get("TMPDIR") == os.environ.get("TMPDIR")
 
 
 def test_bench_probe_says_when_its_probing_process_failed(tmp_path):

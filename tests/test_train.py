@@ -513,17 +513,17 @@ def test_the_cpp_wrapper_takes_the_python_wrappers_step(data, tmp_path, monkeypa
     """The default CPU step (no ``--compile-wrapper``) compiles with Inductor's C++ wrapper, its
     checks of the ops' output sizes and strides left out, its kernels built as a unit apart from
     the wrapper (an ``*.optimized.cpp`` in Inductor's cache, which the python wrapper's kernels
-    never make): one step of a two-group deep model (its oneDNN convolutions and GELUs where they
-    can run, the Gaussian and likelihood ops, the fused AdamW) from the same weights on the same
-    batch gives ``--compile-wrapper python``'s loss and weights, bit for bit."""
+    never make), without line tables (no ``.debug_line`` in its libraries): one step of a
+    two-group deep model (its oneDNN convolutions and GELUs where they can run, the Gaussian and
+    likelihood ops, the fused AdamW) from the same weights on the same batch gives
+    ``--compile-wrapper python``'s loss and weights, bit for bit."""
     assert without_twins(compile_options("default", torch.device("cpu"), "cpp")) == {
         "cpp_wrapper": True,
         "cpp_wrapper_build_separate": True,
         "size_asserts": False,
         "alignment_asserts": False,
+        "aot_inductor.enable_line_tables": False,
     }
-    inductor_cache = tmp_path / "inductor"
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache))
     argv = ["--data", data, *DEEP_TINY, "--layout", "1x1,32x1", "--batch-size", "16", "--limit-train", "16"]
     argv += ["--compile", "--channels-last", "--fused-optimizer", "--no-tensorboard", "--speed", "fixed"]
     real, options = torch.compile, []
@@ -531,6 +531,7 @@ def test_the_cpp_wrapper_takes_the_python_wrappers_step(data, tmp_path, monkeypa
     results = []
     for name, flags in (("python", ["--compile-wrapper", "python"]), ("default", [])):
         torch._dynamo.reset()
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor" / name))
         t = train.Trainer(train.parse_args([*argv, "--out", str(tmp_path / name), *flags]))
         x = next(iter(t.loader))[0]
         torch.manual_seed(1)
@@ -538,8 +539,11 @@ def test_the_cpp_wrapper_takes_the_python_wrappers_step(data, tmp_path, monkeypa
         assert not t.step_fn.compile_failure
         results.append((row, [p.detach().clone() for p in t.model.parameters()]))
     assert [o.get("cpp_wrapper", False) for o in options] == [False, True]
+    inductor_cache = tmp_path / "inductor" / "default"
     built_apart = list(inductor_cache.rglob("*.optimized.cpp"))
     assert built_apart, "the C++ wrapper was not built apart from its kernels"
+    libraries = list(inductor_cache.rglob("*.so"))
+    assert libraries and not [p.name for p in libraries if b".debug_line" in p.read_bytes()]
     (row_py, params_py), (row_cpp, params_cpp) = results
     # the loss and its terms, the gradient norms (the loss scale: NaN, no scaler), equal
     torch.testing.assert_close(row_cpp, row_py, rtol=0, atol=0, equal_nan=True)

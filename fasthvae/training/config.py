@@ -139,9 +139,9 @@ class TrainConfig:
         None,
         "the code that calls the compiled step's kernels and ops: Inductor's python wrapper, or its cpp "
         "wrapper (no Python between the calls, and without Inductor's size and stride checks of the "
-        "ops' outputs: the deep model's CPU step in 0.93-0.97x the time on AMX code, level to 0.97x on "
-        "AVX2 code, its first compile about a quarter longer; default: cpp on CPU, python on CUDA, "
-        "where the cpp wrapper has not run)",
+        "ops' outputs: the deep model's CPU step in 0.93-0.97x the time on AMX code, 0.95x on an "
+        "AVX2-only CPU, level to 0.97x on a capped one's AVX2 code, its first compile a quarter to "
+        "two fifths longer; default: cpp on CPU, python on CUDA, where the cpp wrapper has not run)",
         on_resume="change",
         choices=["python", "cpp"],
     )
