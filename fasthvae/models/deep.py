@@ -221,7 +221,7 @@ class LatentGroup(nn.Module):
         than its two halves'; ``tests/test_deep.py``). No channel concatenation of activations is
         formed: Inductor lays one out as NCHW in a channels_last step and transposes into it."""
         prior, posterior = self.prior, self.posterior
-        first_p, first_q = prior.convs[0], posterior.convs[0]
+        (first_p, *rest_p), (first_q, *rest_q) = prior.convs, posterior.convs
         x = gelu_conv2d(
             h,
             torch.cat([first_p.weight, first_q.weight[:, : h.shape[1]]]),
@@ -229,7 +229,7 @@ class LatentGroup(nn.Module):
             onednn=self.onednn,
         )
         x = x + F.pad(read, (0, 0, 0, 0, read.shape[1], 0))  # the read reaches the posterior's half
-        for conv_p, conv_q in zip(prior.convs[1:], posterior.convs[1:], strict=True):
+        for conv_p, conv_q in zip(rest_p, rest_q, strict=True):
             weight, bias = torch.cat([conv_p.weight, conv_q.weight]), torch.cat([conv_p.bias, conv_q.bias])
             x = gelu_conv2d(x, weight, bias, padding=conv_p.padding, groups=2, onednn=self.onednn)
         out_p, out_q = prior.out.weight, posterior.out.weight
