@@ -171,7 +171,7 @@ def compile_options(mode: str, device: torch.device, wrapper: str = "python") ->
     ``wrapper`` "cpp": Inductor's C++ wrapper, without its checks of each op's output sizes and
     strides (the ops' fake kernels are checked against their real ones by opcheck in the tests),
     built as a unit apart from the kernels' (the wrapper at Inductor's low optimisation level, the
-    kernels at full), so that the first compile takes about a quarter longer than the python
+    kernels at full), so that the first compile takes a quarter to two fifths longer than the python
     wrapper's instead of three times as long, the step's gain kept; and without line tables (``-g1``),
     which change no instruction of the built code and took about 8% of its first compile. On CPU
     the graphs call the fused ops' C++ twins in place of their Python implementations
